@@ -1,0 +1,229 @@
+"""Gaussian filtering in feature space through the permutohedral lattice.
+
+    lat = Lattice(features)            # build once: the expensive, feature-only half
+    out = lat.filter(values)           # filter many times; differentiable w.r.t. values
+
+The filter computes, approximately, out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j over all points j of
+the same image (the point itself included), in O(P d^2) instead of O(P^2).
+"""
+import math
+
+import torch
+
+from . import ops
+
+__all__ = ["Lattice", "MAX_FEATURE_DIM", "NORMALIZATIONS"]
+
+#: Largest feature dimension d the lattice accepts (the C++/CUDA code keeps per-point scratch
+#: arrays of this size on the stack).
+MAX_FEATURE_DIM = 31
+NORMALIZATIONS = ("none", "after", "symmetric")
+#: Keys are stored as int32 lattice coordinates of magnitude about |f| (d+1) sqrt(2/3):
+#: features beyond this bound would overflow them.
+MAX_ABS_FEATURE = 2.0 ** 24
+
+
+def _check_float(name, tensor):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16/32/64), got {tensor.dtype}")
+
+
+class Lattice:
+    """A permutohedral lattice built from a batch of feature maps or point sets.
+
+    Args:
+        features (Tensor[N, d, H, W] or Tensor[N, P, d]): per-pixel or per-point features,
+            already divided by their bandwidths (a unit distance is one standard deviation).
+            Treated as constants: no gradient flows into them.
+        backend (str): "auto" (compiled kernels for the features' device when built, else the
+            reference), "reference" (pure PyTorch) or "native" (compiled, error if missing).
+
+    The batch is one lattice whose keys include the image index, so images never mix.
+    Attributes (plain tensors): ``vertex_index`` (Tensor[N*P, d+1] int32),
+    ``weights`` (Tensor[N*P, d+1]), ``neighbors`` (Tensor[d+1, M, 2] int32, M = missing).
+
+    Example:
+        >>> f = torch.rand(2, 5, 40, 30) * 4
+        >>> lat = Lattice(f)
+        >>> out = lat.filter(torch.rand(2, 21, 40, 30), normalize="symmetric")
+    """
+
+    def __init__(self, features: torch.Tensor, backend: str = "auto"):
+        _check_float("features", features)
+        if features.dim() == 4:
+            n, d, h, w = features.shape
+            self.per_pixel, self.spatial = True, (h, w)
+            points = features.detach().flatten(2).transpose(1, 2)
+        elif features.dim() == 3:
+            n, _, d = features.shape
+            self.per_pixel, self.spatial = False, (features.shape[1],)
+            points = features.detach()
+        else:
+            raise ValueError("features must be Tensor[N, d, H, W] (per pixel) or Tensor[N, P, d] "
+                             f"(per point), got shape {tuple(features.shape)}")
+        if not 1 <= d <= MAX_FEATURE_DIM:
+            raise ValueError(f"feature dimension d must be in 1..{MAX_FEATURE_DIM}, got {d} "
+                             f"(features of shape {tuple(features.shape)})")
+        if points.numel() > 0:
+            bad = ~torch.isfinite(points)
+            if bad.any():
+                raise ValueError(f"features contain {int(bad.sum())} NaN/Inf values")
+            largest = points.abs().max().item()
+            if largest > MAX_ABS_FEATURE:
+                raise ValueError(f"features must be below {MAX_ABS_FEATURE:g} in magnitude (scaled by "
+                                 f"1/sigma), got {largest:g}: is a bandwidth tiny or not applied?")
+        self.batch_size, self.feature_dim = n, d
+        self.num_points = points.shape[1]
+        self.device, self.dtype = features.device, features.dtype
+        build, self._filter_op = ops.ops_for(backend, features.device)
+        self.backend = "reference" if build is torch.ops.crfrnn.build_lattice_ref.default else "native"
+        self.vertex_index, self.weights, self.neighbors = build(points.contiguous())
+        self._norms = {}
+
+    @property
+    def num_vertices(self) -> int:
+        """Number of lattice vertices M (all images together)."""
+        return self.neighbors.shape[1]
+
+    def __repr__(self):
+        return (f"Lattice(batch={self.batch_size}, points={self.num_points}, d={self.feature_dim}, "
+                f"vertices={self.num_vertices}, backend={self.backend!r}, device={self.device})")
+
+    def _to_points(self, values):
+        """Tensor[N, C, H, W] or Tensor[N, P, C] -> (Tensor[N*P, C] contiguous, channels)."""
+        _check_float("values", values)
+        n = self.batch_size
+        if self.per_pixel:
+            expected = "Tensor[N, C, H, W] with (N, H, W) = " + str((n, *self.spatial))
+            ok = values.dim() == 4 and values.shape[0] == n and tuple(values.shape[2:]) == self.spatial
+            if ok:
+                c = values.shape[1]
+                return values.permute(0, 2, 3, 1).reshape(-1, c).contiguous(), c
+        else:
+            expected = f"Tensor[N, P, C] with (N, P) = {(n, self.num_points)}"
+            ok = values.dim() == 3 and tuple(values.shape[:2]) == (n, self.num_points)
+            if ok:
+                c = values.shape[2]
+                return values.reshape(-1, c).contiguous(), c
+        raise ValueError(f"values must be {expected} to match the lattice's features, "
+                         f"got shape {tuple(values.shape)}")
+
+    def _from_points(self, flat, c):
+        n = self.batch_size
+        if self.per_pixel:
+            return flat.reshape(n, *self.spatial, c).permute(0, 3, 1, 2)
+        return flat.reshape(n, self.num_points, c)
+
+    def _raw(self, flat):
+        """Raw filter of Tensor[N*P, C] (float32/64)."""
+        weights = self.weights if self.weights.dtype == flat.dtype else self.weights.to(flat.dtype)
+        return self._filter_op(flat, self.vertex_index, weights, self.neighbors, False)
+
+    def _norm(self, dtype):
+        """Filter response to all-ones, Tensor[N*P, 1], cached per dtype."""
+        if dtype not in self._norms:
+            ones = torch.ones(self.batch_size * self.num_points, 1, device=self.device, dtype=dtype)
+            self._norms[dtype] = self._raw(ones)
+        return self._norms[dtype]
+
+    def filter(self, values: torch.Tensor, normalize: str = "none") -> torch.Tensor:
+        """Gaussian-filter `values` over the lattice.
+
+        Args:
+            values (Tensor[N, C, H, W] for per-pixel features, Tensor[N, P, C] for per-point):
+                any C >= 1, float16/32/64 (half is computed in float32 and cast back).
+            normalize (str): "none": the raw linear filter K v. "after": K v / K 1 (a weighted
+                mean; densecrf's NORMALIZE_AFTER). "symmetric": n * K(n * v) with n = 1/sqrt(K 1)
+                (densecrf's NORMALIZE_SYMMETRIC, pydensecrf's default).
+        Returns:
+            Tensor of the same shape and dtype as `values`.
+        """
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if values.device != self.device:
+            raise ValueError(f"values are on {values.device} but the lattice is on {self.device}")
+        flat, c = self._to_points(values)
+        if flat.numel() == 0:
+            return values.clone()
+        out_dtype = values.dtype
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()  # half precision: accumulate in float32
+        if normalize == "none":
+            out = self._raw(flat)
+        elif normalize == "after":
+            out = self._raw(flat) / (self._norm(flat.dtype) + 1e-20)
+        else:
+            n = torch.rsqrt(self._norm(flat.dtype) + 1e-20)
+            out = n * self._raw(n * flat)
+        return self._from_points(out.to(out_dtype), c)
+
+
+def exact_gaussian_filter(features: torch.Tensor, values: torch.Tensor, normalize: str = "none"):
+    """Exact O(P^2) Gaussian filter: out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j (j = i included).
+
+    For tests and benchmarks on small inputs only. Same shapes and `normalize` modes as
+    `Lattice.filter`; computed in float64.
+    """
+    per_pixel = features.dim() == 4
+    f = features.flatten(2).transpose(1, 2) if per_pixel else features
+    v = values.flatten(2).transpose(1, 2) if per_pixel else values
+    f, v = f.double(), v.double()
+    kernel = torch.exp(-0.5 * torch.cdist(f, f).square())  # [N, P, P]
+    out = kernel @ v
+    if normalize == "after":
+        out = out / kernel.sum(2, keepdim=True)
+    elif normalize == "symmetric":
+        n = kernel.sum(2, keepdim=True).rsqrt()
+        out = n * (kernel @ (n * v))
+    elif normalize != "none":
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    out = out.to(values.dtype)
+    return out.transpose(1, 2).reshape(values.shape) if per_pixel else out
+
+
+def _pixel_grid(reference: torch.Tensor, sigma_xy: float, dtype):
+    n, _, h, w = reference.shape
+    ys = torch.arange(h, device=reference.device, dtype=dtype) / sigma_xy
+    xs = torch.arange(w, device=reference.device, dtype=dtype) / sigma_xy
+    grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])
+    return grid[None].expand(n, 2, h, w)
+
+
+def _check_sigma(name, sigma):
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {sigma!r}")
+
+
+def spatial_features(image: torch.Tensor, sigma_xy: float) -> torch.Tensor:
+    """Positions scaled by 1/sigma_xy: (x/s, y/s), x the column and y the row, as densecrf.
+
+    Args:
+        image (Tensor[N, C, H, W]): only its shape, device and dtype are used.
+    Returns:
+        Tensor[N, 2, H, W] (float32, or float64 for a float64 image).
+    """
+    if image.dim() != 4:
+        raise ValueError(f"image must be Tensor[N, C, H, W], got shape {tuple(image.shape)}")
+    _check_sigma("sigma_xy", sigma_xy)
+    dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    return _pixel_grid(image, sigma_xy, dtype)
+
+
+def bilateral_features(image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+    """Position and colour features (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb), as densecrf.
+
+    Args:
+        image (Tensor[N, 3, H, W]): RGB, in the range the sigma_rgb refers to (0..255 for the
+            usual CRF parameters).
+    Returns:
+        Tensor[N, 5, H, W] (float32, or float64 for a float64 image).
+    """
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be Tensor[N, 3, H, W] (RGB), got shape {tuple(image.shape)}")
+    _check_sigma("sigma_xy", sigma_xy)
+    _check_sigma("sigma_rgb", sigma_rgb)
+    dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    colour = image.to(dtype) / sigma_rgb
+    return torch.cat([_pixel_grid(image, sigma_xy, dtype), colour], 1)

@@ -1,0 +1,113 @@
+"""The lattice as dispatcher ops, with fake (meta) kernels and autograd.
+
+Two pairs of ops with the same signatures:
+
+- ``crfrnn::build_lattice`` / ``crfrnn::lattice_filter``: the compiled backends. The schema and
+  the CPU (C++) and CUDA kernels come from the extension ``crfrnn._C``
+  (``csrc/ops.cpp``, ``TORCH_LIBRARY``); this file adds their fake kernels and autograd.
+- ``crfrnn::build_lattice_ref`` / ``crfrnn::lattice_filter_ref``: the pure-PyTorch reference
+  (``crfrnn.reference``), defined here, usable on any device.
+
+``lattice_filter(values, vertex_index, weights, neighbors, reverse)`` is linear in
+``values``; its gradient is the same filter with the blur order reversed (the adjoint), so
+its backward is the op itself with ``reverse`` flipped. The lattice tensors are integer
+tables and weights computed from features: no gradient flows to them.
+"""
+import warnings
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (registers the crfrnn:: ops of the C++/CUDA extension)
+    EXTENSION_ERROR = None
+except ImportError as exc:  # missing or broken build: the reference backend still works
+    EXTENSION_ERROR = exc
+    warnings.warn(
+        f"crfrnn: the compiled lattice extension could not be loaded ({exc}); falling back to "
+        "the pure-PyTorch reference backend (correct, but slower). Rebuild with "
+        "`pip install --no-build-isolation -e .` to get the C++/CUDA backends.",
+        RuntimeWarning, stacklevel=2)
+
+
+def has_native_kernel(device: torch.device) -> bool:
+    """True when the compiled extension has kernels for `device`'s type (cpu, cuda)."""
+    if EXTENSION_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"crfrnn::{op}", key)
+        for op in ("build_lattice", "lattice_filter"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference ops (pure PyTorch).
+
+@torch.library.custom_op("crfrnn::build_lattice_ref", mutates_args=())
+def build_lattice_ref(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    vertex_index, weights, neighbors = reference.build_lattice(features)
+    return vertex_index, weights, neighbors
+
+
+@torch.library.custom_op("crfrnn::lattice_filter_ref", mutates_args=())
+def lattice_filter_ref(values: torch.Tensor, vertex_index: torch.Tensor, weights: torch.Tensor,
+                       neighbors: torch.Tensor, reverse: bool) -> torch.Tensor:
+    return reference.lattice_filter(values, vertex_index, weights, neighbors, reverse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels and autograd, shared by both pairs.
+
+def _build_fake(features):
+    n, p, d = features.shape
+    num_vertices = torch.library.get_ctx().new_dynamic_size()
+    weight_dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
+    return (features.new_empty((n * p, d + 1), dtype=torch.int32),
+            features.new_empty((n * p, d + 1), dtype=weight_dtype),
+            features.new_empty((d + 1, num_vertices, 2), dtype=torch.int32))
+
+
+def _filter_fake(values, vertex_index, weights, neighbors, reverse):
+    return torch.empty_like(values)
+
+
+def _make_filter_backward(op):
+    def setup_context(ctx, inputs, output):
+        _, vertex_index, weights, neighbors, reverse = inputs
+        ctx.save_for_backward(vertex_index, weights, neighbors)
+        ctx.reverse = reverse
+
+    def backward(ctx, grad):
+        vertex_index, weights, neighbors = ctx.saved_tensors
+        grad_values = op(grad.contiguous(), vertex_index, weights, neighbors, not ctx.reverse)
+        return grad_values, None, None, None, None
+
+    return setup_context, backward
+
+
+def _register(build_name, filter_name):
+    torch.library.register_fake(build_name)(_build_fake)
+    torch.library.register_fake(filter_name)(_filter_fake)
+    filter_op = getattr(torch.ops.crfrnn, filter_name.split("::")[1]).default
+    setup_context, backward = _make_filter_backward(filter_op)
+    torch.library.register_autograd(filter_name, backward, setup_context=setup_context)
+
+
+_register("crfrnn::build_lattice_ref", "crfrnn::lattice_filter_ref")
+if EXTENSION_ERROR is None:
+    _register("crfrnn::build_lattice", "crfrnn::lattice_filter")
+
+
+def ops_for(backend: str, device: torch.device):
+    """(build op, filter op) for a backend name ("auto", "reference", "native") and device."""
+    if backend not in ("auto", "reference", "native"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'native', got {backend!r}")
+    native = has_native_kernel(device)
+    if backend == "native" and not native:
+        reason = (f"the extension failed to load ({EXTENSION_ERROR})" if EXTENSION_ERROR
+                  else f"it was built without {torch.device(device).type} kernels")
+        raise RuntimeError(f"backend='native' asked for on {device}, but {reason}")
+    if backend == "reference" or not native:
+        return torch.ops.crfrnn.build_lattice_ref.default, torch.ops.crfrnn.lattice_filter_ref.default
+    return torch.ops.crfrnn.build_lattice.default, torch.ops.crfrnn.lattice_filter.default

@@ -1,0 +1,172 @@
+"""Pure-PyTorch permutohedral lattice: the oracle for the C++ and CUDA backends.
+
+Runs on any device. Every step mirrors, in vectorised form, the per-point arithmetic of
+`csrc/lattice_math.h` (the header the C++ and CUDA backends share), so that all backends
+build the same lattice from the same features:
+
+1. Embed each scaled feature vector f (d values) into the hyperplane sum(x) = 0 of R^{d+1}
+   ("elevate"), find the remainder-0 lattice point nearest to it, the rank of each
+   coordinate's remainder, and from the ranks the enclosing simplex and barycentric weights.
+2. The simplex's d+1 vertices get integer keys (d+1 coordinates plus the image index, so
+   images of a batch never share a vertex); `torch.unique` numbers the distinct keys.
+3. Blur neighbours of vertex k along direction j are k + (d+1)e_j - 1 and k - (d+1)e_j + 1;
+   a neighbour that is not a vertex of the lattice is marked with index M (a zero row).
+
+The lattice coordinates are always computed in float64: the rank decisions then agree
+between backends up to ties at the 1e-16 level, whatever the values' dtype.
+"""
+import math
+
+import torch
+
+__all__ = ["build_lattice", "lattice_filter"]
+
+
+def scale_factors(d: int, device) -> torch.Tensor:
+    """Per-dimension scale that makes the lattice blur a Gaussian of std 1 in feature space.
+
+    Same constants as Adams et al. and densecrf: inv_std = sqrt(2/3) (d + 1),
+    scale_i = inv_std / sqrt((i + 1)(i + 2)).
+    """
+    inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
+    i = torch.arange(d, dtype=torch.float64, device=device)
+    return inv_std / torch.sqrt((i + 1) * (i + 2))
+
+
+def embed(points: torch.Tensor):
+    """Simplex and barycentric weights of each point.
+
+    Args:
+        points (Tensor[P, d], float64): scaled features.
+    Returns:
+        rem0 (Tensor[P, d+1], int64): remainder-0 lattice point after the wrap-around.
+        rank (Tensor[P, d+1], int64): rank of each coordinate's remainder, in 0..d.
+        bary (Tensor[P, d+1], float64): barycentric weight of vertex r (r = 0..d), summing to 1.
+    """
+    num_points, d = points.shape
+    dev = points.device
+    cf = points * scale_factors(d, dev)
+    # elevated[j] = sum_{k >= j} cf[k] - j cf[j-1]: accumulate right to left, in the same
+    # order as the C++ loop, so that float64 results are bit-identical.
+    elevated = torch.empty(num_points, d + 1, dtype=torch.float64, device=dev)
+    running = torch.zeros(num_points, dtype=torch.float64, device=dev)
+    for j in range(d, 0, -1):
+        c = cf[:, j - 1]
+        elevated[:, j] = running - j * c
+        running = running + c
+    elevated[:, 0] = running
+
+    # Nearest remainder-0 point: round each coordinate to a multiple of d+1.
+    # torch.round and C's nearbyint both round half to even.
+    rounded = torch.round(elevated / (d + 1))
+    rem0 = (rounded * (d + 1)).to(torch.int64)
+    coord_sum = rounded.to(torch.int64).sum(1, keepdim=True)
+
+    # rank[i] = number of coordinates with a larger remainder; ties go to the later index,
+    # exactly as the pairwise loop of the C++ code decides them.
+    diff = elevated - rem0.to(torch.float64)
+    di, dj = diff[:, :, None], diff[:, None, :]
+    idx = torch.arange(d + 1, device=dev)
+    later = idx[None, :] > idx[:, None]  # [i, j]: j comes after i
+    bigger = torch.where(later, di < dj, di <= dj)
+    bigger &= idx[None, :] != idx[:, None]
+    rank = bigger.sum(2) + coord_sum
+
+    # Bring the point back onto the plane sum = 0 (wrap ranks into 0..d).
+    low, high = rank < 0, rank > d
+    rank = torch.where(low, rank + d + 1, torch.where(high, rank - d - 1, rank))
+    rem0 = torch.where(low, rem0 + d + 1, torch.where(high, rem0 - d - 1, rem0))
+
+    # Barycentric weights (Adams et al. p. 10), with the wrap-around of slot d+1 into slot 0.
+    v = (elevated - rem0.to(torch.float64)) / (d + 1)
+    bary = torch.zeros(num_points, d + 2, dtype=torch.float64, device=dev)
+    bary.scatter_add_(1, d - rank, v)
+    bary.scatter_add_(1, d - rank + 1, -v)
+    bary[:, 0] += 1.0 + bary[:, d + 1]
+    return rem0, rank, bary[:, : d + 1]
+
+
+def vertex_keys(rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Integer keys of the d+1 simplex vertices of each point.
+
+    Args:
+        rem0, rank (Tensor[P, d+1], int64): from `embed`.
+    Returns:
+        Tensor[P, d+1, d+1] int64: key of vertex r (dim 1) = rem0 + r, minus (d+1) where
+        rank > d - r.
+    """
+    d = rem0.shape[1] - 1
+    r = torch.arange(d + 1, device=rem0.device)[None, :, None]
+    return rem0[:, None, :] + r - (d + 1) * (rank[:, None, :] > d - r).to(torch.int64)
+
+
+def build_lattice(features: torch.Tensor):
+    """Build the permutohedral lattice of a batch of point sets.
+
+    Args:
+        features (Tensor[N, P, d]): scaled features, any float dtype.
+    Returns:
+        vertex_index (Tensor[N*P, d+1], int32): lattice vertex of each point's simplex corners.
+        weights (Tensor[N*P, d+1], features' dtype, float32 for half): barycentric weights.
+        neighbors (Tensor[d+1, M, 2], int32): per direction, the two blur neighbours of each
+            vertex, M where the neighbour is not in the lattice.
+    """
+    n, p, d = features.shape
+    dev = features.device
+    points = features.detach().reshape(n * p, d).to(torch.float64)
+    rem0, rank, bary = embed(points)
+    keys = vertex_keys(rem0, rank)  # [P', d+1, d+1]
+    # The last coordinate is minus the sum of the others: drop it, add the image index.
+    image = torch.arange(n, device=dev).repeat_interleave(p)
+    image = image[:, None, None].expand(n * p, d + 1, 1)
+    keys = torch.cat([image, keys[:, :, :d]], 2).reshape(-1, d + 1)
+    uniq, vertex_index = torch.unique(keys, dim=0, return_inverse=True)
+    m = uniq.shape[0]
+
+    # Neighbours along direction j: key -1 in every coordinate and +(d+1) in coordinate j
+    # (and the mirror image). For j = d the dropped coordinate moves: only the -1/+1 shift shows.
+    shift = -torch.ones(d + 1, d, dtype=torch.int64, device=dev)
+    shift[torch.arange(d), torch.arange(d)] += d + 1
+    shift = torch.cat([torch.zeros(d + 1, 1, dtype=torch.int64, device=dev), shift], 1)
+    cand = torch.stack([uniq[None] + shift[:, None], uniq[None] - shift[:, None]], 2)  # [d+1, M, 2, d+1]
+    everything = torch.cat([uniq, cand.reshape(-1, d + 1)])
+    _, inverse = torch.unique(everything, dim=0, return_inverse=True)
+    # Ids of `everything` that are lattice vertices map to their vertex number, others to M.
+    lookup = torch.full((everything.shape[0],), m, dtype=torch.int64, device=dev)
+    lookup[inverse[:m]] = torch.arange(m, device=dev)
+    neighbors = lookup[inverse[m:]].reshape(d + 1, m, 2)
+
+    weight_dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
+    return (vertex_index.reshape(n * p, d + 1).to(torch.int32), bary.to(weight_dtype),
+            neighbors.to(torch.int32))
+
+
+def lattice_filter(values, vertex_index, weights, neighbors, reverse: bool = False):
+    """Raw lattice filter: slice(blur(splat(values))), blur directions reversed if `reverse`.
+
+    The blur of each direction is symmetric, so the filter with `reverse=True` is the exact
+    adjoint (transpose) of the filter with `reverse=False`.
+
+    Args:
+        values (Tensor[N*P, C]): values per point.
+        vertex_index, weights (Tensor[N*P, d+1]), neighbors (Tensor[d+1, M, 2]): the lattice.
+    Returns:
+        Tensor[N*P, C] in the values' dtype (accumulated in float32 at least).
+    """
+    d1, m, _ = neighbors.shape
+    c = values.shape[1]
+    acc = torch.promote_types(values.dtype, torch.float32)
+    vals = values.to(acc)
+    w = weights.to(acc)
+    idx = vertex_index.long()
+    # Splat into M+1 rows; row M stays zero and stands for "no neighbour".
+    grid = vals.new_zeros(m + 1, c)
+    grid.index_add_(0, idx.reshape(-1), (w[:, :, None] * vals[:, None, :]).reshape(-1, c))
+    nb = neighbors.long()
+    for j in (range(d1 - 1, -1, -1) if reverse else range(d1)):
+        blurred = grid[:m] + 0.5 * (grid[nb[j, :, 0]] + grid[nb[j, :, 1]])
+        grid = torch.cat([blurred, grid[m:]])
+    # 1/(1 + 2^-d) compensates the blur's gain, as in densecrf (d = number of features).
+    alpha = 1.0 / (1.0 + 2.0 ** (-(d1 - 1)))
+    out = (grid[idx] * w[:, :, None]).sum(1) * alpha
+    return out.to(values.dtype)
