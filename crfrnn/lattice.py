@@ -20,7 +20,7 @@ MAX_FEATURE_DIM = 31
 NORMALIZATIONS = ("none", "after", "symmetric")
 #: Keys are stored as int32 lattice coordinates of magnitude about |f| (d+1) sqrt(2/3):
 #: features beyond this bound would overflow them.
-MAX_ABS_FEATURE = 2.0 ** 24
+MAX_ABS_FEATURE = 2.0 ** 20
 
 
 def _check_float(name, tensor):
@@ -41,8 +41,10 @@ class Lattice:
             reference), "reference" (pure PyTorch) or "native" (compiled, error if missing).
 
     The batch is one lattice whose keys include the image index, so images never mix.
-    Attributes (plain tensors): ``vertex_index`` (Tensor[N*P, d+1] int32),
-    ``weights`` (Tensor[N*P, d+1]), ``neighbors`` (Tensor[d+1, M, 2] int32, M = missing).
+    Attributes (plain tensors, see ``crfrnn.reference.build_lattice``): ``vertex_index``
+    (Tensor[N*P, d+1] int32), ``weights`` (Tensor[N*P, d+1]), ``neighbors`` (Tensor[d+1, M, 2]
+    int32, M = missing), ``splat_offsets`` (Tensor[M+1]) and ``splat_entries``
+    (Tensor[N*P*(d+1)]): the vertex -> points table that makes the splat a deterministic gather.
 
     Example:
         >>> f = torch.rand(2, 5, 40, 30) * 4
@@ -79,7 +81,8 @@ class Lattice:
         self.device, self.dtype = features.device, features.dtype
         build, self._filter_op = ops.ops_for(backend, features.device)
         self.backend = "reference" if build is torch.ops.crfrnn.build_lattice_ref.default else "native"
-        self.vertex_index, self.weights, self.neighbors = build(points.contiguous())
+        (self.vertex_index, self.weights, self.neighbors, self.splat_offsets,
+         self.splat_entries) = build(points.contiguous())
         self._norms = {}
 
     @property
@@ -119,7 +122,8 @@ class Lattice:
     def _raw(self, flat):
         """Raw filter of Tensor[N*P, C] (float32/64)."""
         weights = self.weights if self.weights.dtype == flat.dtype else self.weights.to(flat.dtype)
-        return self._filter_op(flat, self.vertex_index, weights, self.neighbors, False)
+        return self._filter_op(flat, self.vertex_index, weights, self.neighbors, self.splat_offsets,
+                               self.splat_entries, False)
 
     def _norm(self, dtype):
         """Filter response to all-ones, Tensor[N*P, 1], cached per dtype."""

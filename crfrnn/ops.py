@@ -8,7 +8,9 @@ Two pairs of ops with the same signatures:
 - ``crfrnn::build_lattice_ref`` / ``crfrnn::lattice_filter_ref``: the pure-PyTorch reference
   (``crfrnn.reference``), defined here, usable on any device.
 
-``lattice_filter(values, vertex_index, weights, neighbors, reverse)`` is linear in
+``build_lattice(features[N, P, d]) -> (vertex_index, weights, neighbors, splat_offsets,
+splat_entries)`` (see ``crfrnn.reference.build_lattice`` for the tensors) and
+``lattice_filter(values, *lattice, reverse)`` is linear in
 ``values``; its gradient is the same filter with the blur order reversed (the adjoint), so
 its backward is the op itself with ``reverse`` flipped. The lattice tensors are integer
 tables and weights computed from features: no gradient flows to them.
@@ -45,15 +47,16 @@ def has_native_kernel(device: torch.device) -> bool:
 # Reference ops (pure PyTorch).
 
 @torch.library.custom_op("crfrnn::build_lattice_ref", mutates_args=())
-def build_lattice_ref(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    vertex_index, weights, neighbors = reference.build_lattice(features)
-    return vertex_index, weights, neighbors
+def build_lattice_ref(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor, torch.Tensor]:
+    return tuple(reference.build_lattice(features))
 
 
 @torch.library.custom_op("crfrnn::lattice_filter_ref", mutates_args=())
 def lattice_filter_ref(values: torch.Tensor, vertex_index: torch.Tensor, weights: torch.Tensor,
-                       neighbors: torch.Tensor, reverse: bool) -> torch.Tensor:
-    return reference.lattice_filter(values, vertex_index, weights, neighbors, reverse)
+                       neighbors: torch.Tensor, splat_offsets: torch.Tensor,
+                       splat_entries: torch.Tensor, reverse: bool) -> torch.Tensor:
+    return reference.lattice_filter(values, vertex_index, weights, neighbors, reverse=reverse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,23 +68,24 @@ def _build_fake(features):
     weight_dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
     return (features.new_empty((n * p, d + 1), dtype=torch.int32),
             features.new_empty((n * p, d + 1), dtype=weight_dtype),
-            features.new_empty((d + 1, num_vertices, 2), dtype=torch.int32))
+            features.new_empty((d + 1, num_vertices, 2), dtype=torch.int32),
+            features.new_empty((num_vertices + 1,), dtype=torch.int32),
+            features.new_empty((n * p * (d + 1),), dtype=torch.int32))
 
 
-def _filter_fake(values, vertex_index, weights, neighbors, reverse):
+def _filter_fake(values, vertex_index, weights, neighbors, splat_offsets, splat_entries, reverse):
     return torch.empty_like(values)
 
 
 def _make_filter_backward(op):
     def setup_context(ctx, inputs, output):
-        _, vertex_index, weights, neighbors, reverse = inputs
-        ctx.save_for_backward(vertex_index, weights, neighbors)
+        values, *lattice, reverse = inputs
+        ctx.save_for_backward(*lattice)
         ctx.reverse = reverse
 
     def backward(ctx, grad):
-        vertex_index, weights, neighbors = ctx.saved_tensors
-        grad_values = op(grad.contiguous(), vertex_index, weights, neighbors, not ctx.reverse)
-        return grad_values, None, None, None, None
+        grad_values = op(grad.contiguous(), *ctx.saved_tensors, not ctx.reverse)
+        return (grad_values,) + (None,) * 6
 
     return setup_context, backward
 

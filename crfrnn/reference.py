@@ -110,6 +110,10 @@ def build_lattice(features: torch.Tensor):
         weights (Tensor[N*P, d+1], features' dtype, float32 for half): barycentric weights.
         neighbors (Tensor[d+1, M, 2], int32): per direction, the two blur neighbours of each
             vertex, M where the neighbour is not in the lattice.
+        splat_offsets (Tensor[M+1], int32), splat_entries (Tensor[N*P*(d+1)], int32): the
+            vertex -> (point, corner) table in CSR form: the entries of vertex v are
+            splat_entries[splat_offsets[v]:splat_offsets[v+1]], each p*(d+1) + r, in increasing
+            order. It makes the splat a deterministic gather (the C++/CUDA backends use it).
     """
     n, p, d = features.shape
     dev = features.device
@@ -136,12 +140,19 @@ def build_lattice(features: torch.Tensor):
     lookup[inverse[:m]] = torch.arange(m, device=dev)
     neighbors = lookup[inverse[m:]].reshape(d + 1, m, 2)
 
+    flat_index = vertex_index.reshape(-1)
+    splat_entries = torch.argsort(flat_index, stable=True)
+    counts = torch.bincount(flat_index, minlength=m)
+    splat_offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
     weight_dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
-    return (vertex_index.reshape(n * p, d + 1).to(torch.int32), bary.to(weight_dtype),
-            neighbors.to(torch.int32))
+    i32 = torch.int32
+    return (vertex_index.reshape(n * p, d + 1).to(i32), bary.to(weight_dtype), neighbors.to(i32),
+            splat_offsets.to(i32), splat_entries.to(i32))
 
 
-def lattice_filter(values, vertex_index, weights, neighbors, reverse: bool = False):
+def lattice_filter(values, vertex_index, weights, neighbors, splat_offsets=None, splat_entries=None,
+                   reverse: bool = False):
     """Raw lattice filter: slice(blur(splat(values))), blur directions reversed if `reverse`.
 
     The blur of each direction is symmetric, so the filter with `reverse=True` is the exact
@@ -150,6 +161,7 @@ def lattice_filter(values, vertex_index, weights, neighbors, reverse: bool = Fal
     Args:
         values (Tensor[N*P, C]): values per point.
         vertex_index, weights (Tensor[N*P, d+1]), neighbors (Tensor[d+1, M, 2]): the lattice.
+        splat_offsets, splat_entries: unused here (the reference splats with index_add_).
     Returns:
         Tensor[N*P, C] in the values' dtype (accumulated in float32 at least).
     """

@@ -1,0 +1,219 @@
+// CPU (C++) backend of the permutohedral lattice: build and filter, parallel over points and
+// vertices with at::parallel_for, deterministic (no racy accumulation anywhere).
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+#include "../lattice_math.h"
+
+namespace crfrnn {
+namespace {
+
+// Open-addressing hash table from vertex keys (key_len ints) to vertex numbers 0..M-1,
+// numbered in insertion order.
+class VertexTable {
+ public:
+  VertexTable(int key_len, int64_t expected) : key_len_(key_len) {
+    int64_t capacity = 1024;
+    while (capacity < 2 * expected) capacity *= 2;
+    slots_.assign(capacity, -1);
+  }
+
+  int size() const { return static_cast<int>(keys_.size() / key_len_); }
+  const int* key(int v) const { return keys_.data() + static_cast<int64_t>(v) * key_len_; }
+
+  int find(const int* key) const {
+    const uint64_t mask = slots_.size() - 1;
+    for (uint64_t i = hash_key(key, key_len_) & mask;; i = (i + 1) & mask) {
+      const int v = slots_[i];
+      if (v < 0) return -1;
+      if (keys_equal(this->key(v), key, key_len_)) return v;
+    }
+  }
+
+  int find_or_insert(const int* key) {
+    const uint64_t mask = slots_.size() - 1;
+    uint64_t i = hash_key(key, key_len_) & mask;
+    for (;; i = (i + 1) & mask) {
+      const int v = slots_[i];
+      if (v < 0) break;
+      if (keys_equal(this->key(v), key, key_len_)) return v;
+    }
+    const int v = size();
+    keys_.insert(keys_.end(), key, key + key_len_);
+    slots_[i] = v;
+    if (2 * static_cast<int64_t>(size()) > static_cast<int64_t>(slots_.size())) grow();
+    return v;
+  }
+
+ private:
+  void grow() {
+    std::vector<int> bigger(slots_.size() * 2, -1);
+    const uint64_t mask = bigger.size() - 1;
+    for (int v = 0; v < size(); ++v) {
+      uint64_t i = hash_key(key(v), key_len_) & mask;
+      while (bigger[i] >= 0) i = (i + 1) & mask;
+      bigger[i] = v;
+    }
+    slots_.swap(bigger);
+  }
+
+  int key_len_;
+  std::vector<int> keys_;
+  std::vector<int> slots_;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lattice_cpu(
+    const at::Tensor& features_in) {
+  check_features(features_in);
+  TORCH_CHECK(features_in.device().is_cpu(), "crfrnn::build_lattice (CPU kernel): features on ",
+              features_in.device());
+  const at::Tensor features = features_in.contiguous();
+  const int64_t num_images = features.size(0), per_image = features.size(1);
+  const int d = static_cast<int>(features.size(2)), d1 = d + 1;
+  const int64_t num_points = num_images * per_image;
+  const auto int_opts = features.options().dtype(at::kInt);
+
+  // Phase 1 (parallel): simplex (rem0, rank) and barycentric weights of every point.
+  std::vector<int> simplex(num_points * 2 * d1);
+  at::Tensor weights64 = at::empty({num_points, d1}, features.options().dtype(at::kDouble));
+  double* bary = weights64.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_embed", [&] {
+    const scalar_t* f = features.data_ptr<scalar_t>();
+    at::parallel_for(0, num_points, 1024, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        int* s = simplex.data() + p * 2 * d1;
+        embed_point(f + p * d, d, s, s + d1, bary + p * d1);
+      }
+    });
+  });
+
+  // Phase 2 (serial, so vertex numbers are deterministic): hash every simplex vertex.
+  at::Tensor vertex_index = at::empty({num_points, d1}, int_opts);
+  int* vi = vertex_index.data_ptr<int>();
+  VertexTable table(d1, std::max<int64_t>(num_points / 4, 1));
+  int key[kMaxDim + 1];
+  for (int64_t p = 0; p < num_points; ++p) {
+    const int* s = simplex.data() + p * 2 * d1;
+    const int image = static_cast<int>(p / std::max<int64_t>(per_image, 1));
+    for (int r = 0; r < d1; ++r) {
+      simplex_vertex_key(s, s + d1, d, r, image, key);
+      vi[p * d1 + r] = table.find_or_insert(key);
+    }
+  }
+  const int64_t m = table.size();
+
+  // Phase 3 (parallel, read-only lookups): blur neighbours; missing ones point at row M.
+  at::Tensor neighbors = at::empty({d1, m, 2}, int_opts);
+  int* nb = neighbors.data_ptr<int>();
+  at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
+    int nkey[kMaxDim + 1];
+    for (int64_t v = lo; v < hi; ++v) {
+      for (int j = 0; j < d1; ++j) {
+        for (int side = 0; side < 2; ++side) {
+          neighbor_key(table.key(static_cast<int>(v)), d, j, side == 0 ? 1 : -1, nkey);
+          const int found = table.find(nkey);
+          nb[(j * m + v) * 2 + side] = found < 0 ? static_cast<int>(m) : found;
+        }
+      }
+    }
+  });
+
+  // Phase 4 (serial counting sort): vertex -> entries table, entries in increasing order.
+  at::Tensor splat_offsets = at::zeros({m + 1}, int_opts);
+  at::Tensor splat_entries = at::empty({num_points * d1}, int_opts);
+  int* off = splat_offsets.data_ptr<int>();
+  int* ent = splat_entries.data_ptr<int>();
+  for (int64_t e = 0; e < num_points * d1; ++e) ++off[vi[e] + 1];
+  for (int64_t v = 0; v < m; ++v) off[v + 1] += off[v];
+  std::vector<int> fill(off, off + m);
+  for (int64_t e = 0; e < num_points * d1; ++e) ent[fill[vi[e]]++] = static_cast<int>(e);
+
+  const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
+  const auto weight_dtype = low_precision ? at::kFloat : features.scalar_type();
+  return {vertex_index, weights64.to(weight_dtype), neighbors, splat_offsets, splat_entries};
+}
+
+template <typename T>
+void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,
+                     const int* nb, int64_t m, const int* off, const int* ent, bool reverse, T* out) {
+  // Two (M+1) x C buffers; row M is the zero row that missing neighbours point at.
+  std::vector<T> grid((m + 1) * c, T(0)), next((m + 1) * c, T(0));
+
+  // Splat as a gather over each vertex's entries: deterministic, no atomics.
+  at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t v = lo; v < hi; ++v) {
+      T* row = grid.data() + v * c;
+      for (int e = off[v]; e < off[v + 1]; ++e) {
+        const int entry = ent[e];
+        const T wt = w[entry];
+        const T* src = values + static_cast<int64_t>(entry / d1) * c;
+        for (int64_t k = 0; k < c; ++k) row[k] += wt * src[k];
+      }
+    }
+  });
+
+  // Blur along each lattice direction with [0.5, 1, 0.5]; reversed order gives the adjoint.
+  for (int step = 0; step < d1; ++step) {
+    const int j = reverse ? d1 - 1 - step : step;
+    const int* nbj = nb + static_cast<int64_t>(j) * m * 2;
+    at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t v = lo; v < hi; ++v) {
+        const T* self = grid.data() + v * c;
+        const T* a = grid.data() + static_cast<int64_t>(nbj[2 * v]) * c;
+        const T* b = grid.data() + static_cast<int64_t>(nbj[2 * v + 1]) * c;
+        T* dst = next.data() + v * c;
+        for (int64_t k = 0; k < c; ++k) dst[k] = self[k] + T(0.5) * (a[k] + b[k]);
+      }
+    });
+    grid.swap(next);
+  }
+
+  // Slice: barycentric interpolation of each point's d+1 vertices.
+  const T alpha = static_cast<T>(blur_alpha(d1 - 1));
+  at::parallel_for(0, num_points, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      T* dst = out + p * c;
+      for (int64_t k = 0; k < c; ++k) dst[k] = T(0);
+      for (int r = 0; r < d1; ++r) {
+        const T wt = w[p * d1 + r];
+        const T* src = grid.data() + static_cast<int64_t>(vi[p * d1 + r]) * c;
+        for (int64_t k = 0; k < c; ++k) dst[k] += wt * src[k];
+      }
+      for (int64_t k = 0; k < c; ++k) dst[k] *= alpha;
+    }
+  });
+}
+
+at::Tensor lattice_filter_cpu(const at::Tensor& values_in, const at::Tensor& vertex_index,
+                              const at::Tensor& weights, const at::Tensor& neighbors,
+                              const at::Tensor& splat_offsets, const at::Tensor& splat_entries,
+                              bool reverse) {
+  check_filter_args(values_in, vertex_index, weights, neighbors, splat_offsets, splat_entries);
+  const at::Tensor values = values_in.contiguous();
+  at::Tensor out = at::empty_like(values);
+  if (values.numel() == 0) return out;
+  const at::Tensor vi = vertex_index.contiguous(), w = weights.contiguous(), nb = neighbors.contiguous();
+  const at::Tensor off = splat_offsets.contiguous(), ent = splat_entries.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "crfrnn_filter", [&] {
+    filter_cpu_impl<scalar_t>(values.data_ptr<scalar_t>(), values.size(0), values.size(1),
+                              vi.data_ptr<int>(), w.data_ptr<scalar_t>(), static_cast<int>(vi.size(1)),
+                              nb.data_ptr<int>(), nb.size(1), off.data_ptr<int>(), ent.data_ptr<int>(),
+                              reverse, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crfrnn, CPU, m) {
+  m.impl("build_lattice", &build_lattice_cpu);
+  m.impl("lattice_filter", &lattice_filter_cpu);
+}
+
+}  // namespace crfrnn

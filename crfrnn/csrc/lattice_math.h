@@ -1,0 +1,111 @@
+// Permutohedral lattice arithmetic shared by the C++ (CPU) and CUDA backends.
+//
+// Everything here is plain arithmetic on raw pointers, `__host__ __device__` under nvcc, so that
+// the CPU tests exercise exactly the code the GPU runs. The pure-PyTorch reference
+// (crfrnn/reference.py) mirrors these functions step for step: both compute the embedding in
+// double precision in the same order, so all backends build the same lattice.
+//
+// Conventions (Adams, Baek & Davis 2010; Kraehenbuehl's densecrf):
+//   - a point's d scaled features are elevated onto the plane sum(x) = 0 of Z^{d+1};
+//   - its enclosing simplex has d+1 vertices; vertex r has key  rem0 + r - (d+1)[rank > d - r];
+//   - a key is stored as (image index, k_0, ..., k_{d-1}): the last coordinate is redundant
+//     (the coordinates sum to zero) and the image index keeps images of a batch apart;
+//   - the blur neighbours of key k along direction j are k + (d+1)e_j - 1 and k - (d+1)e_j + 1
+//     (for j = d only the -1/+1 shift shows in the stored coordinates).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CRFRNN_HD __host__ __device__ __forceinline__
+#else
+#define CRFRNN_HD inline
+#endif
+
+namespace crfrnn {
+
+// Largest feature dimension d; per-point scratch arrays have this size (+2).
+constexpr int kMaxDim = 31;
+
+// Elevate the point `f` (d scaled features, any float type) and find its simplex.
+// Writes rem0[0..d] (remainder-0 lattice point), rank[0..d] (rank of each coordinate's
+// remainder) and bary[0..d] (barycentric weight of simplex vertex r).
+template <typename scalar_t>
+CRFRNN_HD void embed_point(const scalar_t* f, int d, int* rem0, int* rank, double* bary) {
+  double elevated[kMaxDim + 1];
+  double b[kMaxDim + 2];
+  const double inv_std = sqrt(2.0 / 3.0) * (d + 1);
+  // elevated[j] = sum_{k >= j} cf[k] - j cf[j-1], accumulated from the right.
+  double running = 0.0;
+  for (int j = d; j > 0; --j) {
+    const double c = static_cast<double>(f[j - 1]) * (inv_std / sqrt(static_cast<double>(j) * (j + 1)));
+    elevated[j] = running - j * c;
+    running = running + c;
+  }
+  elevated[0] = running;
+
+  // Nearest remainder-0 point (round half to even, as torch.round).
+  int coord_sum = 0;
+  for (int i = 0; i <= d; ++i) {
+    const double rounded = rint(elevated[i] / (d + 1));
+    rem0[i] = static_cast<int>(rounded) * (d + 1);
+    coord_sum += static_cast<int>(rounded);
+    rank[i] = 0;
+  }
+  // Rank of each remainder; on a tie the later coordinate ranks higher.
+  for (int i = 0; i < d; ++i) {
+    const double di = elevated[i] - rem0[i];
+    for (int j = i + 1; j <= d; ++j) {
+      if (di < elevated[j] - rem0[j]) ++rank[i]; else ++rank[j];
+    }
+  }
+  // Bring the point back onto the plane sum = 0.
+  for (int i = 0; i <= d; ++i) {
+    rank[i] += coord_sum;
+    if (rank[i] < 0) { rank[i] += d + 1; rem0[i] += d + 1; }
+    else if (rank[i] > d) { rank[i] -= d + 1; rem0[i] -= d + 1; }
+  }
+  // Barycentric weights, slot d+1 wrapping into slot 0.
+  for (int i = 0; i <= d + 1; ++i) b[i] = 0.0;
+  for (int i = 0; i <= d; ++i) {
+    const double v = (elevated[i] - rem0[i]) / (d + 1);
+    b[d - rank[i]] += v;
+    b[d - rank[i] + 1] -= v;
+  }
+  b[0] += 1.0 + b[d + 1];
+  for (int i = 0; i <= d; ++i) bary[i] = b[i];
+}
+
+// Key (length d+1: image, k_0..k_{d-1}) of vertex r of the simplex found by embed_point.
+CRFRNN_HD void simplex_vertex_key(const int* rem0, const int* rank, int d, int r, int image, int* key) {
+  key[0] = image;
+  for (int i = 0; i < d; ++i) key[i + 1] = rem0[i] + r - (rank[i] > d - r ? d + 1 : 0);
+}
+
+// Key of the blur neighbour of `key` along direction j (0..d); sign +1 or -1.
+CRFRNN_HD void neighbor_key(const int* key, int d, int j, int sign, int* out) {
+  out[0] = key[0];
+  for (int i = 0; i < d; ++i) out[i + 1] = key[i + 1] - sign * (i == j ? -d : 1);
+}
+
+// 64-bit hash of a key of n ints (splitmix-style mixing of every coordinate).
+CRFRNN_HD uint64_t hash_key(const int* key, int n) {
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (int i = 0; i < n; ++i) {
+    h ^= static_cast<uint64_t>(static_cast<uint32_t>(key[i])) + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 31;
+  }
+  return h;
+}
+
+CRFRNN_HD bool keys_equal(const int* a, const int* b, int n) {
+  for (int i = 0; i < n; ++i) if (a[i] != b[i]) return false;
+  return true;
+}
+
+// Slice gain compensation 1/(1 + 2^-d), as densecrf.
+CRFRNN_HD double blur_alpha(int d) { return 1.0 / (1.0 + pow(2.0, -static_cast<double>(d))); }
+
+}  // namespace crfrnn

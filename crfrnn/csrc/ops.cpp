@@ -1,0 +1,24 @@
+// Op schemas of the crfrnn extension and the Python module stub.
+//
+// Kernels are registered per device in cpu/lattice_cpu.cpp and cuda/lattice_cuda.cpp; fake
+// kernels and autograd are registered from Python (crfrnn/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import crfrnn._C` loads this library, which runs the TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(crfrnn, m) {
+  // features [N, P, d] -> (vertex_index [N*P, d+1] int32, weights [N*P, d+1],
+  //                        neighbors [d+1, M, 2] int32, splat_offsets [M+1] int32,
+  //                        splat_entries [N*P*(d+1)] int32)
+  m.def("build_lattice(Tensor features) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // values [N*P, C] -> [N*P, C]: slice(blur(splat(values))), blur order reversed if `reverse`.
+  m.def("lattice_filter(Tensor values, Tensor vertex_index, Tensor weights, Tensor neighbors, "
+        "Tensor splat_offsets, Tensor splat_entries, bool reverse) -> Tensor");
+}
