@@ -1,0 +1,339 @@
+"""Mean-field inference of a fully connected CRF as a recurrent, trainable layer (CRF-as-RNN).
+
+    crf = CRFRNNLayer(num_classes=21)                 # CRF-RNN's kernel parameters
+    refined_logits = crf(unary_logits, image)         # image RGB in 0..255
+
+One iteration (Zheng et al. 2015, Sec. 4), for kernels m = bilateral (position + colour) and
+spatial (position):
+
+    message passing   Q~_m = K_m(Q)                   normalised Gaussian filter (lattice)
+    weighting         Q^  = sum_m W_m Q~_m            W_m: learnable C x C (init w_m I)
+    compatibility     Q^  = mu Q^                     mu: learnable C x C (Potts: 1 - I)
+    unary addition    L   = U - Q^                    U: the unary logits
+    normalisation     Q   = softmax(L)
+
+starting from Q = softmax(U); the layer returns the last L. Both lattices are built once per
+forward and reused by every iteration and by the backward pass.
+
+Conventions, and how they relate to Krähenbühl's densecrf (the test oracle):
+
+- densecrf's energy is E = -U; its iteration is Q = softmax(-E + sum_m w_m Kn_m(Q)) (Potts
+  compatibility w applied as -w x). With mu = 1 - I and W_m = w_m I our logits are
+  L(l) = U(l) - sum_m w_m (S_m - Kn_m(Q)(l)), with S_m = sum_l' Kn_m(Q)(l'): S_m depends on the
+  pixel but not on the label, so softmax(L) is exactly densecrf's Q. (CRF-RNN's Caffe code
+  starts mu at -I, which is the same up to the same per-pixel shift; 1 - I is the Potts model of
+  the paper and keeps L on the scale of U.)
+- The kernels include the self term j = i, as densecrf and CRF-RNN's code do (the lattice
+  cannot exclude it, and the paper's sum over j != i is only notation there).
+- Normalisation: "symmetric", n K(n Q) with n = 1/sqrt(K 1), is densecrf's default
+  (NORMALIZE_SYMMETRIC) and therefore ours; "after", K Q / K 1, is CRF-RNN's.
+- Features: (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) with x the column and y the row and colours
+  in 0..255, as densecrf's addPairwiseBilateral; (x/sxy, y/sxy) for the spatial kernel.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as torch_checkpoint
+
+from .lattice import NORMALIZATIONS, Lattice, bilateral_features, spatial_features
+
+__all__ = ["CRFRNNLayer", "mean_field", "build_crf_lattices", "potts_matrices",
+           "CRFRNN_PARAMS", "DEEPLAB_LARGEFOV_PARAMS"]
+
+#: CRF-RNN's kernel parameters: bilateral (sigma_xy, sigma_rgb, weight), spatial (sigma_xy, weight).
+CRFRNN_PARAMS = {"bilateral": (160.0, 3.0, 5.0), "spatial": (3.0, 3.0)}
+#: DeepLab-LargeFOV's cross-validated parameters (w1 4, sigma_alpha 121, sigma_beta 5, w2 3,
+#: sigma_gamma 3).
+DEEPLAB_LARGEFOV_PARAMS = {"bilateral": (121.0, 5.0, 4.0), "spatial": (3.0, 3.0)}
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _finite(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _parse_kernels(bilateral, spatial):
+    """Validate ((sxy, srgb, w), (sxy, w)) -> tuples of floats."""
+    if not (isinstance(bilateral, (tuple, list)) and len(bilateral) == 3):
+        raise ValueError(f"bilateral must be (sigma_xy, sigma_rgb, weight), got {bilateral!r}")
+    if not (isinstance(spatial, (tuple, list)) and len(spatial) == 2):
+        raise ValueError(f"spatial must be (sigma_xy, weight), got {spatial!r}")
+    bil = (_positive("bilateral sigma_xy", bilateral[0]), _positive("bilateral sigma_rgb", bilateral[1]),
+           _finite("bilateral weight", bilateral[2]))
+    spa = (_positive("spatial sigma_xy", spatial[0]), _finite("spatial weight", spatial[1]))
+    return bil, spa
+
+
+def potts_matrices(num_classes, weights, dtype=torch.float32, device=None):
+    """Per-kernel pairwise matrices mu W_m of densecrf's Potts model: w_m (1 - I).
+
+    Args:
+        num_classes (int): C.
+        weights (sequence of float): w_m per kernel.
+    Returns:
+        list of Tensor[C, C].
+    """
+    potts = 1.0 - torch.eye(num_classes, dtype=dtype, device=device)
+    return [w * potts for w in weights]
+
+
+def build_crf_lattices(image, bilateral, spatial, backend="auto"):
+    """The bilateral and spatial lattices of a batch of images.
+
+    Args:
+        image (Tensor[N, 3, H, W]): RGB in 0..255 (float or uint8).
+        bilateral ((sigma_xy, sigma_rgb, ...)), spatial ((sigma_xy, ...)): bandwidths; extra
+            entries (weights) are ignored.
+        backend (str): Lattice backend ("auto", "reference", "native").
+    Returns:
+        (Lattice, Lattice) over per-point features Tensor[N, H*W, 5] and Tensor[N, H*W, 2]:
+        per-point so that the mean-field loop runs channels-last (N, H*W, C) without copies.
+    """
+    if not image.is_floating_point():
+        image = image.float()
+    f_bil = bilateral_features(image, bilateral[0], bilateral[1])
+    f_spa = spatial_features(image, spatial[0])
+    lat_bil = Lattice(f_bil.flatten(2).transpose(1, 2), backend=backend)
+    lat_spa = Lattice(f_spa.flatten(2).transpose(1, 2), backend=backend)
+    return lat_bil, lat_spa
+
+
+def _message_logits(q, unary, lattices, pairwise, normalize):
+    """L = U - sum_m (mu W_m) K_m(Q), on Tensor[N, P, C] (channels last)."""
+    n, p, c = q.shape
+    logits = unary.reshape(n * p, c)
+    for lat, mat in zip(lattices, pairwise):
+        msg = lat.filter(q, normalize=normalize).reshape(n * p, c)
+        # 1x1 convolution as a matmul: out[i, l] -= sum_l' mat[l, l'] msg[i, l'].
+        logits = torch.addmm(logits, msg, mat.t(), alpha=-1)
+    return logits.reshape(n, p, c)
+
+
+def _iteration(q, unary, lattices, pairwise, normalize):
+    logits = _message_logits(q, unary, lattices, pairwise, normalize)
+    return logits, torch.softmax(logits, dim=-1)
+
+
+def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False):
+    """Run `num_iterations` mean-field iterations on prebuilt lattices (channels last).
+
+    Args:
+        unary (Tensor[N, P, C]): unary logits, float32 or float64.
+        lattices (sequence of Lattice): one per kernel, built on per-point features [N, P, d].
+        pairwise (sequence of Tensor[C, C]): mu W_m per kernel (same dtype as `unary`).
+        num_iterations (int): T >= 0 (T = 0 returns the unary).
+        normalize (str): kernel normalisation, see `Lattice.filter`.
+        checkpoint (bool): recompute each iteration in backward instead of storing its
+            intermediates (keeps one Tensor[N, P, C] per iteration).
+    Returns:
+        Tensor[N, P, C]: the logits L of the last iteration (Q = softmax(L)).
+    """
+    if num_iterations == 0:
+        return unary
+    use_ckpt = checkpoint and torch.is_grad_enabled() and (
+        unary.requires_grad or any(m.requires_grad for m in pairwise))
+    q = torch.softmax(unary, dim=-1)
+    logits = unary
+    for _ in range(num_iterations):
+        if use_ckpt:
+            logits, q = torch_checkpoint.checkpoint(_iteration, q, unary, lattices, pairwise,
+                                                    normalize, use_reentrant=False)
+        else:
+            logits, q = _iteration(q, unary, lattices, pairwise, normalize)
+    return logits
+
+
+def _check_unary_image(unary, image, num_classes=None):
+    """Shape/dtype/device checks of (unary Tensor[N, C, H, W], image Tensor[N, 3, H, W])."""
+    if not isinstance(unary, torch.Tensor):
+        raise TypeError(f"unary must be a torch.Tensor of logits [N, C, H, W], got {type(unary).__name__}")
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor [N, 3, H, W], got {type(image).__name__}")
+    if not unary.is_floating_point():
+        raise TypeError(f"unary must be floating point (logits), got {unary.dtype}")
+    if unary.dim() != 4:
+        raise ValueError(f"unary must be Tensor[N, C, H, W], got shape {tuple(unary.shape)}")
+    if num_classes is not None and unary.shape[1] != num_classes:
+        raise ValueError(f"unary has {unary.shape[1]} channels but the layer was built for "
+                         f"num_classes={num_classes} (unary shape {tuple(unary.shape)})")
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be Tensor[N, 3, H, W] (RGB), got shape {tuple(image.shape)}")
+    if image.shape[0] != unary.shape[0] or image.shape[2:] != unary.shape[2:]:
+        raise ValueError(f"image {tuple(image.shape)} and unary {tuple(unary.shape)} must share N, H "
+                         "and W (upsample the unary to the image size first)")
+    if image.device != unary.device:
+        raise ValueError(f"image is on {image.device} but unary is on {unary.device}")
+    if image.dtype == torch.bool or image.is_complex():
+        raise TypeError(f"image must be a real (uint8 or float) tensor, got {image.dtype}")
+
+
+class CRFRNNLayer(nn.Module):
+    """Fully connected CRF (bilateral + spatial Gaussian kernels), mean field unrolled as an RNN.
+
+    Args:
+        num_classes (int): C.
+        num_iterations (int): mean-field iterations in training mode (CRF-RNN: 5).
+        num_eval_iterations (int or None): iterations in eval mode (CRF-RNN: 10); None = same as
+            `num_iterations`.
+        bilateral ((sigma_xy, sigma_rgb, weight)): appearance kernel; default CRF-RNN's
+            (160, 3, 5). sigma_rgb refers to colours in 0..255.
+        spatial ((sigma_xy, weight)): smoothness kernel; default (3, 3).
+        image_mean, image_std (sequence of 3 floats or None): when given, `image` is taken as
+            normalised from 0..1 RGB, (rgb/255 - mean)/std (torchvision's convention), and the
+            layer undoes it. When None, `image` is RGB in 0..255 (uint8 or float).
+        normalize (str): kernel normalisation, "symmetric" (densecrf's default; n K(n Q) with
+            n = 1/sqrt(K 1)) or "after" (K Q / K 1, CRF-RNN's), or "none".
+        checkpoint (bool): recompute each iteration in backward instead of storing it (about a
+            third of the activation memory; one extra forward in backward).
+        backend (str): lattice backend, "auto" | "reference" | "native".
+
+    Learnable parameters (C x C): ``bilateral_weight`` (init w1 I), ``spatial_weight``
+    (init w2 I), ``compatibility`` (Potts init: 1 off the diagonal, 0 on it). At this start the
+    layer's softmax equals densecrf's mean-field marginals for the same unary (logits = minus
+    densecrf's unary energy), image and parameters. The bandwidths are fixed; no gradient flows
+    into the image.
+
+    Shapes:
+        unary (Tensor[N, C, H, W]): logits (e.g. a DCNN's scores upsampled to the image).
+        image (Tensor[N, 3, H, W]): RGB, see image_mean/image_std.
+        returns (Tensor[N, C, H, W]): refined logits, float32 (float64 for a float64 unary;
+        half-precision unaries and autocast regions are computed in float32).
+
+    Example:
+        >>> crf = CRFRNNLayer(21)
+        >>> logits = crf(torch.randn(2, 21, 64, 48), torch.rand(2, 3, 64, 48) * 255)
+        >>> logits.shape
+        torch.Size([2, 21, 64, 48])
+    """
+
+    def __init__(self, num_classes, num_iterations=5, num_eval_iterations=10,
+                 bilateral=CRFRNN_PARAMS["bilateral"], spatial=CRFRNN_PARAMS["spatial"],
+                 image_mean=None, image_std=None, normalize="symmetric", checkpoint=False,
+                 backend="auto"):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if num_eval_iterations is None:
+            num_eval_iterations = num_iterations
+        for name, value in (("num_iterations", num_iterations),
+                            ("num_eval_iterations", num_eval_iterations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if backend not in ("auto", "reference", "native"):
+            raise ValueError(f"backend must be 'auto', 'reference' or 'native', got {backend!r}")
+        self.num_classes = num_classes
+        self.num_iterations = num_iterations
+        self.num_eval_iterations = num_eval_iterations
+        self.bilateral, self.spatial = _parse_kernels(bilateral, spatial)
+        self.normalize = normalize
+        self.checkpoint = bool(checkpoint)
+        self.backend = backend
+
+        eye = torch.eye(num_classes)
+        self.bilateral_weight = nn.Parameter(self.bilateral[2] * eye)
+        self.spatial_weight = nn.Parameter(self.spatial[1] * eye)
+        self.compatibility = nn.Parameter(1.0 - eye)
+
+        if (image_mean is None) != (image_std is None):
+            raise ValueError("give both image_mean and image_std (for normalised 0..1 images) or "
+                             "neither (images in 0..255)")
+        if image_mean is not None:
+            mean = torch.as_tensor(image_mean, dtype=torch.float32).flatten()
+            std = torch.as_tensor(image_std, dtype=torch.float32).flatten()
+            if mean.numel() != 3 or std.numel() != 3:
+                raise ValueError(f"image_mean and image_std need 3 values (RGB), got {mean.numel()} "
+                                 f"and {std.numel()}")
+            if not (torch.isfinite(std).all() and (std > 0).all() and torch.isfinite(mean).all()):
+                raise ValueError(f"image_std must be positive and finite, got {std.tolist()}")
+            self.register_buffer("image_mean", mean.view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("image_std", std.view(1, 3, 1, 1), persistent=False)
+        else:
+            self.image_mean = self.image_std = None
+
+    # -- presets ---------------------------------------------------------------------------------
+    @classmethod
+    def deeplab_largefov(cls, num_classes=21, **kwargs):
+        """DeepLab-LargeFOV's CRF: w1 4, sigma_alpha 121, sigma_beta 5, w2 3, sigma_gamma 3,
+        10 iterations (training and evaluation unless overridden)."""
+        kwargs.setdefault("num_iterations", 10)
+        kwargs.setdefault("num_eval_iterations", 10)
+        return cls(num_classes, **DEEPLAB_LARGEFOV_PARAMS, **kwargs)
+
+    @classmethod
+    def crfasrnn(cls, num_classes=21, **kwargs):
+        """CRF-RNN's: w1 5, sigma_alpha 160, sigma_beta 3, w2 3, sigma_gamma 3; 5 iterations in
+        training, 10 in evaluation."""
+        kwargs.setdefault("num_iterations", 5)
+        kwargs.setdefault("num_eval_iterations", 10)
+        return cls(num_classes, **CRFRNN_PARAMS, **kwargs)
+
+    def extra_repr(self):
+        s = (f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, "
+             f"num_eval_iterations={self.num_eval_iterations}, bilateral={self.bilateral}, "
+             f"spatial={self.spatial}, normalize={self.normalize!r}")
+        if self.image_mean is not None:
+            s += f", image_mean={self.image_mean.flatten().tolist()}, image_std={self.image_std.flatten().tolist()}"
+        if self.checkpoint:
+            s += ", checkpoint=True"
+        return s
+
+    # -- forward ---------------------------------------------------------------------------------
+    def rgb255(self, image):
+        """Tensor[N, 3, H, W] as float RGB in 0..255 (undoing the declared normalisation)."""
+        dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+        image = image.to(dtype)
+        if self.image_mean is not None:
+            image = (image * self.image_std.to(dtype) + self.image_mean.to(dtype)) * 255.0
+        return image
+
+    def pairwise_matrices(self, dtype=torch.float32):
+        """[mu W_bilateral, mu W_spatial]: the C x C matrices applied to each kernel's message."""
+        mu = self.compatibility.to(dtype)
+        return [mu @ self.bilateral_weight.to(dtype), mu @ self.spatial_weight.to(dtype)]
+
+    def forward(self, unary, image, num_iterations=None):
+        """Refine `unary` (Tensor[N, C, H, W] logits) with the CRF on `image` (Tensor[N, 3, H, W]).
+
+        num_iterations (int or None) overrides the mode's iteration count for this call.
+        Returns Tensor[N, C, H, W] logits.
+        """
+        _check_unary_image(unary, image, self.num_classes)
+        if num_iterations is None:
+            num_iterations = self.num_iterations if self.training else self.num_eval_iterations
+        elif isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
+            raise ValueError(f"num_iterations must be an int >= 0, got {num_iterations!r}")
+        dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
+        n, c, h, w = unary.shape
+        if unary.numel() == 0:
+            return unary.to(dtype).clone()
+        # One device sync for both checks.
+        bad_unary, negative_image = torch.stack([
+            ~torch.isfinite(unary.detach()).all(),
+            (image.detach().amin() < 0) if self.image_mean is None and image.is_floating_point()
+            else torch.zeros((), dtype=torch.bool, device=image.device)]).tolist()
+        if bad_unary:
+            count = int((~torch.isfinite(unary.detach())).sum())
+            raise ValueError(f"unary contains {count} NaN/Inf values (shape {tuple(unary.shape)}); "
+                             "the CRF needs finite logits")
+        if negative_image:
+            raise ValueError("image has negative values but no normalisation was declared: pass RGB "
+                             "in 0..255, or build the layer with image_mean/image_std")
+        with torch.autocast(device_type=unary.device.type, enabled=False):
+            with torch.no_grad():
+                lattices = build_crf_lattices(self.rgb255(image), self.bilateral, self.spatial,
+                                              self.backend)
+            u = unary.to(dtype).flatten(2).transpose(1, 2).contiguous()  # [N, P, C]
+            logits = mean_field(u, lattices, self.pairwise_matrices(dtype), num_iterations,
+                                self.normalize, self.checkpoint)
+            return logits.transpose(1, 2).reshape(n, c, h, w)
