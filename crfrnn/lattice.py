@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from . import ops
+from . import ops, reference
 
 __all__ = ["Lattice", "MAX_FEATURE_DIM", "NORMALIZATIONS"]
 
@@ -18,9 +18,9 @@ __all__ = ["Lattice", "MAX_FEATURE_DIM", "NORMALIZATIONS"]
 #: arrays of this size on the stack).
 MAX_FEATURE_DIM = 31
 NORMALIZATIONS = ("none", "after", "symmetric")
-#: Keys are stored as int32 lattice coordinates of magnitude about |f| (d+1) sqrt(2/3):
-#: features beyond this bound would overflow them.
-MAX_ABS_FEATURE = 2.0 ** 20
+#: Keys are int32 lattice coordinates of magnitude up to about 100 |f|: the build ops reject
+#: features beyond this bound (and NaN/Inf) with a ValueError instead of overflowing.
+MAX_ABS_FEATURE = reference.MAX_ABS_FEATURE
 
 
 def _check_float(name, tensor):
@@ -68,14 +68,6 @@ class Lattice:
         if not 1 <= d <= MAX_FEATURE_DIM:
             raise ValueError(f"feature dimension d must be in 1..{MAX_FEATURE_DIM}, got {d} "
                              f"(features of shape {tuple(features.shape)})")
-        if points.numel() > 0:
-            bad = ~torch.isfinite(points)
-            if bad.any():
-                raise ValueError(f"features contain {int(bad.sum())} NaN/Inf values")
-            largest = points.abs().max().item()
-            if largest > MAX_ABS_FEATURE:
-                raise ValueError(f"features must be below {MAX_ABS_FEATURE:g} in magnitude (scaled by "
-                                 f"1/sigma), got {largest:g}: is a bandwidth tiny or not applied?")
         self.batch_size, self.feature_dim = n, d
         self.num_points = points.shape[1]
         self.device, self.dtype = features.device, features.dtype

@@ -33,14 +33,22 @@ except ImportError as exc:  # missing or broken build: the reference backend sti
         RuntimeWarning, stacklevel=2)
 
 
-def has_native_kernel(device: torch.device) -> bool:
-    """True when the compiled extension has kernels for `device`'s type (cpu, cuda)."""
+def _native_device_types():
     if EXTENSION_ERROR is not None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"crfrnn::{op}", key)
-        for op in ("build_lattice", "lattice_filter"))
+        return frozenset()
+    return frozenset(
+        device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"crfrnn::{op}", key)
+               for op in ("build_lattice", "lattice_filter")))
+
+
+#: Device types with compiled kernels, fixed at import (a plain set, so torch.compile can read it).
+NATIVE_DEVICE_TYPES = _native_device_types()
+
+
+def has_native_kernel(device) -> bool:
+    """True when the compiled extension has kernels for `device`'s type (cpu, cuda)."""
+    return torch.device(device).type in NATIVE_DEVICE_TYPES
 
 
 # ---------------------------------------------------------------------------------------------

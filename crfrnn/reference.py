@@ -19,7 +19,23 @@ import math
 
 import torch
 
-__all__ = ["build_lattice", "lattice_filter"]
+__all__ = ["build_lattice", "lattice_filter", "check_feature_values", "MAX_ABS_FEATURE"]
+
+#: Largest accepted |feature| (after scaling by 1/sigma): keeps int32 keys from overflowing.
+MAX_ABS_FEATURE = 2.0 ** 20
+
+
+def check_feature_values(points: torch.Tensor):
+    """ValueError for NaN/Inf or out-of-range features (the same checks as csrc/checks.h)."""
+    if points.numel() == 0:
+        return
+    bad = ~torch.isfinite(points)
+    if bad.any():
+        raise ValueError(f"features contain {int(bad.sum())} NaN/Inf values")
+    largest = points.abs().max().item()
+    if largest > MAX_ABS_FEATURE:
+        raise ValueError(f"features must be at most {MAX_ABS_FEATURE:g} in magnitude (after scaling "
+                         f"by 1/sigma), got {largest:g}: is a bandwidth tiny or not applied?")
 
 
 def scale_factors(d: int, device) -> torch.Tensor:
@@ -83,7 +99,7 @@ def embed(points: torch.Tensor):
     bary.scatter_add_(1, d - rank, v)
     bary.scatter_add_(1, d - rank + 1, -v)
     bary[:, 0] += 1.0 + bary[:, d + 1]
-    return rem0, rank, bary[:, : d + 1]
+    return rem0, rank, bary[:, : d + 1].contiguous()
 
 
 def vertex_keys(rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
@@ -115,6 +131,7 @@ def build_lattice(features: torch.Tensor):
             splat_entries[splat_offsets[v]:splat_offsets[v+1]], each p*(d+1) + r, in increasing
             order. It makes the splat a deterministic gather (the C++/CUDA backends use it).
     """
+    check_feature_values(features)
     n, p, d = features.shape
     dev = features.device
     points = features.detach().reshape(n * p, d).to(torch.float64)

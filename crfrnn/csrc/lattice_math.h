@@ -27,6 +27,8 @@ namespace crfrnn {
 
 // Largest feature dimension d; per-point scratch arrays have this size (+2).
 constexpr int kMaxDim = 31;
+// Largest accepted |feature|: elevated coordinates stay below ~100 |f| < 2^31 (int32 keys).
+constexpr double kMaxAbsFeature = 1048576.0;  // 2^20
 
 // Elevate the point `f` (d scaled features, any float type) and find its simplex.
 // Writes rem0[0..d] (remainder-0 lattice point), rank[0..d] (rank of each coordinate's

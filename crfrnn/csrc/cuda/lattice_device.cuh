@@ -1,0 +1,216 @@
+// Per-element bodies of the CUDA lattice kernels: what one GPU thread does for one index.
+//
+// The kernels of lattice_kernels.cu are grid-stride loops around these functions. They are
+// `__host__ __device__` (CRFRNN_HD, as lattice_math.h) so that a host program can run them one
+// index at a time, in any order, to check the build and filter logic without a GPU: on the host
+// the atomics below are plain serial read-modify-writes.
+//
+// Build (K = P*(d+1) entries e = p*(d+1) + r, the corners of the points' simplices):
+//   1. embed_one:   simplex (rem0, rank) and barycentric weights of each point;
+//   2. insert_one:  lock-free open addressing (linear probing, atomicCAS on an int slot holding an
+//                   entry id). A key is never stored: the key of entry e is recomputed from the
+//                   (read-only) simplex table, so a slot is published by a single CAS and nothing
+//                   can be read half-written. A slot only ever holds entries of one key, and
+//                   atomicMin leaves in it the smallest entry of that key: its "owner";
+//   3. owner_flag_one + a prefix sum (done with torch) + number_one: vertices numbered by their
+//                   owner entry, i.e. in order of first appearance, exactly as the serial CPU
+//                   build numbers them, whatever the slot layout the race produced;
+//   4. neighbor_one: the blur neighbours of each vertex, by lookup;
+//   5. csr_offsets_one: offsets of the vertex -> entries table from the entries stably sorted by
+//                   vertex (the sort itself is torch's).
+// Filter (deterministic gathers, no atomics): splat_one, blur_one, slice_one; each adds in the
+// same order as the CPU kernels (crfrnn/csrc/cpu/lattice_cpu.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "../lattice_math.h"
+
+namespace crfrnn {
+namespace device {
+
+// ---- atomics (serial emulation on the host) -----------------------------------------------------
+
+CRFRNN_HD int load_relaxed(const int* address) {
+  return *static_cast<const volatile int*>(address);
+}
+
+CRFRNN_HD int atomic_cas(int* address, int expected, int desired) {
+#if defined(__CUDA_ARCH__)
+  return atomicCAS(address, expected, desired);
+#else
+  const int old = *address;
+  if (old == expected) *address = desired;
+  return old;
+#endif
+}
+
+CRFRNN_HD void atomic_min(int* address, int value) {
+#if defined(__CUDA_ARCH__)
+  atomicMin(address, value);
+#else
+  if (value < *address) *address = value;
+#endif
+}
+
+CRFRNN_HD void atomic_raise_flag(int* address) {
+#if defined(__CUDA_ARCH__)
+  atomicExch(address, 1);
+#else
+  *address = 1;
+#endif
+}
+
+// ---- build ----------------------------------------------------------------------------------------
+
+// Key (image, k_0..k_{d-1}) of entry e = p*(d+1) + r: vertex r of point p's simplex.
+// simplex: [P, 2(d+1)] (rem0 then rank per point); points p of image p / per_image.
+CRFRNN_HD void entry_key(const int* simplex, int d, int64_t per_image, int64_t e, int* key) {
+  const int d1 = d + 1;
+  const int64_t p = e / d1;
+  const int r = static_cast<int>(e - p * d1);
+  const int* s = simplex + p * 2 * d1;
+  simplex_vertex_key(s, s + d1, d, r, static_cast<int>(p / per_image), key);
+}
+
+// Point p: simplex[p] = (rem0, rank), bary[p, 0:d+1]. features: [P, d].
+template <typename scalar_t>
+CRFRNN_HD void embed_one(int64_t p, const scalar_t* features, int d, int* simplex, double* bary) {
+  const int d1 = d + 1;
+  int* s = simplex + p * 2 * d1;
+  embed_point(features + p * d, d, s, s + d1, bary + p * d1);
+}
+
+// Entry e: find or claim the slot of its key; slot_of_entry[e] = that slot (-1 and *overflow = 1
+// if every slot was probed, impossible while the table is less than full).
+CRFRNN_HD void insert_one(int64_t e, const int* simplex, int d, int64_t per_image, int* slots,
+                          uint64_t mask, int* slot_of_entry, int* overflow) {
+  const int d1 = d + 1;
+  int key[kMaxDim + 1];
+  int other[kMaxDim + 1];
+  entry_key(simplex, d, per_image, e, key);
+  const int self = static_cast<int>(e);
+  uint64_t i = hash_key(key, d1) & mask;
+  for (uint64_t probes = 0; probes <= mask; ++probes, i = (i + 1) & mask) {
+    // A stale read is harmless: -1 is corrected by the CAS, and an older occupant has the same
+    // key as the newer one (a slot never changes key).
+    int occupant = load_relaxed(slots + i);
+    if (occupant < 0) {
+      occupant = atomic_cas(slots + i, -1, self);
+      if (occupant < 0) {  // claimed the empty slot
+        slot_of_entry[e] = static_cast<int>(i);
+        return;
+      }
+    }
+    entry_key(simplex, d, per_image, occupant, other);
+    if (keys_equal(key, other, d1)) {
+      atomic_min(slots + i, self);
+      slot_of_entry[e] = static_cast<int>(i);
+      return;
+    }
+  }
+  slot_of_entry[e] = -1;
+  atomic_raise_flag(overflow);
+}
+
+// Entry e: 1 if it owns its vertex (the slot kept it as the smallest entry of the key).
+CRFRNN_HD void owner_flag_one(int64_t e, const int* slots, const int* slot_of_entry, int* owner_flag) {
+  const int slot = slot_of_entry[e];
+  owner_flag[e] = (slot >= 0 && slots[slot] == static_cast<int>(e)) ? 1 : 0;
+}
+
+// Entry e: its vertex number (owner_csum: inclusive prefix sum of owner_flag), and owner[v] = e
+// for the vertex it owns.
+CRFRNN_HD void number_one(int64_t e, const int* slots, const int* slot_of_entry,
+                          const int* owner_flag, const int* owner_csum, int* vertex_index, int* owner) {
+  const int owner_entry = slots[slot_of_entry[e]];
+  vertex_index[e] = owner_csum[owner_entry] - 1;
+  if (owner_flag[e]) owner[owner_csum[e] - 1] = static_cast<int>(e);
+}
+
+// Vertex number of `key`, or `missing` when it is not in the table.
+CRFRNN_HD int lookup(const int* key, const int* simplex, int d, int64_t per_image, const int* slots,
+                     uint64_t mask, const int* owner_csum, int missing) {
+  const int d1 = d + 1;
+  int other[kMaxDim + 1];
+  uint64_t i = hash_key(key, d1) & mask;
+  for (uint64_t probes = 0; probes <= mask; ++probes, i = (i + 1) & mask) {
+    const int occupant = slots[i];
+    if (occupant < 0) return missing;
+    entry_key(simplex, d, per_image, occupant, other);
+    if (keys_equal(key, other, d1)) return owner_csum[occupant] - 1;
+  }
+  return missing;
+}
+
+// t = j*M + v: both blur neighbours of vertex v along direction j, into neighbors[t, 0:2]
+// (neighbors: [d+1, M, 2]; side 0 is sign +1, side 1 sign -1, as the CPU build).
+CRFRNN_HD void neighbor_one(int64_t t, const int* simplex, int d, int64_t per_image, const int* owner,
+                            int64_t num_vertices, const int* slots, uint64_t mask,
+                            const int* owner_csum, int* neighbors) {
+  const int64_t j = t / num_vertices;
+  const int64_t v = t - j * num_vertices;
+  int key[kMaxDim + 1];
+  int nkey[kMaxDim + 1];
+  entry_key(simplex, d, per_image, owner[v], key);
+  for (int side = 0; side < 2; ++side) {
+    neighbor_key(key, d, static_cast<int>(j), side == 0 ? 1 : -1, nkey);
+    neighbors[2 * t + side] = lookup(nkey, simplex, d, per_image, slots, mask, owner_csum,
+                                     static_cast<int>(num_vertices));
+  }
+}
+
+// Position i of the entries sorted by vertex: sets offsets[v] = i for every v in
+// (sorted[i-1], sorted[i]], and the last position also the tail (sorted[K-1], M] to K; so every
+// offsets[0..M] is written exactly once, even for a vertex without entries.
+CRFRNN_HD void csr_offsets_one(int64_t i, const int* sorted_vertex, int64_t num_entries,
+                               int64_t num_vertices, int* offsets) {
+  const int64_t current = sorted_vertex[i];
+  const int64_t previous = i == 0 ? -1 : sorted_vertex[i - 1];
+  for (int64_t v = previous + 1; v <= current; ++v) offsets[v] = static_cast<int>(i);
+  if (i == num_entries - 1) {
+    for (int64_t v = current + 1; v <= num_vertices; ++v) offsets[v] = static_cast<int>(num_entries);
+  }
+}
+
+// ---- filter ---------------------------------------------------------------------------------------
+
+// t = v*C + k: grid[v, k] = sum over the entries of v, in increasing order, of w * value.
+template <typename T>
+CRFRNN_HD void splat_one(int64_t t, const T* values, const T* weights, int d1, const int* offsets,
+                         const int* entries, int64_t channels, T* grid) {
+  const int64_t v = t / channels;
+  const int64_t k = t - v * channels;
+  T acc = T(0);
+  for (int i = offsets[v]; i < offsets[v + 1]; ++i) {
+    const int entry = entries[i];
+    acc += weights[entry] * values[static_cast<int64_t>(entry / d1) * channels + k];
+  }
+  grid[t] = acc;
+}
+
+// t = v*C + k: one [0.5, 1, 0.5] blur step along one direction (neighbors_j: [M, 2]).
+template <typename T>
+CRFRNN_HD void blur_one(int64_t t, const T* src, const int* neighbors_j, int64_t channels, T* dst) {
+  const int64_t v = t / channels;
+  const int64_t k = t - v * channels;
+  const int64_t a = neighbors_j[2 * v];
+  const int64_t b = neighbors_j[2 * v + 1];
+  dst[t] = src[t] + T(0.5) * (src[a * channels + k] + src[b * channels + k]);
+}
+
+// t = p*C + k: barycentric interpolation of point p's d+1 vertices, times alpha.
+template <typename T>
+CRFRNN_HD void slice_one(int64_t t, const T* grid, const int* vertex_index, const T* weights, int d1,
+                         int64_t channels, T alpha, T* out) {
+  const int64_t p = t / channels;
+  const int64_t k = t - p * channels;
+  T acc = T(0);
+  for (int r = 0; r < d1; ++r) {
+    acc += weights[p * d1 + r] * grid[static_cast<int64_t>(vertex_index[p * d1 + r]) * channels + k];
+  }
+  out[t] = acc * alpha;
+}
+
+}  // namespace device
+}  // namespace crfrnn
