@@ -100,7 +100,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   int key[kMaxDim + 1];
   for (int64_t p = 0; p < num_points; ++p) {
     const int* s = simplex.data() + p * 2 * d1;
-    const int image = static_cast<int>(p / std::max<int64_t>(per_image, 1));
+    // Neighbouring pixels often share a simplex: then they share its vertices too.
+    if (p % per_image != 0 && std::equal(s, s + 2 * d1, s - 2 * d1)) {
+      std::copy(vi + (p - 1) * d1, vi + p * d1, vi + p * d1);
+      continue;
+    }
+    const int image = static_cast<int>(p / per_image);
     for (int r = 0; r < d1; ++r) {
       simplex_vertex_key(s, s + d1, d, r, image, key);
       vi[p * d1 + r] = table.find_or_insert(key);

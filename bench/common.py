@@ -1,0 +1,86 @@
+"""Helpers shared by the benchmarks: timing, test images, tables and JSON output."""
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CRFRNN_SHARED_DATA", REPO.parent / "shared" / "data"))
+VOC_ROOT = SHARED_DATA / "VOCdevkit" / "VOC2012"
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn, device, repeats=5, warmup=1):
+    """Median wall time of fn() in milliseconds (GPU work synchronised)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def load_rgb(image_id=None, size=(500, 375)):
+    """A real VOC image as Tensor[1, 3, H, W] float in 0..255 (resized to `size` = (W, H)), or,
+    without ../shared/data, a deterministic synthetic image of the same size (noted in `source`)."""
+    from PIL import Image
+    if VOC_ROOT.is_dir():
+        ids = (VOC_ROOT / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+        image_id = image_id or ids[0]
+        img = Image.open(VOC_ROOT / "JPEGImages" / f"{image_id}.jpg").convert("RGB").resize(size, Image.BILINEAR)
+        source = f"VOC {image_id}"
+        arr = np.asarray(img).copy()
+    else:
+        rng = np.random.default_rng(0)
+        arr = (rng.random((size[1] // 25 + 1, size[0] // 25 + 1, 3)) * 255).astype(np.uint8)
+        arr = np.asarray(Image.fromarray(arr).resize(size, Image.NEAREST)).copy()
+        source = "synthetic blocks (no ../shared/data)"
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].float(), source
+
+
+def print_table(title, rows, columns):
+    """Print rows (list of dicts) as an aligned text table with the given column keys."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path, payload):
+    """Write JSON atomically (tmp file, then rename)."""
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
+
+
+def environment(device):
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu_count"] = os.cpu_count()
+    return info
