@@ -1,0 +1,181 @@
+"""Paired image/label transforms with explicit randomness.
+
+Every random transform takes a ``numpy.random.Generator`` so that a sample's augmentation is a
+pure function of the seed the sampler hands out with its index: identical in any DataLoader
+worker, across processes, and after ``--resume``.
+
+Conventions: the image is ``Tensor[3, H, W]`` float32 in 0..255 RGB until :class:`Normalize`,
+which maps it to ``(rgb/255 - mean) / std`` (ImageNet statistics by default); the label is
+``Tensor[H, W]`` int64 with 255 for void. Labels are always resampled with nearest neighbour
+and padded with 255; images are padded with the mean colour (0 after normalisation), as in
+DeepLab's Caffe data layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VOID = 255
+
+
+def to_tensors(image, label):
+    """Convert ``(image, label)`` to ``(Tensor[3, H, W] float32 0..255, Tensor[H, W] int64)``.
+
+    ``image``: ``np.uint8[H, W, 3]``, a PIL RGB image, or a ``Tensor[3, H, W]``.
+    ``label``: integer array/tensor ``[H, W]`` or a PIL image in mode ``P``/``L``.
+    Raises ``ValueError`` when the shapes disagree or are not images.
+    """
+    if not torch.is_tensor(image):
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be H x W x 3 RGB, got shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image tensor must be [3, H, W], got {tuple(image.shape)}")
+    image = image.float()
+    if not torch.is_tensor(label):
+        label = np.asarray(label)
+        if label.ndim != 2:
+            raise ValueError(f"label must be a 2-D index map [H, W], got shape {label.shape}")
+        label = torch.from_numpy(label.astype(np.int64))
+    label = label.long()
+    if label.ndim != 2 or tuple(label.shape) != tuple(image.shape[1:]):
+        raise ValueError(f"image {tuple(image.shape[1:])} and label {tuple(label.shape)} differ in size")
+    return image, label
+
+
+class Compose:
+    """Apply transforms in order: ``t(image, label, rng) -> (image, label)``."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, label, rng: np.random.Generator):
+        for t in self.transforms:
+            image, label = t(image, label, rng)
+        return image, label
+
+    def __repr__(self):
+        return "Compose(" + ", ".join(repr(t) for t in self.transforms) + ")"
+
+
+class RandomScale:
+    """Rescale both by a factor drawn uniformly from ``[min_scale, max_scale]``
+    (bilinear for the image, nearest for the label)."""
+
+    def __init__(self, min_scale: float = 0.5, max_scale: float = 1.5):
+        if not 0 < min_scale <= max_scale:
+            raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+
+    def __call__(self, image, label, rng):
+        s = rng.uniform(self.min_scale, self.max_scale)
+        h, w = label.shape
+        size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
+        if size == (h, w):
+            return image, label
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        return image, label
+
+    def __repr__(self):
+        return f"RandomScale({self.min_scale}, {self.max_scale})"
+
+
+class PadTo:
+    """Pad at the bottom/right to at least ``size`` (image with ``fill`` per channel, label 255)."""
+
+    def __init__(self, size, fill=tuple(255 * m for m in IMAGENET_MEAN)):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.fill = fill
+
+    def __call__(self, image, label, rng=None):
+        h, w = label.shape
+        ph, pw = max(0, self.size[0] - h), max(0, self.size[1] - w)
+        if ph == 0 and pw == 0:
+            return image, label
+        fill = torch.as_tensor(self.fill, dtype=image.dtype).view(-1, 1, 1)
+        out = fill.expand(3, h + ph, w + pw).clone()
+        out[:, :h, :w] = image
+        lab = torch.full((h + ph, w + pw), VOID, dtype=label.dtype)
+        lab[:h, :w] = label
+        return out, lab
+
+    def __repr__(self):
+        return f"PadTo({self.size})"
+
+
+class RandomCrop:
+    """Pad to ``size`` if smaller (image with the mean colour, label 255), then crop at random."""
+
+    def __init__(self, size, fill=tuple(255 * m for m in IMAGENET_MEAN)):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.pad = PadTo(self.size, fill)
+
+    def __call__(self, image, label, rng):
+        image, label = self.pad(image, label)
+        h, w = label.shape
+        th, tw = self.size
+        y = int(rng.integers(0, h - th + 1))
+        x = int(rng.integers(0, w - tw + 1))
+        return image[:, y:y + th, x:x + tw], label[y:y + th, x:x + tw]
+
+    def __repr__(self):
+        return f"RandomCrop({self.size})"
+
+
+class RandomHorizontalFlip:
+    """Flip both left-right with probability ``p``."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = float(p)
+
+    def __call__(self, image, label, rng):
+        if rng.random() < self.p:
+            return image.flip(-1), label.flip(-1)
+        return image, label
+
+    def __repr__(self):
+        return f"RandomHorizontalFlip({self.p})"
+
+
+class Normalize:
+    """Map the 0..255 RGB image to ``(rgb/255 - mean) / std``; the label is unchanged."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image, label, rng=None):
+        return (image / 255.0 - self.mean) / self.std, label
+
+    def __repr__(self):
+        return "Normalize()"
+
+
+def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Invert :class:`Normalize`: ``Tensor[..., 3, H, W]`` normalised -> 0..255 float RGB."""
+    m = torch.tensor(mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    return ((image * s + m) * 255.0).clamp(0, 255)
+
+
+def train_transform(crop_size=321, min_scale=0.5, max_scale=1.5, flip=True) -> Compose:
+    """DeepLab's training augmentation: random scale, pad+random crop (255 fill), flip, normalise."""
+    ts = []
+    if (min_scale, max_scale) != (1.0, 1.0):
+        ts.append(RandomScale(min_scale, max_scale))
+    if crop_size:
+        ts.append(RandomCrop(crop_size))
+    if flip:
+        ts.append(RandomHorizontalFlip())
+    ts.append(Normalize())
+    return Compose(ts)
+
+
+def eval_transform() -> Compose:
+    """Evaluation: the full image, normalised."""
+    return Compose([Normalize()])
