@@ -130,3 +130,19 @@ def test_bad_construction():
         models.DeepLabCRF(tiny_net(), lambda u, i: u)
     with pytest.raises(TypeError, match="net"):
         models.DeepLabCRF("vgg", None)
+
+
+@pytest.mark.slow
+def test_torch_compile_joint_matches_eager():
+    """DeepLabCRF under torch.compile (the CRF's data-dependent lattice build and finite check
+    break the graph there; the DCNN compiles whole): same output and DCNN gradient as eager."""
+    joint = models.DeepLabCRF(tiny_net(), real_crf()).eval()
+    x = torch.randn(1, 3, 24, 32)
+    compiled = torch.compile(joint, backend="aot_eager")
+    a, b = compiled(x), joint(x)
+    torch.testing.assert_close(a["crf"], b["crf"], rtol=1e-4, atol=1e-5)
+    a["crf"].square().sum().backward()
+    g = joint.net.conv1_1.weight.grad.clone()
+    joint.zero_grad()
+    b["crf"].square().sum().backward()
+    torch.testing.assert_close(g, joint.net.conv1_1.weight.grad, rtol=1e-4, atol=1e-5)
