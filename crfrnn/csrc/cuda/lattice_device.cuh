@@ -104,7 +104,8 @@ CRFRNN_HD void insert_one(int64_t e, const int* simplex, int d, int64_t per_imag
     }
     entry_key(simplex, d, per_image, occupant, other);
     if (keys_equal(key, other, d1)) {
-      atomic_min(slots + i, self);
+      // Slot values only decrease: if it is already below `self`, its final value will be too.
+      if (self < occupant) atomic_min(slots + i, self);
       slot_of_entry[e] = static_cast<int>(i);
       return;
     }
