@@ -110,11 +110,15 @@ def build_crf_lattices(image, bilateral, spatial, backend="auto"):
 def _message_logits(q, unary, lattices, pairwise, normalize):
     """L = U - sum_m (mu W_m) K_m(Q), on Tensor[N, P, C] (channels last)."""
     n, p, c = q.shape
-    logits = unary.reshape(n * p, c)
+    logits = None
     for lat, mat in zip(lattices, pairwise):
         msg = lat.filter(q, normalize=normalize).reshape(n * p, c)
-        # 1x1 convolution as a matmul: out[i, l] -= sum_l' mat[l, l'] msg[i, l'].
-        logits = torch.addmm(logits, msg, mat.t(), alpha=-1)
+        # 1x1 convolution as a matmul: out[i, l] -= sum_l' mat[l, l'] msg[i, l']. The first
+        # kernel's addmm makes the output (one copy of U), the others accumulate into it in place.
+        if logits is None:
+            logits = torch.addmm(unary.reshape(n * p, c), msg, mat.t(), alpha=-1)
+        else:
+            logits.addmm_(msg, mat.t(), alpha=-1)
     return logits.reshape(n, p, c)
 
 
