@@ -74,7 +74,10 @@ def embed(points: torch.Tensor):
 
     # Nearest remainder-0 point: round each coordinate to a multiple of d+1.
     # torch.round and C's nearbyint both round half to even.
-    rounded = torch.round(elevated / (d + 1))
+    # Divide by a tensor on the points' device: on CUDA, division by a Python number is done as
+    # a multiplication by its reciprocal, which can differ from the C++ by one ulp.
+    d_plus_1 = torch.tensor(float(d + 1), dtype=torch.float64, device=dev)
+    rounded = torch.round(elevated / d_plus_1)
     rem0 = (rounded * (d + 1)).to(torch.int64)
     coord_sum = rounded.to(torch.int64).sum(1, keepdim=True)
 
@@ -94,7 +97,7 @@ def embed(points: torch.Tensor):
     rem0 = torch.where(low, rem0 + d + 1, torch.where(high, rem0 - d - 1, rem0))
 
     # Barycentric weights (Adams et al. p. 10), with the wrap-around of slot d+1 into slot 0.
-    v = (elevated - rem0.to(torch.float64)) / (d + 1)
+    v = (elevated - rem0.to(torch.float64)) / d_plus_1
     bary = torch.zeros(num_points, d + 2, dtype=torch.float64, device=dev)
     bary.scatter_add_(1, d - rank, v)
     bary.scatter_add_(1, d - rank + 1, -v)
