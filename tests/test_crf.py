@@ -355,3 +355,58 @@ def test_cuda_autocast_float16():
     torch.testing.assert_close(out, crf(unary.half().float(), image))
     out.sum().backward()
     assert torch.isfinite(u.grad).all()
+
+
+def test_lattices_are_built_once_per_forward_and_reused_in_backward(monkeypatch):
+    """Two lattices per forward, none rebuilt by the iterations, backward or checkpoint recompute."""
+    built = []
+    real = crfrnn.crf.Lattice
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(crfrnn.crf, "Lattice", counting)
+    unary, image = make_inputs(n=2, c=3, h=8, w=7)
+    for ckpt in (False, True):
+        built.clear()
+        crf = CRFRNNLayer(3, num_iterations=4, checkpoint=ckpt, **SMALL).double()
+        crf(unary.clone().requires_grad_(), image).sum().backward()
+        assert len(built) == 2, f"checkpoint={ckpt}: {len(built)} lattices built"
+
+
+# ------------------------------------------------------------------------------------------
+# Functional API
+
+def test_dense_crf_equals_the_layer_on_log_probabilities():
+    unary, image = make_inputs(c=4, h=9, w=11, dtype=torch.float32)
+    probs = torch.softmax(unary, 1)[0]
+    img = image[0].permute(1, 2, 0).round().to(torch.uint8)
+    crf = CRFRNNLayer(4, num_eval_iterations=6, **SMALL).eval()
+    expected = torch.softmax(crf(torch.log(probs)[None], img.permute(2, 0, 1)[None]), 1)[0]
+    got = crfrnn.dense_crf(img.numpy(), probs.numpy(), num_iterations=6, **SMALL)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected.detach().numpy(), atol=1e-6)
+    got_t = crfrnn.dense_crf(img, probs, num_iterations=6, **SMALL)
+    assert isinstance(got_t, torch.Tensor)
+    torch.testing.assert_close(got_t, expected.detach())
+
+
+@pytest.mark.parametrize("image_shape,probs_shape,match", [
+    ((6, 5, 3), (3, 6, 6), "sizes differ"),
+    ((3, 6, 5), (3, 6, 5), r"\[H, W, 3\]"),
+    ((6, 5, 3), (6, 5), r"\[C, H, W\]"),
+])
+def test_dense_crf_bad_shapes(image_shape, probs_shape, match):
+    with pytest.raises(ValueError, match=match):
+        crfrnn.dense_crf(np.zeros(image_shape, np.uint8), np.full(probs_shape, 0.3, np.float32))
+
+
+def test_dense_crf_bad_values():
+    img = np.zeros((6, 5, 3), np.uint8)
+    with pytest.raises(ValueError, match="non-negative"):
+        crfrnn.dense_crf(img, np.full((3, 6, 5), -0.1, np.float32))
+    with pytest.raises(TypeError, match="numpy array or a torch.Tensor"):
+        crfrnn.dense_crf(img, [[0.5]])
+    with pytest.raises(ValueError, match="0..255"):
+        crfrnn.dense_crf(np.full((6, 5, 3), 300.0), np.full((3, 6, 5), 0.3, np.float32))
