@@ -282,6 +282,17 @@ class CRFRNNLayer(nn.Module):
         kwargs.setdefault("num_eval_iterations", 10)
         return cls(num_classes, **CRFRNN_PARAMS, **kwargs)
 
+    def config(self):
+        """Constructor arguments (plain Python values) that rebuild this layer:
+        ``CRFRNNLayer(**crf.config())``; the learned matrices are in ``state_dict()``."""
+        def plain(t):
+            return None if t is None else [float(v) for v in t.flatten().tolist()]
+        return {"num_classes": self.num_classes, "num_iterations": self.num_iterations,
+                "num_eval_iterations": self.num_eval_iterations, "bilateral": list(self.bilateral),
+                "spatial": list(self.spatial), "image_mean": plain(self.image_mean),
+                "image_std": plain(self.image_std), "normalize": self.normalize,
+                "checkpoint": self.checkpoint, "backend": self.backend}
+
     def extra_repr(self):
         s = (f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, "
              f"num_eval_iterations={self.num_eval_iterations}, bilateral={self.bilateral}, "

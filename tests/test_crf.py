@@ -410,3 +410,16 @@ def test_dense_crf_bad_values():
         crfrnn.dense_crf(img, [[0.5]])
     with pytest.raises(ValueError, match="0..255"):
         crfrnn.dense_crf(np.full((6, 5, 3), 300.0), np.full((3, 6, 5), 0.3, np.float32))
+
+
+def test_config_rebuilds_the_layer():
+    unary, image = make_inputs(c=3, h=8, w=7, dtype=torch.float32)
+    crf = CRFRNNLayer(3, num_iterations=2, num_eval_iterations=4, image_mean=(0.4, 0.5, 0.6),
+                      image_std=(0.2, 0.25, 0.3), checkpoint=True, **SMALL)
+    with torch.no_grad():
+        crf.compatibility.add_(0.1 * torch.randn(3, 3))
+    again = CRFRNNLayer(**crf.config())
+    again.load_state_dict(crf.state_dict())
+    assert again.config() == crf.config()
+    x = (image / 255 - 0.5) / 0.25
+    torch.testing.assert_close(again.eval()(unary, x), crf.eval()(unary, x))
