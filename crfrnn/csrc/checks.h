@@ -21,15 +21,18 @@ inline void check_features(const at::Tensor& features) {
   TORCH_CHECK(features.numel() * (d + 1) < (int64_t{1} << 31),
               "crfrnn::build_lattice: too many points for int32 indices: N*P*(d+1)*d = ",
               features.numel() * (d + 1));
-  if (features.numel() > 0) {
-    // Same checks and messages as crfrnn.reference.check_feature_values (ValueError in Python).
-    const int64_t bad = (~at::isfinite(features)).sum().item<int64_t>();
-    TORCH_CHECK_VALUE(bad == 0, "features contain ", bad, " NaN/Inf values");
-    const double largest = features.abs().max().item<double>();
-    TORCH_CHECK_VALUE(largest <= kMaxAbsFeature, "features must be at most ", kMaxAbsFeature,
-                      " in magnitude (after scaling by 1/sigma), got ", largest,
-                      ": is a bandwidth tiny or not applied?");
-  }
+}
+
+// NaN/Inf and range checks with at:: ops (the CUDA launcher; the CPU kernel fuses them into its
+// embedding loop). Same messages as crfrnn.reference.check_feature_values (ValueError in Python).
+inline void check_feature_values(const at::Tensor& features) {
+  if (features.numel() == 0) return;
+  const int64_t bad = (~at::isfinite(features)).sum().item<int64_t>();
+  TORCH_CHECK_VALUE(bad == 0, "features contain ", bad, " NaN/Inf values");
+  const double largest = features.abs().max().item<double>();
+  TORCH_CHECK_VALUE(largest <= kMaxAbsFeature, "features must be at most ", kMaxAbsFeature,
+                    " in magnitude (after scaling by 1/sigma), got ", largest,
+                    ": is a bandwidth tiny or not applied?");
 }
 
 inline void check_filter_args(const at::Tensor& values, const at::Tensor& vertex_index,

@@ -30,18 +30,25 @@ constexpr int kMaxDim = 31;
 // Largest accepted |feature|: elevated coordinates stay below ~100 |f| < 2^31 (int32 keys).
 constexpr double kMaxAbsFeature = 1048576.0;  // 2^20
 
+// Scale of feature i that makes the lattice blur a Gaussian of std 1 in feature space:
+// sqrt(2/3) (d+1) / sqrt((i+1)(i+2)), as Adams et al. and densecrf.
+CRFRNN_HD double lattice_scale(int d, int i) {
+  return sqrt(2.0 / 3.0) * (d + 1) / sqrt(static_cast<double>(i + 1) * (i + 2));
+}
+
 // Elevate the point `f` (d scaled features, any float type) and find its simplex.
+// `scale` holds lattice_scale(d, i) for i < d (precomputed once per lattice on the CPU).
 // Writes rem0[0..d] (remainder-0 lattice point), rank[0..d] (rank of each coordinate's
 // remainder) and bary[0..d] (barycentric weight of simplex vertex r).
 template <typename scalar_t>
-CRFRNN_HD void embed_point(const scalar_t* f, int d, int* rem0, int* rank, double* bary) {
+CRFRNN_HD void embed_point_scaled(const scalar_t* f, const double* scale, int d, int* rem0, int* rank,
+                                  double* bary) {
   double elevated[kMaxDim + 1];
   double b[kMaxDim + 2];
-  const double inv_std = sqrt(2.0 / 3.0) * (d + 1);
   // elevated[j] = sum_{k >= j} cf[k] - j cf[j-1], accumulated from the right.
   double running = 0.0;
   for (int j = d; j > 0; --j) {
-    const double c = static_cast<double>(f[j - 1]) * (inv_std / sqrt(static_cast<double>(j) * (j + 1)));
+    const double c = static_cast<double>(f[j - 1]) * scale[j - 1];
     elevated[j] = running - j * c;
     running = running + c;
   }
@@ -77,6 +84,14 @@ CRFRNN_HD void embed_point(const scalar_t* f, int d, int* rem0, int* rank, doubl
   }
   b[0] += 1.0 + b[d + 1];
   for (int i = 0; i <= d; ++i) bary[i] = b[i];
+}
+
+// embed_point_scaled with the scales computed on the spot (the GPU's choice: no table to share).
+template <typename scalar_t>
+CRFRNN_HD void embed_point(const scalar_t* f, int d, int* rem0, int* rank, double* bary) {
+  double scale[kMaxDim];
+  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
+  embed_point_scaled(f, scale, d, rem0, rank, bary);
 }
 
 // Key (length d+1: image, k_0..k_{d-1}) of vertex r of the simplex found by embed_point.

@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -79,37 +81,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   const int64_t num_points = num_images * per_image;
   const auto int_opts = features.options().dtype(at::kInt);
 
-  // Phase 1 (parallel): simplex (rem0, rank) and barycentric weights of every point.
+  // Phase 1 (parallel): simplex (rem0, rank) and barycentric weights of every point, with the
+  // NaN/Inf and range checks of the features fused into the same pass.
   std::vector<int> simplex(num_points * 2 * d1);
-  at::Tensor weights64 = at::empty({num_points, d1}, features.options().dtype(at::kDouble));
-  double* bary = weights64.data_ptr<double>();
+  const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
+  at::Tensor weights = at::empty({num_points, d1}, features.options().dtype(low_precision ? at::kFloat : features.scalar_type()));
+  double* weights_double = weights.scalar_type() == at::kDouble ? weights.data_ptr<double>() : nullptr;
+  float* weights_float = weights_double ? nullptr : weights.data_ptr<float>();
+  double scale[kMaxDim];
+  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
+  std::atomic<int64_t> non_finite{0};
+  std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_embed", [&] {
     const scalar_t* f = features.data_ptr<scalar_t>();
-    at::parallel_for(0, num_points, 1024, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, num_points, 2048, [&](int64_t lo, int64_t hi) {
+      int64_t bad = 0;
+      bool too_big = false;
       for (int64_t p = lo; p < hi; ++p) {
+        const scalar_t* fp = f + p * d;
+        for (int i = 0; i < d; ++i) {
+          const double x = static_cast<double>(fp[i]);
+          bad += !std::isfinite(x);
+          too_big |= std::fabs(x) > kMaxAbsFeature;
+        }
         int* s = simplex.data() + p * 2 * d1;
-        embed_point(f + p * d, d, s, s + d1, bary + p * d1);
+        double bary[kMaxDim + 1];
+        embed_point_scaled(fp, scale, d, s, s + d1, bary);
+        if (weights_double) std::copy(bary, bary + d1, weights_double + p * d1);
+        else std::copy(bary, bary + d1, weights_float + p * d1);
       }
+      non_finite += bad;
+      if (too_big) out_of_range = true;
     });
   });
+  // Same messages as crfrnn.reference.check_feature_values (ValueError in Python).
+  TORCH_CHECK_VALUE(non_finite == 0, "features contain ", non_finite.load(), " NaN/Inf values");
+  if (out_of_range) {
+    TORCH_CHECK_VALUE(false, "features must be at most ", kMaxAbsFeature,
+                      " in magnitude (after scaling by 1/sigma), got ", features.abs().max().item<double>(),
+                      ": is a bandwidth tiny or not applied?");
+  }
 
-  // Phase 2 (serial, so vertex numbers are deterministic): hash every simplex vertex.
+  // Phase 2 (serial, so vertex numbers are deterministic: first appearance in (point, corner)
+  // order, as the CUDA backend numbers them): hash every simplex, and the vertices of each new
+  // simplex. Many pixels share a simplex, so most points cost one lookup instead of d+1.
   at::Tensor vertex_index = at::empty({num_points, d1}, int_opts);
   int* vi = vertex_index.data_ptr<int>();
   VertexTable table(d1, std::max<int64_t>(num_points / 4, 1));
-  int key[kMaxDim + 1];
+  VertexTable simplices(2 * d1 + 1, std::max<int64_t>(num_points / 4, 1));
+  std::vector<int> simplex_vertices;  // d+1 vertex numbers per simplex
+  int key[kMaxDim + 1], simplex_key[2 * kMaxDim + 3];
   for (int64_t p = 0; p < num_points; ++p) {
     const int* s = simplex.data() + p * 2 * d1;
-    // Neighbouring pixels often share a simplex: then they share its vertices too.
-    if (p % per_image != 0 && std::equal(s, s + 2 * d1, s - 2 * d1)) {
-      std::copy(vi + (p - 1) * d1, vi + p * d1, vi + p * d1);
-      continue;
-    }
     const int image = static_cast<int>(p / per_image);
-    for (int r = 0; r < d1; ++r) {
-      simplex_vertex_key(s, s + d1, d, r, image, key);
-      vi[p * d1 + r] = table.find_or_insert(key);
+    simplex_key[0] = image;
+    std::copy(s, s + 2 * d1, simplex_key + 1);
+    const int known = simplices.size();
+    const int id = simplices.find_or_insert(simplex_key);
+    if (id == known) {  // a new simplex: number its vertices
+      for (int r = 0; r < d1; ++r) {
+        simplex_vertex_key(s, s + d1, d, r, image, key);
+        simplex_vertices.push_back(table.find_or_insert(key));
+      }
     }
+    std::copy(simplex_vertices.begin() + static_cast<int64_t>(id) * d1,
+              simplex_vertices.begin() + static_cast<int64_t>(id + 1) * d1, vi + p * d1);
   }
   const int64_t m = table.size();
 
@@ -139,27 +175,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   std::vector<int> fill(off, off + m);
   for (int64_t e = 0; e < num_points * d1; ++e) ent[fill[vi[e]]++] = static_cast<int>(e);
 
-  const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
-  const auto weight_dtype = low_precision ? at::kFloat : features.scalar_type();
-  return {vertex_index, weights64.to(weight_dtype), neighbors, splat_offsets, splat_entries};
+  return {vertex_index, weights, neighbors, splat_offsets, splat_entries};
 }
 
 template <typename T>
 void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,
-                     const int* nb, int64_t m, const int* off, const int* ent, bool reverse, T* out) {
+                     const int* nb, int64_t m, bool reverse, T* out) {
   // Two (M+1) x C buffers; row M is the zero row that missing neighbours point at.
   std::vector<T> grid((m + 1) * c, T(0)), next((m + 1) * c, T(0));
 
-  // Splat as a gather over each vertex's entries: deterministic, no atomics.
-  at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
-    for (int64_t v = lo; v < hi; ++v) {
-      T* row = grid.data() + v * c;
-      for (int e = off[v]; e < off[v + 1]; ++e) {
-        const int entry = ent[e];
-        const T wt = w[entry];
-        const T* src = values + static_cast<int64_t>(entry / d1) * c;
-        for (int64_t k = 0; k < c; ++k) row[k] += wt * src[k];
+  // Splat: each point's value, weighted, into its d+1 vertices, in point order. Threads split
+  // the channels, not the points, so every sum runs in increasing entry order whatever the
+  // thread count: the same bits as the vertex -> entries gather of the CUDA backend, with a
+  // streaming read of the values. Each thread accumulates its channels in a grid of its own
+  // (no false sharing of cache lines), copied into the shared grid at the end.
+  const int64_t channel_block = std::max<int64_t>(1, (c + at::get_num_threads() - 1) / at::get_num_threads());
+  at::parallel_for(0, c, channel_block, [&](int64_t c0, int64_t c1) {
+    const int64_t width = c1 - c0;
+    std::vector<T> part(m * width, T(0));
+    for (int64_t p = 0; p < num_points; ++p) {
+      const T* src = values + p * c + c0;
+      for (int r = 0; r < d1; ++r) {
+        const T wt = w[p * d1 + r];
+        T* row = part.data() + static_cast<int64_t>(vi[p * d1 + r]) * width;
+        for (int64_t k = 0; k < width; ++k) row[k] += wt * src[k];
       }
+    }
+    for (int64_t v = 0; v < m; ++v) {
+      std::copy(part.data() + v * width, part.data() + (v + 1) * width, grid.data() + v * c + c0);
     }
   });
 
@@ -204,12 +247,10 @@ at::Tensor lattice_filter_cpu(const at::Tensor& values_in, const at::Tensor& ver
   at::Tensor out = at::empty_like(values);
   if (values.numel() == 0) return out;
   const at::Tensor vi = vertex_index.contiguous(), w = weights.contiguous(), nb = neighbors.contiguous();
-  const at::Tensor off = splat_offsets.contiguous(), ent = splat_entries.contiguous();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "crfrnn_filter", [&] {
     filter_cpu_impl<scalar_t>(values.data_ptr<scalar_t>(), values.size(0), values.size(1),
                               vi.data_ptr<int>(), w.data_ptr<scalar_t>(), static_cast<int>(vi.size(1)),
-                              nb.data_ptr<int>(), nb.size(1), off.data_ptr<int>(), ent.data_ptr<int>(),
-                              reverse, out.data_ptr<scalar_t>());
+                              nb.data_ptr<int>(), nb.size(1), reverse, out.data_ptr<scalar_t>());
   });
   return out;
 }

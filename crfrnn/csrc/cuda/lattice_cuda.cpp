@@ -30,6 +30,7 @@ void check_launch(cudaError_t err, const char* kernel) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lattice_cuda(
     const at::Tensor& features_in) {
   check_features(features_in);
+  check_feature_values(features_in);
   TORCH_CHECK(features_in.is_cuda(), "crfrnn::build_lattice (CUDA kernel): features must be on a CUDA device, got ",
               features_in.device());
   const c10::cuda::CUDAGuard guard(features_in.device());
