@@ -1,0 +1,180 @@
+"""Pictures with PIL only: VOC palette, label PNGs, overlays, example grids, line plots.
+
+All writers save atomically (temporary file, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+VOID = 255
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """PASCAL VOC's colour map: ``np.uint8[n, 3]`` (class 0 black, 1 maroon, ..., 255 cream)."""
+    pal = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+PALETTE = voc_palette()
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def save_image_atomic(img: Image.Image, path, **kw):
+    """Save a PIL image to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    fmt = kw.pop("format", None) or Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    img.save(tmp, format=fmt, **kw)
+    os.replace(tmp, path)
+
+
+def label_image(label: np.ndarray) -> Image.Image:
+    """A palette ('P') PIL image of a label map ``int[H, W]`` (values 0..255), VOC colours."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label must be [H, W], got shape {label.shape}")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"label values must be in 0..255, got {label.min()}..{label.max()}")
+    im = Image.fromarray(label.astype(np.uint8), mode="P")
+    im.putpalette(PALETTE.reshape(-1).tolist())
+    return im
+
+
+def colorize(label: np.ndarray) -> np.ndarray:
+    """``np.uint8[H, W, 3]`` VOC colours of a label map ``int[H, W]``."""
+    return PALETTE[np.asarray(label).astype(np.int64) & 255]
+
+
+def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend the VOC colours of ``label`` (``int[H, W]``) over ``image`` (``uint8[H, W, 3]``);
+    background (0) and void (255) pixels are left as the image."""
+    image = np.asarray(image)
+    label = np.asarray(label)
+    if image.shape[:2] != label.shape:
+        raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
+    col = colorize(label).astype(np.float32)
+    out = image.astype(np.float32)
+    m = ((label != 0) & (label != VOID))[..., None]
+    out = np.where(m, (1 - alpha) * out + alpha * col, out)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _font(size=12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def image_grid(rows, col_titles=None, scale: int = 1, pad: int = 4, row_titles=None) -> Image.Image:
+    """Tile ``rows`` (a list of lists of ``uint8[H, W, 3]`` or ``[H, W]`` label arrays, all the
+    same size) into one RGB image, with optional column and row titles. ``scale`` enlarges each
+    tile by pixel repetition."""
+    if not rows or not rows[0]:
+        raise ValueError("image_grid needs at least one row with one tile")
+    tiles = [[t if np.asarray(t).ndim == 3 else colorize(t) for t in r] for r in rows]
+    h, w = tiles[0][0].shape[:2]
+    h, w = h * scale, w * scale
+    font = _font(12)
+    top = 18 if col_titles else 0
+    left = 60 if row_titles else 0
+    ncol = max(len(r) for r in tiles)
+    canvas = Image.new("RGB", (left + ncol * (w + pad) + pad, top + len(tiles) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(col_titles or []):
+        draw.text((left + pad + j * (w + pad), 3), str(title), fill="black", font=font)
+    for i, r in enumerate(tiles):
+        if row_titles:
+            draw.text((3, top + pad + i * (h + pad) + h // 2 - 6), str(row_titles[i]), fill="black", font=font)
+        for j, t in enumerate(r):
+            im = Image.fromarray(np.asarray(t, np.uint8))
+            if scale != 1:
+                im = im.resize((w, h), Image.NEAREST)
+            canvas.paste(im, (left + pad + j * (w + pad), top + pad + i * (h + pad)))
+    return canvas
+
+
+_SERIES_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+                   (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+
+def _nice_ticks(lo, hi, n=5):
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        hi = lo + 1
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw), default=10 * mag)
+    start = math.floor(lo / step) * step
+    ticks = [round(start, 10)]
+    while ticks[-1] < hi - 1e-9 * step:  # the last tick reaches or passes hi
+        ticks.append(round(ticks[-1] + step, 10))
+    return ticks
+
+
+def line_plot(series: dict, xlabel: str = "", ylabel: str = "", title: str = "",
+              size=(640, 420)) -> Image.Image:
+    """A line chart: ``series`` maps a legend name to ``(xs, ys)`` (None/NaN points skipped)."""
+    W, H = size
+    ml, mr, mt, mb = 62, 16, 30, 46
+    font = _font(12)
+    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys)
+           if y is not None and not (isinstance(y, float) and math.isnan(y))]
+    if not pts:
+        raise ValueError("line_plot: no finite points to draw")
+    xt = _nice_ticks(min(p[0] for p in pts), max(p[0] for p in pts))
+    yt = _nice_ticks(min(p[1] for p in pts), max(p[1] for p in pts))
+    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+
+    def px(x, y):
+        return (ml + (x - x0) / (x1 - x0) * (W - ml - mr), H - mb - (y - y0) / (y1 - y0) * (H - mt - mb))
+
+    for t in yt:
+        _, yy = px(x0, t)
+        d.line([(ml, yy), (W - mr, yy)], fill=(225, 225, 225))
+        d.text((4, yy - 7), f"{t:g}", fill="black", font=font)
+    for t in xt:
+        xx, _ = px(t, y0)
+        d.line([(xx, mt), (xx, H - mb)], fill=(235, 235, 235))
+        d.text((xx - 8, H - mb + 4), f"{t:g}", fill="black", font=font)
+    d.rectangle([ml, mt, W - mr, H - mb], outline="black")
+    cx = ml + (W - ml - mr) // 2
+    d.text((cx - d.textlength(xlabel, font=font) / 2, H - 20), xlabel, fill="black", font=font)
+    d.text((4, 8), ylabel, fill="black", font=font)
+    d.text((cx - d.textlength(title, font=font) / 2, 8), title, fill="black", font=font)
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        col = _SERIES_COLOURS[k % len(_SERIES_COLOURS)]
+        seg = [px(x, y) for x, y in zip(xs, ys) if y is not None and not (isinstance(y, float) and math.isnan(y))]
+        if len(seg) > 1:
+            d.line(seg, fill=col, width=2)
+        for (cx, cy) in seg:
+            d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=col)
+    # Legend at the lower right, on a white box drawn over the curves.
+    text_w = max(d.textlength(str(n), font=font) for n in series)
+    lx = W - mr - 36 - text_w
+    ly0 = H - mb - 8 - 16 * len(series)
+    d.rectangle([lx - 6, ly0 - 4, W - mr - 4, H - mb - 6], fill="white", outline=(180, 180, 180))
+    for k, name in enumerate(series):
+        col = _SERIES_COLOURS[k % len(_SERIES_COLOURS)]
+        ly = ly0 + 16 * k
+        d.line([(lx, ly + 6), (lx + 22, ly + 6)], fill=col, width=3)
+        d.text((lx + 28, ly), str(name), fill="black", font=font)
+    return img
