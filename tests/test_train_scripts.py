@@ -1,0 +1,203 @@
+"""Tiny end-to-end runs of every train/ script on generated data (seconds each), exact resume,
+DDP with two gloo processes, and the written files."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models
+from train import crf as crf_script
+from train import dcnn as dcnn_script
+from train import evaluate as evaluate_script
+from train import joint as joint_script
+from train import segment as segment_script
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["--image-size", "32", "--width", "0.03125", "--num-classes", "4", "--train-samples", "16",
+        "--val-samples", "4", "--batch-size", "2", "--eval-batch-size", "4", "--bands", "1", "3",
+        "--no-progress", "--log-every", "1"]
+TINY = BASE + ["--crf-iters", "2", "--crf-eval-iters", "2"]
+
+
+def run(module, argv):
+    args = module.get_args_parser().parse_args(argv)
+    return module.main(args)
+
+
+def _state(path):
+    model, _ = models.load_checkpoint(path)
+    return model.state_dict()
+
+
+def _assert_same_weights(a, b, atol=1e-6):
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("joint")
+    res = run(joint_script, TINY + ["--pretrain-iters", "3", "--iters", "3", "--out-dir", str(out)])
+    return out, res
+
+
+def test_joint_end_to_end_writes_report(joint_run):
+    out, res = joint_run
+    for name in ("metrics.json", "examples.png", "bands.png", "model.pt", "dcnn.pt", "checkpoint.pt",
+                 "metrics.csv"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    for when in ("before", "after"):
+        for mode in ("dcnn", "crf"):
+            r = m[when][mode]
+            assert 0 <= r["miou"] <= 1 and 0 <= r["pixel_accuracy"] <= 1
+            assert r["band_accuracy"]["bands"] == [1, 3]
+    assert m["after"]["crf"]["miou"] == pytest.approx(res["after"]["crf"]["miou"])
+    model, _ = models.load_checkpoint(out / "model.pt")
+    assert isinstance(model, models.DeepLabCRF) and model.crf is not None
+    with Image.open(out / "examples.png") as im:
+        assert im.mode == "RGB" and im.width > 6 * 32
+    csv = (out / "metrics.csv").read_text()
+    assert "dcnn,3,loss" in csv and "joint,3,loss" in csv
+
+
+def test_joint_resume_matches_uninterrupted_run(joint_run, tmp_path):
+    straight, _ = joint_run
+    argv = TINY + ["--pretrain-iters", "3", "--iters", "3", "--out-dir", str(tmp_path)]
+    assert run(joint_script, argv + ["--stop-at", "1"]) is None      # "killed" after joint iteration 1
+    _, extra = models.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert extra["train"]["stage"] == "joint" and extra["train"]["iteration"] == 1
+    torch.manual_seed(999)
+    run(joint_script, argv + ["--resume", str(tmp_path / "checkpoint.pt")])
+    _assert_same_weights(straight / "model.pt", tmp_path / "model.pt")
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((tmp_path / "metrics.json").read_text())
+    assert a["before"]["crf"]["confusion"] == b["before"]["crf"]["confusion"]   # kept in the checkpoint
+    assert a["after"]["crf"]["confusion"] == b["after"]["crf"]["confusion"]
+
+
+def test_dcnn_script_and_resume(tmp_path):
+    argv = BASE + ["--iters", "4"]
+    run(dcnn_script, argv + ["--out-dir", str(tmp_path / "a")])
+    assert run(dcnn_script, argv + ["--out-dir", str(tmp_path / "b"), "--stop-at", "2"]) is None
+    run(dcnn_script, argv + ["--out-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "checkpoint.pt")])
+    _assert_same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert "dcnn" in m and isinstance(models.load_checkpoint(tmp_path / "a" / "model.pt")[0], models.DeepLab)
+
+
+def test_crf_script_gradient_and_search(joint_run, tmp_path):
+    dcnn = str(joint_run[0] / "dcnn.pt")
+    rep = run(crf_script, TINY + ["--dcnn", dcnn, "--iters", "2", "--out-dir", str(tmp_path / "g")])
+    assert {"dcnn", "crf_initial", "crf_final", "train"} <= set(rep)
+    model, _ = models.load_checkpoint(tmp_path / "g" / "model.pt")
+    net0, _ = models.load_checkpoint(dcnn)
+    for p, q in zip(model.net.parameters(), net0.parameters()):      # the DCNN stayed frozen
+        assert torch.equal(p, q)
+    rep = run(crf_script, TINY + ["--dcnn", dcnn, "--search", "--search-w1", "2", "6", "--search-sxy", "8",
+                                  "--search-srgb", "10", "20", "--search-samples", "3",
+                                  "--out-dir", str(tmp_path / "s")])
+    pts = rep["search"]["points"]
+    assert len(pts) == 4 and rep["search"]["samples"] == 3
+    best = max(pts, key=lambda p: p["miou"])
+    assert rep["crf_final_params"]["bilateral"] == [best["sxy"], best["srgb"], best["w1"]]
+    model, _ = models.load_checkpoint(tmp_path / "s" / "model.pt")
+    assert tuple(model.crf.bilateral) == (best["sxy"], best["srgb"], best["w1"])
+
+
+def test_evaluate_script_outputs(joint_run, tmp_path):
+    out = tmp_path / "e"
+    res = run(evaluate_script, ["--checkpoint", str(joint_run[0] / "model.pt"), "--image-size", "32",
+                                "--val-samples", "4", "--bands", "1", "2", "4", "--crf-eval-iters", "2",
+                                "--no-progress", "--out-dir", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    for mode in ("dcnn", "crf"):
+        conf = np.array(m[mode]["confusion"])
+        assert conf.sum() == 4 * 32 * 32                     # every pixel of the 4 images, once
+        inter = np.diag(conf)
+        union = conf.sum(0) + conf.sum(1) - inter
+        assert m[mode]["miou"] == pytest.approx(float(np.mean(inter[union > 0] / union[union > 0])))
+        assert m[mode]["band_accuracy"]["bands"] == [1, 2, 4]
+    assert res["crf"]["miou"] == pytest.approx(m["crf"]["miou"])
+    with Image.open(out / "bands.png") as im:
+        assert im.size == (640, 420)
+    # a DCNN-only checkpoint gets a CRF built from the options; --no-crf gives the DCNN alone
+    res = run(evaluate_script, ["--checkpoint", str(joint_run[0] / "dcnn.pt"), "--image-size", "32",
+                                "--val-samples", "2", "--no-crf", "--no-progress", "--out-dir", str(out)])
+    assert set(res) == {"dcnn"}
+    with pytest.raises(ValueError, match="num-classes"):
+        run(evaluate_script, ["--checkpoint", str(joint_run[0] / "model.pt"), "--num-classes", "7",
+                              "--out-dir", str(out)])
+
+
+def test_segment_script_writes_valid_pngs(joint_run, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3)).astype(np.uint8)).save(src / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (24, 30, 3)).astype(np.uint8)).save(src / "b.png")
+    out = tmp_path / "out"
+    written = run(segment_script, [str(src), "--checkpoint", str(joint_run[0] / "model.pt"), "--out-dir",
+                                   str(out), "--both", "--crf-eval-iters", "2", "--no-progress"])
+    assert sorted(p.name for p in written) == ["a.png", "b.png"]
+    for name, size in (("a", (56, 40)), ("b", (30, 24))):
+        with Image.open(out / f"{name}.png") as im:
+            assert im.mode == "P" and im.size == size
+            assert np.asarray(im).max() < 4
+            assert im.getpalette()[3:6] == [128, 0, 0]       # VOC palette: class 1 is maroon
+        with Image.open(out / f"{name}_overlay.png") as im:
+            assert im.mode == "RGB" and im.size == size
+        assert (out / f"{name}_dcnn.png").is_file()
+    with pytest.raises(FileNotFoundError):
+        run(segment_script, [str(tmp_path / "nope.jpg"), "--checkpoint", str(joint_run[0] / "model.pt")])
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)      # the scripts must find the repository by themselves
+    env.update(OMP_NUM_THREADS="1", CRFRNN_TRACEBACK="")
+    return env
+
+
+def test_scripts_run_as_files_from_the_repo_root(joint_run, tmp_path):
+    for module in (joint_script, dcnn_script, crf_script, evaluate_script, segment_script):
+        assert "usage:" in module.get_args_parser().format_help()
+    r = subprocess.run([sys.executable, "train/joint.py", "--help"], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--pretrain-iters" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "train/segment.py", "--checkpoint", str(joint_run[0] / "model.pt"),
+                        "--demo", "2", "--image-size", "32", "--out-dir", str(tmp_path), "--no-progress"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "demo_1_overlay.png").is_file()
+    r = subprocess.run([sys.executable, "train/joint.py", "--dataset", "voc", "--data-root", str(tmp_path)],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no VOCdevkit/VOC2012 folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes half of every batch; with dropout off the
+    averaged gradients equal the single-process ones, so the weights agree."""
+    argv = ["train/joint.py"] + TINY + ["--pretrain-iters", "2", "--iters", "2", "--dropout", "0",
+                                        "--device", "cpu"]
+    one = subprocess.run([sys.executable] + argv + ["--out-dir", str(tmp_path / "one")], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run(torchrun + argv + ["--out-dir", str(tmp_path / "two")], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    _assert_same_weights(tmp_path / "one" / "model.pt", tmp_path / "two" / "model.pt", atol=1e-5)
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    # evaluation is split over the two processes and summed: every pixel counted once
+    assert np.sum(b["after"]["crf"]["confusion"]) == np.sum(a["after"]["crf"]["confusion"]) == 4 * 32 * 32
+    assert b["after"]["crf"]["miou"] == pytest.approx(a["after"]["crf"]["miou"], abs=0.02)

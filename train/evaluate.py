@@ -1,0 +1,105 @@
+"""Evaluate a checkpoint with and without the CRF: mIoU (void ignored), per-class IoU, pixel
+accuracy, and the accuracy within a band around object boundaries as a function of its width
+(DeepLab's trimap figure).
+
+    python train/evaluate.py                                   # runs/joint/model.pt on synthetic val
+    python train/evaluate.py --checkpoint runs/dcnn/model.pt --dataset voc --data-root DATA
+    torchrun --nproc_per_node=2 train/evaluate.py ...          # images split over processes
+
+A checkpoint without a CRF (train/dcnn.py) is evaluated with a CRF built from --crf-preset /
+--bilateral / --spatial (DeepLab's post-processing). Writes OUT/metrics.json, OUT/bands.png
+(accuracy vs band width, DCNN and DCNN + CRF) and OUT/examples.png.
+"""
+if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
+    import os as _os
+    import sys as _sys
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if _sys.path and _os.path.abspath(_sys.path[0] or ".") == _here:
+        _sys.path[0] = _os.path.dirname(_here)   # train/*.py must not shadow top-level modules
+    else:
+        _sys.path.insert(0, _os.path.dirname(_here))
+
+import argparse
+import os
+from pathlib import Path
+
+import models
+from train import engine, options, runner
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(
+        description="Evaluate a DeepLab / DeepLab+CRF checkpoint: mIoU, per-class IoU, pixel "
+                    "accuracy and boundary-band (trimap) accuracy, with and without the CRF.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help)
+    p.add_argument("--checkpoint", default="runs/joint/model.pt",
+                   help="a models checkpoint (model.pt or checkpoint.pt of any train/ script)")
+    p.add_argument("--no-crf", action="store_true", help="evaluate the DCNN alone")
+    p.add_argument("--examples", type=int, default=6, help="rows in examples.png")
+    options.add_data_args(p)
+    options.add_crf_args(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", default="runs/eval", help="where metrics.json and the PNGs go")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="images per batch")
+    g.add_argument("--bands", type=float, nargs="+", default=None, help="trimap band widths (px)")
+    g.add_argument("--amp", action="store_true", help="mixed precision for the DCNN")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(args):
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found (train one first, e.g. "
+                                "python train/joint.py, or pass --checkpoint)")
+    net, crf = runner.load_model(args.checkpoint)
+    ckpt_classes = net.config["num_classes"]
+    if args.num_classes is None:
+        args.num_classes = ckpt_classes
+    elif args.num_classes != ckpt_classes:
+        raise ValueError(f"--num-classes {args.num_classes} but {args.checkpoint} has {ckpt_classes}")
+    info = runner.setup(args)
+    out = Path(args.out_dir)
+    _, val_set, names = runner.make_sets(args, train=False)
+    loader = engine.make_eval_loader(val_set, info, args.eval_batch_size, args.workers)
+    if crf is None and not args.no_crf:
+        crf = options.build_crf(args)
+        runner.log(f"the checkpoint has no CRF: adding one with bilateral {args.bilateral}, "
+                   f"spatial {args.spatial}")
+    if crf is not None:
+        crf.num_eval_iterations = args.crf_eval_iters
+    model = models.DeepLabCRF(net, crf).to(info.device)
+    res, examples = engine.evaluate(model, loader, args.num_classes, info.device, use_crf=not args.no_crf,
+                                    bands=args.bands, class_names=names, amp=args.amp,
+                                    num_examples=args.examples, progress=not args.no_progress)
+    if info.is_main:
+        rows = [("DCNN", res["dcnn"])] + ([("DCNN + CRF", res["crf"])] if "crf" in res else [])
+        runner.write_json(out / "metrics.json", {"checkpoint": str(args.checkpoint), "dataset": args.dataset,
+                                                 "images": len(val_set), **res})
+        runner.band_plot(out / "bands.png", dict(rows))
+        cols = {"DCNN": (examples, "dcnn")}
+        if "crf" in res:
+            cols["DCNN + CRF"] = (examples, "crf")
+        runner.examples_png(out / "examples.png", cols)
+        print(f"{args.checkpoint} on {len(val_set)} {args.dataset} images:")
+        print(runner.format_table(rows))
+        print(per_class_table(rows))
+        print(f"wrote {out / 'metrics.json'}, {out / 'bands.png'}, {out / 'examples.png'}")
+    return res
+
+
+def per_class_table(rows) -> str:
+    """Per-class IoU % for each row (classes absent from the set show as '-')."""
+    names = list(rows[0][1]["per_class_iou"].keys())
+    w = max(len(n) for n in names)
+    head = "class".ljust(w) + "".join(f"  {r[0]:>12}" for r in rows)
+    lines = [head]
+    for n in names:
+        vals = [r[1]["per_class_iou"][n] for r in rows]
+        lines.append(n.ljust(w) + "".join(f"  {'-' if v is None else f'{100 * v:.2f}':>12}" for v in vals))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    runner.run_main(main, get_args_parser())
