@@ -99,11 +99,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
       bool too_big = false;
       for (int64_t p = lo; p < hi; ++p) {
         const scalar_t* fp = f + p * d;
+        bool skip = false;
         for (int i = 0; i < d; ++i) {
           const double x = static_cast<double>(fp[i]);
-          bad += !std::isfinite(x);
-          too_big |= std::fabs(x) > kMaxAbsFeature;
+          const bool finite = std::isfinite(x);
+          bad += !finite;
+          too_big |= finite && std::fabs(x) > kMaxAbsFeature;
+          skip |= !finite || std::fabs(x) > kMaxAbsFeature;
         }
+        if (skip) continue;  // the build fails below; never embed (overflowing) garbage
         int* s = simplex.data() + p * 2 * d1;
         double bary[kMaxDim + 1];
         embed_point_scaled(fp, scale, d, s, s + d1, bary);
