@@ -349,3 +349,23 @@ def test_backends_agree_on_voc_images(shared_data, image_id):
             assert nat.num_vertices == ref.num_vertices
             torch.testing.assert_close(nat.filter(vals, "symmetric"), ref.filter(vals, "symmetric"),
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_missing_extension_falls_back_to_reference_with_one_warning():
+    """A failed or missing build: `import crfrnn` works, warns once, and uses the reference."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['crfrnn._C'] = None  # makes `from . import _C` raise ImportError\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import crfrnn, torch\n"
+        "    import crfrnn.ops\n"
+        "lat = crfrnn.Lattice(torch.rand(1, 3, 5, 4))\n"
+        "out = lat.filter(torch.rand(1, 2, 5, 4), 'after')\n"
+        "msgs = [str(w.message) for w in caught if 'falling back' in str(w.message)]\n"
+        "print(len(msgs), lat.backend, crfrnn.has_native_kernel('cpu'), tuple(out.shape))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "reference", "False", "(1,", "2,", "5,", "4)"]
