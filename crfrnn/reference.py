@@ -44,7 +44,10 @@ def scale_factors(d: int, device) -> torch.Tensor:
     Same constants as Adams et al. and densecrf: inv_std = sqrt(2/3) (d + 1),
     scale_i = inv_std / sqrt((i + 1)(i + 2)).
     """
-    inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
+    # A tensor divided by a tensor: true division, as in lattice_scale of csrc/lattice_math.h.
+    # (A Python number divided by a tensor is computed as number * reciprocal(tensor), which
+    # differs by one ulp for most (d, i) and flipped rank decisions on real images.)
+    inv_std = torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float64, device=device)
     i = torch.arange(d, dtype=torch.float64, device=device)
     return inv_std / torch.sqrt((i + 1) * (i + 2))
 
