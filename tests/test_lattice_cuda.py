@@ -252,13 +252,20 @@ def test_build_and_filter_are_deterministic():
 
 
 def test_runs_on_the_current_stream():
+    """On a side stream whose inputs are written only after a long sleep on that stream, the
+    kernels see them only if they run on it (torch's side streams do not wait for the default
+    stream, so a kernel launched on any other stream would read the buffers before they are
+    written)."""
     feats = clustered_points(1, 4000, 5, dtype=torch.float32, seed=16).cuda()
     vals = randn(1, 4000, 8, seed=17).cuda()
     expected = crfrnn.Lattice(feats, backend="native").filter(vals, "symmetric")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        out = crfrnn.Lattice(feats, backend="native").filter(vals, "symmetric")
+        lat = crfrnn.Lattice(feats, backend="native")
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time, on the side stream only
+        late = vals * 1  # written on the side stream, after the sleep
+        out = lat.filter(late, "symmetric")  # its all-ones norm is also written after the sleep
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(out, expected)
 
