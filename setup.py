@@ -35,7 +35,10 @@ def want_cuda() -> bool:
 
 def extension():
     sources = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-    cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    # -ffp-contract=off: no fused multiply-add (GCC contracts by default on aarch64), so the
+    # lattice arithmetic rounds as in the reference and the CUDA build. The C++ standard is the
+    # one torch.utils.cpp_extension picks for this torch.
+    cxx = ["-O3", "-ffp-contract=off"]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")  # at::parallel_for runs on OpenMP threads

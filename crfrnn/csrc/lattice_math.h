@@ -106,14 +106,19 @@ CRFRNN_HD void neighbor_key(const int* key, int d, int j, int sign, int* out) {
   for (int i = 0; i < d; ++i) out[i + 1] = key[i + 1] - sign * (i == j ? -d : 1);
 }
 
-// 64-bit hash of a key of n ints (splitmix-style mixing of every coordinate).
+// 64-bit hash of a key of n ints: multiply-xorshift per coordinate, then murmur3's finaliser,
+// so that keys differing by +-1 in one coordinate (lattice neighbours) land far apart.
 CRFRNN_HD uint64_t hash_key(const int* key, int n) {
   uint64_t h = 0x9E3779B97F4A7C15ull;
   for (int i = 0; i < n; ++i) {
-    h ^= static_cast<uint64_t>(static_cast<uint32_t>(key[i])) + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
-    h *= 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 31;
+    h = (h ^ static_cast<uint64_t>(static_cast<uint32_t>(key[i]))) * 0x100000001B3ull;
+    h ^= h >> 29;
   }
+  h ^= h >> 33;
+  h *= 0xFF51AFD7ED558CCDull;
+  h ^= h >> 33;
+  h *= 0xC4CEB9FE1A85EC53ull;
+  h ^= h >> 33;
   return h;
 }
 

@@ -16,58 +16,65 @@
 namespace crfrnn {
 namespace {
 
-// Open-addressing hash table from vertex keys (key_len ints) to vertex numbers 0..M-1,
-// numbered in insertion order.
+// Open-addressing hash table from keys (key_len ints) to numbers 0..M-1 in insertion order.
+// Each slot holds the number and 32 bits of the key's hash, so a probe that meets another key
+// is rejected without fetching that key (a cache miss on large lattices).
 class VertexTable {
  public:
   VertexTable(int key_len, int64_t expected) : key_len_(key_len) {
     int64_t capacity = 1024;
     while (capacity < 2 * expected) capacity *= 2;
-    slots_.assign(capacity, -1);
+    slots_.assign(capacity, Slot{0, -1});
   }
 
   int size() const { return static_cast<int>(keys_.size() / key_len_); }
   const int* key(int v) const { return keys_.data() + static_cast<int64_t>(v) * key_len_; }
 
-  int find(const int* key) const {
-    const uint64_t mask = slots_.size() - 1;
-    for (uint64_t i = hash_key(key, key_len_) & mask;; i = (i + 1) & mask) {
-      const int v = slots_[i];
-      if (v < 0) return -1;
-      if (keys_equal(this->key(v), key, key_len_)) return v;
-    }
-  }
+  // Number of `key`, or -1.
+  int find(const int* key) const { return slots_[probe(key, hash_key(key, key_len_))].id; }
 
   int find_or_insert(const int* key) {
-    const uint64_t mask = slots_.size() - 1;
-    uint64_t i = hash_key(key, key_len_) & mask;
-    for (;; i = (i + 1) & mask) {
-      const int v = slots_[i];
-      if (v < 0) break;
-      if (keys_equal(this->key(v), key, key_len_)) return v;
-    }
+    const uint64_t h = hash_key(key, key_len_);
+    const uint64_t i = probe(key, h);
+    if (slots_[i].id >= 0) return slots_[i].id;
     const int v = size();
     keys_.insert(keys_.end(), key, key + key_len_);
-    slots_[i] = v;
+    slots_[i] = Slot{tag(h), v};
     if (2 * static_cast<int64_t>(size()) > static_cast<int64_t>(slots_.size())) grow();
     return v;
   }
 
  private:
+  struct Slot {
+    uint32_t tag;  // high half of the key's hash
+    int32_t id;    // -1: empty
+  };
+  static uint32_t tag(uint64_t h) { return static_cast<uint32_t>(h >> 32); }
+
+  // Slot holding `key`, or the empty slot where it would go (linear probing, load <= 1/2).
+  uint64_t probe(const int* key, uint64_t h) const {
+    const uint64_t mask = slots_.size() - 1;
+    for (uint64_t i = h & mask;; i = (i + 1) & mask) {
+      const Slot& slot = slots_[i];
+      if (slot.id < 0 || (slot.tag == tag(h) && keys_equal(this->key(slot.id), key, key_len_))) return i;
+    }
+  }
+
   void grow() {
-    std::vector<int> bigger(slots_.size() * 2, -1);
+    std::vector<Slot> bigger(slots_.size() * 2, Slot{0, -1});
     const uint64_t mask = bigger.size() - 1;
-    for (int v = 0; v < size(); ++v) {
-      uint64_t i = hash_key(key(v), key_len_) & mask;
-      while (bigger[i] >= 0) i = (i + 1) & mask;
-      bigger[i] = v;
+    for (const Slot& slot : slots_) {
+      if (slot.id < 0) continue;
+      uint64_t i = hash_key(key(slot.id), key_len_) & mask;
+      while (bigger[i].id >= 0) i = (i + 1) & mask;
+      bigger[i] = slot;
     }
     slots_.swap(bigger);
   }
 
   int key_len_;
   std::vector<int> keys_;
-  std::vector<int> slots_;
+  std::vector<Slot> slots_;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lattice_cpu(
@@ -182,11 +189,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   return {vertex_index, weights, neighbors, splat_offsets, splat_entries};
 }
 
+// How many iterations ahead the blur and slice prefetch the rows they will gather.
+constexpr int64_t kPrefetch = 8;
+#if defined(__GNUC__) || defined(__clang__)
+#define CRFRNN_PREFETCH(address) __builtin_prefetch(address)
+#else
+#define CRFRNN_PREFETCH(address) ((void)0)
+#endif
+
 template <typename T>
 void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,
                      const int* nb, int64_t m, bool reverse, T* out) {
-  // Two (M+1) x C buffers; row M is the zero row that missing neighbours point at.
-  std::vector<T> grid((m + 1) * c, T(0)), next((m + 1) * c, T(0));
+  // Two (M+1) x C buffers; row M is the zero row that missing neighbours point at. They are
+  // kept per thread between calls: the mean-field loop filters the same lattice dozens of times,
+  // and fresh multi-megabyte buffers cost as much in page faults as the blur itself.
+  thread_local std::vector<T> grid_buffer, next_buffer;
+  const size_t size = static_cast<size_t>((m + 1) * c);
+  if (grid_buffer.size() < size) { grid_buffer.resize(size); next_buffer.resize(size); }
+  T* grid = grid_buffer.data();
+  T* next = next_buffer.data();
+  std::fill(next + m * c, next + (m + 1) * c, T(0));  // the zero row (every other row is written)
 
   // Splat: each point's value, weighted, into its d+1 vertices, in point order. Threads split
   // the channels, not the points, so every sum runs in increasing entry order whatever the
@@ -196,7 +218,8 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
   const int64_t channel_block = std::max<int64_t>(1, (c + at::get_num_threads() - 1) / at::get_num_threads());
   at::parallel_for(0, c, channel_block, [&](int64_t c0, int64_t c1) {
     const int64_t width = c1 - c0;
-    std::vector<T> part(m * width, T(0));
+    thread_local std::vector<T> part;  // reused between calls, as the grids below
+    part.assign(m * width, T(0));
     for (int64_t p = 0; p < num_points; ++p) {
       const T* src = values + p * c + c0;
       for (int r = 0; r < d1; ++r) {
@@ -206,9 +229,10 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
       }
     }
     for (int64_t v = 0; v < m; ++v) {
-      std::copy(part.data() + v * width, part.data() + (v + 1) * width, grid.data() + v * c + c0);
+      std::copy(part.data() + v * width, part.data() + (v + 1) * width, grid + v * c + c0);
     }
   });
+  std::fill(grid + m * c, grid + (m + 1) * c, T(0));
 
   // Blur along each lattice direction with [0.5, 1, 0.5]; reversed order gives the adjoint.
   for (int step = 0; step < d1; ++step) {
@@ -216,14 +240,18 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
     const int* nbj = nb + static_cast<int64_t>(j) * m * 2;
     at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
       for (int64_t v = lo; v < hi; ++v) {
-        const T* self = grid.data() + v * c;
-        const T* a = grid.data() + static_cast<int64_t>(nbj[2 * v]) * c;
-        const T* b = grid.data() + static_cast<int64_t>(nbj[2 * v + 1]) * c;
-        T* dst = next.data() + v * c;
+        if (v + kPrefetch < hi) {  // neighbour rows are scattered: fetch them ahead
+          CRFRNN_PREFETCH(grid + static_cast<int64_t>(nbj[2 * (v + kPrefetch)]) * c);
+          CRFRNN_PREFETCH(grid + static_cast<int64_t>(nbj[2 * (v + kPrefetch) + 1]) * c);
+        }
+        const T* self = grid + v * c;
+        const T* a = grid + static_cast<int64_t>(nbj[2 * v]) * c;
+        const T* b = grid + static_cast<int64_t>(nbj[2 * v + 1]) * c;
+        T* dst = next + v * c;
         for (int64_t k = 0; k < c; ++k) dst[k] = self[k] + T(0.5) * (a[k] + b[k]);
       }
     });
-    grid.swap(next);
+    std::swap(grid, next);
   }
 
   // Slice: barycentric interpolation of each point's d+1 vertices.
@@ -232,9 +260,12 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
     for (int64_t p = lo; p < hi; ++p) {
       T* dst = out + p * c;
       for (int64_t k = 0; k < c; ++k) dst[k] = T(0);
+      if (p + kPrefetch < hi) {
+        for (int r = 0; r < d1; ++r) CRFRNN_PREFETCH(grid + static_cast<int64_t>(vi[(p + kPrefetch) * d1 + r]) * c);
+      }
       for (int r = 0; r < d1; ++r) {
         const T wt = w[p * d1 + r];
-        const T* src = grid.data() + static_cast<int64_t>(vi[p * d1 + r]) * c;
+        const T* src = grid + static_cast<int64_t>(vi[p * d1 + r]) * c;
         for (int64_t k = 0; k < c; ++k) dst[k] += wt * src[k];
       }
       for (int64_t k = 0; k < c; ++k) dst[k] *= alpha;
