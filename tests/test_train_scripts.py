@@ -25,6 +25,14 @@ BASE = ["--image-size", "32", "--width", "0.03125", "--num-classes", "4", "--tra
 TINY = BASE + ["--crf-iters", "2", "--crf-eval-iters", "2"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _keep_thread_count():
+    """The scripts pick their CPU thread count; give the rest of the session its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def run(module, argv):
     args = module.get_args_parser().parse_args(argv)
     return module.main(args)
@@ -201,3 +209,10 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     # evaluation is split over the two processes and summed: every pixel counted once
     assert np.sum(b["after"]["crf"]["confusion"]) == np.sum(a["after"]["crf"]["confusion"]) == 4 * 32 * 32
     assert b["after"]["crf"]["miou"] == pytest.approx(a["after"]["crf"]["miou"], abs=0.02)
+
+
+def test_amp_run_on_cpu_uses_bfloat16_and_finishes(tmp_path):
+    res = run(dcnn_script, BASE + ["--iters", "2", "--amp", "--out-dir", str(tmp_path)])
+    assert 0 <= res["dcnn"]["miou"] <= 1
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite(m["train"]["loss"])

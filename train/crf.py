@@ -43,14 +43,14 @@ SCRIPT_DEFAULTS = {
     "synthetic": dict(iters=60, lr=1e-2, batch_size=8),
     "voc": dict(iters=2000, lr=1e-3, batch_size=10),
 }
-PRETRAIN_DEFAULTS = {"synthetic": 700, "voc": 0}
+PRETRAIN_DEFAULTS = {"synthetic": 1500, "voc": 0}
 SEARCH_DEFAULTS = {
     # DeepLab's ranges (paper, section 4.1): w1 in [5, 10], sigma_alpha in [50:10:100],
     # sigma_beta in [3:1:10]; w2 = sigma_gamma = 3.
     "voc": dict(w1=[5, 6, 7, 8, 9, 10], sxy=[50, 60, 70, 80, 90, 100], srgb=[3, 4, 5, 6, 7, 8, 9, 10],
                 samples=100),
     # The same idea on the small synthetic images.
-    "synthetic": dict(w1=[3, 5, 8], sxy=[10, 20, 40], srgb=[6, 12, 24], samples=24),
+    "synthetic": dict(w1=[3, 5, 10], sxy=[10, 20, 40], srgb=[6, 12, 24], samples=24),
 }
 
 
@@ -63,8 +63,8 @@ def get_args_parser(add_help=True):
                    help="the DCNN (train/dcnn.py's model.pt); without it a short DCNN stage runs first "
                         "(synthetic only)")
     p.add_argument("--pretrain-iters", type=int, default=None,
-                   help="DCNN iterations when no --dcnn is given (synthetic 700)")
-    p.add_argument("--pretrain-lr", type=float, default=2e-3, help="lr of that DCNN stage")
+                   help="DCNN iterations when no --dcnn is given (synthetic 1500)")
+    p.add_argument("--pretrain-lr", type=float, default=1e-3, help="lr of that DCNN stage")
     s = p.add_argument_group("grid search (--search)")
     s.add_argument("--search", action="store_true", help="grid-search w1, σα, σβ instead of gradient training")
     s.add_argument("--search-w1", type=float, nargs="+", default=None, help="bilateral weights to try")
@@ -84,6 +84,8 @@ def main(args):
     info = runner.setup(args, SCRIPT_DEFAULTS)
     if args.pretrain_iters is None:
         args.pretrain_iters = PRETRAIN_DEFAULTS[args.dataset]
+    if args.crf_lr_mult is None:
+        args.crf_lr_mult = 1.0
     out = Path(args.out_dir)
     timer = runner.Timer()
     train_set, val_set, names = runner.make_sets(args)

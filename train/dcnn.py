@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=4 train/dcnn.py --dataset voc ...
 
 Loss: per-position cross-entropy of the stride-8 scores against the ground truth subsampled by 8
-(void ignored). VOC defaults: SGD momentum 0.9, weight decay 5e-4, lr 1e-3 (×10 on fc8),
+(void ignored; ``--dcnn-loss full`` compares the upsampled scores with the full labels). VOC defaults: SGD momentum 0.9, weight decay 5e-4, lr 1e-3 (×10 on fc8),
 ×0.1 every 2000 iterations, batch 20, 6000 iterations, 321×321 crops of randomly scaled,
 flipped images. Writes OUT/model.pt (for train/crf.py, train/joint.py --init, evaluate.py,
 segment.py), OUT/checkpoint.pt (for --resume), OUT/metrics.json, OUT/metrics.csv.
@@ -27,7 +27,7 @@ import models
 from train import engine, options, runner
 from train.checkpoint import load_training_state
 
-SCRIPT_DEFAULTS = {"synthetic": dict(iters=700, lr=2e-3), "voc": dict()}
+SCRIPT_DEFAULTS = {"synthetic": dict(), "voc": dict()}
 
 
 def get_args_parser(add_help=True):
@@ -41,8 +41,6 @@ def get_args_parser(add_help=True):
     options.add_optim_args(p)
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="start from the DCNN of this models checkpoint (fine-tuning)")
-    p.add_argument("--full-res-loss", action="store_true",
-                   help="cross-entropy on the upsampled scores instead of the stride-8 map")
     options.add_run_args(p, "runs/dcnn")
     return p
 
@@ -64,12 +62,8 @@ def main(args):
         state = load_training_state(args.resume, net)
         runner.check_resume_args(state.get("args", {}), args)
         runner.log(f"resuming {args.resume} at iteration {state['iteration']}")
-    loss = engine.dcnn_loss
-    if args.full_res_loss:
-        loss = lambda m, x, y: engine.dcnn_loss(m, x, y, full_resolution=True)
     summary = runner.train_dcnn(args, info, net, train_set, val_loader, logger, args.iters,
-                                out / "checkpoint.pt", resume_state=state, loss_fn=loss,
-                                stop_at=args.stop_at)
+                                out / "checkpoint.pt", resume_state=state, stop_at=args.stop_at)
     if summary["stopped"]:
         runner.log(f"stopped after iteration {args.stop_at}; continue with --resume {out / 'checkpoint.pt'}")
         return None

@@ -19,12 +19,14 @@ DEFAULTS = {
                 optimizer="sgd", lr_policy="step", lr_step=2000, crop_size=321, min_scale=0.5,
                 max_scale=1.5, workers=4, ckpt_every=500, eval_every=1000, eval_batch_size=1,
                 train_samples=None, val_samples=None, crf_preset="deeplab",
-                bands=[1, 2, 3, 4, 6, 8, 12, 16, 20, 30, 40], dropout=0.5),
-    "synthetic": dict(width=0.125, image_size=64, num_classes=6, batch_size=8, iters=400, lr=2e-3,
+                bands=[1, 2, 3, 4, 6, 8, 12, 16, 20, 30, 40], dropout=0.5, dcnn_loss="coarse",
+                classifier_lr_mult=10.0),
+    "synthetic": dict(width=0.125, image_size=64, num_classes=4, batch_size=8, iters=1500, lr=1e-3,
                       optimizer="adam", lr_policy="poly", lr_step=1000, crop_size=0, min_scale=1.0,
-                      max_scale=1.0, workers=0, ckpt_every=100, eval_every=0, eval_batch_size=16,
-                      train_samples=1024, val_samples=48, crf_preset="synthetic",
-                      bands=[1, 2, 3, 4, 6, 8, 12], dropout=0.1),
+                      max_scale=1.0, workers=0, ckpt_every=100, eval_every=0, eval_batch_size=20,
+                      train_samples=1024, val_samples=100, crf_preset="synthetic",
+                      bands=[1, 2, 3, 4, 6, 8, 12], dropout=0.0, dcnn_loss="full",
+                      classifier_lr_mult=1.0),
 }
 
 # CRF parameters: (bilateral sigma_xy, sigma_rgb, weight), (spatial sigma_xy, weight).
@@ -33,8 +35,9 @@ CRF_PRESETS = {
     "deeplab": dict(bilateral=(121.0, 5.0, 4.0), spatial=(3.0, 3.0)),
     # CRF-RNN's defaults.
     "crfasrnn": dict(bilateral=(160.0, 3.0, 5.0), spatial=(3.0, 3.0)),
-    # Small images with flat, strongly coloured objects (the synthetic set).
-    "synthetic": dict(bilateral=(20.0, 12.0, 5.0), spatial=(3.0, 3.0)),
+    # Small images with flat, strongly coloured objects (the synthetic set): the best point of a
+    # grid (w1 3/5/10, sigma_alpha 10/20/40, sigma_beta 6/12/24) on stride-8-blurred ground truth.
+    "synthetic": dict(bilateral=(40.0, 24.0, 10.0), spatial=(3.0, 3.0)),
 }
 
 
@@ -50,12 +53,12 @@ def add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--train-split", default="train", help="VOC ImageSets/Segmentation list to train on")
     g.add_argument("--val-split", default="val", help="VOC list to evaluate on")
     g.add_argument("--num-classes", type=int, default=None,
-                   help="classes incl. background (VOC: 21; synthetic default 6)")
+                   help="classes incl. background (VOC: 21; synthetic default 4)")
     g.add_argument("--image-size", type=int, default=None, help="synthetic image side in pixels (default 64)")
     g.add_argument("--train-samples", type=int, default=None,
                    help="training set size (synthetic default 1024; VOC: first N of the split)")
     g.add_argument("--val-samples", type=int, default=None,
-                   help="evaluation set size (synthetic default 48; VOC: first N of the split, default all)")
+                   help="evaluation set size (synthetic default 100; VOC: first N of the split, default all)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset")
     g.add_argument("--crop-size", type=int, default=None, help="training crop (VOC: 321; 0 = no crop)")
     g.add_argument("--min-scale", type=float, default=None, help="random scale lower bound (VOC 0.5)")
@@ -72,7 +75,7 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--width", type=float, default=None,
                    help="channel multiplier of the VGG-16 (VOC 1.0; synthetic 0.125)")
     g.add_argument("--msc", action="store_true", help="add the multi-scale (MSc) heads")
-    g.add_argument("--dropout", type=float, default=None, help="dropout after fc6/fc7 (VOC 0.5)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout after fc6/fc7 (VOC 0.5, synthetic 0)")
     g.add_argument("--vgg-weights", default=None,
                    help="torchvision VGG-16 state dict (.pth) to initialise the backbone (ImageNet)")
     return g
@@ -82,15 +85,16 @@ def add_crf_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("CRF")
     g.add_argument("--crf-preset", default=None, choices=sorted(CRF_PRESETS),
                    help="initial CRF parameters: deeplab (w1 4, sα 121, sβ 5, w2 3, sγ 3; VOC default), "
-                        "crfasrnn (5, 160, 3, 3, 3) or synthetic (5, 20, 12, 3, 3)")
+                        "crfasrnn (5, 160, 3, 3, 3) or synthetic (10, 40, 24, 3, 3)")
     g.add_argument("--bilateral", type=float, nargs=3, metavar=("SXY", "SRGB", "W"), default=None,
                    help="bilateral kernel: sigma_alpha (px), sigma_beta (0..255 colour), weight w1")
     g.add_argument("--spatial", type=float, nargs=2, metavar=("SXY", "W"), default=None,
                    help="spatial kernel: sigma_gamma (px), weight w2")
     g.add_argument("--crf-iters", type=int, default=5, help="mean-field iterations in training (CRF-RNN: 5)")
     g.add_argument("--crf-eval-iters", type=int, default=10, help="mean-field iterations at evaluation (10)")
-    g.add_argument("--crf-lr-mult", type=float, default=1.0,
-                   help="lr multiplier of the CRF's kernel weights and compatibility matrix")
+    g.add_argument("--crf-lr-mult", type=float, default=None,
+                   help="lr multiplier of the CRF's kernel weights and compatibility matrix "
+                        "(joint.py: synthetic 10, VOC 1; crf.py: 1)")
     g.add_argument("--crf-weight-decay", type=float, default=0.0,
                    help="weight decay of the CRF parameters (0: decay would shrink the Potts start)")
     return g
@@ -107,12 +111,17 @@ def add_optim_args(p: argparse.ArgumentParser):
                         "from-scratch tiny net fast)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--classifier-lr-mult", type=float, default=10.0, help="lr multiplier of fc8 (10)")
+    g.add_argument("--classifier-lr-mult", type=float, default=None,
+                   help="lr multiplier of fc8 (VOC 10 as in the paper; synthetic 1: Adam needs none)")
     g.add_argument("--lr-policy", default=None, choices=("step", "poly"),
                    help="step: ×--lr-gamma every --lr-step iterations (VOC); poly: (1-it/max)^--poly-power")
     g.add_argument("--lr-step", type=int, default=None, help="step policy period (VOC 2000)")
     g.add_argument("--lr-gamma", type=float, default=0.1)
     g.add_argument("--poly-power", type=float, default=0.9)
+    g.add_argument("--dcnn-loss", default=None, choices=("coarse", "full"),
+                   help="DCNN-stage loss: coarse = on the stride-8 scores vs labels subsampled by 8 (the "
+                        "paper, VOC default); full = on the upsampled scores (synthetic default: its "
+                        "64-px images give only 8x8 score maps)")
     g.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     return g
 
@@ -134,6 +143,10 @@ def add_run_args(p: argparse.ArgumentParser, out_dir: str):
     g.add_argument("--bands", type=float, nargs="+", default=None,
                    help="trimap band widths (px) for the boundary accuracy")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (0: PyTorch's choice). Default on CPU: 1 for the "
+                        "synthetic set, whose tiny convolutions gain little from more and lose 5-20x "
+                        "when the cores are shared with other work; PyTorch's choice otherwise")
     g.add_argument("--stop-at", type=int, default=None, metavar="ITER",
                    help="end after this iteration of the (last) training stage, checkpointed, as if "
                         "killed there; continue later with --resume OUT/checkpoint.pt")

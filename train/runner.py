@@ -34,8 +34,14 @@ def setup(args, overrides=None):
     finalize(args, overrides)
     info = dist_utils.init_distributed(args.device)
     engine.seed_everything(args.seed, info.rank)
-    if info.world_size > 1 and info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    threads = getattr(args, "threads", None)
+    if threads is None and info.device.type == "cpu":
+        if args.dataset == "synthetic":
+            threads = 1
+        elif info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            threads = max(1, (os.cpu_count() or 1) // info.world_size)
+    if threads:
+        torch.set_num_threads(threads)
     if info.is_main:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     return info
@@ -78,13 +84,16 @@ def periodic_eval(args, model, val_loader, info, prefix=""):
 
 
 def train_dcnn(args, info, net, train_set, val_loader, logger, iters: int, ckpt_path,
-               resume_state: dict | None = None, lr=None, loss_fn=engine.dcnn_loss, stop_at=None):
+               resume_state: dict | None = None, lr=None, loss_fn=None, stop_at=None):
     """Stage 1: train a DeepLab alone (DeepLab's loss on the stride-8 scores).
 
     ``resume_state``: the dict :func:`train.checkpoint.load_training_state` returned for a
     checkpoint of this stage (its weights are already in ``net``), or None for a fresh start.
     Returns the loop summary.
     """
+    if loss_fn is None:
+        full = getattr(args, "dcnn_loss", "coarse") == "full"
+        loss_fn = lambda m, x, y: engine.dcnn_loss(m, x, y, full_resolution=full)  # noqa: E731
     model = dist_utils.wrap_ddp(net, info)
     opt = engine.build_optimizer(net, name=args.optimizer, lr=args.lr if lr is None else lr,
                                  momentum=args.momentum, weight_decay=args.weight_decay,
