@@ -216,3 +216,25 @@ def test_amp_run_on_cpu_uses_bfloat16_and_finishes(tmp_path):
     assert 0 <= res["dcnn"]["miou"] <= 1
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert np.isfinite(m["train"]["loss"])
+
+
+def test_voc_training_on_a_written_folder_and_evaluation_on_shared_images(tmp_path, request):
+    """The VOC path end to end: train on a VOCdevkit folder the test writes (paper's transforms:
+    random scale, crop with 255 fill, flip), then evaluate on the shared VOC images if present."""
+    from test_train_data import make_voc
+
+    make_voc(tmp_path / "voc", ids_train=("t1", "t2", "t3", "t4"), ids_val=("v1", "v2"), size=(50, 70))
+    out = tmp_path / "run"
+    res = run(dcnn_script, ["--dataset", "voc", "--data-root", str(tmp_path / "voc"), "--width", "0.03125",
+                            "--iters", "2", "--batch-size", "2", "--crop-size", "41", "--workers", "0",
+                            "--eval-batch-size", "2", "--no-progress", "--bands", "2", "--out-dir", str(out)])
+    conf = np.array(res["dcnn"]["confusion"])
+    assert conf.shape == (21, 21)
+    assert conf.sum() == 2 * 49 * 70          # the val images' non-void pixels (row 0 is void)
+    shared = request.getfixturevalue("shared_data")
+    res = run(evaluate_script, ["--checkpoint", str(out / "model.pt"), "--dataset", "voc", "--data-root",
+                                str(shared), "--val-samples", "2", "--crf-preset", "deeplab", "--crf-eval-iters",
+                                "2", "--bands", "4", "--workers", "0", "--no-progress",
+                                "--out-dir", str(tmp_path / "eval")])
+    assert set(res) == {"dcnn", "crf"}
+    assert len(res["crf"]["per_class_iou"]) == 21 and "aeroplane" in res["crf"]["per_class_iou"]

@@ -8,6 +8,7 @@ finishes on two CPU cores in minutes.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -17,7 +18,7 @@ from .data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_dataset
 DEFAULTS = {
     "voc": dict(width=1.0, image_size=None, num_classes=21, batch_size=20, iters=6000, lr=1e-3,
                 optimizer="sgd", lr_policy="step", lr_step=2000, crop_size=321, min_scale=0.5,
-                max_scale=1.5, workers=4, ckpt_every=500, eval_every=1000, eval_batch_size=1,
+                max_scale=1.5, workers=min(4, os.cpu_count() or 1), ckpt_every=500, eval_every=1000, eval_batch_size=1,
                 train_samples=None, val_samples=None, crf_preset="deeplab",
                 bands=[1, 2, 3, 4, 6, 8, 12, 16, 20, 30, 40], dropout=0.5, dcnn_loss="coarse",
                 classifier_lr_mult=10.0),
