@@ -202,10 +202,7 @@ def build_crf(args):
               num_eval_iterations=int(args.crf_eval_iters),
               bilateral=[float(sxy), float(srgb), float(w1)], spatial=[float(gxy), float(w2)],
               image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
-    crf = crfrnn.CRFRNNLayer(**kw)
-    if not isinstance(getattr(crf, "config", None), dict) and not callable(getattr(crf, "config", None)):
-        crf.config = kw  # what models.save_checkpoint needs to rebuild the layer
-    return crf
+    return crfrnn.CRFRNNLayer(**kw)
 
 
 def build_net(args):
