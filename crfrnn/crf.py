@@ -30,14 +30,12 @@ Conventions, and how they relate to Krähenbühl's densecrf (the test oracle):
 - Features: (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) with x the column and y the row and colours
   in 0..255, as densecrf's addPairwiseBilateral; (x/sxy, y/sxy) for the spatial kernel.
 """
-import copy
 import math
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 
-from . import lattice as _lattice
 from .lattice import NORMALIZATIONS, Lattice, bilateral_features, spatial_features
 
 __all__ = ["CRFRNNLayer", "mean_field", "build_crf_lattices", "potts_matrices",
@@ -109,38 +107,12 @@ def build_crf_lattices(image, bilateral, spatial, backend="auto"):
     return lat_bil, lat_spa
 
 
-class _Kernel:
-    """One kernel's normalised filter, K_m(Q), as `kernel(values)`.
-
-    For "symmetric" on a `Lattice`, n K(n v) (n = 1/sqrt(K 1)) is the raw lattice filter with the
-    barycentric weights pre-multiplied by n: the splat weight of point j becomes w_j n_j and the
-    slice weight of point i becomes w_i n_i. Scaling the weights once per forward spares the two
-    per-call multiplications by n (which cost more than the filter itself for C = 21 on a CPU).
-    The op's backward (the reverse-order filter with the same weights) stays the exact adjoint.
-    Anything else goes through `lat.filter(values, normalize)`.
-    """
-
-    def __init__(self, lat, normalize, dtype):
-        self.normalize = normalize
-        self.lat = lat
-        if normalize == "symmetric" and isinstance(lat, _lattice.Lattice) and not lat.per_pixel:
-            with torch.no_grad():
-                ones = torch.ones(lat.batch_size, lat.num_points, 1, dtype=dtype, device=lat.device)
-                norm = torch.rsqrt(lat.filter(ones, normalize="none").reshape(-1, 1) + 1e-20)
-                scaled = copy.copy(lat)  # shares the integer tables; only the weights differ
-                scaled.weights = (lat.weights.to(dtype) * norm).contiguous()
-            self.lat, self.normalize = scaled, "none"
-
-    def __call__(self, values):
-        return self.lat.filter(values, normalize=self.normalize)
-
-
-def _message_logits(q, unary, kernels, pairwise):
+def _message_logits(q, unary, lattices, pairwise, normalize):
     """L = U - sum_m (mu W_m) K_m(Q), on Tensor[N, P, C] (channels last)."""
     n, p, c = q.shape
     logits = None
-    for kernel, mat in zip(kernels, pairwise):
-        msg = kernel(q).reshape(n * p, c)
+    for lat, mat in zip(lattices, pairwise):
+        msg = lat.filter(q, normalize=normalize).reshape(n * p, c)
         # 1x1 convolution as a matmul: out[i, l] -= sum_l' mat[l, l'] msg[i, l']. The first
         # kernel's addmm makes the output (one copy of U), the others accumulate into it in place.
         if logits is None:
@@ -150,8 +122,8 @@ def _message_logits(q, unary, kernels, pairwise):
     return logits.reshape(n, p, c)
 
 
-def _iteration(q, unary, kernels, pairwise):
-    logits = _message_logits(q, unary, kernels, pairwise)
+def _iteration(q, unary, lattices, pairwise, normalize):
+    logits = _message_logits(q, unary, lattices, pairwise, normalize)
     return logits, torch.softmax(logits, dim=-1)
 
 
@@ -175,15 +147,14 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
         unary.requires_grad or any(m.requires_grad for m in pairwise))
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    kernels = [_Kernel(lat, normalize, unary.dtype) for lat in lattices]
     q = torch.softmax(unary, dim=-1)
     logits = unary
     for _ in range(num_iterations):
         if use_ckpt:
-            logits, q = torch_checkpoint.checkpoint(_iteration, q, unary, kernels, pairwise,
-                                                    use_reentrant=False)
+            logits, q = torch_checkpoint.checkpoint(_iteration, q, unary, lattices, pairwise,
+                                                    normalize, use_reentrant=False)
         else:
-            logits, q = _iteration(q, unary, kernels, pairwise)
+            logits, q = _iteration(q, unary, lattices, pairwise, normalize)
     return logits
 
 

@@ -425,17 +425,3 @@ def test_config_rebuilds_the_layer():
     torch.testing.assert_close(again.eval()(unary, x), crf.eval()(unary, x))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("normalize", ["symmetric", "after", "none"])
-def test_prescaled_kernel_equals_the_lattice_filter(backend, dtype, normalize):
-    """The layer's kernel (symmetric: n folded into the weights) is Lattice.filter, values and grads."""
-    from crfrnn.crf import _Kernel
-    _, image = make_inputs(n=2, h=9, w=7)
-    lat = build_crf_lattices(image.float(), (2.0, 40.0), (1.5,), backend=backend)[0]
-    v = torch.rand(2, 63, 4, dtype=dtype, requires_grad=True)
-    out = _Kernel(lat, normalize, dtype)(v)
-    ref = lat.filter(v, normalize=normalize)
-    torch.testing.assert_close(out, ref)
-    g = torch.rand_like(ref)
-    torch.testing.assert_close(torch.autograd.grad(out, v, g)[0], torch.autograd.grad(ref, v, g)[0])

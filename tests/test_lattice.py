@@ -369,3 +369,18 @@ def test_missing_extension_falls_back_to_reference_with_one_warning():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "reference", "False", "(1,", "2,", "5,", "4)"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_filter_is_n_times_raw_filter_of_n_times_values(backend, dtype):
+    """"symmetric" folds n = 1/sqrt(K 1) into the weights: check it against n K(n v) literally,
+    values and gradients."""
+    lat = crfrnn.Lattice(random_points(2, 60, 3, dtype=dtype), backend=backend)
+    v = torch.rand(2, 60, 4, dtype=dtype, requires_grad=True)
+    n = torch.rsqrt(lat.filter(torch.ones(2, 60, 1, dtype=dtype)) + 1e-20)
+    literal = n * lat.filter(n * v)
+    folded = lat.filter(v, "symmetric")
+    torch.testing.assert_close(folded, literal)
+    g = torch.rand_like(literal)
+    torch.testing.assert_close(torch.autograd.grad(folded, v, g)[0], torch.autograd.grad(literal, v, g)[0])
