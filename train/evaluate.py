@@ -11,13 +11,7 @@ A checkpoint without a CRF (train/dcnn.py) is evaluated with a CRF built from --
 (accuracy vs band width, DCNN and DCNN + CRF) and OUT/examples.png.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
-    import os as _os
-    import sys as _sys
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    if _sys.path and _os.path.abspath(_sys.path[0] or ".") == _here:
-        _sys.path[0] = _os.path.dirname(_here)   # train/*.py must not shadow top-level modules
-    else:
-        _sys.path.insert(0, _os.path.dirname(_here))
+    import _repo_path  # noqa: F401  (train/_repo_path.py)
 
 import argparse
 import os
