@@ -189,6 +189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   return {vertex_index, weights, neighbors, splat_offsets, splat_entries};
 }
 
+// Filter buffers up to this size are kept per thread between calls (see filter_cpu_impl).
+constexpr size_t kReusedBytes = size_t{64} << 20;
 // How many iterations ahead the blur and slice prefetch the rows they will gather.
 constexpr int64_t kPrefetch = 8;
 #if defined(__GNUC__) || defined(__clang__)
@@ -200,11 +202,16 @@ constexpr int64_t kPrefetch = 8;
 template <typename T>
 void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,
                      const int* nb, int64_t m, bool reverse, T* out) {
-  // Two (M+1) x C buffers; row M is the zero row that missing neighbours point at. They are
-  // kept per thread between calls: the mean-field loop filters the same lattice dozens of times,
-  // and fresh multi-megabyte buffers cost as much in page faults as the blur itself.
-  thread_local std::vector<T> grid_buffer, next_buffer;
+  // Two (M+1) x C buffers; row M is the zero row that missing neighbours point at. Up to
+  // kReusedBytes they are kept per thread between calls: the mean-field loop filters the same
+  // lattice dozens of times, and fresh multi-megabyte buffers cost as much in page faults as the
+  // blur itself. Larger ones are allocated per call, so no thread holds gigabytes afterwards.
+  thread_local std::vector<T> kept_grid, kept_next;
+  std::vector<T> own_grid, own_next;
   const size_t size = static_cast<size_t>((m + 1) * c);
+  const bool reuse = size * sizeof(T) <= kReusedBytes;
+  std::vector<T>& grid_buffer = reuse ? kept_grid : own_grid;
+  std::vector<T>& next_buffer = reuse ? kept_next : own_next;
   if (grid_buffer.size() < size) { grid_buffer.resize(size); next_buffer.resize(size); }
   T* grid = grid_buffer.data();
   T* next = next_buffer.data();
@@ -218,7 +225,9 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
   const int64_t channel_block = std::max<int64_t>(1, (c + at::get_num_threads() - 1) / at::get_num_threads());
   at::parallel_for(0, c, channel_block, [&](int64_t c0, int64_t c1) {
     const int64_t width = c1 - c0;
-    thread_local std::vector<T> part;  // reused between calls, as the grids below
+    thread_local std::vector<T> kept_part;  // reused between calls, as the grids below
+    std::vector<T> own_part;
+    std::vector<T>& part = m * width * sizeof(T) <= kReusedBytes ? kept_part : own_part;
     part.assign(m * width, T(0));
     for (int64_t p = 0; p < num_points; ++p) {
       const T* src = values + p * c + c0;
