@@ -7,7 +7,7 @@ same device (and, with --device cuda, the C++ backend on the CPU), with ratios. 
 Gaussian filter is timed on a crop, with the lattice's relative error against it.
 
     python bench/lattice.py                      # CPU
-    python bench/lattice.py --device cuda --batch 1 8 --json gpu.json
+    python bench/lattice.py --device cuda --json gpu.json     # batch 1 and 8
 """
 import argparse
 import resource
@@ -26,7 +26,8 @@ def get_args_parser():
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--channels", type=int, default=21, help="channels C of the filtered values")
-    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to time (default: 1)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch sizes to time (default: 1 on the CPU, 1 and 8 on CUDA)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     p.add_argument("--crop", type=int, default=64, help="side of the crop for the exact filter")
     p.add_argument("--skip-reference", action="store_true", help="do not time the (slow) reference")
@@ -69,6 +70,8 @@ def main(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but no CUDA GPU is visible")
+    if args.batch is None:
+        args.batch = [1, 8] if device.type == "cuda" else [1]
     image, source = load_rgb()
     print(f"image: {source}, {image.shape[3]}x{image.shape[2]}, C = {args.channels}, {environment(device)}")
     rows, ratios, exact_rows = [], [], []
