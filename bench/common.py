@@ -57,7 +57,7 @@ def print_table(title, rows, columns):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     print(f"\n{title}")
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
