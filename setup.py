@@ -36,9 +36,11 @@ def want_cuda() -> bool:
 def extension():
     sources = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     # -ffp-contract=off: no fused multiply-add (GCC contracts by default on aarch64), so the
-    # lattice arithmetic rounds as in the reference and the CUDA build. The C++ standard is the
-    # one torch.utils.cpp_extension picks for this torch.
-    cxx = ["-O3", "-ffp-contract=off"]
+    # lattice arithmetic rounds as in the reference and the CUDA build. -fno-trapping-math
+    # changes no value (nothing here reads the floating-point exception flags); it lets GCC
+    # vectorise loops with float comparisons, such as the clamp of the softmax's exp. The C++
+    # standard is the one torch.utils.cpp_extension picks for this torch.
+    cxx = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")  # at::parallel_for runs on OpenMP threads

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 
+from . import ops
 from .lattice import NORMALIZATIONS, Lattice, bilateral_features, spatial_features
 
 __all__ = ["CRFRNNLayer", "mean_field", "build_crf_lattices", "potts_matrices",
@@ -127,6 +128,27 @@ def _iteration(q, unary, lattices, pairwise, normalize):
     return logits, torch.softmax(logits, dim=-1)
 
 
+def _can_fuse(unary, lattices, pairwise):
+    """Whether the fused inference op can run these iterations: no gradient is wanted, and the
+    lattices are the C++ backend's (the op is CPU-only and has no autograd)."""
+    wants_grad = torch.is_grad_enabled() and (
+        unary.requires_grad or any(m.requires_grad for m in pairwise))
+    return (not wants_grad and unary.device.type in ops.FUSED_MEAN_FIELD_DEVICE_TYPES
+            and unary.dtype in (torch.float32, torch.float64)
+            and all(getattr(lat, "backend", None) == "native" for lat in lattices))
+
+
+def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize):
+    """All iterations in one call of crfrnn::mean_field_inference (see csrc/cpu/mean_field_cpu.cpp)."""
+    n, p, c = unary.shape
+    splat_weights, slice_weights = zip(*(lat.filter_weights(normalize, unary.dtype) for lat in lattices))
+    logits = torch.ops.crfrnn.mean_field_inference(
+        unary.reshape(n * p, c), [lat.vertex_index for lat in lattices], list(splat_weights),
+        list(slice_weights), [lat.neighbors for lat in lattices],
+        [m.detach().to(unary.dtype) for m in pairwise], num_iterations)
+    return logits.reshape(n, p, c)
+
+
 def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False):
     """Run `num_iterations` mean-field iterations on prebuilt lattices (channels last).
 
@@ -138,6 +160,12 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
         normalize (str): kernel normalisation, see `Lattice.filter`.
         checkpoint (bool): recompute each iteration in backward instead of storing its
             intermediates (keeps one Tensor[N, P, C] per iteration).
+
+    When no gradient is wanted and the lattices are the C++ backend's, all iterations run in
+    one fused op (``crfrnn::mean_field_inference``), which applies the C x C matrices on the
+    lattice vertices before the slice; the result equals the step-by-step loop up to float
+    rounding.
+
     Returns:
         Tensor[N, P, C]: the logits L of the last iteration (Q = softmax(L)).
     """
@@ -147,6 +175,8 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
         unary.requires_grad or any(m.requires_grad for m in pairwise))
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if _can_fuse(unary, lattices, pairwise):
+        return _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize)
     q = torch.softmax(unary, dim=-1)
     logits = unary
     for _ in range(num_iterations):

@@ -122,7 +122,8 @@ class Lattice:
         return self.weights if self.weights.dtype == dtype else self._cached(("weights", dtype))
 
     def _cached(self, key):
-        """Per-dtype constants of the lattice, computed once: ("weights" | "norm" | "symmetric", dtype)."""
+        """Per-dtype constants of the lattice, computed once:
+        ("weights" | "norm" | "after" | "symmetric", dtype)."""
         if key not in self._cache:
             kind, dtype = key
             if kind == "weights":
@@ -130,10 +131,27 @@ class Lattice:
             elif kind == "norm":  # the filter's response to all-ones, Tensor[N*P, 1]
                 ones = torch.ones(self.batch_size * self.num_points, 1, device=self.device, dtype=dtype)
                 value = self._raw(ones)
+            elif kind == "after":  # barycentric weights over K 1: slice weights of "after"
+                value = (self._weights(dtype) / (self._cached(("norm", dtype)) + 1e-20)).contiguous()
             else:  # barycentric weights times n = 1/sqrt(K 1), see `filter`
                 value = (self._weights(dtype) * torch.rsqrt(self._cached(("norm", dtype)) + 1e-20)).contiguous()
             self._cache[key] = value
         return self._cache[key]
+
+    def filter_weights(self, normalize: str, dtype: torch.dtype):
+        """(splat weights, slice weights), Tensor[N*P, d+1] each, with which the raw filter
+        computes `filter(values, normalize)`, up to the slice's constant scale
+        ``blur_alpha(d)``: "none" (w, w), "after" (w, w / K1), "symmetric" (n w, n w).
+        For fused kernels (``crfrnn::mean_field_inference``); dtype float32 or float64."""
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if normalize == "none":
+            weights = self._weights(dtype)
+            return weights, weights
+        if normalize == "after":
+            return self._weights(dtype), self._cached(("after", dtype))
+        weights = self._cached(("symmetric", dtype))
+        return weights, weights
 
     def filter(self, values: torch.Tensor, normalize: str = "none") -> torch.Tensor:
         """Gaussian-filter `values` over the lattice.

@@ -110,6 +110,23 @@ _register("crfrnn::build_lattice_ref", "crfrnn::lattice_filter_ref")
 if EXTENSION_ERROR is None:
     _register("crfrnn::build_lattice", "crfrnn::lattice_filter")
 
+    @torch.library.register_fake("crfrnn::mean_field_inference")
+    def _mean_field_fake(unary, vertex_index, splat_weights, slice_weights, neighbors, pairwise,
+                         iterations):
+        return torch.empty_like(unary)
+
+
+def _fused_device_types():
+    if EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "crfrnn::mean_field_inference", "CPU"):
+        return frozenset({"cpu"})
+    return frozenset()
+
+
+#: Device types with the fused mean-field inference op (``crfrnn::mean_field_inference``, no
+#: autograd): the C++ backend only; CUDA runs the iterations as separate ops.
+FUSED_MEAN_FIELD_DEVICE_TYPES = _fused_device_types()
+
 
 def ops_for(backend: str, device: torch.device):
     """(build op, filter op) for a backend name ("auto", "reference", "native") and device."""

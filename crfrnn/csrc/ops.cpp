@@ -1,6 +1,6 @@
 // Op schemas of the crfrnn extension and the Python module stub.
 //
-// Kernels are registered per device in cpu/lattice_cpu.cpp and cuda/lattice_cuda.cpp; fake
+// Kernels are registered per device in cpu/*.cpp and cuda/lattice_cuda.cpp; fake
 // kernels and autograd are registered from Python (crfrnn/ops.py).
 #include <Python.h>
 #include <torch/library.h>
@@ -21,4 +21,10 @@ TORCH_LIBRARY(crfrnn, m) {
   // values [N*P, C] -> [N*P, C]: slice(blur(splat(values))), blur order reversed if `reverse`.
   m.def("lattice_filter(Tensor values, Tensor vertex_index, Tensor weights, Tensor neighbors, "
         "Tensor splat_offsets, Tensor splat_entries, bool reverse) -> Tensor");
+  // Mean-field inference, all iterations fused (CPU only, no autograd): unary [N*P, C] and per
+  // kernel a lattice (vertex_index, neighbors), the splat and slice weights with the kernel's
+  // normalisation folded in, and its C x C pairwise matrix -> the last iteration's logits
+  // [N*P, C]: L = U - sum_m K_m(Q) A_m^T, Q = softmax(L), from Q = softmax(U).
+  m.def("mean_field_inference(Tensor unary, Tensor[] vertex_index, Tensor[] splat_weights, "
+        "Tensor[] slice_weights, Tensor[] neighbors, Tensor[] pairwise, int iterations) -> Tensor");
 }

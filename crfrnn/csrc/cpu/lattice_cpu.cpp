@@ -12,6 +12,7 @@
 
 #include "../checks.h"
 #include "../lattice_math.h"
+#include "filter_steps.h"
 
 namespace crfrnn {
 namespace {
@@ -189,23 +190,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   return {vertex_index, weights, neighbors, splat_offsets, splat_entries};
 }
 
-// Filter buffers up to this size are kept per thread between calls (see filter_cpu_impl).
-constexpr size_t kReusedBytes = size_t{64} << 20;
-// How many iterations ahead the blur and slice prefetch the rows they will gather.
-constexpr int64_t kPrefetch = 8;
-#if defined(__GNUC__) || defined(__clang__)
-#define CRFRNN_PREFETCH(address) __builtin_prefetch(address)
-#else
-#define CRFRNN_PREFETCH(address) ((void)0)
-#endif
-
 template <typename T>
 void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,
                      const int* nb, int64_t m, bool reverse, T* out) {
-  // Two (M+1) x C buffers; row M is the zero row that missing neighbours point at. Up to
-  // kReusedBytes they are kept per thread between calls: the mean-field loop filters the same
-  // lattice dozens of times, and fresh multi-megabyte buffers cost as much in page faults as the
-  // blur itself. Larger ones are allocated per call, so no thread holds gigabytes afterwards.
+  // Two (M+1) x C grids, kept per thread between calls up to kReusedBytes (filter_steps.h).
   thread_local std::vector<T> kept_grid, kept_next;
   std::vector<T> own_grid, own_next;
   const size_t size = static_cast<size_t>((m + 1) * c);
@@ -213,55 +201,10 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
   std::vector<T>& grid_buffer = reuse ? kept_grid : own_grid;
   std::vector<T>& next_buffer = reuse ? kept_next : own_next;
   if (grid_buffer.size() < size) { grid_buffer.resize(size); next_buffer.resize(size); }
-  T* grid = grid_buffer.data();
   T* next = next_buffer.data();
   std::fill(next + m * c, next + (m + 1) * c, T(0));  // the zero row (every other row is written)
-
-  // Splat: each point's value, weighted, into its d+1 vertices, in point order. Threads split
-  // the channels, not the points, so every sum runs in increasing entry order whatever the
-  // thread count: the same bits as the vertex -> entries gather of the CUDA backend, with a
-  // streaming read of the values. Each thread accumulates its channels in a grid of its own
-  // (no false sharing of cache lines), copied into the shared grid at the end.
-  const int64_t channel_block = std::max<int64_t>(1, (c + at::get_num_threads() - 1) / at::get_num_threads());
-  at::parallel_for(0, c, channel_block, [&](int64_t c0, int64_t c1) {
-    const int64_t width = c1 - c0;
-    thread_local std::vector<T> kept_part;  // reused between calls, as the grids below
-    std::vector<T> own_part;
-    std::vector<T>& part = m * width * sizeof(T) <= kReusedBytes ? kept_part : own_part;
-    part.assign(m * width, T(0));
-    for (int64_t p = 0; p < num_points; ++p) {
-      const T* src = values + p * c + c0;
-      for (int r = 0; r < d1; ++r) {
-        const T wt = w[p * d1 + r];
-        T* row = part.data() + static_cast<int64_t>(vi[p * d1 + r]) * width;
-        for (int64_t k = 0; k < width; ++k) row[k] += wt * src[k];
-      }
-    }
-    for (int64_t v = 0; v < m; ++v) {
-      std::copy(part.data() + v * width, part.data() + (v + 1) * width, grid + v * c + c0);
-    }
-  });
-  std::fill(grid + m * c, grid + (m + 1) * c, T(0));
-
-  // Blur along each lattice direction with [0.5, 1, 0.5]; reversed order gives the adjoint.
-  for (int step = 0; step < d1; ++step) {
-    const int j = reverse ? d1 - 1 - step : step;
-    const int* nbj = nb + static_cast<int64_t>(j) * m * 2;
-    at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
-      for (int64_t v = lo; v < hi; ++v) {
-        if (v + kPrefetch < hi) {  // neighbour rows are scattered: fetch them ahead
-          CRFRNN_PREFETCH(grid + static_cast<int64_t>(nbj[2 * (v + kPrefetch)]) * c);
-          CRFRNN_PREFETCH(grid + static_cast<int64_t>(nbj[2 * (v + kPrefetch) + 1]) * c);
-        }
-        const T* self = grid + v * c;
-        const T* a = grid + static_cast<int64_t>(nbj[2 * v]) * c;
-        const T* b = grid + static_cast<int64_t>(nbj[2 * v + 1]) * c;
-        T* dst = next + v * c;
-        for (int64_t k = 0; k < c; ++k) dst[k] = self[k] + T(0.5) * (a[k] + b[k]);
-      }
-    });
-    std::swap(grid, next);
-  }
+  splat_points(values, num_points, c, vi, w, d1, m, grid_buffer.data());
+  const T* grid = blur_grid(grid_buffer.data(), next, nb, m, c, d1, reverse);
 
   // Slice: barycentric interpolation of each point's d+1 vertices.
   const T alpha = static_cast<T>(blur_alpha(d1 - 1));
