@@ -34,8 +34,10 @@ class VertexTable {
   // Number of `key`, or -1.
   int find(const int* key) const { return slots_[probe(key, hash_key(key, key_len_))].id; }
 
-  int find_or_insert(const int* key) {
-    const uint64_t h = hash_key(key, key_len_);
+  int find_or_insert(const int* key) { return find_or_insert(key, hash_key(key, key_len_)); }
+
+  // Same, with h = hash_key(key, key_len) computed by the caller (in a parallel pass).
+  int find_or_insert(const int* key, uint64_t h) {
     const uint64_t i = probe(key, h);
     if (slots_[i].id >= 0) return slots_[i].id;
     const int v = size();
@@ -89,9 +91,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   const int64_t num_points = num_images * per_image;
   const auto int_opts = features.options().dtype(at::kInt);
 
-  // Phase 1 (parallel): simplex (rem0, rank) and barycentric weights of every point, with the
-  // NaN/Inf and range checks of the features fused into the same pass.
-  std::vector<int> simplex(num_points * 2 * d1);
+  // Phase 1 (parallel): simplex (rem0, rank), its key's hash and the barycentric weights of
+  // every point, with the NaN/Inf and range checks of the features fused into the same pass.
+  // A simplex key is (image, rem0[0..d], rank[0..d]).
+  const int simplex_key_len = 2 * d1 + 1;
+  std::vector<int> simplex(num_points * simplex_key_len);
+  std::vector<uint64_t> simplex_hash(num_points);
   const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
   at::Tensor weights = at::empty({num_points, d1}, features.options().dtype(low_precision ? at::kFloat : features.scalar_type()));
   double* weights_double = weights.scalar_type() == at::kDouble ? weights.data_ptr<double>() : nullptr;
@@ -116,9 +121,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
           skip |= !finite || std::fabs(x) > kMaxAbsFeature;
         }
         if (skip) continue;  // the build fails below; never embed (overflowing) garbage
-        int* s = simplex.data() + p * 2 * d1;
+        int* key = simplex.data() + p * simplex_key_len;
+        key[0] = static_cast<int>(p / per_image);
         double bary[kMaxDim + 1];
-        embed_point_scaled(fp, scale, d, s, s + d1, bary);
+        embed_point_scaled(fp, scale, d, key + 1, key + 1 + d1, bary);
+        simplex_hash[p] = hash_key(key, simplex_key_len);
         if (weights_double) std::copy(bary, bary + d1, weights_double + p * d1);
         else std::copy(bary, bary + d1, weights_float + p * d1);
       }
@@ -134,31 +141,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
                       ": is a bandwidth tiny or not applied?");
   }
 
-  // Phase 2 (serial, so vertex numbers are deterministic: first appearance in (point, corner)
-  // order, as the CUDA backend numbers them): hash every simplex, and the vertices of each new
-  // simplex. Many pixels share a simplex, so most points cost one lookup instead of d+1.
-  at::Tensor vertex_index = at::empty({num_points, d1}, int_opts);
-  int* vi = vertex_index.data_ptr<int>();
-  VertexTable table(d1, std::max<int64_t>(num_points / 4, 1));
-  VertexTable simplices(2 * d1 + 1, std::max<int64_t>(num_points / 4, 1));
-  std::vector<int> simplex_vertices;  // d+1 vertex numbers per simplex
-  int key[kMaxDim + 1], simplex_key[2 * kMaxDim + 3];
+  // Phase 2: number the simplices and their vertices in order of first appearance in (point,
+  // corner) order, as the CUDA backend numbers them, so numbering is deterministic. The table
+  // insertions are serial; the hashing and key arithmetic around them run in parallel. Many
+  // pixels share a simplex, so most points cost one lookup instead of d+1.
+  // 2a (serial): each point's simplex number, and the first point of each simplex.
+  VertexTable simplices(simplex_key_len, std::max<int64_t>(num_points / 4, 1));
+  std::vector<int> simplex_of_point(num_points);
+  std::vector<int64_t> first_point;
   for (int64_t p = 0; p < num_points; ++p) {
-    const int* s = simplex.data() + p * 2 * d1;
-    const int image = static_cast<int>(p / per_image);
-    simplex_key[0] = image;
-    std::copy(s, s + 2 * d1, simplex_key + 1);
     const int known = simplices.size();
-    const int id = simplices.find_or_insert(simplex_key);
-    if (id == known) {  // a new simplex: number its vertices
+    const int id = simplices.find_or_insert(simplex.data() + p * simplex_key_len, simplex_hash[p]);
+    if (id == known) first_point.push_back(p);
+    simplex_of_point[p] = id;
+  }
+  // 2b (parallel): the keys and hashes of each simplex's d+1 vertices.
+  const int64_t num_simplices = static_cast<int64_t>(first_point.size());
+  std::vector<int> vertex_keys(num_simplices * d1 * d1);
+  std::vector<uint64_t> vertex_hash(num_simplices * d1);
+  at::parallel_for(0, num_simplices, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int* key = simplex.data() + first_point[t] * simplex_key_len;
       for (int r = 0; r < d1; ++r) {
-        simplex_vertex_key(s, s + d1, d, r, image, key);
-        simplex_vertices.push_back(table.find_or_insert(key));
+        int* vertex_key = vertex_keys.data() + (t * d1 + r) * d1;
+        simplex_vertex_key(key + 1, key + 1 + d1, d, r, key[0], vertex_key);
+        vertex_hash[t * d1 + r] = hash_key(vertex_key, d1);
       }
     }
-    std::copy(simplex_vertices.begin() + static_cast<int64_t>(id) * d1,
-              simplex_vertices.begin() + static_cast<int64_t>(id + 1) * d1, vi + p * d1);
+  });
+  // 2c (serial): number the vertices.
+  VertexTable table(d1, std::max<int64_t>(num_points / 4, 1));
+  std::vector<int> simplex_vertices(num_simplices * d1);  // d+1 vertex numbers per simplex
+  for (int64_t j = 0; j < num_simplices * d1; ++j) {
+    simplex_vertices[j] = table.find_or_insert(vertex_keys.data() + j * d1, vertex_hash[j]);
   }
+  // 2d (parallel): each point's vertices.
+  at::Tensor vertex_index = at::empty({num_points, d1}, int_opts);
+  int* vi = vertex_index.data_ptr<int>();
+  at::parallel_for(0, num_points, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const int* from = simplex_vertices.data() + static_cast<int64_t>(simplex_of_point[p]) * d1;
+      std::copy(from, from + d1, vi + p * d1);
+    }
+  });
   const int64_t m = table.size();
 
   // Phase 3 (parallel, read-only lookups): blur neighbours; missing ones point at row M.
