@@ -261,6 +261,15 @@ def test_extreme_logits_do_not_nan():
     assert torch.isfinite(out).all()
 
 
+def test_huge_finite_logits_whose_sum_overflows_are_accepted():
+    """The NaN/Inf check sums the unary first; an overflowing sum of finite values is no error."""
+    unary, image = make_inputs(c=3, dtype=torch.float32)
+    unary[:, 0] = 3e38  # the sum is inf, every value is finite
+    out = CRFRNNLayer(3, **SMALL)(unary, image)
+    assert torch.isfinite(out).all()
+    assert (out.argmax(1) == 0).all()
+
+
 # ------------------------------------------------------------------------------------------
 # Errors
 
