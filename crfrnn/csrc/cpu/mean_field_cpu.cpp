@@ -52,6 +52,7 @@ struct Kernel {
   int d1;
   std::vector<T> transform;          // [cp, cp]: row j holds alpha * A[:, j]
   std::vector<T> grid, next, mixed;  // (M+1) x cp each; row M is the zero row
+  std::vector<T> partial;            // chunks x M x cp: the splat's partial grids
 };
 
 }  // namespace
