@@ -4,7 +4,7 @@ A real VOC image resized to 500x375, C = 21 coarse-unary logits (bench/voc_proto
 mean-field iterations with DeepLab-LargeFOV's kernels (w1 4, sigma_alpha 121, sigma_beta 5, w2 3,
 sigma_gamma 3; --params to change). Times, median of --repeats, lattice build included:
 
-- ours: forward (eval, no grad) and forward+backward (gradients to the unary and the C x C
+- ours: forward (eval, no grad: the fused C++ op on the CPU) and forward+backward (gradients to the unary and the C x C
   parameters), with and without --checkpoint-style recomputation, batch 1 and 4;
 - densecrf: DenseCRF2D.inference on the same input (one image after the other for a batch;
   single-threaded C++, CPU only), and the ratio densecrf / ours;
