@@ -128,12 +128,15 @@ def _iteration(q, unary, lattices, pairwise, normalize):
     return logits, torch.softmax(logits, dim=-1)
 
 
+def _wants_grad(unary, pairwise):
+    """Whether autograd will record the iterations (a gradient to the unary or the matrices)."""
+    return torch.is_grad_enabled() and (unary.requires_grad or any(m.requires_grad for m in pairwise))
+
+
 def _can_fuse(unary, lattices, pairwise):
     """Whether the fused inference op can run these iterations: no gradient is wanted, and the
     lattices are the C++ backend's (the op is CPU-only and has no autograd)."""
-    wants_grad = torch.is_grad_enabled() and (
-        unary.requires_grad or any(m.requires_grad for m in pairwise))
-    return (not wants_grad and unary.device.type in ops.FUSED_MEAN_FIELD_DEVICE_TYPES
+    return (not _wants_grad(unary, pairwise) and unary.device.type in ops.FUSED_MEAN_FIELD_DEVICE_TYPES
             and unary.dtype in (torch.float32, torch.float64)
             and all(getattr(lat, "backend", None) == "native" for lat in lattices))
 
@@ -171,8 +174,7 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     """
     if num_iterations == 0:
         return unary
-    use_ckpt = checkpoint and torch.is_grad_enabled() and (
-        unary.requires_grad or any(m.requires_grad for m in pairwise))
+    use_ckpt = checkpoint and _wants_grad(unary, pairwise)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if _can_fuse(unary, lattices, pairwise):
