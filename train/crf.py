@@ -21,8 +21,6 @@ if __package__ in (None, ""):  # run as a file: put the repository root first on
 
 import argparse
 import itertools
-import os
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -75,16 +73,12 @@ def get_args_parser(add_help=True):
 
 
 def main(args):
-    info = runner.setup(args, SCRIPT_DEFAULTS)
+    info, out, timer, train_set, val_set, names, val_loader, logger = runner.start_training(
+        args, SCRIPT_DEFAULTS)
     if args.pretrain_iters is None:
         args.pretrain_iters = PRETRAIN_DEFAULTS[args.dataset]
     if args.crf_lr_mult is None:
         args.crf_lr_mult = 1.0
-    out = Path(args.out_dir)
-    timer = runner.Timer()
-    train_set, val_set, names = runner.make_sets(args)
-    val_loader = engine.make_eval_loader(val_set, info, args.eval_batch_size, args.workers)
-    logger = engine.MetricLogger(out, tensorboard=args.log == "tensorboard", enabled=info.is_main)
     ckpt = out / "checkpoint.pt"
     resumed = runner.resume_info(args.resume) if args.resume else None
 

@@ -15,7 +15,6 @@ if __package__ in (None, ""):  # run as a file: put the repository root first on
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
 import argparse
-from pathlib import Path
 
 import models
 from train import engine, options, runner
@@ -40,12 +39,8 @@ def get_args_parser(add_help=True):
 
 
 def main(args):
-    info = runner.setup(args, SCRIPT_DEFAULTS)
-    out = Path(args.out_dir)
-    timer = runner.Timer()
-    train_set, val_set, names = runner.make_sets(args)
-    val_loader = engine.make_eval_loader(val_set, info, args.eval_batch_size, args.workers)
-    logger = engine.MetricLogger(out, tensorboard=args.log == "tensorboard", enabled=info.is_main)
+    info, out, timer, train_set, val_set, names, val_loader, logger = runner.start_training(
+        args, SCRIPT_DEFAULTS)
     if args.init:
         net, _ = runner.load_model(args.init)
     else:

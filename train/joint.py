@@ -71,18 +71,14 @@ def get_args_parser(add_help=True):
 
 
 def main(args):
-    info = runner.setup(args, SCRIPT_DEFAULTS)
+    info, out, timer, train_set, val_set, names, val_loader, logger = runner.start_training(
+        args, SCRIPT_DEFAULTS)
     if args.pretrain_iters is None:
         args.pretrain_iters = PRETRAIN_DEFAULTS[args.dataset]
     if args.pretrain_lr is None:
         args.pretrain_lr = 1e-3 if args.dataset == "synthetic" else args.lr
     if args.crf_lr_mult is None:
         args.crf_lr_mult = CRF_LR_MULT_DEFAULTS[args.dataset]
-    out = Path(args.out_dir)
-    timer = runner.Timer()
-    train_set, val_set, names = runner.make_sets(args)
-    val_loader = engine.make_eval_loader(val_set, info, args.eval_batch_size, args.workers)
-    logger = engine.MetricLogger(out, tensorboard=args.log == "tensorboard", enabled=info.is_main)
     ckpt = out / "checkpoint.pt"
 
     resumed = runner.resume_info(args.resume) if args.resume else None

@@ -1,4 +1,4 @@
-"""What the scripts share: setup, data loaders, the DCNN stage, evaluation reports, the result
+"""What the scripts share: setup (and the opening of a training run), data loaders, the DCNN stage, evaluation reports, the result
 table, and the files a run leaves (metrics JSON, example grid, band-accuracy plot)."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,7 +18,7 @@ from . import distributed as dist_utils
 from . import engine
 from .checkpoint import load_training_state
 from .data import SegmentationSet, eval_transform, train_transform
-from .options import build_crf, build_net, datasets, finalize
+from .options import build_crf, datasets, finalize
 from .visualize import image_grid, line_plot, save_image_atomic
 
 
@@ -45,6 +46,30 @@ def setup(args, overrides=None):
     if info.is_main:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     return info
+
+
+class TrainingRun(NamedTuple):
+    """What every training script opens with (see :func:`start_training`)."""
+    info: dist_utils.DistInfo
+    out: Path              # the output folder
+    timer: "Timer"
+    train_set: SegmentationSet | None  # None when the data has no training split
+    val_set: SegmentationSet
+    class_names: list
+    val_loader: object     # engine.make_eval_loader's loader
+    logger: engine.MetricLogger
+
+
+def start_training(args, overrides=None) -> TrainingRun:
+    """:func:`setup`, then a timer, the train and val sets, the val loader and the metric log
+    in ``args.out_dir``: the opening of train/dcnn.py, crf.py and joint.py."""
+    info = setup(args, overrides)
+    out = Path(args.out_dir)
+    timer = Timer()
+    train_set, val_set, names = make_sets(args)
+    val_loader = engine.make_eval_loader(val_set, info, args.eval_batch_size, args.workers)
+    logger = engine.MetricLogger(out, tensorboard=args.log == "tensorboard", enabled=info.is_main)
+    return TrainingRun(info, out, timer, train_set, val_set, names, val_loader, logger)
 
 
 def make_sets(args, train: bool = True):
