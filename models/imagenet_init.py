@@ -18,7 +18,7 @@ What is copied (torchvision key -> DeepLab layer):
 """
 import os
 from collections.abc import Mapping
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import torch
 from torch import nn

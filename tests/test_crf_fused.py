@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import crfrnn
 import crfrnn.crf as crf_module
 from crfrnn import ops
 from crfrnn.crf import CRFRNNLayer, build_crf_lattices, mean_field

@@ -1,5 +1,4 @@
 """train.engine / train.checkpoint: schedules, parameter groups, NaN guard, exact resume."""
-import math
 import random
 
 import numpy as np

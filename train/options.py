@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 from .data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_dataset
 
 # Per-dataset defaults for options that default to None.
