@@ -142,24 +142,24 @@ def _can_fuse(unary, lattices, pairwise):
 
 
 def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize):
-    """All iterations in one call of crfrnn::mean_field_inference (see csrc/cpu/mean_field_cpu.cpp)."""
-    n, p, c = unary.shape
-    splat_weights, slice_weights = zip(*(lat.filter_weights(normalize, unary.dtype) for lat in lattices))
-    logits = torch.ops.crfrnn.mean_field_inference(
-        unary.reshape(n * p, c), [lat.vertex_index for lat in lattices], list(splat_weights),
-        list(slice_weights), [lat.neighbors for lat in lattices],
+    """All iterations in one call of crfrnn::mean_field_inference (see csrc/cpu/mean_field_cpu.cpp).
+    The result has `unary`'s memory layout (a channels-first unary stays channels first)."""
+    splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, unary.dtype) for lat in lattices))
+    return torch.ops.crfrnn.mean_field_inference(
+        unary, [lat.vertex_index for lat in lattices], [lat.weights_as(unary.dtype) for lat in lattices],
+        list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices],
         [m.detach().to(unary.dtype) for m in pairwise], num_iterations)
-    return logits.reshape(n, p, c)
 
 
 def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False):
     """Run `num_iterations` mean-field iterations on prebuilt lattices (channels last).
 
     Args:
-        unary (Tensor[N, P, C]): unary logits, float32 or float64.
+        unary (Tensor[N, P, C]): unary logits, float32 or float64, any strides (the fused op
+            keeps a channels-first layout, [N, C, P] memory, in its output).
         lattices (sequence of Lattice): one per kernel, built on per-point features [N, P, d].
         pairwise (sequence of Tensor[C, C]): mu W_m per kernel (same dtype as `unary`).
-        num_iterations (int): T >= 0 (T = 0 returns the unary).
+        num_iterations (int): T >= 0 (T = 0 returns a copy of the unary).
         normalize (str): kernel normalisation, see `Lattice.filter`.
         checkpoint (bool): recompute each iteration in backward instead of storing its
             intermediates (keeps one Tensor[N, P, C] per iteration).
@@ -173,12 +173,13 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
         Tensor[N, P, C]: the logits L of the last iteration (Q = softmax(L)).
     """
     if num_iterations == 0:
-        return unary
+        return unary.clone()  # a new tensor, as for T > 0 (never an alias of the input)
     use_ckpt = checkpoint and _wants_grad(unary, pairwise)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if _can_fuse(unary, lattices, pairwise):
         return _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize)
+    unary = unary.contiguous()
     q = torch.softmax(unary, dim=-1)
     logits = unary
     for _ in range(num_iterations):
@@ -389,7 +390,9 @@ class CRFRNNLayer(nn.Module):
             with torch.no_grad():
                 lattices = build_crf_lattices(self.rgb255(image), self.bilateral, self.spatial,
                                               self.backend)
-            u = unary.to(dtype).flatten(2).transpose(1, 2).contiguous()  # [N, P, C]
+            # [N, P, C], a view of the channels-first memory: the fused op reads and writes that
+            # layout directly (the loop makes it contiguous).
+            u = unary.to(dtype).flatten(2).transpose(1, 2)
             logits = mean_field(u, lattices, self.pairwise_matrices(dtype), num_iterations,
                                 self.normalize, self.checkpoint)
             return logits.transpose(1, 2).reshape(n, c, h, w)

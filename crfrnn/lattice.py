@@ -114,16 +114,17 @@ class Lattice:
     def _raw(self, flat, weights=None):
         """Raw filter of Tensor[N*P, C] (float32/64), with the lattice's or the given weights."""
         if weights is None:
-            weights = self._weights(flat.dtype)
+            weights = self.weights_as(flat.dtype)
         return self._filter_op(flat, self.vertex_index, weights, self.neighbors, self.splat_offsets,
                                self.splat_entries, False)
 
-    def _weights(self, dtype):
+    def weights_as(self, dtype):
+        """The barycentric weights (Tensor[N*P, d+1]) in `dtype`, cast once and kept."""
         return self.weights if self.weights.dtype == dtype else self._cached(("weights", dtype))
 
     def _cached(self, key):
         """Per-dtype constants of the lattice, computed once:
-        ("weights" | "norm" | "after" | "symmetric", dtype)."""
+        ("weights" | "norm" | "symmetric", dtype)."""
         if key not in self._cache:
             kind, dtype = key
             if kind == "weights":
@@ -131,27 +132,31 @@ class Lattice:
             elif kind == "norm":  # the filter's response to all-ones, Tensor[N*P, 1]
                 ones = torch.ones(self.batch_size * self.num_points, 1, device=self.device, dtype=dtype)
                 value = self._raw(ones)
-            elif kind == "after":  # barycentric weights over K 1: slice weights of "after"
-                value = (self._weights(dtype) / (self._cached(("norm", dtype)) + 1e-20)).contiguous()
             else:  # barycentric weights times n = 1/sqrt(K 1), see `filter`
-                value = (self._weights(dtype) * torch.rsqrt(self._cached(("norm", dtype)) + 1e-20)).contiguous()
+                value = (self.weights_as(dtype) * torch.rsqrt(self._cached(("norm", dtype)) + 1e-20)).contiguous()
             self._cache[key] = value
         return self._cache[key]
 
-    def filter_weights(self, normalize: str, dtype: torch.dtype):
-        """(splat weights, slice weights), Tensor[N*P, d+1] each, with which the raw filter
-        computes `filter(values, normalize)`, up to the slice's constant scale
-        ``blur_alpha(d)``: "none" (w, w), "after" (w, w / K1), "symmetric" (n w, n w).
-        For fused kernels (``crfrnn::mean_field_inference``); dtype float32 or float64."""
+    def normalization_scales(self, normalize: str, dtype: torch.dtype):
+        """(splat scale, slice scale), Tensor[N*P] each: `filter(values, normalize)` is the raw
+        filter of ``splat_scale * values`` times ``slice_scale``: "none" (1, 1), "after"
+        (1, 1 / K1), "symmetric" (n, n) with n = 1/sqrt(K1). For fused kernels
+        (``crfrnn::mean_field_inference``); dtype float32 or float64."""
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        if normalize == "none":
-            weights = self._weights(dtype)
-            return weights, weights
-        if normalize == "after":
-            return self._weights(dtype), self._cached(("after", dtype))
-        weights = self._cached(("symmetric", dtype))
-        return weights, weights
+        key = ("scales", normalize, dtype)
+        if key not in self._cache:
+            if normalize == "none":
+                ones = torch.ones(self.batch_size * self.num_points, device=self.device, dtype=dtype)
+                self._cache[key] = (ones, ones)
+            else:
+                norm = self._cached(("norm", dtype)).flatten() + 1e-20
+                if normalize == "after":
+                    self._cache[key] = (torch.ones_like(norm), 1.0 / norm)
+                else:
+                    n = torch.rsqrt(norm)
+                    self._cache[key] = (n, n)
+        return self._cache[key]
 
     def filter(self, values: torch.Tensor, normalize: str = "none") -> torch.Tensor:
         """Gaussian-filter `values` over the lattice.

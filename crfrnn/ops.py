@@ -111,8 +111,8 @@ if EXTENSION_ERROR is None:
     _register("crfrnn::build_lattice", "crfrnn::lattice_filter")
 
     @torch.library.register_fake("crfrnn::mean_field_inference")
-    def _mean_field_fake(unary, vertex_index, splat_weights, slice_weights, neighbors, pairwise,
-                         iterations):
+    def _mean_field_fake(unary, vertex_index, weights, splat_scale, slice_scale, neighbors,
+                         pairwise, iterations):
         return torch.empty_like(unary)
 
 

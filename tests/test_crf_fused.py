@@ -142,22 +142,43 @@ def test_same_bits_whatever_the_thread_count_and_simd_width(tmp_path):
         assert torch.equal(outputs[0], other)
 
 
+def test_fused_keeps_the_unary_layout_and_reads_any_strides():
+    """A channels-first unary (the layer's [N, C, H, W] memory) comes back channels first, with
+    the values of a contiguous call; a strided view works too."""
+    unary, lattices, pairwise = inputs(n=2, c=6)
+    expected = fused(unary, lattices, pairwise, 3, "symmetric")
+    channels_first = unary.transpose(1, 2).contiguous().transpose(1, 2)  # [N, P, C] view of [N, C, P]
+    got = fused(channels_first, lattices, pairwise, 3, "symmetric")
+    assert got.stride() == channels_first.stride()
+    assert got.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    wide = torch.zeros(unary.shape[0], unary.shape[1], 2 * unary.shape[2])
+    wide[..., ::2] = unary
+    torch.testing.assert_close(fused(wide[..., ::2], lattices, pairwise, 3, "symmetric"), expected,
+                               atol=0, rtol=0)
+    crf = CRFRNNLayer(6, **KERNELS).eval()
+    with torch.no_grad():
+        out = crf(torch.randn(2, 6, 17, 13), torch.rand(2, 3, 17, 13) * 255)
+    assert out.is_contiguous()  # the layer's [N, C, H, W] output, with no copy on the way out
+
+
 def test_direct_op_calls_with_bad_arguments_raise():
     unary, lattices, pairwise = inputs(n=1, c=3)
     lat = lattices[0]
-    w = lat.filter_weights("symmetric", unary.dtype)
+    splat_scale, slice_scale = lat.normalization_scales("symmetric", unary.dtype)
     op = torch.ops.crfrnn.mean_field_inference
-    good = dict(vi=[lat.vertex_index], sw=[w[0]], lw=[w[1]], nb=[lat.neighbors], pw=[pairwise[0]])
+    good = dict(vi=[lat.vertex_index], w=[lat.weights], ss=[splat_scale], ls=[slice_scale],
+                nb=[lat.neighbors], pw=[pairwise[0]])
 
-    def call(unary=unary.reshape(-1, 3), iterations=2, **kw):
+    def call(unary=unary, iterations=2, **kw):
         a = dict(good, **kw)
-        return op(unary, a["vi"], a["sw"], a["lw"], a["nb"], a["pw"], iterations)
+        return op(unary, a["vi"], a["w"], a["ss"], a["ls"], a["nb"], a["pw"], iterations)
 
     call()  # the good call works
-    with pytest.raises(RuntimeError, match=r"unary must be \[N\*P, C\]"):
-        call(unary=unary)
+    with pytest.raises(RuntimeError, match=r"unary must be \[N, P, C\]"):
+        call(unary=unary.reshape(-1, 3))
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        call(unary=unary.reshape(-1, 3).half())
+        call(unary=unary.half())
     with pytest.raises(RuntimeError, match="iterations must be >= 1"):
         call(iterations=0)
     with pytest.raises(RuntimeError, match="one vertex_index"):
@@ -165,8 +186,19 @@ def test_direct_op_calls_with_bad_arguments_raise():
     with pytest.raises(RuntimeError, match="pairwise must be"):
         call(pw=[torch.zeros(4, 4)])
     with pytest.raises(RuntimeError, match="weights must be"):
-        call(sw=[w[0].double()])
+        call(w=[lat.weights.double()])
+    with pytest.raises(RuntimeError, match="splat_scale and slice_scale must be"):
+        call(ss=[splat_scale[:-1]])
+    with pytest.raises(RuntimeError, match="splat_scale and slice_scale must be"):
+        call(ls=[slice_scale[:, None]])
     with pytest.raises(RuntimeError, match="vertex_index must be"):
         call(vi=[lat.vertex_index[:-1]])
     with pytest.raises(RuntimeError, match="neighbors must be"):
         call(nb=[lat.neighbors[:2]])
+    bad_index = lat.vertex_index.clone()
+    bad_index[5, 1] = lat.num_vertices  # one past the last vertex
+    with pytest.raises(RuntimeError, match=r"vertex_index holds values outside \[0, M"):
+        call(vi=[bad_index])
+    bad_index[5, 1] = -1
+    with pytest.raises(RuntimeError, match=r"vertex_index holds values outside \[0, M"):
+        call(vi=[bad_index])

@@ -21,10 +21,13 @@ TORCH_LIBRARY(crfrnn, m) {
   // values [N*P, C] -> [N*P, C]: slice(blur(splat(values))), blur order reversed if `reverse`.
   m.def("lattice_filter(Tensor values, Tensor vertex_index, Tensor weights, Tensor neighbors, "
         "Tensor splat_offsets, Tensor splat_entries, bool reverse) -> Tensor");
-  // Mean-field inference, all iterations fused (CPU only, no autograd): unary [N*P, C] and per
-  // kernel a lattice (vertex_index, neighbors), the splat and slice weights with the kernel's
-  // normalisation folded in, and its C x C pairwise matrix -> the last iteration's logits
-  // [N*P, C]: L = U - sum_m K_m(Q) A_m^T, Q = softmax(L), from Q = softmax(U).
-  m.def("mean_field_inference(Tensor unary, Tensor[] vertex_index, Tensor[] splat_weights, "
-        "Tensor[] slice_weights, Tensor[] neighbors, Tensor[] pairwise, int iterations) -> Tensor");
+  // Mean-field inference, all iterations fused (CPU only, no autograd): unary [N, P, C] (any
+  // strides) and per kernel a lattice over the N*P points (vertex_index, barycentric weights,
+  // neighbors), the kernel's normalisation as per-point scales of the splat and the slice
+  // ([N*P] each) and its C x C pairwise matrix -> the last iteration's logits [N, P, C] in the
+  // unary's memory layout: L = U - sum_m K_m(Q) A_m^T, Q = softmax(L), from Q = softmax(U),
+  // with K_m(Q) = slice_scale * slice(blur(splat(splat_scale * Q))).
+  m.def("mean_field_inference(Tensor unary, Tensor[] vertex_index, Tensor[] weights, "
+        "Tensor[] splat_scale, Tensor[] slice_scale, Tensor[] neighbors, Tensor[] pairwise, "
+        "int iterations) -> Tensor");
 }
