@@ -76,8 +76,9 @@ def test_native_lattice_equals_reference_up_to_vertex_numbering(d):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_splat_table_lists_each_vertex_entries_in_order(backend):
-    lat = crfrnn.Lattice(random_points(2, 120, 4), backend=backend)
+@pytest.mark.parametrize("n,p,d", [(2, 120, 4), (1, 6000, 2)])  # the C++ sort: 4 and 16 blocks
+def test_splat_table_lists_each_vertex_entries_in_order(backend, n, p, d):
+    lat = crfrnn.Lattice(random_points(n, p, d), backend=backend)
     off, ent = lat.splat_offsets.long(), lat.splat_entries.long()
     assert off[0] == 0 and off[-1] == ent.numel() == lat.vertex_index.numel()
     owner = torch.repeat_interleave(torch.arange(lat.num_vertices), off.diff())

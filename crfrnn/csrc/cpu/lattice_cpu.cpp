@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../checks.h"
@@ -80,6 +81,58 @@ class VertexTable {
   std::vector<Slot> slots_;
 };
 
+// A scratch array left uninitialised: every element is written before it is read, and zeroing
+// megabytes first would put a serial pass (and its page faults) in front of parallel ones.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : data_(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
+  T* data() { return data_.get(); }
+  T& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+};
+
+// The vertex -> entries table of a lattice (entries p*d1 + r of each vertex in increasing order):
+// a counting sort of the num_entries vertex indices `vi`. The entries are cut into blocks (a
+// number fixed by the problem, not the thread count): each block counts its entries per vertex,
+// then fills its own slots in entry order, so the table is the same as a serial sort's.
+void splat_table(const int* vi, int64_t num_entries, int64_t m, int* offsets, int* entries) {
+  // Per-block counts cost blocks x M ints: at most 4 ints per entry, at most 16 blocks.
+  const int64_t blocks = std::min<int64_t>(16, std::max<int64_t>(1, 4 * num_entries / std::max<int64_t>(m, 1)));
+  auto block_start = [&](int64_t b) { return num_entries * b / blocks; };
+  std::vector<int> slot(static_cast<size_t>(blocks * m), 0);  // counts, then each block's next slot
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int* count = slot.data() + b * m;
+      for (int64_t e = block_start(b); e < block_start(b + 1); ++e) ++count[vi[e]];
+    }
+  });
+  offsets[0] = 0;
+  for (int64_t v = 0; v < m; ++v) {
+    int total = 0;
+    for (int64_t b = 0; b < blocks; ++b) total += slot[b * m + v];
+    offsets[v + 1] = offsets[v] + total;
+  }
+  at::parallel_for(0, m, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t v = lo; v < hi; ++v) {
+      int next = offsets[v];
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int count = slot[b * m + v];
+        slot[b * m + v] = next;
+        next += count;
+      }
+    }
+  });
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int* next = slot.data() + b * m;
+      for (int64_t e = block_start(b); e < block_start(b + 1); ++e) entries[next[vi[e]]++] = static_cast<int>(e);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lattice_cpu(
     const at::Tensor& features_in) {
   check_features(features_in);
@@ -95,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   // every point, with the NaN/Inf and range checks of the features fused into the same pass.
   // A simplex key is (image, rem0[0..d], rank[0..d]).
   const int simplex_key_len = 2 * d1 + 1;
-  std::vector<int> simplex(num_points * simplex_key_len);
-  std::vector<uint64_t> simplex_hash(num_points);
+  Scratch<int> simplex(num_points * simplex_key_len);
+  Scratch<uint64_t> simplex_hash(num_points);
   const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
   at::Tensor weights = at::empty({num_points, d1}, features.options().dtype(low_precision ? at::kFloat : features.scalar_type()));
   double* weights_double = weights.scalar_type() == at::kDouble ? weights.data_ptr<double>() : nullptr;
@@ -147,18 +200,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   // pixels share a simplex, so most points cost one lookup instead of d+1.
   // 2a (serial): each point's simplex number, and the first point of each simplex.
   VertexTable simplices(simplex_key_len, std::max<int64_t>(num_points / 4, 1));
-  std::vector<int> simplex_of_point(num_points);
+  Scratch<int> simplex_of_point(num_points);
   std::vector<int64_t> first_point;
   for (int64_t p = 0; p < num_points; ++p) {
+    const int* key = simplex.data() + p * simplex_key_len;
+    // Neighbouring pixels often share a simplex: compare with the previous point's key (in
+    // cache) before probing the table (a likely cache miss).
+    if (p > 0 && simplex_hash[p] == simplex_hash[p - 1] && keys_equal(key, key - simplex_key_len, simplex_key_len)) {
+      simplex_of_point[p] = simplex_of_point[p - 1];
+      continue;
+    }
     const int known = simplices.size();
-    const int id = simplices.find_or_insert(simplex.data() + p * simplex_key_len, simplex_hash[p]);
+    const int id = simplices.find_or_insert(key, simplex_hash[p]);
     if (id == known) first_point.push_back(p);
     simplex_of_point[p] = id;
   }
   // 2b (parallel): the keys and hashes of each simplex's d+1 vertices.
   const int64_t num_simplices = static_cast<int64_t>(first_point.size());
-  std::vector<int> vertex_keys(num_simplices * d1 * d1);
-  std::vector<uint64_t> vertex_hash(num_simplices * d1);
+  Scratch<int> vertex_keys(num_simplices * d1 * d1);
+  Scratch<uint64_t> vertex_hash(num_simplices * d1);
   at::parallel_for(0, num_simplices, 1024, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const int* key = simplex.data() + first_point[t] * simplex_key_len;
@@ -171,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   });
   // 2c (serial): number the vertices.
   VertexTable table(d1, std::max<int64_t>(num_points / 4, 1));
-  std::vector<int> simplex_vertices(num_simplices * d1);  // d+1 vertex numbers per simplex
+  Scratch<int> simplex_vertices(num_simplices * d1);  // d+1 vertex numbers per simplex
   for (int64_t j = 0; j < num_simplices * d1; ++j) {
     simplex_vertices[j] = table.find_or_insert(vertex_keys.data() + j * d1, vertex_hash[j]);
   }
@@ -202,15 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
     }
   });
 
-  // Phase 4 (serial counting sort): vertex -> entries table, entries in increasing order.
-  at::Tensor splat_offsets = at::zeros({m + 1}, int_opts);
+  // Phase 4 (parallel): the vertex -> entries table.
+  at::Tensor splat_offsets = at::empty({m + 1}, int_opts);
   at::Tensor splat_entries = at::empty({num_points * d1}, int_opts);
-  int* off = splat_offsets.data_ptr<int>();
-  int* ent = splat_entries.data_ptr<int>();
-  for (int64_t e = 0; e < num_points * d1; ++e) ++off[vi[e] + 1];
-  for (int64_t v = 0; v < m; ++v) off[v + 1] += off[v];
-  std::vector<int> fill(off, off + m);
-  for (int64_t e = 0; e < num_points * d1; ++e) ent[fill[vi[e]]++] = static_cast<int>(e);
+  splat_table(vi, num_points * d1, m, splat_offsets.data_ptr<int>(), splat_entries.data_ptr<int>());
 
   return {vertex_index, weights, neighbors, splat_offsets, splat_entries};
 }
