@@ -178,6 +178,24 @@ def test_native_filter_is_deterministic():
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@needs_native
+@pytest.mark.parametrize("c", [1, 3])
+def test_native_filter_gives_the_same_bits_on_1_and_4_threads(c):
+    """With fewer channels than threads the C++ splat gathers through the vertex -> entries
+    table instead of splitting the channels: the same sums in the same order."""
+    lat = crfrnn.Lattice(random_points(2, 2000, 5, dtype=torch.float32), backend="native")
+    vals = torch.randn(2, 2000, c)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            outs.append(lat.filter(vals))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_values_are_accepted_and_accumulated_in_float32(backend):
     feats = random_points(1, 300, 5, dtype=torch.float32)

@@ -60,6 +60,27 @@ void splat_points(const T* values, int64_t num_points, int64_t c, const int* ver
   std::fill(grid + m * c, grid + (m + 1) * c, T(0));
 }
 
+// The same splat as splat_points (the same sums in the same order, so the same bits), as a gather
+// through the vertex -> entries table, parallel over the vertices: for few channels, where
+// splat_points would leave threads idle (the normalisation filters have C = 1).
+template <typename T>
+void splat_gather(const T* values, int64_t c, const T* w, int d1, const int* splat_offsets,
+                  const int* splat_entries, int64_t m, T* grid) {
+  at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t v = lo; v < hi; ++v) {
+      T* row = grid + v * c;
+      for (int64_t k = 0; k < c; ++k) row[k] = T(0);
+      for (int j = splat_offsets[v]; j < splat_offsets[v + 1]; ++j) {
+        const int64_t e = splat_entries[j];
+        const T wt = w[e];
+        const T* src = values + (e / d1) * c;
+        for (int64_t k = 0; k < c; ++k) row[k] += wt * src[k];
+      }
+    }
+  });
+  std::fill(grid + m * c, grid + (m + 1) * c, T(0));
+}
+
 // Blur along each of the d1 lattice directions with [0.5, 1, 0.5]; the reversed order gives the
 // adjoint. neighbors [d1, M, 2]. Ping-pongs between `grid` and `next` (both (M+1) x C with a zero
 // row M) and returns the one holding the result.

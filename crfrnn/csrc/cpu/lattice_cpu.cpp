@@ -272,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
 
 template <typename T>
 void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,
-                     const int* nb, int64_t m, bool reverse, T* out) {
+                     const int* nb, const int* offsets, const int* entries, int64_t m, bool reverse, T* out) {
   // Two (M+1) x C grids, kept per thread between calls up to kReusedBytes (filter_steps.h).
   thread_local std::vector<T> kept_grid, kept_next;
   std::vector<T> own_grid, own_next;
@@ -283,7 +283,8 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
   if (grid_buffer.size() < size) { grid_buffer.resize(size); next_buffer.resize(size); }
   T* next = next_buffer.data();
   std::fill(next + m * c, next + (m + 1) * c, T(0));  // the zero row (every other row is written)
-  splat_points(values, num_points, c, vi, w, d1, m, grid_buffer.data());
+  if (c < at::get_num_threads()) splat_gather(values, c, w, d1, offsets, entries, m, grid_buffer.data());
+  else splat_points(values, num_points, c, vi, w, d1, m, grid_buffer.data());
   const T* grid = blur_grid(grid_buffer.data(), next, nb, m, c, d1, reverse);
 
   // Slice: barycentric interpolation of each point's d+1 vertices.
@@ -314,10 +315,12 @@ at::Tensor lattice_filter_cpu(const at::Tensor& values_in, const at::Tensor& ver
   at::Tensor out = at::empty_like(values);
   if (values.numel() == 0) return out;
   const at::Tensor vi = vertex_index.contiguous(), w = weights.contiguous(), nb = neighbors.contiguous();
+  const at::Tensor offsets = splat_offsets.contiguous(), entries = splat_entries.contiguous();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "crfrnn_filter", [&] {
     filter_cpu_impl<scalar_t>(values.data_ptr<scalar_t>(), values.size(0), values.size(1),
                               vi.data_ptr<int>(), w.data_ptr<scalar_t>(), static_cast<int>(vi.size(1)),
-                              nb.data_ptr<int>(), nb.size(1), reverse, out.data_ptr<scalar_t>());
+                              nb.data_ptr<int>(), offsets.data_ptr<int>(), entries.data_ptr<int>(), nb.size(1),
+                              reverse, out.data_ptr<scalar_t>());
   });
   return out;
 }
