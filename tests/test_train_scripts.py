@@ -121,6 +121,17 @@ def test_crf_script_gradient_and_search(joint_run, tmp_path):
     assert tuple(model.crf.bilateral) == (best["sxy"], best["srgb"], best["w1"])
 
 
+def test_crf_script_resume_warns_about_changed_options(joint_run, tmp_path, capsys):
+    argv = TINY + ["--dcnn", str(joint_run[0] / "dcnn.pt"), "--iters", "3", "--out-dir", str(tmp_path)]
+    assert run(crf_script, argv + ["--stop-at", "1"]) is None
+    capsys.readouterr()
+    changed = list(argv)
+    changed[changed.index("--batch-size") + 1] = "4"
+    run(crf_script, changed + ["--resume", str(tmp_path / "checkpoint.pt")])
+    out = capsys.readouterr().out
+    assert "resuming" in out and "--batch-size 2 -> 4" in out
+
+
 def test_evaluate_script_outputs(joint_run, tmp_path):
     out = tmp_path / "e"
     res = run(evaluate_script, ["--checkpoint", str(joint_run[0] / "model.pt"), "--image-size", "32",

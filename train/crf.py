@@ -81,6 +81,9 @@ def main(args):
         args.crf_lr_mult = 1.0
     ckpt = out / "checkpoint.pt"
     resumed = runner.resume_info(args.resume) if args.resume else None
+    if resumed is not None:
+        runner.check_resume_args(resumed.get("args", {}), args)
+        runner.log(f"resuming {args.resume}: stage {resumed['stage']}, iteration {resumed['iteration']}")
 
     # ---- the frozen DCNN
     if args.dcnn:

@@ -162,7 +162,7 @@ def check_resume_args(saved: dict, args, keys=("dataset", "num_classes", "width"
                                                 "seed", "image_size")):
     """Warn when a resumed run's options differ from the checkpoint's in ways that matter."""
     diffs = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in keys
-             if k in saved and str(saved.get(k)) != str(getattr(args, k))]
+             if k in saved and hasattr(args, k) and str(saved.get(k)) != str(getattr(args, k))]
     if diffs:
         log("warning: resuming with options that differ from the checkpoint's: " + "; ".join(diffs))
 
