@@ -2,10 +2,13 @@
 
 A real VOC image resized to 500x375, C = 21 coarse-unary logits (bench/voc_protocol.py), 10
 mean-field iterations with DeepLab-LargeFOV's kernels (w1 4, sigma_alpha 121, sigma_beta 5, w2 3,
-sigma_gamma 3; --params to change). Times, median of --repeats, lattice build included:
+sigma_gamma 3; --params to change). Times, median of --repeats, lattice builds included as below:
 
-- ours: forward (eval, no grad: the fused C++ op on the CPU) and forward+backward (gradients to the unary and the C x C
-  parameters), with and without --checkpoint-style recomputation, batch 1 and 4;
+- ours: forward (eval, no grad: the fused C++ op on the CPU), cold (both lattices built in the
+  call, as densecrf builds its own in every call) and steady (the layer keeps the spatial
+  lattice, which depends on the image shape only, from the previous call of the same shape), and
+  forward+backward (gradients to the unary and the C x C parameters, steady), with and without
+  --checkpoint-style recomputation, batch 1 and 4;
 - densecrf: DenseCRF2D.inference on the same input (one image after the other for a batch;
   single-threaded C++, CPU only), and the ratio densecrf / ours;
 - memory: bytes saved for backward (all devices) and, on CUDA, the peak allocation, with and
@@ -69,7 +72,7 @@ def load_input(size, classes):
     if classes != logits.shape[0]:  # other C: pad with copies of the background score, or cut
         extra = np.repeat(logits[:1] - 2.0, max(0, classes - logits.shape[0]), 0)
         logits = np.concatenate([logits, extra])[:classes]
-    return np.ascontiguousarray(image), np.ascontiguousarray(logits), source
+    return np.array(image), np.ascontiguousarray(logits), source  # a writable copy for torch
 
 
 def saved_bytes(fn):
@@ -117,6 +120,10 @@ def main(args):
             with torch.no_grad():
                 return crf.eval()(unary, img)
 
+        def forward_cold():
+            crf.clear_lattice_cache()
+            return forward()
+
         def build():
             with torch.no_grad():
                 return crfrnn.crf.build_crf_lattices(img, crf.bilateral, crf.spatial)
@@ -129,6 +136,7 @@ def main(args):
         lat = build()
         row = {"N": batch, "device": device.type, "vertices/px bil": lat[0].num_vertices / (batch * h * w),
                "build ms": time_it(build, device, args.repeats),
+               "fwd cold ms": time_it(forward_cold, device, args.repeats),
                "fwd ms": time_it(forward, device, args.repeats),
                "fwd+bwd ms": time_it(lambda: fwd_bwd(crf), device, args.repeats),
                "fwd+bwd ckpt ms": time_it(lambda: fwd_bwd(crf_ckpt), device, args.repeats)}
@@ -136,7 +144,8 @@ def main(args):
             row["densecrf ms"] = dense_ms * batch
         rows.append(row)
         if dense_ms is not None:
-            ratios.append({"N": batch, "densecrf / ours fwd": dense_ms * batch / row["fwd ms"],
+            ratios.append({"N": batch, "densecrf / ours fwd cold": dense_ms * batch / row["fwd cold ms"],
+                           "densecrf / ours fwd": dense_ms * batch / row["fwd ms"],
                            "densecrf / ours fwd+bwd": dense_ms * batch / row["fwd+bwd ms"]})
 
         mem = {"N": batch}
@@ -167,12 +176,12 @@ def main(args):
                      "mean |dQ|": float(np.abs(q - qd).mean()), "max |dQ|": float(np.abs(q - qd).max())}
 
     print_table(f"CRF layer, {args.iterations} iterations at {w}x{h}, C = {args.classes} "
-                "(median ms, lattice build included)", rows,
-                ["N", "device", "vertices/px bil", "build ms", "fwd ms", "fwd+bwd ms",
+                "(median ms; fwd cold builds both lattices, fwd and fwd+bwd the bilateral one)", rows,
+                ["N", "device", "vertices/px bil", "build ms", "fwd cold ms", "fwd ms", "fwd+bwd ms",
                  "fwd+bwd ckpt ms", "densecrf ms"])
     if ratios:
         print_table("densecrf time / our time (higher = ours faster; densecrf single-threaded on the CPU)",
-                    ratios, ["N", "densecrf / ours fwd", "densecrf / ours fwd+bwd"])
+                    ratios, ["N", "densecrf / ours fwd cold", "densecrf / ours fwd", "densecrf / ours fwd+bwd"])
     mem_cols = ["N", "saved MB stored", "saved MB checkpoint", "saved x"]
     if device.type == "cuda":
         mem_cols += ["peak MB stored", "peak MB checkpoint"]

@@ -87,7 +87,7 @@ def potts_matrices(num_classes, weights, dtype=torch.float32, device=None):
     return [w * potts for w in weights]
 
 
-def build_crf_lattices(image, bilateral, spatial, backend="auto"):
+def build_crf_lattices(image, bilateral, spatial, backend="auto", spatial_lattice=None):
     """The bilateral and spatial lattices of a batch of images.
 
     Args:
@@ -95,6 +95,9 @@ def build_crf_lattices(image, bilateral, spatial, backend="auto"):
         bilateral ((sigma_xy, sigma_rgb, ...)), spatial ((sigma_xy, ...)): bandwidths; extra
             entries (weights) are ignored.
         backend (str): Lattice backend ("auto", "reference", "native").
+        spatial_lattice (Lattice or None): a spatial lattice built before for images of the same
+            N, H, W, dtype, device and sigma_xy, returned instead of a new one (the spatial
+            features are the pixel positions: they depend on the shape only).
     Returns:
         (Lattice, Lattice) over per-point features Tensor[N, H*W, 5] and Tensor[N, H*W, 2]:
         per-point so that the mean-field loop runs channels-last (N, H*W, C) without copies.
@@ -102,9 +105,10 @@ def build_crf_lattices(image, bilateral, spatial, backend="auto"):
     if not image.is_floating_point():
         image = image.float()
     f_bil = bilateral_features(image, bilateral[0], bilateral[1])
-    f_spa = spatial_features(image, spatial[0])
     lat_bil = Lattice(f_bil.flatten(2).transpose(1, 2), backend=backend)
-    lat_spa = Lattice(f_spa.flatten(2).transpose(1, 2), backend=backend)
+    lat_spa = spatial_lattice
+    if lat_spa is None:
+        lat_spa = Lattice(spatial_features(image, spatial[0]).flatten(2).transpose(1, 2), backend=backend)
     return lat_bil, lat_spa
 
 
@@ -304,6 +308,8 @@ class CRFRNNLayer(nn.Module):
             self.register_buffer("image_std", std.view(1, 3, 1, 1), persistent=False)
         else:
             self.image_mean = self.image_std = None
+        # (key, Lattice): the last spatial lattice, reused while the key holds (see _lattices).
+        self._last_spatial = None
 
     # -- presets ---------------------------------------------------------------------------------
     @classmethod
@@ -352,6 +358,26 @@ class CRFRNNLayer(nn.Module):
             image = (image * self.image_std.to(dtype) + self.image_mean.to(dtype)) * 255.0
         return image
 
+    def _lattices(self, rgb):
+        """(bilateral, spatial) lattices of `rgb` (Tensor[N, 3, H, W], float, 0..255).
+
+        The spatial lattice depends on the image shape only, so the last one (with its
+        normalisation) is kept and reused while N, H, W, dtype, device, sigma_xy and backend
+        stay the same: at a fixed training crop or image size every forward after the first
+        skips its build. It holds about 50 bytes per pixel; `clear_lattice_cache()` frees it.
+        """
+        key = (tuple(rgb.shape), rgb.dtype, rgb.device, float(self.spatial[0]), self.backend)
+        last = getattr(self, "_last_spatial", None)  # (absent on layers unpickled from older versions)
+        reuse = last[1] if last is not None and last[0] == key else None
+        lattices = build_crf_lattices(rgb, self.bilateral, self.spatial, self.backend, spatial_lattice=reuse)
+        if not torch.compiler.is_compiling():  # no Python-side state inside a traced graph
+            self._last_spatial = (key, lattices[1])
+        return lattices
+
+    def clear_lattice_cache(self):
+        """Forget the kept spatial lattice (see `_lattices`); the next forward builds it again."""
+        self._last_spatial = None
+
     def pairwise_matrices(self, dtype=torch.float32):
         """[mu W_bilateral, mu W_spatial]: the C x C matrices applied to each kernel's message."""
         mu = self.compatibility.to(dtype)
@@ -388,8 +414,7 @@ class CRFRNNLayer(nn.Module):
                              "in 0..255, or build the layer with image_mean/image_std")
         with torch.autocast(device_type=unary.device.type, enabled=False):
             with torch.no_grad():
-                lattices = build_crf_lattices(self.rgb255(image), self.bilateral, self.spatial,
-                                              self.backend)
+                lattices = self._lattices(self.rgb255(image))
             # [N, P, C], a view of the channels-first memory: the fused op reads and writes that
             # layout directly (the loop makes it contiguous).
             u = unary.to(dtype).flatten(2).transpose(1, 2)

@@ -434,3 +434,35 @@ def test_config_rebuilds_the_layer():
     torch.testing.assert_close(again.eval()(unary, x), crf.eval()(unary, x))
 
 
+
+
+def test_layer_reuses_the_spatial_lattice_for_the_same_shape():
+    """The spatial lattice depends on the shape only: kept between calls of the same N, H, W and
+    rebuilt when they change; the output is the same as with a fresh build."""
+    crf = CRFRNNLayer(3, num_iterations=2, bilateral=(5.0, 20.0, 3.0), spatial=(2.0, 1.0))
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 12, 9, generator=g) * 255
+    unary = torch.randn(2, 3, 12, 9, generator=g)
+    with torch.no_grad():
+        first = crf(unary, image)
+        kept = crf._last_spatial[1]
+        again = crf(unary, image.flip(-1))  # other colours, same shape: reused
+        assert crf._last_spatial[1] is kept
+        crf.clear_lattice_cache()
+        fresh = crf(unary, image.flip(-1))
+        assert crf._last_spatial[1] is not kept
+        torch.testing.assert_close(again, fresh, rtol=0, atol=0)
+        assert not torch.equal(first, again)
+        for shape in ((1, 3, 12, 9), (2, 3, 9, 12)):  # another N, another H x W: rebuilt
+            kept = crf._last_spatial[1]
+            crf(torch.randn(shape[0], 3, *shape[2:]), torch.rand(shape) * 255)
+            assert crf._last_spatial[1] is not kept and crf._last_spatial[1].batch_size == shape[0]
+    # Training steps reuse it too, with the same gradients as a fresh build.
+    crf(unary, image)
+    kept = crf._last_spatial[1]
+    loss = crf(unary, image).square().sum()
+    assert crf._last_spatial[1] is kept
+    grad = torch.autograd.grad(loss, crf.compatibility)[0]
+    crf.clear_lattice_cache()
+    loss = crf(unary, image).square().sum()
+    torch.testing.assert_close(torch.autograd.grad(loss, crf.compatibility)[0], grad, rtol=0, atol=0)
