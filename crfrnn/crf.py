@@ -248,7 +248,9 @@ class CRFRNNLayer(nn.Module):
     Speed: when no gradient is wanted (``torch.no_grad()``, or no input or parameter requires
     grad) and the lattices are the C++ backend's, all iterations run in one fused C++ op
     (``crfrnn::mean_field_inference``); otherwise step by step, as autograd needs. Both compute
-    the same logits up to float rounding.
+    the same logits up to float rounding. The spatial lattice depends on the image shape only:
+    the layer keeps the last one and reuses it for inputs of the same N, H and W
+    (``clear_lattice_cache()`` frees it).
 
     Shapes:
         unary (Tensor[N, C, H, W]): logits (e.g. a DCNN's scores upsampled to the image).
