@@ -133,7 +133,8 @@ class Lattice:
                 ones = torch.ones(self.batch_size * self.num_points, 1, device=self.device, dtype=dtype)
                 value = self._raw(ones)
             else:  # barycentric weights times n = 1/sqrt(K 1), see `filter`
-                value = (self.weights_as(dtype) * torch.rsqrt(self._cached(("norm", dtype)) + 1e-20)).contiguous()
+                n = self.normalization_scales("symmetric", dtype)[0]
+                value = (self.weights_as(dtype) * n[:, None]).contiguous()
             self._cache[key] = value
         return self._cache[key]
 

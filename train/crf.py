@@ -80,10 +80,7 @@ def main(args):
     if args.crf_lr_mult is None:
         args.crf_lr_mult = 1.0
     ckpt = out / "checkpoint.pt"
-    resumed = runner.resume_info(args.resume) if args.resume else None
-    if resumed is not None:
-        runner.check_resume_args(resumed.get("args", {}), args)
-        runner.log(f"resuming {args.resume}: stage {resumed['stage']}, iteration {resumed['iteration']}")
+    resumed = runner.open_resume(args)
 
     # ---- the frozen DCNN
     if args.dcnn:

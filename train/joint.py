@@ -81,10 +81,7 @@ def main(args):
         args.crf_lr_mult = CRF_LR_MULT_DEFAULTS[args.dataset]
     ckpt = out / "checkpoint.pt"
 
-    resumed = runner.resume_info(args.resume) if args.resume else None
-    if resumed is not None:
-        runner.check_resume_args(resumed.get("args", {}), args)
-        runner.log(f"resuming {args.resume}: stage {resumed['stage']}, iteration {resumed['iteration']}")
+    resumed = runner.open_resume(args)
 
     # ---- the DCNN (and maybe a CRF) to start from
     if args.init:

@@ -180,6 +180,17 @@ def load_resume(path, model) -> dict:
     return load_training_state(path, model, optimizer=None, scaler=None)
 
 
+def open_resume(args) -> dict | None:
+    """The ``train`` dict of ``--resume``'s checkpoint (see :func:`resume_info`), with the resumed
+    stage logged and changed options warned about; None without ``--resume``."""
+    if not args.resume:
+        return None
+    resumed = resume_info(args.resume)
+    check_resume_args(resumed.get("args", {}), args)
+    log(f"resuming {args.resume}: stage {resumed['stage']}, iteration {resumed['iteration']}")
+    return resumed
+
+
 def check_resume_args(saved: dict, args, keys=("dataset", "num_classes", "width", "variant", "batch_size",
                                                 "seed", "image_size")):
     """Warn when a resumed run's options differ from the checkpoint's in ways that matter."""
