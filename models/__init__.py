@@ -1,7 +1,7 @@
 """models: the DCNN half (atrous VGG-16 DeepLab variants) and DeepLabCRF (DCNN + CRF-RNN).
 
 Public API:
-    deeplab(variant, num_classes=21, msc=False, width=1.0, dropout=0.5, backbone_weights=None)
+    deeplab(variant, num_classes=21, msc=False, width=1.0, dropout=0.5)
         variants "largefov", "7x7", "4x4", "4x4-d8" -> DeepLab
     DeepLab: net(x) -> Tensor[N, C, ceil(H/8), ceil(W/8)]; net(x, upsample=True) -> Tensor[N, C, H, W]
     DeepLabCRF(net, crf): joint(x) -> {"coarse", "unary", "crf"}; use_crf, freeze_crf()

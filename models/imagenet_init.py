@@ -54,7 +54,7 @@ VGG16_SHAPES: Dict[str, tuple] = _expected_shapes()
 _NO_DOWNLOAD_HINT = (
     "download torchvision's VGG-16 ImageNet weights (vgg16-397923af.pth, "
     "https://download.pytorch.org/models/vgg16-397923af.pth) on a machine with internet access and "
-    "pass the file with --backbone-weights PATH (or models.load_vgg16_imagenet(net, PATH)); a copy "
+    "pass the file with --vgg-weights PATH (or models.load_vgg16_imagenet(net, PATH)); a copy "
     "in $TORCH_HOME/hub/checkpoints/ is also found without a download")
 
 
@@ -123,7 +123,7 @@ def load_vgg16_imagenet(net: DeepLab, state_dict_or_path=None, progress: bool = 
         state_dict_or_path: a torchvision ``vgg16()`` state dict, a path to one (``.pth``), a
             torchvision VGG module, or None to use ``torchvision.models.VGG16_Weights.IMAGENET1K_V1``
             (cache or download; without internet this raises RuntimeError naming
-            --backbone-weights).
+            --vgg-weights).
     Returns:
         net, modified in place: VGG convs and decimated fc6/fc7 copied, fc8 N(0, 0.01^2).
     Raises:

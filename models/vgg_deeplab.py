@@ -16,7 +16,7 @@ ceil(H / 8) x ceil(W / 8), and score (i, j) is centred on input pixel (8 i, 8 j)
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -324,26 +324,19 @@ class DeepLab(nn.Module):
 
 
 def deeplab(variant: str = "largefov", num_classes: int = 21, msc: bool = False,
-            width: float = 1.0, dropout: float = 0.5,
-            backbone_weights: Optional[object] = None) -> DeepLab:
+            width: float = 1.0, dropout: float = 0.5) -> DeepLab:
     """Build a DeepLab by name (the paper's variants): "largefov", "7x7", "4x4", "4x4-d8".
 
     Args:
         variant, num_classes, msc, width, dropout: see :class:`DeepLab`.
-        backbone_weights: None (fresh weights), "imagenet" (torchvision's VGG16_Weights, needs a
-            download or a cached file), or a path to / a torchvision VGG-16 state dict. See
-            :func:`models.load_vgg16_imagenet`.
     Returns:
-        DeepLab.
+        DeepLab with fresh weights; :func:`models.load_vgg16_imagenet` copies ImageNet VGG-16
+        weights into it.
 
     Example:
         >>> net = deeplab("largefov", num_classes=21, msc=True, width=0.25)
     """
-    net = DeepLab(variant, num_classes=num_classes, msc=msc, width=width, dropout=dropout)
-    if backbone_weights is not None:
-        from .imagenet_init import load_vgg16_imagenet
-        load_vgg16_imagenet(net, None if backbone_weights == "imagenet" else backbone_weights)
-    return net
+    return DeepLab(variant, num_classes=num_classes, msc=msc, width=width, dropout=dropout)
 
 
 def receptive_field(layers) -> Tuple[int, int]:

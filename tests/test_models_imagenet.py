@@ -50,8 +50,8 @@ def _torchvision_convs(vgg):
 @pytest.mark.parametrize("variant", ["largefov", "4x4", "4x4-d8"])
 def test_copied_and_decimated_tensors(vgg16_file, vgg16_sd, variant):
     path, vgg = vgg16_file
-    if variant == "largefov":       # through the file path, as --backbone-weights PATH does
-        net = models.deeplab(variant, num_classes=21, backbone_weights=str(path))
+    if variant == "largefov":       # through the file path, as --vgg-weights PATH does
+        net = models.load_vgg16_imagenet(models.deeplab(variant, num_classes=21), str(path))
     else:
         net = models.load_vgg16_imagenet(unfilled(variant, num_classes=21), vgg16_sd)
     # the 13 convolutions, by position in torchvision's features (not through the key table)
@@ -136,7 +136,7 @@ def test_not_vgg16_errors(vgg16_file, vgg16_sd, tmp_path):
 
 def test_torchvision_download_path(vgg16_file, monkeypatch):
     """The VGG16_Weights path: the real torchvision call, with its downloader replaced (no
-    internet here): a failure names --backbone-weights; a success loads the weights."""
+    internet here): a failure names --vgg-weights; a success loads the weights."""
     import torchvision.models._api as api
 
     def offline(url, *a, **k):
@@ -144,8 +144,8 @@ def test_torchvision_download_path(vgg16_file, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="--backbone-weights"):
-        models.deeplab("largefov", backbone_weights="imagenet")
+    with pytest.raises(RuntimeError, match="--vgg-weights"):
+        models.load_vgg16_imagenet(unfilled("largefov"))
 
     _, vgg = vgg16_file
     monkeypatch.setattr(api, "load_state_dict_from_url", lambda url, *a, **k: vgg.state_dict())
