@@ -21,11 +21,10 @@ from tqdm import tqdm
 
 from . import distributed as dist_utils
 from .checkpoint import save_training_checkpoint
-from .data import ShardSampler, StreamBatchSampler, pad_collate
+from .data import VOID, ShardSampler, StreamBatchSampler, pad_collate
 from .data.transforms import denormalize
 from .metrics import BandAccuracy, ConfusionMatrix
 
-VOID = 255
 LR_POLICIES = ("step", "poly")
 
 

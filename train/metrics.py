@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-VOID = 255
+from .data import VOID
 
 
 def _as_long(x):

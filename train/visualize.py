@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VOID = 255
+from .data import VOID
 
 
 def voc_palette(n: int = 256) -> np.ndarray:

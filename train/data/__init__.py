@@ -7,6 +7,7 @@
 - ``transforms``: paired random scale / crop (255 fill) / flip / ImageNet normalisation.
 - ``loader``: resumable stream sampler for iteration-based training, shard sampler, padding collate.
 """
+from .labels import VOID
 from .loader import SegmentationSet, ShardSampler, StreamBatchSampler, pad_collate
 from .synthetic import SyntheticShapes
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, eval_transform, train_transform
@@ -63,7 +64,7 @@ class _Head:
 
 
 __all__ = [
-    "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "SBDSegmentation", "SegmentationSet", "ShardSampler",
+    "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "VOID", "SBDSegmentation", "SegmentationSet", "ShardSampler",
     "StreamBatchSampler", "SyntheticShapes", "VOCAugmented", "VOCSegmentation", "VOC_CLASSES",
     "build_dataset", "denormalize", "eval_transform", "load_label_png", "pad_collate", "train_transform",
 ]

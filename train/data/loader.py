@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .transforms import VOID, to_tensors
+from .labels import VOID
+from .transforms import to_tensors
 
 
 class SegmentationSet(torch.utils.data.Dataset):

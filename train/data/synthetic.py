@@ -17,7 +17,8 @@ import math
 
 import numpy as np
 
-VOID = 255
+from .labels import VOID
+
 SHAPES = ("ellipse", "rectangle", "triangle", "cross", "ring")
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-VOID = 255
+from models import IMAGENET_MEAN, IMAGENET_STD
+
+from .labels import VOID
 
 
 def to_tensors(image, label):
