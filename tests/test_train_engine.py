@@ -10,7 +10,7 @@ from train import engine
 from train.checkpoint import capture_rng, load_training_state, restore_rng, save_training_checkpoint
 from train.data import SegmentationSet, SyntheticShapes, train_transform
 from train.distributed import DistInfo
-from train.options import CRF_PRESETS, build_crf
+from train.options import CRF_PRESETS, crf_layer
 
 
 def test_lr_factor_step_and_poly():
@@ -28,10 +28,8 @@ def _tiny_net(classes=4):
 
 
 def _tiny_crf(classes=4):
-    import argparse
     p = CRF_PRESETS["synthetic"]
-    return build_crf(argparse.Namespace(num_classes=classes, crf_iters=2, crf_eval_iters=3,
-                                        bilateral=p["bilateral"], spatial=p["spatial"]))
+    return crf_layer(classes, p["bilateral"], p["spatial"], num_iterations=2, num_eval_iterations=3)
 
 
 def test_parameter_groups_and_lr_multipliers():

@@ -136,7 +136,7 @@ def test_crf_script_resume_warns_about_changed_options(joint_run, tmp_path, caps
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_cpu_runs_keep_large_blocks_in_the_heap():
     """mallopt accepts the setting (in a subprocess: it changes the process's malloc)."""
-    code = ("import sys; sys.path.insert(0, '.'); from train.runner import keep_large_blocks_in_the_heap as k; "
+    code = ("import sys; sys.path.insert(0, '.'); from train.process import keep_large_blocks_in_the_heap as k; "
             "print(k())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr

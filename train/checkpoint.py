@@ -122,3 +122,42 @@ def load_training_state(path, model, optimizer=None, scaler=None, restore_rng_st
         restore_rng(rngs[rank])
     train["extra"] = {k: v for k, v in extra.items() if k != "train"}
     return train
+
+
+def resume_info(path) -> dict:
+    """What :func:`load_training_state` returns (``stage``, ``iteration``, ``args``, ...,
+    ``extra``), read without touching any model, optimiser or RNG."""
+    _, extra = models.load_checkpoint(path)
+    if "train" not in extra:
+        raise ValueError(f"{path} holds no training state (not written by train/*.py); "
+                         "use it with --init instead of --resume")
+    return {**extra["train"], "extra": {k: v for k, v in extra.items() if k != "train"}}
+
+
+def open_resume(args) -> dict | None:
+    """:func:`resume_info` of ``--resume``'s checkpoint, with the resumed stage logged and changed
+    options warned about; None without ``--resume``."""
+    if not args.resume:
+        return None
+    resumed = resume_info(args.resume)
+    check_resume_args(resumed.get("args", {}), args)
+    dist_utils.log(f"resuming {args.resume}: stage {resumed['stage']}, iteration {resumed['iteration']}")
+    return resumed
+
+
+def check_resume_args(saved: dict, args, keys=("dataset", "num_classes", "width", "variant", "batch_size",
+                                                "seed", "image_size")):
+    """Warn when a resumed run's options differ from the checkpoint's in ways that matter."""
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in keys
+             if k in saved and hasattr(args, k) and str(saved.get(k)) != str(getattr(args, k))]
+    if diffs:
+        dist_utils.log("warning: resuming with options that differ from the checkpoint's: " + "; ".join(diffs))
+
+
+def load_model(path):
+    """``(net, crf or None)`` from a model checkpoint of any train/ script (``model.pt``,
+    ``dcnn.pt`` or ``checkpoint.pt``): a DeepLab, or the parts of a DeepLabCRF."""
+    model, _ = models.load_checkpoint(path)
+    if isinstance(model, models.DeepLabCRF):
+        return model.net, model.crf
+    return model, None

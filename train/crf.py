@@ -19,7 +19,6 @@ OUT/bands.png, OUT/examples.png.
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
-import argparse
 import itertools
 
 import torch
@@ -27,78 +26,65 @@ from tqdm import tqdm
 
 import models
 from train import distributed as dist_utils
-from train import engine, options, runner
-from train.checkpoint import load_training_state
+from train import engine, options, reports
+from train.checkpoint import load_model, open_resume
+from train.distributed import log
 from train.metrics import ConfusionMatrix
+from train.process import run_main
+from train.stages import pretrain_dcnn, start_training, train_stage
 
-SCRIPT_DEFAULTS = {
-    "synthetic": dict(iters=60, lr=1e-2, batch_size=8),
-    "voc": dict(iters=2000, lr=1e-3, batch_size=10),
-}
-PRETRAIN_DEFAULTS = {"synthetic": 1500, "voc": 0}
-SEARCH_DEFAULTS = {
-    # DeepLab's ranges (paper, section 4.1): w1 in [5, 10], sigma_alpha in [50:10:100],
+# This script's own defaults, over train/options.py's DATASET_PRESETS.
+PRESETS = {
+    # DeepLab's search ranges (paper, section 4.1): w1 in [5, 10], sigma_alpha in [50:10:100],
     # sigma_beta in [3:1:10]; w2 = sigma_gamma = 3.
-    "voc": dict(w1=[5, 6, 7, 8, 9, 10], sxy=[50, 60, 70, 80, 90, 100], srgb=[3, 4, 5, 6, 7, 8, 9, 10],
-                samples=100),
+    "voc": dict(iters=2000, lr=1e-3, batch_size=10, crf_lr_mult=1.0, search_w1=[5, 6, 7, 8, 9, 10],
+                search_sxy=[50, 60, 70, 80, 90, 100], search_srgb=[3, 4, 5, 6, 7, 8, 9, 10],
+                search_samples=100),
     # The same idea on the small synthetic images.
-    "synthetic": dict(w1=[3, 5, 10], sxy=[10, 20, 40], srgb=[6, 12, 24], samples=24),
+    "synthetic": dict(iters=60, lr=1e-2, crf_lr_mult=1.0, search_w1=[3, 5, 10], search_sxy=[10, 20, 40],
+                      search_srgb=[6, 12, 24], search_samples=24),
 }
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(
-        description="Stage 2: fit the fully connected CRF on a frozen DCNN, by gradient (CRF-RNN) "
-                    "or by DeepLab's grid search (--search).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help)
+    p = options.parser("Stage 2: fit the fully connected CRF on a frozen DCNN, by gradient (CRF-RNN) "
+                       "or by DeepLab's grid search (--search). Defaults depend on --dataset.", add_help)
     p.add_argument("--dcnn", default=None, metavar="CKPT",
-                   help="the DCNN (train/dcnn.py's model.pt); without it a short DCNN stage runs first "
-                        "(synthetic only)")
-    p.add_argument("--pretrain-iters", type=int, default=None,
-                   help="DCNN iterations when no --dcnn is given (synthetic 1500)")
-    p.add_argument("--pretrain-lr", type=float, default=1e-3, help="lr of that DCNN stage")
+                   help="the DCNN (train/dcnn.py's model.pt); none: a DCNN stage runs first "
+                        "(--pretrain-iters)")
+    options.add_pretrain_args(p)
     s = p.add_argument_group("grid search (--search)")
     s.add_argument("--search", action="store_true", help="grid-search w1, σα, σβ instead of gradient training")
-    s.add_argument("--search-w1", type=float, nargs="+", default=None, help="bilateral weights to try")
-    s.add_argument("--search-sxy", type=float, nargs="+", default=None, help="σα values (px) to try")
-    s.add_argument("--search-srgb", type=float, nargs="+", default=None, help="σβ values (0..255) to try")
-    s.add_argument("--search-samples", type=int, default=None,
-                   help="validation images to search on (VOC: 100 as in the paper; synthetic 24)")
+    s.add_argument("--search-w1", type=float, nargs="+", help="bilateral weights to try")
+    s.add_argument("--search-sxy", type=float, nargs="+", help="σα values (px) to try")
+    s.add_argument("--search-srgb", type=float, nargs="+", help="σβ values (0..255) to try")
+    s.add_argument("--search-samples", type=int, help="validation images to search on")
     options.add_data_args(p)
     options.add_model_args(p)
     options.add_crf_args(p)
     options.add_optim_args(p)
     options.add_run_args(p, "runs/crf")
-    return p
+    return options.set_presets(p, PRESETS)
 
 
 def main(args):
-    info, out, timer, train_set, val_set, names, val_loader, logger = runner.start_training(
-        args, SCRIPT_DEFAULTS)
-    if args.pretrain_iters is None:
-        args.pretrain_iters = PRETRAIN_DEFAULTS[args.dataset]
-    if args.crf_lr_mult is None:
-        args.crf_lr_mult = 1.0
-    ckpt = out / "checkpoint.pt"
-    resumed = runner.open_resume(args)
+    run = start_training(args)
+    info, out = run.info, run.out
+    resumed = open_resume(args)
 
     # ---- the frozen DCNN
     if args.dcnn:
-        net, _ = runner.load_model(args.dcnn)
+        net, _ = load_model(args.dcnn)
         if net.config["num_classes"] != args.num_classes:
             raise ValueError(f"--dcnn {args.dcnn} has {net.config['num_classes']} classes, the data "
                              f"{args.num_classes}")
         net.to(info.device)
+    elif resumed is not None and resumed["stage"] == "crf":
+        net, _ = load_model(args.resume)    # the DCNN this run trained first, kept in its checkpoint
+        net.to(info.device)
     elif args.pretrain_iters > 0:
         net = options.build_net(args).to(info.device)
-        if resumed is None or resumed["stage"] == "dcnn":
-            state = load_training_state(args.resume, net) if resumed is not None else None
-            runner.log(f"no --dcnn: training the DCNN first, {args.pretrain_iters} iterations")
-            runner.train_dcnn(args, info, net, train_set, val_loader, logger, args.pretrain_iters,
-                              ckpt, resume_state=state, lr=args.pretrain_lr)
-            resumed = None
-            if info.is_main:
-                models.save_checkpoint(out / "dcnn.pt", net)
+        resumed = pretrain_dcnn(args, run, net, resumed)
     else:
         raise ValueError("give the DCNN to build on with --dcnn CKPT (train/dcnn.py's model.pt)")
     net.requires_grad_(False)
@@ -106,63 +92,51 @@ def main(args):
 
     crf = options.build_crf(args)
     joint = models.DeepLabCRF(net, crf).to(info.device)
-    initial, init_examples = engine.evaluate(joint, val_loader, args.num_classes, info.device,
-                                             bands=args.bands, class_names=names, amp=args.amp,
+    initial, init_examples = engine.evaluate(joint, run.val_loader, args.num_classes, info.device,
+                                             bands=args.bands, class_names=run.class_names, amp=args.amp,
                                              num_examples=6, progress=not args.no_progress,
                                              desc="eval (initial CRF)")
     report = {"dcnn": initial["dcnn"], "crf_initial": initial["crf"],
               "crf_initial_params": {"bilateral": list(args.bilateral), "spatial": list(args.spatial)}}
 
     if args.search:
-        best, grid = grid_search(args, info, net, val_set)
+        best, grid = grid_search(args, info, net, run.val_set)
         report["search"] = grid
         args.bilateral = [best["sxy"], best["srgb"], best["w1"]]
         crf = options.build_crf(args)
         joint = models.DeepLabCRF(net, crf).to(info.device)
-        runner.log(f"best on {grid['samples']} images: w1 {best['w1']:g}, σα {best['sxy']:g}, "
-                   f"σβ {best['srgb']:g} (mIoU {100 * best['miou']:.2f})")
+        log(f"best on {grid['samples']} images: w1 {best['w1']:g}, σα {best['sxy']:g}, "
+            f"σβ {best['srgb']:g} (mIoU {100 * best['miou']:.2f})")
         label = "DCNN + CRF (grid search)"
     else:
-        state = None
-        start = 0
-        if resumed is not None and resumed["stage"] == "crf":
-            state = load_training_state(args.resume, joint)
-            start = int(state["iteration"])
-        model = dist_utils.wrap_ddp(joint, info)
         opt = engine.build_optimizer(joint, name=args.optimizer, lr=args.lr, momentum=args.momentum,
                                      weight_decay=args.weight_decay, crf_lr_mult=args.crf_lr_mult,
                                      crf_weight_decay=args.crf_weight_decay)
-        scaler = runner.make_scaler(args, info)
-        if state is not None:
-            runner._restore_optim(state, opt, scaler)
-            logger.truncate("crf", start)
-        cfg = runner.loop_config(args, "crf", args.iters, ckpt, stop_at=args.stop_at)
-        runner.log(f"learning the CRF by gradient on the frozen DCNN, {args.iters} iterations")
-        report["train"] = engine.train_loop(model, train_set, crf_loss, opt, cfg, info, start_iter=start,
-                                            scaler=scaler, logger=logger, args=args,
-                                            eval_fn=runner.periodic_eval(args, joint, val_loader, info))
+        log(f"learning the CRF by gradient on the frozen DCNN, {args.iters} iterations")
+        report["train"] = train_stage(args, run, joint, opt, crf_loss, "crf", args.iters,
+                                      resume=resumed is not None, stop_at=args.stop_at)
         label = "DCNN + CRF (learnt)"
         if report["train"]["stopped"]:
-            runner.log(f"stopped after iteration {args.stop_at}; continue with --resume {ckpt}")
+            log(f"stopped after iteration {args.stop_at}; continue with --resume {run.checkpoint}")
             return None
 
-    final, final_examples = engine.evaluate(joint, val_loader, args.num_classes, info.device,
-                                            bands=args.bands, class_names=names, amp=args.amp,
+    final, final_examples = engine.evaluate(joint, run.val_loader, args.num_classes, info.device,
+                                            bands=args.bands, class_names=run.class_names, amp=args.amp,
                                             num_examples=6, progress=not args.no_progress,
                                             desc="eval (final CRF)")
     report["crf_final"] = final["crf"]
     report["crf_final_params"] = {"bilateral": list(args.bilateral), "spatial": list(args.spatial)}
-    report["seconds"] = timer()
+    report["seconds"] = run.seconds()
     rows = [("DCNN alone", initial["dcnn"]), ("DCNN + CRF (initial parameters)", initial["crf"]),
             (label, final["crf"])]
     if info.is_main:
         models.save_checkpoint(out / "model.pt", joint)
-        runner.write_json(out / "metrics.json", report)
-        runner.band_plot(out / "bands.png", dict(rows))
-        runner.examples_png(out / "examples.png", {"DCNN": (init_examples, "dcnn"),
-                                                   "+CRF initial": (init_examples, "crf"),
-                                                   "+CRF final": (final_examples, "crf")})
-        print(runner.format_table(rows))
+        reports.write_json(out / "metrics.json", report)
+        reports.band_plot(out / "bands.png", dict(rows))
+        reports.examples_png(out / "examples.png", {"DCNN": (init_examples, "dcnn"),
+                                                    "+CRF initial": (init_examples, "crf"),
+                                                    "+CRF final": (final_examples, "crf")})
+        print(reports.format_table(rows))
         print(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'bands.png'}, {out / 'examples.png'}")
     return report
 
@@ -181,29 +155,19 @@ def grid_search(args, info, net, val_set):
     evaluates its share of the images; confusion matrices are summed. Returns the best point and
     ``{"samples", "points": [{"w1", "sxy", "srgb", "miou"}, ...]}``.
     """
-    d = SEARCH_DEFAULTS[args.dataset]
-    w1s = args.search_w1 or d["w1"]
-    sxys = args.search_sxy or d["sxy"]
-    srgbs = args.search_srgb or d["srgb"]
-    n = min(len(val_set), args.search_samples or d["samples"])
+    n = min(len(val_set), args.search_samples)
     subset = torch.utils.data.Subset(val_set, list(range(n)))
     loader = engine.make_eval_loader(subset, info, args.eval_batch_size, args.workers)
     cached = []
     for images, labels, sizes, _ in loader:
         images = images.to(info.device)
         cached.append((images, net(images, upsample=True).float(), labels, sizes))
-    gxy, w2 = args.spatial
     points = []
-    combos = list(itertools.product(w1s, sxys, srgbs))
+    combos = list(itertools.product(args.search_w1, args.search_sxy, args.search_srgb))
     for w1, sxy, srgb in tqdm(combos, desc="grid search", dynamic_ncols=True,
                               disable=args.no_progress or not info.is_main):
-        import crfrnn
-
-        crf = crfrnn.CRFRNNLayer(args.num_classes, num_iterations=args.crf_eval_iters,
-                                 num_eval_iterations=args.crf_eval_iters,
-                                 bilateral=(float(sxy), float(srgb), float(w1)), spatial=(gxy, w2),
-                                 image_mean=list(options.IMAGENET_MEAN),
-                                 image_std=list(options.IMAGENET_STD)).to(info.device).eval()
+        crf = options.crf_layer(args.num_classes, (sxy, srgb, w1), args.spatial, args.crf_eval_iters,
+                                args.crf_eval_iters).to(info.device).eval()
         cm = ConfusionMatrix(args.num_classes)
         for images, unary, labels, sizes in cached:
             pred = crf(unary, images).argmax(1).cpu()
@@ -217,4 +181,4 @@ def grid_search(args, info, net, val_set):
 
 
 if __name__ == "__main__":
-    runner.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

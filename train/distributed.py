@@ -49,6 +49,12 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def log(msg: str):
+    """Print on rank 0 only."""
+    if is_main_process():
+        print(msg, flush=True)
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``"auto"`` -> ``cuda:LOCAL_RANK`` when a GPU is present, else CPU; ``"cpu"``; ``"cuda"``
     (``ValueError`` without a GPU); or an explicit ``"cuda:K"``."""

@@ -26,6 +26,7 @@ from .data.transforms import denormalize
 from .metrics import BandAccuracy, ConfusionMatrix
 
 LR_POLICIES = ("step", "poly")
+OPTIMIZERS = ("sgd", "adam")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -94,7 +95,7 @@ def build_optimizer(model, *, name: str = "sgd", lr: float = 1e-3, momentum: flo
     if name == "adam":
         # Adam's weight decay is L2 as in SGD (added to the gradient).
         return torch.optim.Adam(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; expected sgd or adam")
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
 # ----------------------------------------------------------------------------- losses

@@ -13,54 +13,49 @@ A checkpoint without a CRF (train/dcnn.py) is evaluated with a CRF built from --
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
-import argparse
 import os
 from pathlib import Path
 
 import models
-from train import engine, options, runner
+from train import engine, options, reports
+from train.checkpoint import load_model
+from train.data import DATASETS
+from train.distributed import log
+from train.process import run_main, setup
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(
-        description="Evaluate a DeepLab / DeepLab+CRF checkpoint: mIoU, per-class IoU, pixel "
-                    "accuracy and boundary-band (trimap) accuracy, with and without the CRF.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help)
+    p = options.parser("Evaluate a DeepLab / DeepLab+CRF checkpoint: mIoU, per-class IoU, pixel "
+                       "accuracy and boundary-band (trimap) accuracy, with and without the CRF.", add_help)
     p.add_argument("--checkpoint", default="runs/joint/model.pt",
-                   help="a models checkpoint (model.pt or checkpoint.pt of any train/ script)")
+                   help="a model checkpoint (model.pt, dcnn.pt or checkpoint.pt of any train/ script)")
     p.add_argument("--no-crf", action="store_true", help="evaluate the DCNN alone")
     p.add_argument("--examples", type=int, default=6, help="rows in examples.png")
-    options.add_data_args(p)
-    options.add_crf_args(p)
-    g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default="runs/eval", help="where metrics.json and the PNGs go")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
-    g.add_argument("--eval-batch-size", type=int, default=None, help="images per batch")
-    g.add_argument("--bands", type=float, nargs="+", default=None, help="trimap band widths (px)")
-    g.add_argument("--amp", action="store_true", help="mixed precision for the DCNN")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-progress", action="store_true")
-    return p
+    options.add_data_args(p, training=False)
+    options.add_crf_args(p, training=False)
+    options.add_run_args(p, "runs/eval", training=False)
+    # The number of classes is the checkpoint's unless given.
+    return options.set_presets(p, {ds: dict(num_classes=None) for ds in DATASETS})
 
 
 def main(args):
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint} not found (train one first, e.g. "
                                 "python train/joint.py, or pass --checkpoint)")
-    net, crf = runner.load_model(args.checkpoint)
+    net, crf = load_model(args.checkpoint)
     ckpt_classes = net.config["num_classes"]
     if args.num_classes is None:
         args.num_classes = ckpt_classes
     elif args.num_classes != ckpt_classes:
         raise ValueError(f"--num-classes {args.num_classes} but {args.checkpoint} has {ckpt_classes}")
-    info = runner.setup(args)
+    info = setup(args)
     out = Path(args.out_dir)
-    _, val_set, names = runner.make_sets(args, train=False)
+    _, val_set, names = options.make_sets(args, train=False)
     loader = engine.make_eval_loader(val_set, info, args.eval_batch_size, args.workers)
     if crf is None and not args.no_crf:
-        crf = options.build_crf(args)
-        runner.log(f"the checkpoint has no CRF: adding one with bilateral {args.bilateral}, "
-                   f"spatial {args.spatial}")
+        crf = options.crf_layer(args.num_classes, args.bilateral, args.spatial, args.crf_eval_iters,
+                                args.crf_eval_iters)
+        log(f"the checkpoint has no CRF: adding one with bilateral {args.bilateral}, spatial {args.spatial}")
     if crf is not None:
         crf.num_eval_iterations = args.crf_eval_iters
     model = models.DeepLabCRF(net, crf).to(info.device)
@@ -69,15 +64,15 @@ def main(args):
                                     num_examples=args.examples, progress=not args.no_progress)
     if info.is_main:
         rows = [("DCNN", res["dcnn"])] + ([("DCNN + CRF", res["crf"])] if "crf" in res else [])
-        runner.write_json(out / "metrics.json", {"checkpoint": str(args.checkpoint), "dataset": args.dataset,
-                                                 "images": len(val_set), **res})
-        runner.band_plot(out / "bands.png", dict(rows))
+        reports.write_json(out / "metrics.json", {"checkpoint": str(args.checkpoint), "dataset": args.dataset,
+                                                  "images": len(val_set), **res})
+        reports.band_plot(out / "bands.png", dict(rows))
         cols = {"DCNN": (examples, "dcnn")}
         if "crf" in res:
             cols["DCNN + CRF"] = (examples, "crf")
-        runner.examples_png(out / "examples.png", cols)
+        reports.examples_png(out / "examples.png", cols)
         print(f"{args.checkpoint} on {len(val_set)} {args.dataset} images:")
-        print(runner.format_table(rows))
+        print(reports.format_table(rows))
         print(per_class_table(rows))
         print(f"wrote {out / 'metrics.json'}, {out / 'bands.png'}, {out / 'examples.png'}")
     return res
@@ -96,4 +91,4 @@ def per_class_table(rows) -> str:
 
 
 if __name__ == "__main__":
-    runner.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

@@ -1,165 +1,240 @@
-"""Command-line options shared by the scripts, and their dataset-dependent defaults.
+"""Command-line options shared by the scripts, their per-dataset defaults, and what they build.
 
-Options left unset (``None``) take the defaults of the chosen dataset in :func:`finalize`:
-PASCAL VOC gets the papers' recipe (full-width VGG-16, batch 20, 6000 iterations, lr 1e-3 ×10 on
-the classifier, ×0.1 every 2000, 321 crops); the synthetic set gets a small, fast setting that
-finishes on two CPU cores in minutes.
+Every default is in the parser, so ``--help`` shows it. Where the default depends on
+``--dataset``, it comes from :data:`DATASET_PRESETS` (a script changes rows for itself with
+:func:`set_presets`), ``--help`` prints the value for each dataset ("synthetic: 0.125; voc: 1.0"),
+and :func:`finalize` keeps the chosen dataset's after parsing. PASCAL VOC gets the papers' recipe
+(full-width VGG-16, batch 20, 6000 iterations, lr 1e-3 ×10 on the classifier, ×0.1 every 2000,
+321 crops); the synthetic set gets a small, fast setting that finishes on two CPU cores in minutes.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-from .data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_dataset
+import crfrnn
+import models
+from crfrnn.crf import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS
 
-# Per-dataset defaults for options that default to None.
-DEFAULTS = {
-    "voc": dict(width=1.0, image_size=None, num_classes=21, batch_size=20, iters=6000, lr=1e-3,
-                optimizer="sgd", lr_policy="step", lr_step=2000, crop_size=321, min_scale=0.5,
-                max_scale=1.5, workers=min(4, os.cpu_count() or 1), ckpt_every=500, eval_every=1000, eval_batch_size=1,
-                train_samples=None, val_samples=None, crf_preset="deeplab",
-                bands=[1, 2, 3, 4, 6, 8, 12, 16, 20, 30, 40], dropout=0.5, dcnn_loss="coarse",
-                classifier_lr_mult=10.0),
-    "synthetic": dict(width=0.125, image_size=64, num_classes=4, batch_size=8, iters=1500, lr=1e-3,
-                      optimizer="adam", lr_policy="poly", lr_step=1000, crop_size=0, min_scale=1.0,
-                      max_scale=1.0, workers=0, ckpt_every=100, eval_every=0, eval_batch_size=20,
-                      train_samples=1024, val_samples=100, crf_preset="synthetic",
-                      bands=[1, 2, 3, 4, 6, 8, 12], dropout=0.0, dcnn_loss="full",
-                      classifier_lr_mult=1.0),
+from .data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, SegmentationSet, build_dataset, eval_transform, \
+    train_transform
+from .engine import LR_POLICIES, OPTIMIZERS
+
+#: The defaults that depend on the dataset, for every script (a script may change a row for
+#: itself: :func:`set_presets`). ``None``: the option's help says what happens then.
+DATASET_PRESETS = {
+    "synthetic": dict(
+        num_classes=4, train_samples=1024, val_samples=100, crop_size=0, min_scale=1.0, max_scale=1.0,
+        workers=0, width=0.125, dropout=0.0, crf_preset="synthetic",
+        # The CRF's C x C matrices are O(1-10): under Adam's per-step moves of ~lr they need a larger lr.
+        crf_lr_mult=10.0,
+        iters=1500, batch_size=8, lr=1e-3, optimizer="adam", classifier_lr_mult=1.0, lr_policy="poly",
+        lr_step=1000, dcnn_loss="full", pretrain_iters=1500,
+        ckpt_every=100, eval_every=0, eval_batch_size=20, bands=[1, 2, 3, 4, 6, 8, 12],
+        threads=1),
+    "voc": dict(
+        num_classes=21, train_samples=None, val_samples=None, crop_size=321, min_scale=0.5, max_scale=1.5,
+        workers=min(4, os.cpu_count() or 1), width=1.0, dropout=0.5, crf_preset="deeplab",
+        crf_lr_mult=1.0,
+        iters=6000, batch_size=20, lr=1e-3, optimizer="sgd", classifier_lr_mult=10.0, lr_policy="step",
+        lr_step=2000, dcnn_loss="coarse", pretrain_iters=0,
+        ckpt_every=500, eval_every=1000, eval_batch_size=1, bands=[1, 2, 3, 4, 6, 8, 12, 16, 20, 30, 40],
+        threads=0),
 }
 
-# CRF parameters: (bilateral sigma_xy, sigma_rgb, weight), (spatial sigma_xy, weight).
+#: Initial CRF parameters: bilateral (sigma_xy px, sigma_rgb, weight), spatial (sigma_xy px, weight).
 CRF_PRESETS = {
-    # DeepLab-LargeFOV's cross-validated values (VOC, ~500x375 images).
-    "deeplab": dict(bilateral=(121.0, 5.0, 4.0), spatial=(3.0, 3.0)),
-    # CRF-RNN's defaults.
-    "crfasrnn": dict(bilateral=(160.0, 3.0, 5.0), spatial=(3.0, 3.0)),
+    "deeplab": DEEPLAB_LARGEFOV_PARAMS,   # DeepLab-LargeFOV's cross-validated values (VOC)
+    "crfasrnn": CRFRNN_PARAMS,           # CRF-RNN's defaults
     # Small images with flat, strongly coloured objects (the synthetic set): the best point of a
     # grid (w1 3/5/10, sigma_alpha 10/20/40, sigma_beta 6/12/24) on stride-8-blurred ground truth.
     "synthetic": dict(bilateral=(40.0, 24.0, 10.0), spatial=(3.0, 3.0)),
 }
 
 
-def add_data_args(p: argparse.ArgumentParser):
+class PerDataset(dict):
+    """A default that depends on ``--dataset``: ``{dataset: value}``, shown by ``--help`` as
+    ``synthetic: 0.125; voc: 1.0`` and replaced by the chosen dataset's value in :func:`finalize`."""
+
+    def __str__(self):
+        return "; ".join(f"{name}: {'none' if value is None else value}" for name, value in self.items())
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show: a ``None`` default (the
+    help says what happens then) and an off switch (``store_true``)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
+    """An empty parser with the scripts' help format."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
+                                   add_help=add_help)
+
+
+def set_presets(p: argparse.ArgumentParser, changes: dict | None = None) -> argparse.ArgumentParser:
+    """Set the defaults of ``p``'s options from :data:`DATASET_PRESETS`, with ``changes``
+    (``{dataset: {option: value}}``, a script's own rows) on top. A value that is the same for
+    every dataset becomes a plain default, others a :class:`PerDataset`. Rows for options ``p``
+    lacks are skipped. Returns ``p``."""
+    table = {ds: {**DATASET_PRESETS[ds], **(changes or {}).get(ds, {})} for ds in DATASETS}
+    names = {a.dest for a in p._actions} & set().union(*table.values())
+    for name in sorted(names):
+        missing = [ds for ds in DATASETS if name not in table[ds]]
+        if missing:
+            raise KeyError(f"the preset of --{name.replace('_', '-')} has no value for {missing}")
+        values = PerDataset((ds, table[ds][name]) for ds in DATASETS)
+        same = all(v == values[DATASETS[0]] for v in values.values())
+        p.set_defaults(**{name: values[DATASETS[0]] if same else values})
+    return p
+
+
+def add_data_args(p: argparse.ArgumentParser, training: bool = True):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=DATASETS,
-                   help="'synthetic': generated shapes, no files needed (default); 'voc': PASCAL VOC 2012 "
-                        "from --data-root (with SBD from --sbd-root for DeepLab's train_aug)")
+                   help="'synthetic': generated shapes, no files needed; 'voc': PASCAL VOC 2012 from "
+                        "--data-root" + (" (with SBD from --sbd-root for DeepLab's train_aug)" if training else ""))
     g.add_argument("--data-root", default=None,
-                   help="VOC folder: the one holding VOCdevkit, VOCdevkit, or VOCdevkit/VOC2012")
-    g.add_argument("--sbd-root", default=None,
-                   help="SBD's benchmark_RELEASE/dataset: adds SBD train+val (minus VOC val) to training")
-    g.add_argument("--train-split", default="train", help="VOC ImageSets/Segmentation list to train on")
-    g.add_argument("--val-split", default="val", help="VOC list to evaluate on")
-    g.add_argument("--num-classes", type=int, default=None,
-                   help="classes incl. background (VOC: 21; synthetic default 4)")
-    g.add_argument("--image-size", type=int, default=None, help="synthetic image side in pixels (default 64)")
-    g.add_argument("--train-samples", type=int, default=None,
-                   help="training set size (synthetic default 1024; VOC: first N of the split)")
-    g.add_argument("--val-samples", type=int, default=None,
-                   help="evaluation set size (synthetic default 100; VOC: first N of the split, default all)")
+                   help="VOC folder: the one holding VOCdevkit, VOCdevkit itself, or VOCdevkit/VOC2012 "
+                        "(needed with --dataset voc)")
+    if training:
+        g.add_argument("--sbd-root", default=None,
+                       help="SBD's benchmark_RELEASE/dataset: adds SBD train+val (minus VOC val) to training "
+                            "(none: VOC's training list alone)")
+        g.add_argument("--train-split", default="train", help="VOC ImageSets/Segmentation list to train on")
+    g.add_argument("--val-split", default="val", help="VOC ImageSets/Segmentation list to evaluate on")
+    g.add_argument("--num-classes", type=int,
+                   help="classes incl. background" if training else
+                        "classes incl. background (none: the checkpoint's)")
+    g.add_argument("--image-size", type=int, default=64, help="side of the synthetic images in pixels")
+    if training:
+        g.add_argument("--train-samples", type=int,
+                       help="training set size (VOC: the first N of the list; none: all of it)")
+    g.add_argument("--val-samples", type=int,
+                   help="evaluation set size (VOC: the first N of the list; none: all of it)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset")
-    g.add_argument("--crop-size", type=int, default=None, help="training crop (VOC: 321; 0 = no crop)")
-    g.add_argument("--min-scale", type=float, default=None, help="random scale lower bound (VOC 0.5)")
-    g.add_argument("--max-scale", type=float, default=None, help="random scale upper bound (VOC 1.5)")
-    g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    g.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    if training:
+        g.add_argument("--crop-size", type=int, help="side of the random training crop (0: no crop)")
+        g.add_argument("--min-scale", type=float, help="random scale lower bound")
+        g.add_argument("--max-scale", type=float, help="random scale upper bound")
+        g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes (0: load in the main process)")
     return g
 
 
 def add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
-    g.add_argument("--variant", default="largefov", choices=("largefov", "7x7", "4x4", "4x4-d8"),
+    g.add_argument("--variant", default="largefov", choices=tuple(models.VARIANTS),
                    help="DeepLab fc6 variant (the paper's field-of-view study)")
-    g.add_argument("--width", type=float, default=None,
-                   help="channel multiplier of the VGG-16 (VOC 1.0; synthetic 0.125)")
+    g.add_argument("--width", type=float, help="channel multiplier of the VGG-16")
     g.add_argument("--msc", action="store_true", help="add the multi-scale (MSc) heads")
-    g.add_argument("--dropout", type=float, default=None, help="dropout after fc6/fc7 (VOC 0.5, synthetic 0)")
+    g.add_argument("--dropout", type=float, help="dropout after fc6/fc7")
     g.add_argument("--vgg-weights", default=None,
-                   help="torchvision VGG-16 state dict (.pth) to initialise the backbone (ImageNet)")
+                   help="torchvision VGG-16 state dict (.pth) to initialise the backbone (ImageNet; "
+                        "none: random initialisation)")
     return g
 
 
-def add_crf_args(p: argparse.ArgumentParser):
+def _describe_crf_presets() -> str:
+    """``deeplab (121 5 4; 3 3), ...``: each preset's bilateral and spatial parameters."""
+    show = lambda values: " ".join(f"{x:g}" for x in values)  # noqa: E731
+    return ", ".join(f"{name} ({show(v['bilateral'])}; {show(v['spatial'])})" for name, v in CRF_PRESETS.items())
+
+
+def add_crf_args(p: argparse.ArgumentParser, training: bool = True):
     g = p.add_argument_group("CRF")
-    g.add_argument("--crf-preset", default=None, choices=sorted(CRF_PRESETS),
-                   help="initial CRF parameters: deeplab (w1 4, sα 121, sβ 5, w2 3, sγ 3; VOC default), "
-                        "crfasrnn (5, 160, 3, 3, 3) or synthetic (10, 40, 24, 3, 3)")
+    g.add_argument("--crf-preset", choices=tuple(CRF_PRESETS),
+                   help="initial CRF parameters, bilateral (σα px, σβ, w1) and spatial (σγ px, w2): "
+                        + _describe_crf_presets())
     g.add_argument("--bilateral", type=float, nargs=3, metavar=("SXY", "SRGB", "W"), default=None,
-                   help="bilateral kernel: sigma_alpha (px), sigma_beta (0..255 colour), weight w1")
+                   help="bilateral kernel: sigma_alpha (px), sigma_beta (0..255 colour), weight w1 "
+                        "(none: the --crf-preset's)")
     g.add_argument("--spatial", type=float, nargs=2, metavar=("SXY", "W"), default=None,
-                   help="spatial kernel: sigma_gamma (px), weight w2")
-    g.add_argument("--crf-iters", type=int, default=5, help="mean-field iterations in training (CRF-RNN: 5)")
-    g.add_argument("--crf-eval-iters", type=int, default=10, help="mean-field iterations at evaluation (10)")
-    g.add_argument("--crf-lr-mult", type=float, default=None,
-                   help="lr multiplier of the CRF's kernel weights and compatibility matrix "
-                        "(joint.py: synthetic 10, VOC 1; crf.py: 1)")
-    g.add_argument("--crf-weight-decay", type=float, default=0.0,
-                   help="weight decay of the CRF parameters (0: decay would shrink the Potts start)")
+                   help="spatial kernel: sigma_gamma (px), weight w2 (none: the --crf-preset's)")
+    if training:
+        g.add_argument("--crf-iters", type=int, default=5, help="mean-field iterations in training (CRF-RNN: 5)")
+    g.add_argument("--crf-eval-iters", type=int, default=10, help="mean-field iterations at evaluation")
+    if training:
+        g.add_argument("--crf-lr-mult", type=float,
+                       help="lr multiplier of the CRF's kernel weights and compatibility matrix")
+        g.add_argument("--crf-weight-decay", type=float, default=0.0,
+                       help="weight decay of the CRF parameters (0: decay would shrink the Potts start)")
     return g
 
 
 def add_optim_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, default=None, help="training iterations (VOC 6000)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="global mini-batch, split over processes (VOC 20)")
-    g.add_argument("--lr", type=float, default=None, help="base learning rate (VOC 1e-3)")
-    g.add_argument("--optimizer", default=None, choices=("sgd", "adam"),
-                   help="sgd (momentum; the paper, VOC default) or adam (synthetic default: trains the "
-                        "from-scratch tiny net fast)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--classifier-lr-mult", type=float, default=None,
-                   help="lr multiplier of fc8 (VOC 10 as in the paper; synthetic 1: Adam needs none)")
-    g.add_argument("--lr-policy", default=None, choices=("step", "poly"),
-                   help="step: ×--lr-gamma every --lr-step iterations (VOC); poly: (1-it/max)^--poly-power")
-    g.add_argument("--lr-step", type=int, default=None, help="step policy period (VOC 2000)")
-    g.add_argument("--lr-gamma", type=float, default=0.1)
-    g.add_argument("--poly-power", type=float, default=0.9)
-    g.add_argument("--dcnn-loss", default=None, choices=("coarse", "full"),
+    g.add_argument("--iters", type=int, help="training iterations")
+    g.add_argument("--batch-size", type=int, help="global mini-batch, split over processes")
+    g.add_argument("--lr", type=float, help="base learning rate")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="sgd (momentum; the paper) or adam (trains the from-scratch tiny net fast)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="weight decay (L2, added to the gradient) of the DCNN's weights")
+    g.add_argument("--classifier-lr-mult", type=float,
+                   help="lr multiplier of fc8 (10 in the paper; Adam needs none)")
+    g.add_argument("--lr-policy", choices=LR_POLICIES,
+                   help="step: ×--lr-gamma every --lr-step iterations; poly: (1-it/max)^--poly-power")
+    g.add_argument("--lr-step", type=int, help="step policy period")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="step policy factor")
+    g.add_argument("--poly-power", type=float, default=0.9, help="poly policy exponent")
+    g.add_argument("--dcnn-loss", choices=("coarse", "full"),
                    help="DCNN-stage loss: coarse = on the stride-8 scores vs labels subsampled by 8 (the "
-                        "paper, VOC default); full = on the upsampled scores (synthetic default: its "
-                        "64-px images give only 8x8 score maps)")
-    g.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+                        "paper); full = on the upsampled scores (for tiny images: 64 px give 8x8 scores)")
     return g
 
 
-def add_run_args(p: argparse.ArgumentParser, out_dir: str):
+def add_pretrain_args(g):
+    """The DCNN stage of crf.py and joint.py, run when they get no trained DCNN."""
+    g.add_argument("--pretrain-iters", type=int,
+                   help="DCNN-alone iterations first, when no trained DCNN is given (VOC: train it with "
+                        "train/dcnn.py)")
+    g.add_argument("--pretrain-lr", type=float, default=1e-3, help="base lr of that DCNN stage")
+
+
+def add_run_args(p: argparse.ArgumentParser, out_dir: str, training: bool = True):
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default=out_dir, help=f"where checkpoints, logs and pictures go ({out_dir})")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    g.add_argument("--out-dir", default=out_dir, help="where " + ("checkpoints, logs and pictures"
+                                                              if training else "metrics.json and the PNGs") + " go")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:K")
+    g.add_argument("--threads", type=int,
+                   help="CPU threads for PyTorch (0: PyTorch's choice, shared out among the processes "
+                        "of a CPU run under torchrun when OMP_NUM_THREADS is unset). 1 for the synthetic "
+                        "set: its tiny convolutions gain little from more and lose 5-20x when the cores "
+                        "are shared with other work")
+    g.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    g.add_argument("--eval-batch-size", type=int, help="images per evaluation batch")
+    g.add_argument("--bands", type=float, nargs="+",
+                   help="trimap band widths (px) for the boundary accuracy")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if not training:
+        return g
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue a run exactly from its checkpoint (model, optimiser, schedule, RNG)")
-    g.add_argument("--ckpt-every", type=int, default=None,
+    g.add_argument("--ckpt-every", type=int,
                    help="write the checkpoint every N iterations (a killed run loses at most N)")
-    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N iterations (0 = only at the end)")
-    g.add_argument("--eval-batch-size", type=int, default=None, help="images per evaluation batch")
+    g.add_argument("--eval-every", type=int, help="evaluate every N iterations (0: only at the end)")
     g.add_argument("--log", default="csv", choices=("csv", "tensorboard"),
                    help="metrics log: metrics.csv, or also TensorBoard (needs the tensorboard package)")
     g.add_argument("--log-every", type=int, default=10, help="log the loss every N iterations")
-    g.add_argument("--bands", type=float, nargs="+", default=None,
-                   help="trimap band widths (px) for the boundary accuracy")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for PyTorch (0: PyTorch's choice). Default on CPU: 1 for the "
-                        "synthetic set, whose tiny convolutions gain little from more and lose 5-20x "
-                        "when the cores are shared with other work; PyTorch's choice otherwise")
     g.add_argument("--stop-at", type=int, default=None, metavar="ITER",
                    help="end after this iteration of the (last) training stage, checkpointed, as if "
                         "killed there; continue later with --resume OUT/checkpoint.pt")
     return g
 
 
-def finalize(args: argparse.Namespace, overrides: dict | None = None) -> argparse.Namespace:
-    """Fill options left at None with the dataset's defaults (``overrides[dataset]`` first: a
-    script's own defaults, e.g. its iteration count); check the combination."""
-    d = dict(DEFAULTS[args.dataset])
-    d.update((overrides or {}).get(args.dataset, {}))
-    for k, v in d.items():
-        if getattr(args, k, "missing") is None:
-            setattr(args, k, v)
+def finalize(args: argparse.Namespace) -> argparse.Namespace:
+    """Keep the chosen dataset's value of every :class:`PerDataset` default, fill ``--bilateral``
+    and ``--spatial`` from ``--crf-preset``, and check the combination."""
+    for name, value in vars(args).items():
+        if isinstance(value, PerDataset):
+            setattr(args, name, value[args.dataset])
     if args.dataset == "voc":
         if args.num_classes != 21:
             raise ValueError(f"PASCAL VOC has 21 classes, got --num-classes {args.num_classes}")
@@ -167,9 +242,9 @@ def finalize(args: argparse.Namespace, overrides: dict | None = None) -> argpars
             raise ValueError("--dataset voc needs --data-root DIR (the folder holding VOCdevkit)")
     if getattr(args, "crf_preset", None) is not None:
         preset = CRF_PRESETS[args.crf_preset]
-        if getattr(args, "bilateral", None) is None:
+        if args.bilateral is None:
             args.bilateral = list(preset["bilateral"])
-        if getattr(args, "spatial", None) is None:
+        if args.spatial is None:
             args.spatial = list(preset["spatial"])
     for k in ("iters", "batch_size", "num_classes"):
         if getattr(args, k, None) is not None and getattr(args, k) < 1:
@@ -177,38 +252,41 @@ def finalize(args: argparse.Namespace, overrides: dict | None = None) -> argpars
     return args
 
 
-def datasets(args, train: bool = True):
-    """``(train_raw or None, val_raw)`` raw datasets for the options."""
+def make_sets(args, train: bool = True):
+    """``(train_set or None, val_set, class_names)``: :class:`SegmentationSet` s for the options."""
     kw = dict(data_root=args.data_root, seed=args.data_seed, image_size=args.image_size,
               num_classes=args.num_classes)
+    synthetic = args.dataset == "synthetic"
+    val_raw = build_dataset(args.dataset, "val" if synthetic else args.val_split,
+                            num_samples=args.val_samples, **kw)
+    val = SegmentationSet(val_raw, eval_transform(), args.num_classes)
     tr = None
     if train:
-        tr = build_dataset(args.dataset, "train" if args.dataset == "synthetic" else args.train_split,
-                           sbd_root=args.sbd_root, num_samples=args.train_samples, **kw)
-    va = build_dataset(args.dataset, "val" if args.dataset == "synthetic" else args.val_split,
-                       num_samples=args.val_samples, **kw)
-    return tr, va
+        tr_raw = build_dataset(args.dataset, "train" if synthetic else args.train_split,
+                               sbd_root=args.sbd_root, num_samples=args.train_samples, **kw)
+        tr = SegmentationSet(tr_raw, train_transform(args.crop_size, args.min_scale, args.max_scale,
+                                                     not args.no_flip), args.num_classes, args.seed)
+    return tr, val, list(val_raw.class_names)
+
+
+def crf_layer(num_classes: int, bilateral, spatial, num_iterations: int, num_eval_iterations: int):
+    """A ``crfrnn.CRFRNNLayer`` for ImageNet-normalised images (the DCNN's input), with
+    ``bilateral`` = (sigma_xy, sigma_rgb, w1) and ``spatial`` = (sigma_xy, w2)."""
+    return crfrnn.CRFRNNLayer(num_classes=int(num_classes), num_iterations=int(num_iterations),
+                              num_eval_iterations=int(num_eval_iterations),
+                              bilateral=[float(x) for x in bilateral], spatial=[float(x) for x in spatial],
+                              image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
 
 
 def build_crf(args):
-    """A ``crfrnn.CRFRNNLayer`` from the options, for ImageNet-normalised inputs."""
-    import crfrnn
-
-    sxy, srgb, w1 = args.bilateral
-    gxy, w2 = args.spatial
-    kw = dict(num_classes=int(args.num_classes), num_iterations=int(args.crf_iters),
-              num_eval_iterations=int(args.crf_eval_iters),
-              bilateral=[float(sxy), float(srgb), float(w1)], spatial=[float(gxy), float(w2)],
-              image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
-    return crfrnn.CRFRNNLayer(**kw)
+    """The CRF layer of a training run's options."""
+    return crf_layer(args.num_classes, args.bilateral, args.spatial, args.crf_iters, args.crf_eval_iters)
 
 
 def build_net(args):
     """A fresh ``models.DeepLab`` from the options (ImageNet VGG-16 backbone with --vgg-weights)."""
-    import models
-
     net = models.deeplab(args.variant, num_classes=args.num_classes, msc=args.msc, width=args.width,
                          dropout=args.dropout)
-    if getattr(args, "vgg_weights", None):
+    if args.vgg_weights:
         models.load_vgg16_imagenet(net, args.vgg_weights)
     return net

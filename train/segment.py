@@ -10,7 +10,6 @@ OUT/NAME_overlay.png (the colours blended over the image); with --both, also OUT
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
-import argparse
 import os
 from pathlib import Path
 
@@ -21,34 +20,35 @@ from tqdm import tqdm
 
 import models
 from train import distributed as dist_utils
-from train import engine, options, runner
+from train import engine, options
+from train.checkpoint import load_model
 from train.data import SyntheticShapes
 from train.data.transforms import Normalize, to_tensors
+from train.process import run_main
 from train.visualize import label_image, overlay, save_image_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(
-        description="Segment images with a DeepLab / DeepLab+CRF checkpoint: writes label PNGs "
-                    "(VOC palette) and overlays.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help)
+    p = options.parser("Segment images with a DeepLab / DeepLab+CRF checkpoint: writes label PNGs "
+                       "(VOC palette) and overlays.", add_help)
     p.add_argument("inputs", nargs="*",
                    help="image files and/or folders (searched for images, not recursively); none: "
                         "--demo synthetic images are written to OUT/inputs and segmented")
-    p.add_argument("--checkpoint", default="runs/joint/model.pt", help="a models checkpoint")
+    p.add_argument("--checkpoint", default="runs/joint/model.pt",
+                   help="a model checkpoint (model.pt, dcnn.pt or checkpoint.pt of any train/ script)")
     p.add_argument("--out-dir", default="runs/segment", help="where the PNGs go")
     p.add_argument("--no-crf", action="store_true", help="the DCNN's labels, without the CRF")
     p.add_argument("--both", action="store_true", help="also write the DCNN's labels as NAME_dcnn.png")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the label colours")
     p.add_argument("--demo", type=int, default=4, help="synthetic images to segment when no input is given")
     p.add_argument("--image-size", type=int, default=64, help="size of the synthetic demo images")
-    p.add_argument("--crf-preset", default="synthetic", choices=sorted(options.CRF_PRESETS),
+    p.add_argument("--crf-preset", default="synthetic", choices=tuple(options.CRF_PRESETS),
                    help="CRF parameters when the checkpoint has no CRF")
     p.add_argument("--crf-eval-iters", type=int, default=10, help="mean-field iterations")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -87,13 +87,11 @@ def main(args):
     out = Path(args.out_dir)
     paths = list_inputs(args.inputs) if args.inputs else write_demo_inputs(out / "inputs", args.demo,
                                                                             args.image_size)
-    net, crf = runner.load_model(args.checkpoint)
+    net, crf = load_model(args.checkpoint)
     if crf is None and not args.no_crf:
         preset = options.CRF_PRESETS[args.crf_preset]
-        ns = argparse.Namespace(num_classes=net.config["num_classes"], crf_iters=5,
-                                crf_eval_iters=args.crf_eval_iters, bilateral=preset["bilateral"],
-                                spatial=preset["spatial"])
-        crf = options.build_crf(ns)
+        crf = options.crf_layer(net.config["num_classes"], preset["bilateral"], preset["spatial"],
+                                args.crf_eval_iters, args.crf_eval_iters)
     if crf is not None:
         crf.num_eval_iterations = args.crf_eval_iters
     model = models.DeepLabCRF(net, crf).to(info.device).eval()
@@ -124,4 +122,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    runner.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())
