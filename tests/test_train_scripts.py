@@ -133,6 +133,18 @@ def test_crf_script_resume_warns_about_changed_options(joint_run, tmp_path, caps
     assert "resuming" in out and "--batch-size 2 -> 4" in out
 
 
+def test_crf_script_resumed_without_dcnn_keeps_the_dcnn_it_trained(tmp_path):
+    """Without --dcnn, crf.py trains a DCNN first; resumed in its CRF stage, it takes that DCNN
+    back from the checkpoint (not a fresh one) and ends as an uninterrupted run does."""
+    argv = TINY + ["--pretrain-iters", "2", "--iters", "2"]
+    straight = run(crf_script, argv + ["--out-dir", str(tmp_path / "a")])
+    assert run(crf_script, argv + ["--out-dir", str(tmp_path / "b"), "--stop-at", "1"]) is None
+    resumed = run(crf_script, argv + ["--out-dir", str(tmp_path / "b"),
+                                      "--resume", str(tmp_path / "b" / "checkpoint.pt")])
+    assert resumed["dcnn"]["confusion"] == straight["dcnn"]["confusion"]
+    _assert_same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_cpu_runs_keep_large_blocks_in_the_heap():
     """mallopt accepts the setting (in a subprocess: it changes the process's malloc)."""

@@ -1,0 +1,131 @@
+"""The scripts' command lines: every script's --help (train/ and bench/) shows a real default or
+none, never "(default: None)"; every option says what it does; evaluate.py and segment.py take no
+training option; the per-dataset defaults --help shows are the values the scripts use."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train import crf as crf_script
+from train import dcnn as dcnn_script
+from train import joint as joint_script
+from train import options
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(str(p.relative_to(REPO)) for folder in ("train", "bench") for p in (REPO / folder).glob("*.py")
+                 if 'if __name__ == "__main__":' in p.read_text())
+
+# Load each script as `python SCRIPT` would (its folder first on sys.path, not as __main__) and
+# report its parser: the --help text and, per option, its flags and help string.
+_DUMP = r"""
+import importlib.util, json, sys
+out = {}
+for path in sys.argv[1:]:
+    folder = path.rsplit("/", 1)[0]
+    sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location("script_" + path.replace("/", "_")[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.get_args_parser()
+    out[path] = {"help": parser.format_help(),
+                 "options": [[a.option_strings or [a.dest], a.help] for a in parser._actions]}
+print(json.dumps(out))
+"""
+
+# Options that only a training run uses.
+TRAINING_ONLY = {
+    "--sbd-root", "--train-split", "--train-samples", "--crop-size", "--min-scale", "--max-scale",
+    "--no-flip", "--variant", "--width", "--msc", "--dropout", "--vgg-weights", "--iters", "--batch-size",
+    "--lr", "--optimizer", "--momentum", "--weight-decay", "--classifier-lr-mult", "--lr-policy",
+    "--lr-step", "--lr-gamma", "--poly-power", "--dcnn-loss", "--crf-iters", "--crf-lr-mult",
+    "--crf-weight-decay", "--seed", "--resume", "--ckpt-every", "--eval-every", "--log", "--log-every",
+    "--stop-at", "--init", "--pretrain-iters", "--pretrain-lr", "--unary-loss-weight", "--freeze-crf",
+}
+
+
+@pytest.fixture(scope="module")
+def parsers():
+    """{script path: {"help", "options"}} for every script in train/ and bench/, from one process."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)      # the scripts must find the repository by themselves
+    r = subprocess.run([sys.executable, "-c", _DUMP] + SCRIPTS, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_every_script_is_covered(parsers):
+    assert {"train/joint.py", "train/dcnn.py", "train/crf.py", "train/evaluate.py", "train/segment.py",
+            "bench/crf.py", "bench/lattice.py", "bench/model.py", "bench/crf_accuracy.py"} <= set(parsers)
+
+
+def test_no_help_prints_default_none(parsers):
+    for path, p in parsers.items():
+        text = " ".join(p["help"].split())
+        assert "default: None" not in text and "default: none" not in text, path
+
+
+def test_every_option_has_a_help_text(parsers):
+    for path, p in parsers.items():
+        bare = [flags for flags, text in p["options"] if not (text or "").strip()]
+        assert not bare, f"{path}: options without help: {bare}"
+
+
+@pytest.mark.parametrize("script", ["train/evaluate.py", "train/segment.py"])
+def test_evaluation_scripts_take_no_training_option(parsers, script):
+    flags = {f for flags, _ in parsers[script]["options"] for f in flags}
+    assert not flags & TRAINING_ONLY, sorted(flags & TRAINING_ONLY)
+    assert TRAINING_ONLY <= {f for flags, _ in parsers["train/joint.py"]["options"] for f in flags}
+
+
+def _finalized(module, dataset):
+    argv = ["--dataset", dataset] + (["--data-root", "VOC"] if dataset == "voc" else [])
+    return vars(options.finalize(module.get_args_parser().parse_args(argv)))
+
+
+@pytest.mark.parametrize("module", [joint_script, crf_script, dcnn_script], ids=lambda m: m.__name__)
+def test_help_shows_the_value_each_dataset_runs_with(module):
+    """Where the two datasets' defaults differ, --help names both, as finalize resolves them."""
+    text = " ".join(module.get_args_parser().format_help().split())
+    syn, voc = _finalized(module, "synthetic"), _finalized(module, "voc")
+    differing = [k for k in syn if k not in ("dataset", "data_root", "bilateral", "spatial") and syn[k] != voc[k]]
+    assert {"iters", "batch_size", "width", "optimizer"} <= set(differing)
+    for k in differing:
+        shown = options.PerDataset(synthetic=syn[k], voc=voc[k])
+        assert f"(default: {' '.join(str(shown).split())})" in text, k
+
+
+def test_script_rows_override_the_dataset_presets():
+    syn, voc = _finalized(joint_script, "synthetic"), _finalized(joint_script, "voc")
+    assert (syn["iters"], syn["lr"], voc["iters"]) == (300, 1e-4, options.DATASET_PRESETS["voc"]["iters"])
+    syn = _finalized(crf_script, "synthetic")
+    assert syn["iters"] == 60 and syn["search_w1"] == [3, 5, 10]
+    assert (syn["bilateral"], syn["spatial"]) == ([40.0, 24.0, 10.0], [3.0, 3.0])   # the synthetic preset
+    assert _finalized(crf_script, "voc")["bilateral"] == [121.0, 5.0, 4.0]           # DeepLab's
+
+
+def test_a_preset_row_must_cover_every_dataset():
+    p = options.parser("test")
+    p.add_argument("--only-here", type=int, help="an option the presets know for one dataset only")
+    with pytest.raises(KeyError, match="--only-here"):
+        options.set_presets(p, {"synthetic": {"only_here": 1}})
+
+
+def test_choices_come_from_the_library():
+    import models
+
+    help_text = joint_script.get_args_parser().format_help()
+    assert "{" + ",".join(models.VARIANTS) + "}" in help_text
+    assert "--vgg-weights" in help_text           # the flag models' download hint names
+
+
+def test_scripts_run_as_modules_from_the_repo_root():
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([sys.executable, "-m", "train.joint", "--help"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and re.search(r"--iters ITERS", r.stdout), r.stderr
