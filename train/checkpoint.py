@@ -154,10 +154,12 @@ def check_resume_args(saved: dict, args, keys=("dataset", "num_classes", "width"
         dist_utils.log("warning: resuming with options that differ from the checkpoint's: " + "; ".join(diffs))
 
 
-def load_model(path):
+def load_model(path, num_classes: int | None = None):
     """``(net, crf or None)`` from a model checkpoint of any train/ script (``model.pt``,
-    ``dcnn.pt`` or ``checkpoint.pt``): a DeepLab, or the parts of a DeepLabCRF."""
+    ``dcnn.pt`` or ``checkpoint.pt``): a DeepLab, or the parts of a DeepLabCRF. With
+    ``num_classes`` (``--num-classes``), a net with another number of classes is a ValueError."""
     model, _ = models.load_checkpoint(path)
-    if isinstance(model, models.DeepLabCRF):
-        return model.net, model.crf
-    return model, None
+    net, crf = (model.net, model.crf) if isinstance(model, models.DeepLabCRF) else (model, None)
+    if num_classes is not None and net.config["num_classes"] != num_classes:
+        raise ValueError(f"{path} has {net.config['num_classes']} classes, but --num-classes is {num_classes}")
+    return net, crf

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import models
 from train import distributed as dist_utils
 from train import engine, options, reports
-from train.checkpoint import load_model, open_resume
+from train.checkpoint import load_model
 from train.distributed import log
 from train.metrics import ConfusionMatrix
 from train.process import run_main
@@ -69,19 +69,13 @@ def get_args_parser(add_help=True):
 
 def main(args):
     run = start_training(args)
-    info, out = run.info, run.out
-    resumed = open_resume(args)
+    info, out, resumed = run.info, run.out, run.resumed
 
     # ---- the frozen DCNN
     if args.dcnn:
-        net, _ = load_model(args.dcnn)
-        if net.config["num_classes"] != args.num_classes:
-            raise ValueError(f"--dcnn {args.dcnn} has {net.config['num_classes']} classes, the data "
-                             f"{args.num_classes}")
-        net.to(info.device)
+        net = load_model(args.dcnn, args.num_classes)[0].to(info.device)
     elif resumed is not None and resumed["stage"] == "crf":
-        net, _ = load_model(args.resume)    # the DCNN this run trained first, kept in its checkpoint
-        net.to(info.device)
+        net = load_model(args.resume)[0].to(info.device)   # the DCNN this run trained first
     elif args.pretrain_iters > 0:
         net = options.build_net(args).to(info.device)
         resumed = pretrain_dcnn(args, run, net, resumed)

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file: put the repository root first on
 
 import models
 from train import engine, options, reports
-from train.checkpoint import load_model, open_resume
+from train.checkpoint import load_model
 from train.distributed import log
 from train.process import run_main
 from train.stages import start_training, train_dcnn
@@ -37,10 +37,9 @@ def get_args_parser(add_help=True):
 def main(args):
     run = start_training(args)
     out = run.out
-    net = load_model(args.init)[0] if args.init else options.build_net(args)
+    net = load_model(args.init, args.num_classes)[0] if args.init else options.build_net(args)
     net.to(run.info.device)
-    resumed = open_resume(args)
-    summary = train_dcnn(args, run, net, args.iters, resume=resumed is not None, stop_at=args.stop_at)
+    summary = train_dcnn(args, run, net, args.iters, resume=run.resumed is not None, stop_at=args.stop_at)
     if summary["stopped"]:
         log(f"stopped after iteration {args.stop_at}; continue with --resume {run.checkpoint}")
         return None

@@ -42,12 +42,8 @@ def main(args):
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint} not found (train one first, e.g. "
                                 "python train/joint.py, or pass --checkpoint)")
-    net, crf = load_model(args.checkpoint)
-    ckpt_classes = net.config["num_classes"]
-    if args.num_classes is None:
-        args.num_classes = ckpt_classes
-    elif args.num_classes != ckpt_classes:
-        raise ValueError(f"--num-classes {args.num_classes} but {args.checkpoint} has {ckpt_classes}")
+    net, crf = load_model(args.checkpoint, args.num_classes)
+    args.num_classes = net.config["num_classes"]
     info = setup(args)
     out = Path(args.out_dir)
     _, val_set, names = options.make_sets(args, train=False)

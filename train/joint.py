@@ -26,7 +26,7 @@ import torch
 
 import models
 from train import engine, options, reports
-from train.checkpoint import load_model, open_resume
+from train.checkpoint import load_model
 from train.distributed import log
 from train.process import run_main
 from train.stages import pretrain_dcnn, start_training, train_stage
@@ -62,15 +62,11 @@ def get_args_parser(add_help=True):
 
 def main(args):
     run = start_training(args)
-    info, out = run.info, run.out
-    resumed = open_resume(args)
+    info, out, resumed = run.info, run.out, run.resumed
 
     # ---- the DCNN (and maybe a CRF) to start from
     if args.init:
-        net, crf = load_model(args.init)
-        if net.config["num_classes"] != args.num_classes:
-            raise ValueError(f"--init {args.init} has {net.config['num_classes']} classes, the data "
-                             f"{args.num_classes}")
+        net, crf = load_model(args.init, args.num_classes)
         log(f"initialised from {args.init}" + (" (with its CRF)" if crf is not None else ""))
     else:
         net, crf = options.build_net(args), None

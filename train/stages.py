@@ -12,7 +12,7 @@ import models
 
 from . import distributed as dist_utils
 from . import engine
-from .checkpoint import load_training_state
+from .checkpoint import load_training_state, open_resume
 from .data import SegmentationSet
 from .distributed import log
 from .options import make_sets
@@ -29,6 +29,7 @@ class TrainingRun(NamedTuple):
     class_names: list
     val_loader: object     # engine.make_eval_loader's loader
     logger: engine.MetricLogger
+    resumed: dict | None   # --resume's training state (train.checkpoint.resume_info), or None
 
     @property
     def checkpoint(self) -> Path:
@@ -42,7 +43,8 @@ class TrainingRun(NamedTuple):
 
 def start_training(args) -> TrainingRun:
     """:func:`train.process.setup`, the seeds (``--seed`` + rank), then the train and val sets, the
-    val loader and the metric log in ``--out-dir``."""
+    val loader, the metric log in ``--out-dir`` and what ``--resume`` continues
+    (:func:`train.checkpoint.open_resume`)."""
     info = setup(args)
     engine.seed_everything(args.seed, info.rank)
     started = time.perf_counter()
@@ -50,7 +52,7 @@ def start_training(args) -> TrainingRun:
     val_loader = engine.make_eval_loader(val_set, info, args.eval_batch_size, args.workers)
     out = Path(args.out_dir)
     logger = engine.MetricLogger(out, tensorboard=args.log == "tensorboard", enabled=info.is_main)
-    return TrainingRun(info, out, started, train_set, val_set, names, val_loader, logger)
+    return TrainingRun(info, out, started, train_set, val_set, names, val_loader, logger, open_resume(args))
 
 
 def loop_config(args, stage: str, iters: int, ckpt_path, lr=None, stop_at=None) -> engine.LoopConfig:
