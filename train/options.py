@@ -10,14 +10,15 @@ and :func:`finalize` keeps the chosen dataset's after parsing. PASCAL VOC gets t
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 
 import crfrnn
 import models
 from crfrnn.crf import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS
 
-from .data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, SegmentationSet, build_dataset, eval_transform, \
-    train_transform
+from .data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, SegmentationSet, build_dataset, eval_transform,
+                   train_transform)
 from .engine import LR_POLICIES, OPTIMIZERS
 
 #: The defaults that depend on the dataset, for every script (a script may change a row for
@@ -81,7 +82,8 @@ def set_presets(p: argparse.ArgumentParser, changes: dict | None = None) -> argp
     (``{dataset: {option: value}}``, a script's own rows) on top. A value that is the same for
     every dataset becomes a plain default, others a :class:`PerDataset`. Rows for options ``p``
     lacks are skipped. Returns ``p``."""
-    table = {ds: {**DATASET_PRESETS[ds], **(changes or {}).get(ds, {})} for ds in DATASETS}
+    # a copy: the parsed options may be changed in place without changing the table
+    table = copy.deepcopy({ds: {**DATASET_PRESETS[ds], **(changes or {}).get(ds, {})} for ds in DATASETS})
     names = {a.dest for a in p._actions} & set().union(*table.values())
     for name in sorted(names):
         missing = [ds for ds in DATASETS if name not in table[ds]]
