@@ -64,7 +64,8 @@ def build_lattice_ref(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def lattice_filter_ref(values: torch.Tensor, vertex_index: torch.Tensor, weights: torch.Tensor,
                        neighbors: torch.Tensor, splat_offsets: torch.Tensor,
                        splat_entries: torch.Tensor, reverse: bool) -> torch.Tensor:
-    return reference.lattice_filter(values, vertex_index, weights, neighbors, reverse=reverse)
+    return reference.lattice_filter(values, vertex_index, weights, neighbors, splat_offsets, splat_entries,
+                                    reverse=reverse)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import math
 
 import torch
 
-__all__ = ["build_lattice", "lattice_filter", "check_feature_values", "MAX_ABS_FEATURE"]
+__all__ = ["build_lattice", "lattice_filter", "check_feature_values", "check_lattice_tables",
+           "MAX_ABS_FEATURE"]
 
 #: Largest accepted |feature| (after scaling by 1/sigma): keeps int32 keys from overflowing.
 MAX_ABS_FEATURE = 2.0 ** 20
@@ -36,6 +37,57 @@ def check_feature_values(points: torch.Tensor):
     if largest > MAX_ABS_FEATURE:
         raise ValueError(f"features must be at most {MAX_ABS_FEATURE:g} in magnitude (after scaling "
                          f"by 1/sigma), got {largest:g}: is a bandwidth tiny or not applied?")
+
+
+def check_lattice_tables(op, vertex_index, neighbors, splat_offsets=None, splat_entries=None):
+    """ValueError unless the lattice's index tables hold only values the filter can use (the same
+    rules and messages as csrc/checks.h): vertex_index [P, d+1] in [0, M), neighbors [d+1, M, 2]
+    in [0, M] (M: no neighbour), splat_offsets [M+1] non-decreasing from 0 to K = P*(d+1),
+    splat_entries [K] in [0, K). One device sync for all of them."""
+    if vertex_index.dim() != 2 or neighbors.dim() != 3 or neighbors.shape[0] != vertex_index.shape[1] \
+            or neighbors.shape[2] != 2:
+        raise ValueError(f"{op}: vertex_index must be [P, d+1] and neighbors [d+1, M, 2], got "
+                         f"{tuple(vertex_index.shape)} and {tuple(neighbors.shape)}")
+    m, k = neighbors.shape[1], vertex_index.numel()
+    # (name, table, smallest allowed, largest allowed, what the values are)
+    rules = [("vertex_index", vertex_index, 0, m - 1, f"vertex numbers below M = neighbors.size(1) = {m}"),
+             ("neighbors", neighbors, 0, m, f"vertex numbers up to M = {m}, which marks a missing neighbour")]
+    if splat_offsets is not None:
+        if tuple(splat_offsets.shape) != (m + 1,):
+            raise ValueError(f"{op}: splat_offsets must be [M+1 = {m + 1}], got {tuple(splat_offsets.shape)}")
+        rules.append(("splat_offsets", splat_offsets, 0, k,
+                      f"positions in splat_entries, up to K = vertex_index.numel() = {k}"))
+    if splat_entries is not None:
+        if tuple(splat_entries.shape) != (k,):
+            raise ValueError(f"{op}: splat_entries must be [K = {k}], got {tuple(splat_entries.shape)}")
+        rules.append(("splat_entries", splat_entries, 0, k - 1,
+                      f"entries p*(d+1) + r below K = vertex_index.numel() = {k}"))
+    for name, table, *_ in rules:
+        if table.dtype != torch.int32:
+            raise ValueError(f"{op}: lattice index tensors must be int32, got {name} {table.dtype}")
+    rules = [rule for rule in rules if rule[1].numel() > 0]
+    stats = [x.long() for _, table, *_ in rules for x in torch.aminmax(table)]
+    if splat_offsets is not None:
+        steps = splat_offsets[1:].long() - splat_offsets[:-1].long()
+        stats += [splat_offsets[0].long(), splat_offsets[-1].long(),
+                  steps.min() if steps.numel() else splat_offsets.new_zeros((), dtype=torch.long)]
+    if not stats:
+        return
+    values = torch.stack(stats).tolist()
+    for i, (name, _, lo, hi, meaning) in enumerate(rules):
+        smallest, largest = values[2 * i], values[2 * i + 1]
+        if smallest < lo or largest > hi:
+            raise ValueError(f"{op}: {name} holds values in [{smallest}, {largest}], expected [{lo}, {hi}] "
+                             f"({meaning})")
+    if splat_offsets is not None:
+        first, last, smallest_step = values[-3:]
+        if first != 0 or last != k:
+            raise ValueError(f"{op}: splat_offsets must run from 0 to K = vertex_index.numel() = {k}, "
+                             f"got {first} ... {last}")
+        if smallest_step < 0:
+            i = int((steps < 0).nonzero()[0, 0])
+            raise ValueError(f"{op}: splat_offsets must be non-decreasing, got splat_offsets[{i}] = "
+                             f"{int(splat_offsets[i])} > splat_offsets[{i + 1}] = {int(splat_offsets[i + 1])}")
 
 
 def scale_factors(d: int, device) -> torch.Tensor:
@@ -184,10 +236,12 @@ def lattice_filter(values, vertex_index, weights, neighbors, splat_offsets=None,
     Args:
         values (Tensor[N*P, C]): values per point.
         vertex_index, weights (Tensor[N*P, d+1]), neighbors (Tensor[d+1, M, 2]): the lattice.
-        splat_offsets, splat_entries: unused here (the reference splats with index_add_).
+        splat_offsets, splat_entries: checked when given (see `check_lattice_tables`), else
+            unused (the reference splats with index_add_).
     Returns:
         Tensor[N*P, C] in the values' dtype (accumulated in float32 at least).
     """
+    check_lattice_tables("crfrnn::lattice_filter_ref", vertex_index, neighbors, splat_offsets, splat_entries)
     d1, m, _ = neighbors.shape
     c = values.shape[1]
     acc = torch.promote_types(values.dtype, torch.float32)
@@ -196,7 +250,7 @@ def lattice_filter(values, vertex_index, weights, neighbors, splat_offsets=None,
     idx = vertex_index.long()
     # Splat into M+1 rows; row M stays zero and stands for "no neighbour".
     grid = vals.new_zeros(m + 1, c)
-    grid.index_add_(0, idx.reshape(-1), (w[:, :, None] * vals[:, None, :]).reshape(-1, c))
+    grid.index_add_(0, idx.reshape(-1), (w[:, :, None] * vals[:, None, :]).reshape(idx.numel(), c))
     nb = neighbors.long()
     for j in (range(d1 - 1, -1, -1) if reverse else range(d1)):
         blurred = grid[:m] + 0.5 * (grid[nb[j, :, 0]] + grid[nb[j, :, 1]])

@@ -5,6 +5,9 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <string>
+#include <tuple>
+
 #include "lattice_math.h"
 
 namespace crfrnn {
@@ -65,6 +68,67 @@ inline void check_filter_args(const at::Tensor& values, const at::Tensor& vertex
     TORCH_CHECK(t->device() == values.device(), "crfrnn::lattice_filter: lattice tensor on ", t->device(),
                 " but values on ", values.device());
   }
+}
+
+// ---- index tables -------------------------------------------------------------------------------
+// The filter and the fused mean-field op index arrays with the lattice's int32 tables, so a value
+// out of range would read or write outside them. Lattice attributes are public and the ops can be
+// called directly: the CPU launchers scan every table on every call (a min/max pass over ints, a
+// few percent of the filter, which reads the same tables and C values per entry). The CUDA
+// launcher checks on the device instead, without a host sync (cuda::launch_check_tables).
+// Same rules and messages as crfrnn.reference.check_lattice_tables (ValueError in Python).
+
+// The first i with data[i + 1] < data[i] among the n ints at `data`, or -1. (One vectorised pass
+// to tell, a second one to find it only when there is one.)
+inline int64_t first_decrease(const int* data, int64_t n) {
+  bool non_decreasing = true;
+  for (int64_t i = 0; i + 1 < n; ++i) non_decreasing &= data[i] <= data[i + 1];
+  if (non_decreasing) return -1;
+  for (int64_t i = 0;; ++i) {
+    if (data[i + 1] < data[i]) return i;
+  }
+}
+
+// ValueError unless every value of the int32 CPU tensor `table` is in [lo, hi].
+inline void check_table_range(const char* op, const char* name, const at::Tensor& table, int64_t lo,
+                              int64_t hi, const std::string& meaning) {
+  if (table.numel() == 0) return;
+  const auto found = at::aminmax(table);  // ATen's vectorised, parallel reduction
+  const int64_t smallest = std::get<0>(found).item<int64_t>(), largest = std::get<1>(found).item<int64_t>();
+  TORCH_CHECK_VALUE(smallest >= lo && largest <= hi, op, ": ", name, " holds values in [", smallest, ", ", largest,
+                    "], expected [", lo, ", ", hi, "] (", meaning, ")");
+}
+
+// The blur tables of a lattice on the CPU: vertex_index [P, d+1] in [0, M), neighbors [d+1, M, 2]
+// in [0, M] (M: no neighbour). `op` names the op (and kernel) in the messages.
+inline void check_vertex_tables(const std::string& op, const at::Tensor& vertex_index, const at::Tensor& neighbors) {
+  const int64_t m = neighbors.size(1);
+  check_table_range(op.c_str(), "vertex_index", vertex_index, 0, m - 1,
+                    c10::str("vertex numbers below M = neighbors.size(1) = ", m));
+  check_table_range(op.c_str(), "neighbors", neighbors, 0, m,
+                    c10::str("vertex numbers up to M = ", m, ", which marks a missing neighbour"));
+}
+
+// All four index tables of crfrnn::lattice_filter on the CPU (shapes checked by check_filter_args):
+// the blur tables, and the vertex -> entries table in CSR form: splat_offsets [M+1] non-decreasing
+// from 0 to K = vertex_index.numel(), splat_entries [K] in [0, K).
+inline void check_filter_tables(const at::Tensor& vertex_index, const at::Tensor& neighbors,
+                                const at::Tensor& splat_offsets, const at::Tensor& splat_entries) {
+  const char* op = "crfrnn::lattice_filter";
+  check_vertex_tables(op, vertex_index, neighbors);
+  const int64_t k = vertex_index.numel();
+  check_table_range(op, "splat_offsets", splat_offsets, 0, k,
+                    c10::str("positions in splat_entries, up to K = vertex_index.numel() = ", k));
+  const at::Tensor offsets = splat_offsets.contiguous();
+  const int* off = offsets.const_data_ptr<int>();
+  const int64_t m = offsets.numel() - 1;
+  TORCH_CHECK_VALUE(off[0] == 0 && off[m] == k, op, ": splat_offsets must run from 0 to K = vertex_index.numel() = ",
+                    k, ", got ", off[0], " ... ", off[m]);
+  const int64_t decrease = first_decrease(off, m + 1);
+  TORCH_CHECK_VALUE(decrease < 0, op, ": splat_offsets must be non-decreasing, got splat_offsets[", decrease,
+                    "] = ", off[decrease], " > splat_offsets[", decrease + 1, "] = ", off[decrease + 1]);
+  check_table_range(op, "splat_entries", splat_entries, 0, k - 1,
+                    c10::str("entries p*(d+1) + r below K = vertex_index.numel() = ", k));
 }
 
 }  // namespace crfrnn

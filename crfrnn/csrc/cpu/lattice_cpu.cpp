@@ -311,6 +311,7 @@ at::Tensor lattice_filter_cpu(const at::Tensor& values_in, const at::Tensor& ver
                               const at::Tensor& splat_offsets, const at::Tensor& splat_entries,
                               bool reverse) {
   check_filter_args(values_in, vertex_index, weights, neighbors, splat_offsets, splat_entries);
+  check_filter_tables(vertex_index, neighbors, splat_offsets, splat_entries);
   const at::Tensor values = values_in.contiguous();
   at::Tensor out = at::empty_like(values);
   if (values.numel() == 0) return out;

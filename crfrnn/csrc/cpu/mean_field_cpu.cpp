@@ -33,6 +33,7 @@
 #include <utility>
 #include <vector>
 
+#include "../checks.h"
 #include "../lattice_math.h"
 #include "filter_steps.h"
 
@@ -146,11 +147,10 @@ inline int64_t chunk_start(int64_t num_points, int64_t s, int64_t chunks) { retu
 // Cuts the points into chunks: as many as kMaxChunks allows, provided that for every kernel the
 // partial grids hold at most M + P d1 / 8 rows together (zeroing and adding them stays a small
 // part of the splat, which adds P d1 rows). The count depends on the problem only. Sets each
-// kernel's chunk ranges and partial grids, and returns the count. Also checks that every vertex
-// index is in [0, M).
+// kernel's chunk ranges and partial grids, and returns the count. The vertex indices are in
+// [0, M) (check_mean_field_args).
 template <typename T>
 int64_t choose_chunks(std::vector<Kernel<T>>& kernels, int64_t num_points, int64_t cp) {
-  const char* op = "crfrnn::mean_field_inference";
   // The vertex rows touched by each of kMaxChunks fine chunks (empty: lo > hi).
   std::vector<std::vector<ChunkRange>> fine(kernels.size(), std::vector<ChunkRange>(kMaxChunks));
   for (size_t i = 0; i < kernels.size(); ++i) {
@@ -167,10 +167,6 @@ int64_t choose_chunks(std::vector<Kernel<T>>& kernels, int64_t num_points, int64
         fine[i][s] = ChunkRange{lo, hi, 0};
       }
     });
-    for (const ChunkRange& range : fine[i]) {
-      TORCH_CHECK(range.lo > range.hi || (range.lo >= 0 && range.hi <= k.m), op, ": kernel ", i,
-                  ": vertex_index holds values outside [0, M = ", k.m, "): [", range.lo, ", ", range.hi - 1, "]");
-    }
   }
   auto ranges = [&](size_t i, int64_t chunks) {
     std::vector<ChunkRange> coarse(chunks);
@@ -245,6 +241,7 @@ void check_mean_field_args(const at::Tensor& unary, const at::TensorList& vertex
     for (const at::Tensor* t : {&vi, &weights[i], &splat_scale[i], &slice_scale[i], &nb, &pairwise[i]}) {
       TORCH_CHECK(t->device().is_cpu(), op, " (CPU kernel): kernel ", i, " tensor on ", t->device());
     }
+    check_vertex_tables(std::string(op) + ": kernel " + std::to_string(i), vi, nb);
   }
 }
 

@@ -133,11 +133,16 @@ at::Tensor lattice_filter_cuda(const at::Tensor& values_in, const at::Tensor& ve
 
   const at::Tensor values = values_in.contiguous();
   at::Tensor out = at::empty(values.sizes(), values.options());
-  if (values.numel() == 0) return out;
   const at::Tensor vi = vertex_index.contiguous(), w = weights.contiguous(), nb = neighbors.contiguous();
   const at::Tensor off = splat_offsets.contiguous(), ent = splat_entries.contiguous();
   const int64_t num_points = values.size(0), channels = values.size(1), m = nb.size(1);
   const int d1 = static_cast<int>(vi.size(1));
+  // On the device, before the filter's kernels on the same stream, and without a host sync: the
+  // CRF filters one lattice dozens of times per forward (see checks.h for the CPU's scan).
+  check_launch(cuda::launch_check_tables(vi.const_data_ptr<int>(), vi.numel(), nb.const_data_ptr<int>(), d1,
+                                         off.const_data_ptr<int>(), ent.const_data_ptr<int>(), m, stream),
+               "check_tables");
+  if (values.numel() == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "crfrnn_filter_cuda", [&] {
     // Two (M+1) x C buffers; row M stays zero: missing neighbours point at it.

@@ -4,8 +4,11 @@
 // No ATen/torch includes here (nvcc compiles this file in seconds); the launcher
 // lattice_cuda.cpp allocates the buffers and checks the cudaError_t each function returns.
 // Built with --fmad=false (setup.py) so the shared arithmetic rounds as on the CPU.
+#include <assert.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 
 #include <cuda_runtime.h>
 
@@ -98,6 +101,61 @@ __global__ void slice_kernel(const T* __restrict__ grid, const int* __restrict__
   CRFRNN_GRID_STRIDE_LOOP(t, n) { device::slice_one(t, grid, vertex_index, weights, d1, channels, alpha, out); }
 }
 
+// Prints a bad table value and fails a device-side assertion. __assert_fail is what assert()
+// calls: called directly, the check stays in NDEBUG builds. Its message names the table.
+__device__ void report_bad_table_value(const char* table, int64_t position, int value, int64_t lo,
+                                       int64_t hi, const char* assertion) {
+  printf("crfrnn::lattice_filter (CUDA): %s[%lld] = %d, expected a value in [%lld, %lld]\n", table,
+         static_cast<long long>(position), value, static_cast<long long>(lo), static_cast<long long>(hi));
+  __assert_fail(assertion, __FILE__, __LINE__, __func__);
+}
+
+// Positions t of the four tables one after the other: vertex_index, neighbors, offsets, entries.
+__global__ void check_tables_kernel(const int* __restrict__ vertex_index, int64_t num_entries,
+                                    const int* __restrict__ neighbors, int64_t num_neighbors,
+                                    const int* __restrict__ offsets, const int* __restrict__ entries,
+                                    int64_t num_vertices) {
+  const int64_t k = num_entries, m = num_vertices;
+  CRFRNN_GRID_STRIDE_LOOP(t, k + num_neighbors + (m + 1) + k) {
+    int64_t i = t;
+    if (i < k) {
+      const int v = vertex_index[i];
+      if (v < 0 || v >= m) {
+        report_bad_table_value("vertex_index", i, v, 0, m - 1,
+                               "crfrnn::lattice_filter: vertex_index holds a value outside [0, M)");
+      }
+      continue;
+    }
+    i -= k;
+    if (i < num_neighbors) {
+      const int v = neighbors[i];
+      if (v < 0 || v > m) {
+        report_bad_table_value("neighbors", i, v, 0, m,
+                               "crfrnn::lattice_filter: neighbors holds a value outside [0, M]");
+      }
+      continue;
+    }
+    i -= num_neighbors;
+    if (i <= m) {
+      // The ends exactly 0 and K, in between within [offsets[i-1], K].
+      const int v = offsets[i];
+      const int64_t lo = i == 0 ? 0 : (i == m ? k : offsets[i - 1]);
+      const int64_t hi = i == 0 ? 0 : k;
+      if (v < lo || v > hi) {
+        report_bad_table_value("splat_offsets", i, v, lo, hi,
+                               "crfrnn::lattice_filter: splat_offsets is not non-decreasing from 0 to K");
+      }
+      continue;
+    }
+    i -= m + 1;
+    const int v = entries[i];
+    if (v < 0 || v >= k) {
+      report_bad_table_value("splat_entries", i, v, 0, k - 1,
+                             "crfrnn::lattice_filter: splat_entries holds a value outside [0, K)");
+    }
+  }
+}
+
 #undef CRFRNN_GRID_STRIDE_LOOP
 
 }  // namespace
@@ -185,6 +243,16 @@ cudaError_t launch_slice(const T* grid, const int* vertex_index, const T* weight
   if (n <= 0) return cudaSuccess;
   slice_kernel<T><<<num_blocks(n), kThreads, 0, stream>>>(grid, vertex_index, weights, d1, num_points,
                                                           channels, alpha, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_check_tables(const int* vertex_index, int64_t num_entries, const int* neighbors,
+                                int d1, const int* offsets, const int* entries, int64_t num_vertices,
+                                cudaStream_t stream) {
+  const int64_t num_neighbors = 2 * static_cast<int64_t>(d1) * num_vertices;
+  const int64_t n = 2 * num_entries + num_neighbors + num_vertices + 1;
+  check_tables_kernel<<<num_blocks(n), kThreads, 0, stream>>>(vertex_index, num_entries, neighbors, num_neighbors,
+                                                               offsets, entries, num_vertices);
   return cudaGetLastError();
 }
 

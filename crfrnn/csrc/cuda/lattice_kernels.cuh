@@ -55,6 +55,16 @@ cudaError_t launch_csr_offsets(const int* sorted_vertex, int64_t num_entries, in
 
 // ---- filter (T = float or double; accumulation in T) -------------------------------------------
 
+// Checks the index tables of a lattice before a filter reads them (the GPU side of
+// check_filter_tables in checks.h, without a host sync): vertex_index [K] in [0, M), neighbors
+// [2 * d1 * M] in [0, M], offsets [M+1] non-decreasing from 0 to K, entries [K] in [0, K). On the
+// first bad value a thread prints it (table, position, value, expected range) and fails a
+// device-side assertion: the stream's later kernels (the filter) then never run, and the process
+// gets "device-side assert triggered" at its next CUDA call, as for PyTorch's own index checks.
+cudaError_t launch_check_tables(const int* vertex_index, int64_t num_entries, const int* neighbors,
+                                int d1, const int* offsets, const int* entries, int64_t num_vertices,
+                                cudaStream_t stream);
+
 // grid[v, k] = sum over the entries e of vertex v, in increasing order, of
 // weights[e] * values[e / d1, k], for v < M (row M is left untouched: the caller zeroes it).
 template <typename T>
