@@ -1,11 +1,12 @@
 """crfrnn: fully connected CRFs as differentiable recurrent layers, on the permutohedral lattice.
 
 Public API:
-    Lattice, exact_gaussian_filter, bilateral_features, spatial_features  (the lattice engine)
+    Lattice, exact_gaussian_filter, bilateral_features, spatial_features, max_lattice_points
+        (the lattice engine)
     CRFRNNLayer, mean_field, dense_crf  (the mean-field CRF layer and one-call post-processing)
 """
 from .lattice import (MAX_FEATURE_DIM, NORMALIZATIONS, Lattice, bilateral_features,
-                      exact_gaussian_filter, spatial_features)
+                      exact_gaussian_filter, max_lattice_points, spatial_features)
 from .ops import EXTENSION_ERROR, has_native_kernel
 from .crf import CRFRNNLayer, mean_field
 from .functional import dense_crf

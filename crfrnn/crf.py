@@ -250,7 +250,7 @@ class CRFRNNLayer(nn.Module):
     (``crfrnn::mean_field_inference``); otherwise step by step, as autograd needs. Both compute
     the same logits up to float rounding. The spatial lattice depends on the image shape only:
     the layer keeps the last one and reuses it for inputs of the same N, H and W
-    (``clear_lattice_cache()`` frees it).
+    (``clear_lattice_cache()`` frees it; pickling and ``copy.deepcopy`` leave it out).
 
     Shapes:
         unary (Tensor[N, C, H, W]): logits (e.g. a DCNN's scores upsampled to the image).
@@ -369,16 +369,24 @@ class CRFRNNLayer(nn.Module):
         skips its build. It holds about 50 bytes per pixel; `clear_lattice_cache()` frees it.
         """
         key = (tuple(rgb.shape), rgb.dtype, rgb.device, float(self.spatial[0]), self.backend)
-        last = getattr(self, "_last_spatial", None)  # (absent on layers unpickled from older versions)
+        compiling = torch.compiler.is_compiling()  # no Python-side state inside a traced graph
+        last = None if compiling else getattr(self, "_last_spatial", None)  # (absent on old pickles)
         reuse = last[1] if last is not None and last[0] == key else None
         lattices = build_crf_lattices(rgb, self.bilateral, self.spatial, self.backend, spatial_lattice=reuse)
-        if not torch.compiler.is_compiling():  # no Python-side state inside a traced graph
+        if not compiling:
             self._last_spatial = (key, lattices[1])
         return lattices
 
     def clear_lattice_cache(self):
         """Forget the kept spatial lattice (see `_lattices`); the next forward builds it again."""
         self._last_spatial = None
+
+    def __getstate__(self):
+        # Pickling (torch.save of a whole model, copy.deepcopy) leaves the kept spatial lattice
+        # out: it is a cache of about 50 bytes per pixel that the next forward rebuilds.
+        state = super().__getstate__()  # a copy of __dict__
+        state["_last_spatial"] = None
+        return state
 
     def pairwise_matrices(self, dtype=torch.float32):
         """[mu W_bilateral, mu W_spatial]: the C x C matrices applied to each kernel's message."""

@@ -6,13 +6,14 @@
 The filter computes, approximately, out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j over all points j of
 the same image (the point itself included), in O(P d^2) instead of O(P^2).
 """
+import contextlib
 import math
 
 import torch
 
 from . import ops, reference
 
-__all__ = ["Lattice", "MAX_FEATURE_DIM", "NORMALIZATIONS"]
+__all__ = ["Lattice", "MAX_FEATURE_DIM", "NORMALIZATIONS", "max_lattice_points"]
 
 #: Largest feature dimension d the lattice accepts (the C++/CUDA code keeps per-point scratch
 #: arrays of this size on the stack).
@@ -21,6 +22,38 @@ NORMALIZATIONS = ("none", "after", "symmetric")
 #: Keys are int32 lattice coordinates of magnitude up to about 100 |f|: the build ops reject
 #: features beyond this bound (and NaN/Inf) with a ValueError instead of overflowing.
 MAX_ABS_FEATURE = reference.MAX_ABS_FEATURE
+#: The lattice's tables are int32 with the C++ build's scratch indexed up to N*P*d*(d+1): a lattice
+#: holds at most ``max_lattice_points(d)`` points (all images of a batch together).
+INDEX_LIMIT = 2 ** 31
+
+
+def max_lattice_points(d: int) -> int:
+    """Most points (N*P, all images together) a lattice of feature dimension d can hold:
+    N*P*d*(d+1) < 2^31 (e.g. 71.5 million pixels for the CRF's bilateral kernel, d = 5)."""
+    return (INDEX_LIMIT - 1) // (d * (d + 1))
+
+
+def check_lattice_size(num_points: int, d: int, what: str = "features"):
+    """ValueError, before anything is allocated, for more points than a lattice can index."""
+    if num_points > max_lattice_points(d):
+        raise ValueError(f"{what}: {num_points} points (N*P, all images together) with d = {d} features "
+                         f"are more than a lattice can index: at most {max_lattice_points(d)} for d = {d} "
+                         f"(N*P*d*(d+1) < 2^31). Split the batch or downscale the images.")
+
+
+def _normal_tensors():
+    """A context in which new tensors are normal tensors, even under torch.inference_mode().
+
+    A lattice outlives the call that made it (CRFRNNLayer keeps its spatial lattice between
+    calls, and `_cached` keeps per-dtype constants): an inference tensor in it would make a later
+    autograd call fail ("Inference tensors cannot be saved for backward"). Its tensors never
+    carry a graph (they are computed from detached features and constants), so they are the same
+    whatever the grad mode they were made in. (Under torch.compile nothing outlives the graph, and
+    dynamo cannot trace the mode query.)
+    """
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    return torch.inference_mode(False)
 
 
 def _check_float(name, tensor):
@@ -45,6 +78,9 @@ class Lattice:
     (Tensor[N*P, d+1] int32), ``weights`` (Tensor[N*P, d+1]), ``neighbors`` (Tensor[d+1, M, 2]
     int32, M = missing), ``splat_offsets`` (Tensor[M+1]) and ``splat_entries``
     (Tensor[N*P*(d+1)]): the vertex -> points table that makes the splat a deterministic gather.
+    The filter ops check these tables before reading them (a corrupted one raises, see README).
+    A lattice pickles, and its tensors are normal tensors even when built under
+    ``torch.inference_mode()``, so it can serve later autograd calls.
 
     Example:
         >>> f = torch.rand(2, 5, 40, 30) * 4
@@ -68,14 +104,30 @@ class Lattice:
         if not 1 <= d <= MAX_FEATURE_DIM:
             raise ValueError(f"feature dimension d must be in 1..{MAX_FEATURE_DIM}, got {d} "
                              f"(features of shape {tuple(features.shape)})")
+        if features.device.type == "meta":
+            raise ValueError("features are on the meta device: a lattice's size (its vertex count) "
+                             "depends on the feature values, which meta tensors do not have")
+        check_lattice_size(n * points.shape[1], d)
         self.batch_size, self.feature_dim = n, d
         self.num_points = points.shape[1]
         self.device, self.dtype = features.device, features.dtype
         build, self._filter_op = ops.ops_for(backend, features.device)
         self.backend = "reference" if build is torch.ops.crfrnn.build_lattice_ref.default else "native"
-        (self.vertex_index, self.weights, self.neighbors, self.splat_offsets,
-         self.splat_entries) = build(points.contiguous())
+        with _normal_tensors():
+            (self.vertex_index, self.weights, self.neighbors, self.splat_offsets,
+             self.splat_entries) = build(points.contiguous())
         self._cache = {}
+
+    def __getstate__(self):
+        # The filter op is a handle into the dispatcher, which pickle cannot store; it is looked
+        # up again from the backend name and the device on unpickling.
+        state = self.__dict__.copy()
+        del state["_filter_op"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._filter_op = ops.ops_for(self.backend, self.device)[1]
 
     @property
     def num_vertices(self) -> int:
@@ -95,13 +147,13 @@ class Lattice:
             ok = values.dim() == 4 and values.shape[0] == n and tuple(values.shape[2:]) == self.spatial
             if ok:
                 c = values.shape[1]
-                return values.permute(0, 2, 3, 1).reshape(-1, c).contiguous(), c
+                return values.permute(0, 2, 3, 1).reshape(n * self.num_points, c).contiguous(), c
         else:
             expected = f"Tensor[N, P, C] with (N, P) = {(n, self.num_points)}"
             ok = values.dim() == 3 and tuple(values.shape[:2]) == (n, self.num_points)
             if ok:
                 c = values.shape[2]
-                return values.reshape(-1, c).contiguous(), c
+                return values.reshape(n * self.num_points, c).contiguous(), c
         raise ValueError(f"values must be {expected} to match the lattice's features, "
                          f"got shape {tuple(values.shape)}")
 
@@ -127,14 +179,15 @@ class Lattice:
         ("weights" | "norm" | "symmetric", dtype)."""
         if key not in self._cache:
             kind, dtype = key
-            if kind == "weights":
-                value = self.weights.to(dtype)
-            elif kind == "norm":  # the filter's response to all-ones, Tensor[N*P, 1]
-                ones = torch.ones(self.batch_size * self.num_points, 1, device=self.device, dtype=dtype)
-                value = self._raw(ones)
-            else:  # barycentric weights times n = 1/sqrt(K 1), see `filter`
-                n = self.normalization_scales("symmetric", dtype)[0]
-                value = (self.weights_as(dtype) * n[:, None]).contiguous()
+            with _normal_tensors():
+                if kind == "weights":
+                    value = self.weights.to(dtype)
+                elif kind == "norm":  # the filter's response to all-ones, Tensor[N*P, 1]
+                    ones = torch.ones(self.batch_size * self.num_points, 1, device=self.device, dtype=dtype)
+                    value = self._raw(ones)
+                else:  # barycentric weights times n = 1/sqrt(K 1), see `filter`
+                    n = self.normalization_scales("symmetric", dtype)[0]
+                    value = (self.weights_as(dtype) * n[:, None]).contiguous()
             self._cache[key] = value
         return self._cache[key]
 
@@ -147,16 +200,17 @@ class Lattice:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         key = ("scales", normalize, dtype)
         if key not in self._cache:
-            if normalize == "none":
-                ones = torch.ones(self.batch_size * self.num_points, device=self.device, dtype=dtype)
-                self._cache[key] = (ones, ones)
-            else:
-                norm = self._cached(("norm", dtype)).flatten() + 1e-20
-                if normalize == "after":
-                    self._cache[key] = (torch.ones_like(norm), 1.0 / norm)
+            with _normal_tensors():
+                if normalize == "none":
+                    ones = torch.ones(self.batch_size * self.num_points, device=self.device, dtype=dtype)
+                    self._cache[key] = (ones, ones)
                 else:
-                    n = torch.rsqrt(norm)
-                    self._cache[key] = (n, n)
+                    norm = self._cached(("norm", dtype)).flatten() + 1e-20
+                    if normalize == "after":
+                        self._cache[key] = (torch.ones_like(norm), 1.0 / norm)
+                    else:
+                        n = torch.rsqrt(norm)
+                        self._cache[key] = (n, n)
         return self._cache[key]
 
     def filter(self, values: torch.Tensor, normalize: str = "none") -> torch.Tensor:
