@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 
 from . import ops
-from .lattice import NORMALIZATIONS, Lattice, bilateral_features, spatial_features
+from .lattice import NORMALIZATIONS, Lattice, bilateral_features, check_lattice_size, spatial_features
 
 __all__ = ["CRFRNNLayer", "mean_field", "build_crf_lattices", "potts_matrices",
            "CRFRNN_PARAMS", "DEEPLAB_LARGEFOV_PARAMS"]
@@ -217,6 +217,8 @@ def _check_unary_image(unary, image, num_classes=None):
         raise ValueError(f"image is on {image.device} but unary is on {unary.device}")
     if image.dtype == torch.bool or image.is_complex():
         raise TypeError(f"image must be a real (uint8 or float) tensor, got {image.dtype}")
+    # Before anything of the image's size is allocated: the bilateral lattice (d = 5) is the larger.
+    check_lattice_size(image.shape[0] * image.shape[2] * image.shape[3], 5, f"image {tuple(image.shape)}")
 
 
 class CRFRNNLayer(nn.Module):
@@ -397,9 +399,13 @@ class CRFRNNLayer(nn.Module):
         """Refine `unary` (Tensor[N, C, H, W] logits) with the CRF on `image` (Tensor[N, 3, H, W]).
 
         num_iterations (int or None) overrides the mode's iteration count for this call.
-        Returns Tensor[N, C, H, W] logits.
+        Returns Tensor[N, C, H, W] logits. Raises ValueError for NaN/Inf in the unary or the
+        parameters, an image outside 0..255 (when no image_mean/image_std were given), and a
+        non-finite output (parameters or logits too large for the arithmetic); see
+        `_check_values`. Meta tensors give a meta result of the right shape and dtype.
         """
         _check_unary_image(unary, image, self.num_classes)
+        self._check_layer_matches(unary, image)
         if num_iterations is None:
             num_iterations = self.num_iterations if self.training else self.num_eval_iterations
         elif isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
@@ -408,26 +414,96 @@ class CRFRNNLayer(nn.Module):
         n, c, h, w = unary.shape
         if unary.numel() == 0:
             return unary.to(dtype).clone()
-        # One device sync for both checks. A NaN/Inf anywhere makes the sum non-finite, and the
-        # sum costs a twentieth of an elementwise isfinite; a non-finite sum of finite values
-        # (overflow) is told apart below.
-        sum_not_finite, negative_image = torch.stack([
-            ~torch.isfinite(unary.detach().sum()),
-            (image.detach().amin() < 0) if self.image_mean is None and image.is_floating_point()
-            else torch.zeros((), dtype=torch.bool, device=image.device)]).tolist()
-        count = int((~torch.isfinite(unary.detach())).sum()) if sum_not_finite else 0
-        if count:
-            raise ValueError(f"unary contains {count} NaN/Inf values (shape {tuple(unary.shape)}); "
-                             "the CRF needs finite logits")
-        if negative_image:
-            raise ValueError("image has negative values but no normalisation was declared: pass RGB "
-                             "in 0..255, or build the layer with image_mean/image_std")
+        if unary.device.type == "meta":  # shapes only (model summaries, FLOP counters)
+            return torch.empty((n, c, h, w), dtype=dtype, device="meta")
         with torch.autocast(device_type=unary.device.type, enabled=False):
             with torch.no_grad():
-                lattices = self._lattices(self.rgb255(image))
+                try:
+                    lattices = self._lattices(self.rgb255(image))
+                except ValueError as exc:  # NaN/Inf or huge values: features the lattice rejects
+                    raise ValueError(f"image gives bilateral features (colours / sigma_rgb) the lattice "
+                                     f"rejects: {exc}") from exc
+            pairwise = self.pairwise_matrices(dtype)
             # [N, P, C], a view of the channels-first memory: the fused op reads and writes that
             # layout directly (the loop makes it contiguous).
             u = unary.to(dtype).flatten(2).transpose(1, 2)
-            logits = mean_field(u, lattices, self.pairwise_matrices(dtype), num_iterations,
-                                self.normalize, self.checkpoint)
-            return logits.transpose(1, 2).reshape(n, c, h, w)
+            logits = mean_field(u, lattices, pairwise, num_iterations, self.normalize, self.checkpoint)
+            out = logits.transpose(1, 2).reshape(n, c, h, w)
+        self._check_values(unary, image, pairwise, out)
+        return out
+
+    def _check_layer_matches(self, unary, image):
+        """The layer's parameters on the inputs' device; an integer image only without declared
+        normalisation (a normalised image is float)."""
+        if self.compatibility.device != unary.device:
+            raise ValueError(f"the layer's parameters are on {self.compatibility.device} but unary is on "
+                             f"{unary.device}: move the layer with .to({str(unary.device)!r})")
+        if self.image_mean is not None and not image.is_floating_point():
+            raise TypeError(f"image_mean/image_std were given, so image must be a normalised float tensor, "
+                            f"got {image.dtype} (pass RGB 0..255 to a layer built without them)")
+
+    _PARAMETERS = ("bilateral_weight", "spatial_weight", "compatibility")
+
+    def _check_values(self, unary, image, pairwise, out):
+        """ValueError, most specific cause first, for: NaN/Inf in a parameter or in the unary, an
+        image outside 0..255 (when no normalisation was declared), pairwise matrices mu W_m or an
+        output that overflow (finite but huge parameters or logits).
+
+        One device sync for all of them, after the work (errors are rare: a failing call wastes
+        its work, a passing one waits once). The unary and the output are checked through their
+        sums, a twentieth of the cost of an elementwise isfinite: a NaN/Inf anywhere makes the
+        sum non-finite, and an overflowing sum of finite values is told apart afterwards. Under
+        torch.compile the checks are exact and asynchronous (torch._assert_async: no graph break,
+        no sync; the message then gives no counts).
+        """
+        unary, image, out = unary.detach(), image.detach(), out.detach()
+        params = {name: getattr(self, name).detach() for name in self._PARAMETERS}
+        compiling = torch.compiler.is_compiling()
+
+        def maybe_not_finite(t):  # exact when compiling; else may be a false alarm from overflow
+            return ~torch.isfinite(t).all() if compiling else ~torch.isfinite(t.sum())
+
+        checks = {f"parameter {name}": (~torch.isfinite(p).all(), f"CRFRNNLayer.{name} has NaN/Inf values")
+                  for name, p in params.items()}
+        checks["unary"] = (maybe_not_finite(unary), "unary contains NaN/Inf values; the CRF needs finite logits")
+        if self.image_mean is None and image.dtype != torch.uint8:
+            low, high = torch.aminmax(image)
+            checks["image"] = ((low < 0) | (high > 255), "image is outside 0..255 but no normalisation was "
+                               "declared: pass RGB in 0..255, or build the layer with image_mean/image_std")
+        checks["pairwise"] = (~torch.isfinite(torch.stack([m.detach() for m in pairwise])).all(),
+                              "the pairwise matrices compatibility @ weight overflow: the CRF parameters "
+                              "are too large")
+        checks["output"] = (maybe_not_finite(out), "the CRF output has NaN/Inf values: its parameters or "
+                            "logits are too large for the arithmetic")
+        flags = torch.stack([flag for flag, _ in checks.values()])
+        if compiling:
+            for flag, (_, message) in zip(flags.unbind(), checks.values()):
+                torch._assert_async(~flag, message)
+            return
+        raised = dict(zip(checks, flags.tolist()))  # the sync
+        if not any(raised.values()):
+            return
+        # Something may be wrong: find what, exactly (slow is fine here).
+        for name, p in params.items():
+            count = int((~torch.isfinite(p)).sum())
+            if count:
+                raise ValueError(f"CRFRNNLayer.{name} has {count} NaN/Inf values (of {p.numel()}): the "
+                                 "layer's parameters must be finite (a diverged training run or a damaged "
+                                 "checkpoint?)")
+        count = int((~torch.isfinite(unary)).sum()) if raised["unary"] else 0
+        if count:
+            raise ValueError(f"unary contains {count} NaN/Inf values (shape {tuple(unary.shape)}); "
+                             "the CRF needs finite logits")
+        if raised.get("image"):
+            raise ValueError(f"image has values in [{low.item():g}, {high.item():g}] but no normalisation "
+                             "was declared: pass RGB in 0..255, or build the layer with image_mean/image_std")
+        largest = max(float(p.abs().max()) for p in params.values())
+        if raised["pairwise"]:
+            raise ValueError(f"the pairwise matrices compatibility @ weight overflow {pairwise[0].dtype} "
+                             f"(largest |parameter| {largest:g}): the CRF parameters are too large")
+        count = int((~torch.isfinite(out)).sum()) if raised["output"] else 0
+        if count:
+            raise ValueError(f"the CRF output has {count} NaN/Inf values though the unary, image and "
+                             f"parameters are finite: the parameters (largest |value| {largest:g}) or the "
+                             f"logits (largest |value| {float(unary.abs().max()):g}) are too large for "
+                             f"{out.dtype} arithmetic")

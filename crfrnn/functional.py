@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .crf import CRFRNN_PARAMS, _parse_kernels, build_crf_lattices, mean_field, potts_matrices
-from .lattice import NORMALIZATIONS
+from .lattice import NORMALIZATIONS, check_lattice_size
 
 __all__ = ["dense_crf"]
 
@@ -34,7 +34,8 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
     """Refine class probabilities with a fully connected CRF (mean field), in one call.
 
     Args:
-        image (ndarray or Tensor [H, W, 3]): RGB, uint8 (or float in 0..255).
+        image (ndarray or Tensor [H, W, 3]): RGB, uint8 (or float or another integer type, in
+            0..255).
         probs (ndarray or Tensor [C, H, W]): class probabilities per pixel (e.g. a softmax).
         num_iterations (int): mean-field iterations (default 10).
         bilateral ((sigma_xy, sigma_rgb, weight)): appearance kernel, as pydensecrf's
@@ -46,6 +47,9 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
         clip (float): probabilities are clipped to [clip, 1] before the log, as pydensecrf's
             unary_from_softmax does (default 1e-5, the same).
         backend (str): lattice backend, "auto" | "reference" | "native".
+    Raises ValueError for probabilities that are negative or not finite, an image outside 0..255,
+    and a non-finite result (kernel weights too large for the arithmetic).
+
     Returns:
         Refined probabilities [C, H, W]: a float32 ndarray for ndarray `probs`, else a Tensor on
         probs' device (float32, or float64 for float64 probs).
@@ -68,6 +72,11 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
     if tuple(img.shape[:2]) != tuple(p.shape[1:]):
         raise ValueError(f"image {tuple(img.shape)} and probs {tuple(p.shape)} sizes differ: image "
                          "must be [H, W, 3] for probs [C, H, W]")
+    if img.dtype == torch.bool or img.is_complex():
+        raise TypeError(f"image must be real RGB (uint8, or float in 0..255), got {img.dtype}")
+    if p.device.type == "meta":
+        raise ValueError("dense_crf needs probabilities with values, got meta tensors")
+    check_lattice_size(img.shape[0] * img.shape[1], 5, f"image {tuple(img.shape)}")
     if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
         raise ValueError(f"num_iterations must be an int >= 0, got {num_iterations!r}")
     if normalize not in NORMALIZATIONS:
@@ -79,8 +88,9 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
     p = p.to(dtype)
     if not torch.isfinite(p).all() or (p < 0).any():
         raise ValueError("probs must be finite and non-negative")
-    if img.is_floating_point() and (img.amin() < 0 or img.amax() > 255):
-        raise ValueError("image must be RGB in 0..255 (uint8, or float in that range)")
+    if img.dtype != torch.uint8 and img.numel() and (img.amin() < 0 or img.amax() > 255):
+        raise ValueError(f"image must be RGB in 0..255 (uint8, or another dtype in that range), got "
+                         f"{img.dtype} values in [{img.amin().item():g}, {img.amax().item():g}]")
 
     c, h, w = p.shape
     unary = torch.log(p.clamp(min=clip, max=1.0)).flatten(1).t().unsqueeze(0)  # [1, P, C]
@@ -89,4 +99,8 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
         pairwise = potts_matrices(c, (bil[2], spa[1]), dtype=dtype, device=p.device)
         logits = mean_field(unary.contiguous(), lattices, pairwise, num_iterations, normalize)
         q = torch.softmax(logits, dim=-1)[0].t().reshape(c, h, w)
+    if not torch.isfinite(q).all():
+        raise ValueError(f"the CRF output has {int((~torch.isfinite(q)).sum())} NaN/Inf values: the kernel "
+                         f"weights (bilateral {bil[2]:g}, spatial {spa[1]:g}) are too large for {dtype} "
+                         "arithmetic")
     return q.detach().cpu().numpy().astype(np.float32) if numpy_out else q
