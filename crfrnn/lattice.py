@@ -17,28 +17,13 @@ __all__ = ["Lattice", "MAX_FEATURE_DIM", "NORMALIZATIONS", "max_lattice_points"]
 
 #: Largest feature dimension d the lattice accepts (the C++/CUDA code keeps per-point scratch
 #: arrays of this size on the stack).
-MAX_FEATURE_DIM = 31
+MAX_FEATURE_DIM = reference.MAX_FEATURE_DIM
 NORMALIZATIONS = ("none", "after", "symmetric")
 #: Keys are int32 lattice coordinates of magnitude up to about 100 |f|: the build ops reject
 #: features beyond this bound (and NaN/Inf) with a ValueError instead of overflowing.
 MAX_ABS_FEATURE = reference.MAX_ABS_FEATURE
-#: The lattice's tables are int32 with the C++ build's scratch indexed up to N*P*d*(d+1): a lattice
-#: holds at most ``max_lattice_points(d)`` points (all images of a batch together).
-INDEX_LIMIT = 2 ** 31
-
-
-def max_lattice_points(d: int) -> int:
-    """Most points (N*P, all images together) a lattice of feature dimension d can hold:
-    N*P*d*(d+1) < 2^31 (e.g. 71.5 million pixels for the CRF's bilateral kernel, d = 5)."""
-    return (INDEX_LIMIT - 1) // (d * (d + 1))
-
-
-def check_lattice_size(num_points: int, d: int, what: str = "features"):
-    """ValueError, before anything is allocated, for more points than a lattice can index."""
-    if num_points > max_lattice_points(d):
-        raise ValueError(f"{what}: {num_points} points (N*P, all images together) with d = {d} features "
-                         f"are more than a lattice can index: at most {max_lattice_points(d)} for d = {d} "
-                         f"(N*P*d*(d+1) < 2^31). Split the batch or downscale the images.")
+max_lattice_points = reference.max_lattice_points
+check_lattice_size = reference.check_lattice_size
 
 
 def _normal_tensors():

@@ -19,11 +19,43 @@ import math
 
 import torch
 
-__all__ = ["build_lattice", "lattice_filter", "check_feature_values", "check_lattice_tables",
-           "MAX_ABS_FEATURE"]
+__all__ = ["build_lattice", "lattice_filter", "check_features", "check_feature_values",
+           "check_lattice_tables", "check_lattice_size", "max_lattice_points", "MAX_ABS_FEATURE",
+           "MAX_FEATURE_DIM"]
 
 #: Largest accepted |feature| (after scaling by 1/sigma): keeps int32 keys from overflowing.
 MAX_ABS_FEATURE = 2.0 ** 20
+#: Largest feature dimension d (the C++/CUDA code keeps per-point scratch arrays of this size).
+MAX_FEATURE_DIM = 31
+#: The lattice's tables are int32, and the C++ build indexes its scratch up to N*P*d*(d+1).
+INDEX_LIMIT = 2 ** 31
+
+
+def max_lattice_points(d: int) -> int:
+    """Most points (N*P, all images together) a lattice of feature dimension d can hold:
+    N*P*d*(d+1) < 2^31 (e.g. 71.5 million pixels for the CRF's bilateral kernel, d = 5)."""
+    return (INDEX_LIMIT - 1) // (d * (d + 1))
+
+
+def check_lattice_size(num_points: int, d: int, what: str = "features"):
+    """ValueError, before anything is allocated, for more points than a lattice can index."""
+    if num_points > max_lattice_points(d):
+        raise ValueError(f"{what}: {num_points} points (N*P, all images together) with d = {d} features "
+                         f"are more than a lattice can index: at most {max_lattice_points(d)} for d = {d} "
+                         f"(N*P*d*(d+1) < 2^31). Split the batch or downscale the images.")
+
+
+def check_features(features: torch.Tensor, op: str = "crfrnn::build_lattice_ref"):
+    """TypeError/ValueError for features the build cannot use (the checks of csrc/checks.h's
+    check_features): Tensor[N, P, d], floating point, 1 <= d <= MAX_FEATURE_DIM, not too many points."""
+    if not features.is_floating_point():
+        raise TypeError(f"{op}: features must be floating point, got {features.dtype}")
+    if features.dim() != 3:
+        raise ValueError(f"{op}: features must be [N, P, d], got {tuple(features.shape)}")
+    n, p, d = features.shape
+    if not 1 <= d <= MAX_FEATURE_DIM:
+        raise ValueError(f"{op}: feature dimension d must be in 1..{MAX_FEATURE_DIM}, got {d}")
+    check_lattice_size(n * p, d, f"{op}: features {tuple(features.shape)}")
 
 
 def check_feature_values(points: torch.Tensor):
@@ -189,6 +221,7 @@ def build_lattice(features: torch.Tensor):
             splat_entries[splat_offsets[v]:splat_offsets[v+1]], each p*(d+1) + r, in increasing
             order. It makes the splat a deterministic gather (the C++/CUDA backends use it).
     """
+    check_features(features)
     check_feature_values(features)
     n, p, d = features.shape
     dev = features.device

@@ -358,6 +358,8 @@ def test_meta_inputs_give_a_meta_result_or_a_clear_error():
     assert out.device.type == "meta" and out.shape == (2, 3, 9, 7) and out.dtype == torch.float32
     out = crf(torch.empty(2, 3, 9, 7, device="meta", dtype=torch.float64), torch.empty(2, 3, 9, 7, device="meta"))
     assert out.dtype == torch.float64
+    with pytest.raises(ValueError, match="image is on cpu but unary is on meta"):
+        crf(torch.empty(1, 3, 4, 4, device="meta"), torch.rand(1, 3, 4, 4))
     with pytest.raises(ValueError, match="parameters are on cpu but unary is on meta"):
         CRFRNNLayer(3)(torch.empty(1, 3, 4, 4, device="meta"), torch.empty(1, 3, 4, 4, device="meta"))
     with pytest.raises(ValueError, match="meta device.*depends on the feature values"):
@@ -534,9 +536,22 @@ def test_bool_and_complex_tensors_raise_type_errors():
             crfrnn.dense_crf(bad, np.full((3, 4, 5), 1 / 3, np.float32))
 
 
-@needs_native
-def test_feature_dimension_beyond_the_limit_raises_in_the_op_too():
-    with pytest.raises(RuntimeError, match="d must be in 1..31, got 32"):
-        torch.ops.crfrnn.build_lattice(torch.rand(1, 4, 32))
+@pytest.mark.parametrize("op", ["build_lattice", "build_lattice_ref"])
+def test_build_ops_check_their_features_on_direct_calls(op):
+    """Both build ops refuse what the lattice cannot hold (the C++ op with RuntimeError, the
+    reference with ValueError/TypeError), instead of building a lattice of garbage."""
+    if op == "build_lattice" and not NATIVE:
+        pytest.skip("C++ extension not built")
+    build = getattr(torch.ops.crfrnn, op)
+    cases = [(torch.rand(1, 4, 0), "d must be in 1..31, got 0"), (torch.rand(1, 4, 32), "d must be in 1..31, got 32"),
+             (torch.rand(4, 3), r"features must be \[N, P, d\]"),
+             (torch.ones(1, 4, 2, dtype=torch.int32), "features must be floating point"),
+             (torch.ones(1, 4, 2, dtype=torch.complex64), "features must be floating point"),
+             (torch.full((1, 4, 2), float("nan")), "features contain 8 NaN/Inf values")]
+    for features, match in cases:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+            build(features)
+    with pytest.raises((RuntimeError, ValueError), match="too many points|more than a lattice can index"):
+        build(torch.zeros(1, 1, 2).expand(1, 2 ** 30, 2))
     with pytest.raises(ValueError, match="d must be in 1..31, got 32"):
         crfrnn.Lattice(torch.rand(1, 4, 32), backend="reference")
