@@ -162,6 +162,41 @@ def test_bad_index_tables_raise_a_clear_error_not_a_crash(table_run, op):
     assert f"vertex_index holds values in [-1, {m - 1}], expected [0, {m - 1}]" in line
 
 
+_CUDA_BAD_TABLE = textwrap.dedent("""
+    import torch, crfrnn
+    lat = crfrnn.Lattice(torch.rand(1, 50, 3, device="cuda") * 3)
+    assert lat.backend == "native"
+    values = torch.rand(50, 4, device="cuda")
+    good = torch.ops.crfrnn.lattice_filter(values, lat.vertex_index, lat.weights, lat.neighbors,
+                                           lat.splat_offsets, lat.splat_entries, False)
+    torch.cuda.synchronize()
+    print("good call done", flush=True)
+    bad = lat.neighbors.clone()
+    bad[0, 0, 0] = -7
+    out = torch.ops.crfrnn.lattice_filter(values, lat.vertex_index, lat.weights, bad,
+                                          lat.splat_offsets, lat.splat_entries, False)
+    torch.cuda.synchronize()
+    print("bad call accepted", flush=True)
+""")
+
+
+@pytest.mark.cuda
+def test_cuda_filter_stops_at_a_bad_table_with_a_device_side_assert():
+    """The CUDA op checks on the device, without a host sync: a bad value fails a device-side
+    assert before the filter's kernels run (a clean Python exception at the next sync; the
+    process' CUDA context is then unusable, hence the child process)."""
+    if not crfrnn.has_native_kernel("cuda"):
+        pytest.skip("CUDA kernels not built")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", _CUDA_BAD_TABLE], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=300)
+    output = run.stdout + run.stderr
+    assert "good call done" in run.stdout and "bad call accepted" not in run.stdout, output
+    assert run.returncode == 1, output  # a Python exception, not a crash
+    assert "neighbors[0] = -7, expected a value in [0, " in output, output
+    assert "device-side assert" in output, output
+
+
 @needs_native
 def test_valid_tables_still_filter_after_the_checks():
     """The checks reject nothing a build makes: the filter still equals the reference."""
