@@ -252,8 +252,8 @@ def test_an_autograd_call_then_inference_mode_then_autograd_again(backend):
 
 
 def test_a_lattice_built_under_inference_mode_serves_autograd():
-    feats = torch.rand(1, 3, 6, 5) * 3
-    vals = torch.rand(1, 2, 6, 5, dtype=torch.float64)
+    feats = torch.rand(1, 3, 4, 3) * 3
+    vals = torch.rand(1, 1, 4, 3, dtype=torch.float64)
     with torch.inference_mode():
         lat = crfrnn.Lattice(feats.double())
         lat.filter(vals, "symmetric")  # fills the caches under inference mode
