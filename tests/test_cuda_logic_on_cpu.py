@@ -5,7 +5,7 @@ tests/cuda_emulation/harness.cpp compiles the per-thread bodies of the CUDA kern
 the CUDA launcher's sequence, running each kernel's indices one at a time in a random order (the
 stand-in for the GPU's unordered threads and racing hash inserts). Its lattice tables, weights
 and float filter outputs (forward and adjoint) must equal the C++ CPU backend's bit for bit, as
-the real GPU's must (tests/test_lattice_cuda.py, marked `cuda`). See the harness's header for
+the real GPU's must (tests/test_lattice.py, marked `cuda`). See the harness's header for
 what this cannot check (real atomics and memory ordering, the GPU's own float code generation).
 
 The harness is compiled once per session (a few seconds), with AddressSanitizer and UBSan when
@@ -22,11 +22,11 @@ import torch
 
 import crfrnn
 from crfrnn import ops
+from helpers import LATTICE_TABLES, POINTS, clustered_points, integer_points, randn, voc_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "tests" / "cuda_emulation" / "harness.cpp"
 CSRC = REPO / "crfrnn" / "csrc"
-TABLES = ("vertex_index", "neighbors", "splat_offsets", "splat_entries")
 DTYPE_CODE = {torch.float64: 0, torch.float32: 1}
 EXIT_OVERFLOW = 3
 
@@ -107,7 +107,7 @@ def assert_matches_cpu(binary, workdir, features, values, seed, capacity=0):
     code, stderr, got = run_harness(binary, workdir, harness_features, values, seed, capacity)
     assert code == 0, f"harness failed (exit {code}):\n{stderr[-4000:]}"
     assert got["m"] == lat.num_vertices
-    for name in TABLES:
+    for name in LATTICE_TABLES:
         expected = getattr(lat, name)
         assert torch.equal(got[name], expected), (
             f"{name} differs from the CPU build at {(got[name] != expected).nonzero()[:5].tolist()}")
@@ -122,38 +122,6 @@ def assert_matches_cpu(binary, workdir, features, values, seed, capacity=0):
     return lat, got
 
 
-# ---- inputs -----------------------------------------------------------------------------------
-
-def random_points(n, p, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, p, d, generator=g, dtype=torch.float64) * 8
-
-
-def integer_points(n, p, d, seed):
-    """Small integers, each point drawn from a pool of p // 2 + 1 per image: duplicate points
-    (shared simplices) in any dimension d, and exact ties in the rank decisions."""
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.randint(-3, 4, (n, p // 2 + 1, d), generator=g).double()
-    which = torch.randint(0, p // 2 + 1, (n, p), generator=g)
-    return torch.gather(pool, 1, which[:, :, None].expand(n, p, d))
-
-
-def clustered_points(n, p, d, seed):
-    """Around 4 centres per image: vertices shared by many points, most with blur neighbours."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(n, 4, d, generator=g, dtype=torch.float64) * 6
-    which = torch.randint(0, 4, (n, p), generator=g)
-    noise = torch.randn(n, p, d, generator=g, dtype=torch.float64) * 0.4
-    return torch.gather(centres, 1, which[:, :, None].expand(n, p, d)) + noise
-
-
-POINTS = {"random": random_points, "integer": integer_points, "clustered": clustered_points}
-
-
-def random_values(n, p, c, dtype=torch.float64, seed=5):
-    return torch.randn(n, p, c, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
 def next_power_of_two(x):
     return 1 << max(0, int(x - 1).bit_length())
 
@@ -165,7 +133,7 @@ def next_power_of_two(x):
 @pytest.mark.parametrize("d", [1, 2, 5, 16])
 def test_float64_equals_cpu(harness, tmp_path, d, kind, n, p):
     features = POINTS[kind](n, p, d, seed=31 * d + p)
-    lat, _ = assert_matches_cpu(harness, tmp_path, features, random_values(n, p, 3), seed=d + p)
+    lat, _ = assert_matches_cpu(harness, tmp_path, features, randn(n, p, 3, dtype=torch.float64), seed=d + p)
     if kind == "integer" and p > 1:
         assert lat.num_vertices < n * p * (d + 1)  # the case does share vertices between points
 
@@ -176,7 +144,7 @@ def test_low_precision_features_float32_filter_equal_cpu(harness, tmp_path, d, f
     """float32 (and half, converted to float32 as the launcher does) features: float32 weights;
     the float32 filter's bits equal the CPU's too (the same adds in the same order, no FMA)."""
     features = clustered_points(3, 120, d, seed=d).to(feature_dtype)
-    assert_matches_cpu(harness, tmp_path, features, random_values(3, 120, 4, torch.float32), seed=d)
+    assert_matches_cpu(harness, tmp_path, features, randn(3, 120, 4), seed=d)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -184,7 +152,7 @@ def test_any_thread_order_gives_the_same_lattice(harness, tmp_path, seed):
     """Duplicates and ties (integer points) in a batch: every random order of the racing
     inserts elects the same owners and numbers the vertices the same (as the CPU)."""
     features = integer_points(3, 80, 5, seed=11)
-    assert_matches_cpu(harness, tmp_path, features, random_values(3, 80, 2), seed=seed)
+    assert_matches_cpu(harness, tmp_path, features, randn(3, 80, 2, dtype=torch.float64), seed=seed)
 
 
 @pytest.mark.parametrize("kind", ["integer", "clustered"])
@@ -196,7 +164,8 @@ def test_full_hash_table_equals_cpu(harness, tmp_path, d, kind):
     features = POINTS[kind](2, 24, d, seed=7 * d)
     m = crfrnn.Lattice(features, backend="native").num_vertices
     capacity = next_power_of_two(m)
-    _, got = assert_matches_cpu(harness, tmp_path, features, random_values(2, 24, 2), seed=d, capacity=capacity)
+    values = randn(2, 24, 2, dtype=torch.float64)
+    _, got = assert_matches_cpu(harness, tmp_path, features, values, seed=d, capacity=capacity)
     assert got["capacity"] == capacity < 2 * features[..., 0].numel() * (d + 1)  # fuller than the launcher's
 
 
@@ -207,18 +176,16 @@ def test_hash_table_overflow_is_reported(harness, tmp_path):
     m = crfrnn.Lattice(features, backend="native").num_vertices
     capacity = next_power_of_two(m) // 2
     assert 1 <= capacity < m
-    code, stderr, _ = run_harness(harness, tmp_path, features, random_values(1, 40, 1), seed=0, capacity=capacity)
+    values = randn(1, 40, 1, dtype=torch.float64)
+    code, stderr, _ = run_harness(harness, tmp_path, features, values, seed=0, capacity=capacity)
     assert code == EXIT_OVERFLOW, stderr
 
 
 @pytest.mark.data
 def test_voc_crop_equals_cpu(harness, tmp_path, shared_data):
     """A real image crop: bilateral (d = 5) and spatial (d = 2) float32 features, as the CRF uses."""
-    from PIL import Image
-    path = shared_data / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000123.jpg"
-    rgb = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)[None].float()
-    rgb = rgb[:, :, :64, :96]
+    rgb = voc_rgb(shared_data, "2007_000123")[:, :, :64, :96]
     for features in (crfrnn.bilateral_features(rgb, 80.0, 13.0), crfrnn.spatial_features(rgb, 3.0)):
         points = features.flatten(2).transpose(1, 2).contiguous()
         n, p, _ = points.shape
-        assert_matches_cpu(harness, tmp_path, points, random_values(n, p, 3, torch.float32), seed=1)
+        assert_matches_cpu(harness, tmp_path, points, randn(n, p, 3), seed=1)

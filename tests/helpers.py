@@ -1,0 +1,74 @@
+"""Inputs and parameter lists shared by the test files: `from helpers import random_points`
+(pytest puts tests/ on sys.path, as torchvision's tests do with their common_utils).
+
+Every generator draws its numbers on the CPU in float64 from its own seed, then converts: the
+same call gives the same points on every device and, up to rounding, in every dtype.
+"""
+import numpy as np
+import pytest
+import torch
+
+#: The integer tables of a crfrnn.Lattice (besides its float `weights`).
+LATTICE_TABLES = ("vertex_index", "neighbors", "splat_offsets", "splat_entries")
+
+
+def cpu_and_cuda():
+    """Parameter list for a `device` argument: cpu always, cuda marked `cuda` (skipped by
+    conftest.py on a machine without a GPU), as torchvision's tests do."""
+    return ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))
+
+
+def _generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def random_points(n, p, d, spread=2.0, dtype=torch.float64, seed=0, device="cpu"):
+    """Tensor[n, p, d] uniform in [0, 4 spread): with the default spread most points have
+    their own simplex and many vertices lack blur neighbours."""
+    points = torch.rand(n, p, d, generator=_generator(seed), dtype=torch.float64) * spread * 4
+    return points.to(device, dtype)
+
+
+def clustered_points(n, p, d, dtype=torch.float64, seed=0, device="cpu"):
+    """Tensor[n, p, d] around 4 centres per image: vertices shared by many points, most with
+    blur neighbours, in any dimension d."""
+    g = _generator(seed)
+    centres = torch.rand(n, 4, d, generator=g, dtype=torch.float64) * 6
+    which = torch.randint(0, 4, (n, p), generator=g)
+    noise = torch.randn(n, p, d, generator=g, dtype=torch.float64) * 0.4
+    points = torch.gather(centres, 1, which[:, :, None].expand(n, p, d)) + noise
+    return points.to(device, dtype)
+
+
+def integer_points(n, p, d, dtype=torch.float64, seed=0, device="cpu"):
+    """Tensor[n, p, d] of small integers, each point drawn from a pool of p // 2 + 1 per image:
+    duplicate points (shared simplices) in any dimension d, and exact ties in the rank decisions."""
+    g = _generator(seed)
+    pool = torch.randint(-3, 4, (n, p // 2 + 1, d), generator=g).double()
+    which = torch.randint(0, p // 2 + 1, (n, p), generator=g)
+    points = torch.gather(pool, 1, which[:, :, None].expand(n, p, d))
+    return points.to(device, dtype)
+
+
+#: The point generators by name, for parametrising over kinds of lattice.
+POINTS = {"random": random_points, "clustered": clustered_points, "integer": integer_points}
+
+
+def randn(*shape, dtype=torch.float32, seed=0, device="cpu"):
+    """Tensor[shape] of standard normal numbers from `seed`."""
+    return torch.randn(*shape, generator=_generator(seed), dtype=torch.float64).to(device, dtype)
+
+
+def rand(*shape, dtype=torch.float32, seed=0, device="cpu"):
+    """Tensor[shape] uniform in [0, 1) from `seed`."""
+    return torch.rand(*shape, generator=_generator(seed), dtype=torch.float64).to(device, dtype)
+
+
+def voc_rgb(shared_data, image_id, shrink=1):
+    """Tensor[1, 3, H, W] float32 RGB 0..255 of the shared VOC image `image_id`, its sides
+    divided by `shrink` (bilinear resize of the 8-bit image, so colours stay integers)."""
+    from PIL import Image
+    image = Image.open(shared_data / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{image_id}.jpg").convert("RGB")
+    if shrink != 1:
+        image = image.resize((image.width // shrink, image.height // shrink), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float()
