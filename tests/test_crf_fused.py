@@ -203,3 +203,27 @@ def test_direct_op_calls_with_bad_arguments_raise():
     bad_index[5, 1] = -1
     with pytest.raises(ValueError, match=r"vertex_index holds values in \[-1, "):
         call(vi=[bad_index])
+
+
+def op_args(unary, lattices, pairwise, iterations, normalize="symmetric"):
+    """The arguments of crfrnn::mean_field_inference, as crfrnn.crf._fused_mean_field gives them."""
+    splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, unary.dtype) for lat in lattices))
+    return (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(unary.dtype) for lat in lattices],
+            list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices], pairwise, iterations)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_first"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype, layout):
+    """Schema, fake kernel (shape, dtype and strides of the real output) and torch.compile's
+    tracing (aot_dispatch_dynamic), on the no-grad inputs the layer gives the op."""
+    unary, lattices, pairwise = inputs(n=2, c=5, dtype=dtype)
+    if layout == "channels_first":  # the layer's [N, C, H, W] memory, seen as [N, P, C]
+        unary = unary.transpose(1, 2).contiguous().transpose(1, 2)
+    op = torch.ops.crfrnn.mean_field_inference.default
+    torch.library.opcheck(op, op_args(unary, lattices, pairwise, 3))
+    # With a unary that requires grad, test_autograd_registration checks that no autograd formula
+    # hides at the CPU key. aot_dispatch_dynamic is left out here: it backpropagates through the
+    # op, which has no autograd (the layer calls it only when no gradient is wanted).
+    torch.library.opcheck(op, op_args(unary.clone().requires_grad_(), lattices, pairwise, 3),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
