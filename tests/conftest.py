@@ -1,9 +1,17 @@
-"""Shared fixtures: the real images in ../shared/data (skipped when absent) and device helpers."""
+"""Shared fixtures: the real images in ../shared/data (skipped when absent), the `cuda` marker's
+skip, and the OpenMP wait policy of the test run. Shared inputs and parameter lists: helpers.py."""
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP threads that wait for work sleep instead of spinning (read once, when torch loads its
+# OpenMP runtime, so this must come before `import torch`). The suite makes thousands of small op
+# calls; with spinning waiters, each fork/join on a machine whose cores are busy waits for a
+# core, and the default suite took 3.5-5 min on 2 loaded cores instead of under 2 (README, Tests).
+# Results are the same either way; set OMP_WAIT_POLICY yourself to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CRFRNN_SHARED_DATA", REPO.parent / "shared" / "data"))
