@@ -519,6 +519,24 @@ def test_voc_batch_equals_images_alone(shared_data, device):
 # ------------------------------------------------------------------------------------------
 # CUDA only: the same lattice and filter as the C++ CPU backend
 
+def assert_cuda_filter_equals_cpu_and_reference(feats, vals, upstream, normalizations, cpu_rtol, ref_rtol):
+    """Builds the lattice of the CPU tensor `feats` with the CUDA backend, the C++ CPU backend
+    and the reference (on the GPU); for each normalisation the CUDA filter of `vals` and its
+    gradient (of <output, upstream>) equal the CPU backend's to cpu_rtol and the reference's to
+    ref_rtol (absolute tolerances scaled to the magnitude). Returns (CUDA lattice, CPU lattice)."""
+    gpu = crfrnn.Lattice(feats.cuda(), backend="native")
+    cpu = crfrnn.Lattice(feats, backend="native")
+    ref = crfrnn.Lattice(feats.cuda(), backend="reference")
+    for normalize in normalizations:
+        out_g, grad_g = forward_backward(gpu, vals.cuda(), upstream.cuda(), normalize)
+        assert out_g.device.type == "cuda" and out_g.dtype == vals.dtype
+        for lat, rtol in ((cpu, cpu_rtol), (ref, ref_rtol)):
+            out, grad = forward_backward(lat, vals.to(lat.device), upstream.to(lat.device), normalize)
+            assert_close_scaled(out_g, out, rtol)
+            assert_close_scaled(grad_g, grad, rtol)
+    return gpu, cpu
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [1, 2, 5, 8, 16])
 @pytest.mark.parametrize("kind", sorted(POINTS))
@@ -558,18 +576,7 @@ def test_cuda_single_pixel_lattice_equals_cpu():
 def test_cuda_filter_equals_cpu_filter_and_reference(d, c, n, p):
     feats = clustered_points(n, p, d, dtype=torch.float32, seed=d + c)
     vals, upstream = randn(n, p, c, seed=1), randn(n, p, c, seed=2)
-    gpu = crfrnn.Lattice(feats.cuda(), backend="native")
-    cpu = crfrnn.Lattice(feats, backend="native")
-    ref = crfrnn.Lattice(feats.cuda(), backend="reference")
-    for normalize in ("none", "symmetric"):
-        out_g, grad_g = forward_backward(gpu, vals.cuda(), upstream.cuda(), normalize)
-        assert out_g.device.type == "cuda" and out_g.dtype == torch.float32
-        out_c, grad_c = forward_backward(cpu, vals, upstream, normalize)
-        out_r, grad_r = forward_backward(ref, vals.cuda(), upstream.cuda(), normalize)
-        assert_close_scaled(out_g, out_c, 1e-5)
-        assert_close_scaled(grad_g, grad_c, 1e-5)
-        assert_close_scaled(out_g, out_r, 1e-4)
-        assert_close_scaled(grad_g, grad_r, 1e-4)
+    assert_cuda_filter_equals_cpu_and_reference(feats, vals, upstream, ("none", "symmetric"), 1e-5, 1e-4)
 
 
 @pytest.mark.cuda
@@ -578,15 +585,7 @@ def test_cuda_filter_equals_cpu_filter_and_reference(d, c, n, p):
 def test_cuda_float64_filter_equals_cpu_filter_and_reference(d, normalize):
     feats = clustered_points(2, 300, d, seed=d)
     vals, upstream = randn(2, 300, 21, dtype=torch.float64, seed=3), randn(2, 300, 21, dtype=torch.float64, seed=4)
-    gpu = crfrnn.Lattice(feats.cuda(), backend="native")
-    out_g, grad_g = forward_backward(gpu, vals.cuda(), upstream.cuda(), normalize)
-    out_c, grad_c = forward_backward(crfrnn.Lattice(feats, backend="native"), vals, upstream, normalize)
-    out_r, grad_r = forward_backward(crfrnn.Lattice(feats.cuda(), backend="reference"), vals.cuda(),
-                                     upstream.cuda(), normalize)
-    assert_close_scaled(out_g, out_c, 1e-12)
-    assert_close_scaled(grad_g, grad_c, 1e-12)
-    assert_close_scaled(out_g, out_r, 1e-10)
-    assert_close_scaled(grad_g, grad_r, 1e-10)
+    assert_cuda_filter_equals_cpu_and_reference(feats, vals, upstream, (normalize,), 1e-12, 1e-10)
 
 
 def synthetic_photo(h, w, seed=0):
@@ -625,17 +624,8 @@ def test_cuda_voc_image_equals_cpu_and_reference(shared_data, image_id):
     vals = torch.softmax(randn(1, 21, *rgb.shape[2:], seed=21), 1)
     upstream = randn(1, 21, *rgb.shape[2:], seed=22)
     for feats in (crfrnn.bilateral_features(rgb, 80.0, 13.0), crfrnn.spatial_features(rgb, 3.0)):
-        gpu = crfrnn.Lattice(feats.cuda(), backend="native")
-        cpu = crfrnn.Lattice(feats, backend="native")
-        ref = crfrnn.Lattice(feats.cuda(), backend="reference")
+        gpu, cpu = assert_cuda_filter_equals_cpu_and_reference(feats, vals, upstream, ("symmetric",), 1e-5, 1e-4)
         assert_same_lattice(gpu, cpu)
-        out_g, grad_g = forward_backward(gpu, vals.cuda(), upstream.cuda(), "symmetric")
-        out_c, grad_c = forward_backward(cpu, vals, upstream, "symmetric")
-        out_r, grad_r = forward_backward(ref, vals.cuda(), upstream.cuda(), "symmetric")
-        assert_close_scaled(out_g, out_c, 1e-5)
-        assert_close_scaled(grad_g, grad_c, 1e-5)
-        assert_close_scaled(out_g, out_r, 1e-4)
-        assert_close_scaled(grad_g, grad_r, 1e-4)
 
 
 @pytest.mark.cuda
