@@ -224,6 +224,7 @@ def test_scripts_run_as_files_from_the_repo_root(joint_run, tmp_path):
     assert r.returncode == 2 and "no VOCdevkit/VOC2012 folder" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # three training processes (one, then two under torchrun): 20 s on 2 loaded cores
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo): each takes half of every batch; with dropout off the
     averaged gradients equal the single-process ones, so the weights agree."""
