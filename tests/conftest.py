@@ -6,7 +6,7 @@ from pathlib import Path
 # OpenMP threads that wait for work sleep instead of spinning (read once, when torch loads its
 # OpenMP runtime, so this must come before `import torch`). The suite makes thousands of small op
 # calls; with spinning waiters, each fork/join on a machine whose cores are busy waits for a
-# core: on 2 cores busy with other jobs the default suite took 7 min instead of 2 (README, Tests).
+# core: on 2 cores busy with other jobs the default suite took 7-10 min instead of 2 (README, Tests).
 # Results are the same either way; set OMP_WAIT_POLICY yourself to choose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
