@@ -6,17 +6,21 @@
 File layout (a dict, ``torch.save``): {"format": FORMAT, "arch": "deeplab" | "deeplab_crf",
 "config": DeepLab config, "crf": None or {"class": "crfrnn.<...>.CRFRNNLayer", "config": {...}},
 "use_crf": bool, "state_dict": ..., "extra": {...}}. Written to a temporary file in the same folder
-and moved into place with ``os.replace``, so a crash never leaves a half-written checkpoint.
+and moved into place with ``os.replace`` (:func:`models.files.atomic_write`), so a crash, a kill or
+a full disk never leaves a half-written checkpoint. Loading refuses, with a ``ValueError`` naming
+the file, anything that is not such a checkpoint (an empty, truncated or foreign file), and a
+checkpoint whose weights hold NaN or infinite values.
 """
 import importlib
 import inspect
+import io
 import os
-import pickle
 from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
 
+from .files import atomic_write, load_torch_file
 from .joint import DeepLabCRF
 from .vgg_deeplab import DeepLab
 
@@ -126,16 +130,12 @@ def save_checkpoint(path, model: nn.Module, **extra) -> str:
     meta = model_config(model)
     payload = {"format": FORMAT, **meta, "state_dict": model.state_dict(), "extra": dict(extra)}
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Serialised in memory first: a failed write then raises the system's error (disk full, ...)
+    # instead of torch's "unexpected pos", and atomic_write leaves the old file in place.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write(path, buffer.getvalue())
 
 
 def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> Tuple[nn.Module, Dict]:
@@ -150,18 +150,30 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> Tupl
         (model, extra): a DeepLab or DeepLabCRF in train mode, and the saved ``extra`` dict.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"could not load {path!r} with weights_only=True (its extras hold objects "
-                         f"other than tensors and plain containers); if you trust the file, pass "
-                         f"weights_only=False: {e}") from e
+    payload = load_torch_file(path, "checkpoint", map_location, weights_only)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path!r} is not a models checkpoint (format {FORMAT!r} expected, got "
+        raise ValueError(f"{path!r} is not a checkpoint of models.save_checkpoint (format {FORMAT!r} expected, got "
                          f"{got!r}); for VGG-16 ImageNet weights use models.load_vgg16_imagenet")
-    model = build_model(payload)
-    model.load_state_dict(payload["state_dict"])
+    check_finite(payload["state_dict"], path)
+    try:
+        model = build_model(payload)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path!r}: a checkpoint whose model cannot be rebuilt "
+                         f"({' '.join(str(e).split())})") from e
     return model, payload.get("extra", {})
+
+
+def check_finite(state_dict: Dict[str, torch.Tensor], path="the checkpoint"):
+    """``ValueError`` naming the first floating-point tensor of ``state_dict`` that holds NaN or
+    an infinity (a model that would compute NaN everywhere)."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = value[~finite].flatten()[0].item()
+                raise ValueError(f"{os.fspath(path)!r}: parameter {name} holds {int((~finite).sum())} "
+                                 f"non-finite value(s) (e.g. {bad}); the file is broken (saved from a "
+                                 "run that diverged?): use an earlier checkpoint")
+    return True

@@ -23,6 +23,7 @@ from typing import Dict, Union
 import torch
 from torch import nn
 
+from .files import load_torch_file
 from .vgg_deeplab import VARIANTS, DeepLab
 
 __all__ = ["load_vgg16_imagenet", "fetch_torchvision_vgg16", "vgg16_state_dict_from",
@@ -83,9 +84,10 @@ def vgg16_state_dict_from(source: Union[None, str, os.PathLike, Mapping, nn.Modu
         source = source.state_dict()
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"VGG-16 weights file not found: {path!r}")
-        source = torch.load(path, map_location="cpu", weights_only=True)
+        source = load_torch_file(path, "VGG-16 weights file")
+        if not isinstance(source, Mapping):
+            raise ValueError(f"{path!r}: expected a VGG-16 state dict (a mapping of tensors), got a "
+                             f"{type(source).__name__}")
     if not isinstance(source, Mapping):
         raise TypeError(f"expected a VGG-16 state dict (a mapping of tensors), a path or None, got "
                         f"{type(source).__name__}")

@@ -1,11 +1,23 @@
 """models.save_checkpoint / load_checkpoint: the model is rebuilt from the file alone."""
+import collections
+import errno
 import os
+import re
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import crfrnn
 import models
+import models.files
+
+REPO = Path(__file__).resolve().parents[1]
 
 CRFRNNLayer = getattr(crfrnn, "CRFRNNLayer", None)
 if CRFRNNLayer is None:
@@ -80,28 +92,101 @@ def test_wrapped_models_are_unwrapped(tmp_path):
 
 
 def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    """A write that fails part-way (here: the disk is full when the data is flushed) raises an
+    OSError naming the file and leaves the old checkpoint and no temporary file behind."""
     net = models.deeplab("largefov", num_classes=2, width=1 / 32)
     path = tmp_path / "n.pt"
     models.save_checkpoint(path, net, step=1)
 
-    def broken_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError("disk full")
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(models.files.os, "fsync", disk_full)
+    with pytest.raises(OSError, match=r"could not write .*n\.pt: No space left on device \(is the disk full\?\)"):
         models.save_checkpoint(path, net, step=2)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["n.pt"]
     assert models.load_checkpoint(path)[1] == {"step": 1}
 
 
+def _dead_pid() -> int:
+    """The id of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_runs_temporary_file_is_removed_and_no_other(tmp_path):
+    net = models.deeplab("largefov", num_classes=2, width=1 / 32)
+    stale = tmp_path / f".n.pt.tmp{_dead_pid()}"           # left by a run killed while saving n.pt
+    alive = tmp_path / f".n.pt.tmp{os.getppid()}"          # a running process's: not ours to remove
+    others = [tmp_path / ".n.pt.tmp", tmp_path / ".n.pt.tmpx1", tmp_path / ".m.pt.tmp1",
+              tmp_path / "n.pt.tmp1", tmp_path / "notes.txt"]
+    for f in [stale, alive] + others:
+        f.write_bytes(b"partial")
+    models.save_checkpoint(tmp_path / "n.pt", net)
+    assert not stale.exists()
+    assert alive.exists() and all(f.read_bytes() == b"partial" for f in others)
+
+
+def test_a_write_over_the_file_size_limit_fails_cleanly(tmp_path):
+    """A real failed write (RLIMIT_FSIZE stands in for a full disk): a one-line OSError naming the
+    file, the old file kept, no temporary file."""
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import models
+        net = models.deeplab("largefov", num_classes=2, width=1 / 32)
+        models.save_checkpoint({str(tmp_path / "n.pt")!r}, net)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            models.save_checkpoint({str(tmp_path / "n.pt")!r}, net, step=2)
+        except OSError as e:
+            print("OSError:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"OSError: could not write \S*n\.pt: File too large \(is the disk full\?\)\n", r.stdout)
+    assert sorted(os.listdir(tmp_path)) == ["n.pt"]
+    assert models.load_checkpoint(tmp_path / "n.pt")[1] == {}
+
+
+def test_unreadable_files_give_one_line_errors_naming_them(tmp_path):
+    net = models.deeplab("largefov", num_classes=2, width=1 / 32)
+    models.save_checkpoint(tmp_path / "good.pt", net)
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+    (tmp_path / "text.pt").write_text("hello")
+    with open(tmp_path / "pickle.pt", "wb") as f:
+        torch.save({"format": models.checkpoint.FORMAT, "x": collections.OrderedDict(a=Fraction(1, 3))}, f)
+    expected = {"empty.pt": "is empty \\(0 bytes\\)", "random.pt": "not a torch.save file",
+                "truncated.pt": "not a torch.save file|corrupt or truncated", "text.pt": "not a torch.save file",
+                "pickle.pt": "objects other than tensors"}
+    for name, what in expected.items():
+        with pytest.raises(ValueError, match=f"{name}.*({what})") as info:
+            models.load_checkpoint(tmp_path / name)
+        assert "\n" not in str(info.value) and "weights_only=False`" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_parameter(tmp_path, bad):
+    crf = CRFRNNLayer(3, bilateral=(10.0, 10.0, 3.0), spatial=(3.0, 3.0))
+    model = models.DeepLabCRF(models.deeplab("largefov", num_classes=3, width=1 / 32), crf)
+    with torch.no_grad():
+        model.crf.compatibility[1, 2] = bad
+    models.save_checkpoint(tmp_path / "m.pt", model)
+    with pytest.raises(ValueError, match=r"m\.pt.*parameter crf\.compatibility holds 1 non-finite"):
+        models.load_checkpoint(tmp_path / "m.pt")
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         models.load_checkpoint(tmp_path / "missing.pt")
     torch.save({"conv1_1.weight": torch.zeros(1)}, tmp_path / "sd.pt")
-    with pytest.raises(ValueError, match="not a models checkpoint"):
+    with pytest.raises(ValueError, match="not a checkpoint of models.save_checkpoint"):
         models.load_checkpoint(tmp_path / "sd.pt")
     with pytest.raises(TypeError, match="DeepLab"):
         models.save_checkpoint(tmp_path / "x.pt", torch.nn.Linear(2, 2))

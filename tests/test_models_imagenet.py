@@ -124,8 +124,11 @@ def test_not_vgg16_errors(vgg16_file, vgg16_sd, tmp_path):
     with pytest.raises(ValueError, match="not a torchvision VGG-16"):
         models.load_vgg16_imagenet(net, vgg11)
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(TypeError, match="state dict"):
+    with pytest.raises(ValueError, match="list.pth.*state dict"):       # bad file content: a ValueError
         models.load_vgg16_imagenet(net, tmp_path / "list.pth")
+    (tmp_path / "junk.pth").write_text("junk")
+    with pytest.raises(ValueError, match="junk.pth.*not a VGG-16 weights file"):
+        models.load_vgg16_imagenet(net, tmp_path / "junk.pth")
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         models.load_vgg16_imagenet(net, tmp_path / "nowhere.pth")
     with pytest.raises(ValueError, match="width"):
