@@ -15,7 +15,9 @@ DeepLab's ``train_aug`` split = VOC train ∪ SBD train ∪ SBD val, minus every
 (10,582 images for the full sets); where VOC and SBD both label an image, VOC's label is used.
 
 Every dataset here returns ``(image np.uint8[H, W, 3], label np.int64[H, W])`` and raises a
-``FileNotFoundError``/``ValueError`` that names the offending folder or file.
+``FileNotFoundError``/``ValueError`` that names the offending folder or file. torchvision lists the
+files; the images are read by :func:`train.data.images.read_rgb` (16-bit and float images scaled
+by their real range, corrupt files named).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .images import read_rgb
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -65,9 +69,26 @@ def read_split(path: Path) -> list:
 
 def load_label_png(path) -> np.ndarray:
     """Read a VOC-style label PNG (mode ``P`` palette or ``L`` grey, pixel value = class index)
-    as ``np.int64[H, W]``; ``ValueError`` for any other mode (e.g. an RGB colour rendering)."""
-    with Image.open(path) as im:
-        return label_from_pil(im, path)
+    as ``np.int64[H, W]``; ``ValueError`` naming the file for any other mode (e.g. an RGB colour
+    rendering) or an unreadable file."""
+    try:
+        with Image.open(path) as im:
+            return label_from_pil(im, path)
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable label image ({' '.join(str(e).split())})") from e
+
+
+def load_sbd_label(path) -> np.ndarray:
+    """Read an SBD class segmentation (``cls/<id>.mat``, ``GTcls.Segmentation``) as
+    ``np.int64[H, W]``; ``ValueError`` naming the file when it is not one."""
+    from scipy.io import loadmat
+
+    try:
+        return np.asarray(loadmat(path)["GTcls"][0]["Segmentation"][0]).astype(np.int64)
+    except (KeyError, IndexError, ValueError, TypeError, OSError) as e:
+        raise ValueError(f"{path}: not an SBD class-segmentation .mat (expected GTcls.Segmentation): {e}") from e
 
 
 def label_from_pil(im: Image.Image, name="label") -> np.ndarray:
@@ -123,9 +144,8 @@ class VOCSegmentation:
         return len(self.ids)
 
     def __getitem__(self, i):
-        img, target = self._tv[i]
-        image = np.asarray(img, dtype=np.uint8)
-        label = label_from_pil(target, self._tv.masks[i])
+        image = read_rgb(self._tv.images[i])
+        label = load_label_png(self._tv.masks[i])
         _check_pair(image, label, self._tv.masks[i])
         return image, label
 
@@ -173,13 +193,8 @@ class SBDSegmentation:
 
     def __getitem__(self, i):
         j = self._index[i]
-        try:
-            img, target = self._tv[j]
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"{self._tv.masks[j]}: not an SBD class-segmentation .mat "
-                             f"(expected GTcls.Segmentation): {e}") from e
-        image = np.asarray(img, dtype=np.uint8)
-        label = np.asarray(target).astype(np.int64)
+        image = read_rgb(self._tv.images[j])
+        label = load_sbd_label(self._tv.masks[j])
         _check_pair(image, label, self._tv.masks[j])
         return image, label
 
