@@ -138,7 +138,7 @@ def test_checkpoint_is_loadable_by_models_and_atomic(tmp_path):
 
 
 def test_metric_logger_truncates_on_resume(tmp_path):
-    log = engine.MetricLogger(tmp_path)
+    log = engine.MetricLogger(tmp_path / "metrics.csv")
     for it in (10, 20, 30):
         log.log("joint", it, loss=1.0 / it)
     log.log("dcnn", 50, loss=0.5)
@@ -151,7 +151,7 @@ def test_metric_logger_truncates_on_resume(tmp_path):
             import tensorboard  # noqa: F401
             pytest.skip("tensorboard is installed")
         except ImportError:
-            engine.MetricLogger(tmp_path, tensorboard=True)
+            engine.MetricLogger(tmp_path / "metrics.csv", tensorboard=True)
 
 
 def test_evaluate_matches_a_direct_confusion_matrix():

@@ -122,15 +122,17 @@ def test_crf_script_gradient_and_search(joint_run, tmp_path):
     assert tuple(model.crf.bilateral) == (best["sxy"], best["srgb"], best["w1"])
 
 
-def test_crf_script_resume_warns_about_changed_options(joint_run, tmp_path, capsys):
+def test_crf_script_resume_refuses_changed_training_options(joint_run, tmp_path, capsys):
     argv = TINY + ["--dcnn", str(joint_run[0] / "dcnn.pt"), "--iters", "3", "--out-dir", str(tmp_path)]
     assert run(crf_script, argv + ["--stop-at", "1"]) is None
     capsys.readouterr()
     changed = list(argv)
     changed[changed.index("--batch-size") + 1] = "4"
-    run(crf_script, changed + ["--resume", str(tmp_path / "checkpoint.pt")])
+    with pytest.raises(ValueError, match="--batch-size 2 -> 4.*--resume-anyway"):
+        run(crf_script, changed + ["--resume", str(tmp_path / "checkpoint.pt")])
+    run(crf_script, changed + ["--resume", str(tmp_path / "checkpoint.pt"), "--resume-anyway"])
     out = capsys.readouterr().out
-    assert "resuming" in out and "--batch-size 2 -> 4" in out
+    assert "resuming" in out and "warning" in out and "--batch-size 2 -> 4" in out
 
 
 def test_crf_script_resumed_without_dcnn_keeps_the_dcnn_it_trained(tmp_path):
@@ -172,7 +174,8 @@ def test_evaluate_script_outputs(joint_run, tmp_path):
         assert im.size == (640, 420)
     # a DCNN-only checkpoint gets a CRF built from the options; --no-crf gives the DCNN alone
     res = run(evaluate_script, ["--checkpoint", str(joint_run[0] / "dcnn.pt"), "--image-size", "32",
-                                "--val-samples", "2", "--no-crf", "--no-progress", "--out-dir", str(out)])
+                                "--val-samples", "2", "--no-crf", "--no-progress", "--out-dir", str(out),
+                                "--overwrite"])
     assert set(res) == {"dcnn"}
     with pytest.raises(ValueError, match="num-classes"):
         run(evaluate_script, ["--checkpoint", str(joint_run[0] / "model.pt"), "--num-classes", "7",
@@ -188,15 +191,16 @@ def test_segment_script_writes_valid_pngs(joint_run, tmp_path):
     out = tmp_path / "out"
     written = run(segment_script, [str(src), "--checkpoint", str(joint_run[0] / "model.pt"), "--out-dir",
                                    str(out), "--both", "--crf-eval-iters", "2", "--no-progress"])
-    assert sorted(p.name for p in written) == ["a.png", "b.png"]
+    assert sorted(str(p.relative_to(out)) for p in written) == [
+        "labels/a.png", "labels/b.png", "labels_dcnn/a.png", "labels_dcnn/b.png", "overlays/a.png", "overlays/b.png"]
     for name, size in (("a", (56, 40)), ("b", (30, 24))):
-        with Image.open(out / f"{name}.png") as im:
-            assert im.mode == "P" and im.size == size
-            assert np.asarray(im).max() < 4
-            assert im.getpalette()[3:6] == [128, 0, 0]       # VOC palette: class 1 is maroon
-        with Image.open(out / f"{name}_overlay.png") as im:
+        for kind in ("labels", "labels_dcnn"):
+            with Image.open(out / kind / f"{name}.png") as im:
+                assert im.mode == "P" and im.size == size
+                assert np.asarray(im).max() < 4
+                assert im.getpalette()[3:6] == [128, 0, 0]       # VOC palette: class 1 is maroon
+        with Image.open(out / "overlays" / f"{name}.png") as im:
             assert im.mode == "RGB" and im.size == size
-        assert (out / f"{name}_dcnn.png").is_file()
     with pytest.raises(FileNotFoundError):
         run(segment_script, [str(tmp_path / "nope.jpg"), "--checkpoint", str(joint_run[0] / "model.pt")])
 
@@ -218,7 +222,7 @@ def test_scripts_run_as_files_from_the_repo_root(joint_run, tmp_path):
                         "--demo", "2", "--image-size", "32", "--out-dir", str(tmp_path), "--no-progress"],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "demo_1_overlay.png").is_file()
+    assert (tmp_path / "overlays" / "demo_1.png").is_file()
     r = subprocess.run([sys.executable, "train/joint.py", "--dataset", "voc", "--data-root", str(tmp_path)],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no VOCdevkit/VOC2012 folder" in r.stderr and "Traceback" not in r.stderr

@@ -10,6 +10,7 @@ the state there is. Everything is stored as tensors and plain containers, so the
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -134,9 +135,23 @@ def resume_info(path) -> dict:
     return {**extra["train"], "extra": {k: v for k, v in extra.items() if k != "train"}}
 
 
+#: Options a resumed run may change freely: where the files go and how the run is watched and
+#: checkpointed. None of them changes a number of the run.
+RESUME_FREE = ("out_dir", "overwrite", "no_progress", "log", "log_every", "ckpt_every", "eval_every",
+               "stop_at", "resume", "resume_anyway", "workers", "examples")
+#: Options a resumed run may change with a warning: they do not change the training arithmetic,
+#: but where the data or weights are read from (the same files may have moved), or the
+#: evaluation and its report.
+RESUME_WARN = ("data_root", "sbd_root", "vgg_weights", "device", "val_split", "val_samples",
+               "eval_batch_size", "bands", "crf_eval_iters")
+# Every other option (the data, model, CRF, optimiser, schedule, seed, --amp, --threads, ...)
+# changes the arithmetic: a resume with another value is no longer the run it continues.
+
+
 def open_resume(args) -> dict | None:
-    """:func:`resume_info` of ``--resume``'s checkpoint, with the resumed stage logged and changed
-    options warned about; None without ``--resume``."""
+    """:func:`resume_info` of ``--resume``'s checkpoint, with the resumed stage logged and the
+    options checked against the checkpoint's (:func:`check_resume_args`); None without
+    ``--resume``."""
     if not args.resume:
         return None
     resumed = resume_info(args.resume)
@@ -145,21 +160,73 @@ def open_resume(args) -> dict | None:
     return resumed
 
 
-def check_resume_args(saved: dict, args, keys=("dataset", "num_classes", "width", "variant", "batch_size",
-                                                "seed", "image_size")):
-    """Warn when a resumed run's options differ from the checkpoint's in ways that matter."""
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in keys
-             if k in saved and hasattr(args, k) and str(saved.get(k)) != str(getattr(args, k))]
-    if diffs:
-        dist_utils.log("warning: resuming with options that differ from the checkpoint's: " + "; ".join(diffs))
+def changed_options(saved: dict, args) -> list:
+    """``[(option, saved value, value now)]`` for every option of ``args`` that the checkpoint's
+    ``saved`` options hold with another value (options only one of them knows are skipped)."""
+    now = _plain(vars(args))
+    return [(k, saved[k], now[k]) for k in sorted(now) if k in saved and saved[k] != now[k]]
 
 
-def load_model(path, num_classes: int | None = None):
-    """``(net, crf or None)`` from a model checkpoint of any train/ script (``model.pt``,
-    ``dcnn.pt`` or ``checkpoint.pt``): a DeepLab, or the parts of a DeepLabCRF. With
-    ``num_classes`` (``--num-classes``), a net with another number of classes is a ValueError."""
-    model, _ = models.load_checkpoint(path)
+def check_resume_args(saved: dict, args):
+    """Compare the options of a resumed run with those saved in its checkpoint: a change of an
+    option that changes the arithmetic (not in :data:`RESUME_FREE` or :data:`RESUME_WARN`) is a
+    ``ValueError`` unless ``--resume-anyway``; the :data:`RESUME_WARN` ones, and any change
+    under ``--resume-anyway``, are logged as a warning."""
+    show = lambda k, a, b: f"--{k.replace('_', '-')} {_show(a)} -> {_show(b)}"  # noqa: E731
+    changes = [c for c in changed_options(saved, args) if c[0] not in RESUME_FREE]
+    math_changes = [show(*c) for c in changes if c[0] not in RESUME_WARN]
+    if math_changes and not getattr(args, "resume_anyway", False):
+        raise ValueError(
+            f"--resume {args.resume}: options that change the training differ from the run being resumed: "
+            + "; ".join(math_changes) + ". An exact resume takes the run's own options (--help of --resume "
+            "says which may change): pass the run's values, or --resume-anyway to continue with the new ones")
+    if changes:
+        dist_utils.log("warning: resuming with options that differ from the checkpoint's: "
+                       + "; ".join(show(*c) for c in changes)
+                       + (" (--resume-anyway: not an exact continuation)" if math_changes else ""))
+
+
+def _show(value) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+class Trained(NamedTuple):
+    """A trained model read back by :func:`load_model`."""
+    net: models.DeepLab
+    crf: object            # the CRF layer, or None (a DCNN checkpoint)
+    data: dict | None      # what it was trained on (:func:`data_description`); None: not recorded
+
+
+def data_description(args, class_names) -> dict:
+    """What a run trains on, stored in its checkpoints (``data=``) so that the scripts that use
+    them can say so: ``{"dataset", "class_names"}``, and for the synthetic set the
+    ``image_size`` and ``data_seed`` that regenerate it."""
+    data = {"dataset": str(args.dataset), "class_names": [str(n) for n in class_names]}
+    if args.dataset == "synthetic":
+        data.update(image_size=int(args.image_size), data_seed=int(args.data_seed))
+    return data
+
+
+def describe_data(data: dict | None) -> str:
+    """``the synthetic shapes (classes background, ellipse, ...)``: a checkpoint's training data in
+    words, for notes to the user."""
+    if not data:
+        return "unrecorded data (a checkpoint from before the data was stored)"
+    what = "the synthetic shapes" if data.get("dataset") == "synthetic" else f"{data.get('dataset')}"
+    return f"{what} (classes {', '.join(data.get('class_names', []))})"
+
+
+def load_model(path, num_classes: int | None = None) -> Trained:
+    """The :class:`Trained` model ``(net, crf or None, data)`` of a model checkpoint of any train/
+    script (``model.pt``, ``dcnn.pt`` or ``checkpoint.pt``): a DeepLab, or the parts of a
+    DeepLabCRF. With ``num_classes`` (``--num-classes``), a net with another number of classes
+    is a ValueError. Checkpoints written before the training data was stored give ``data`` None."""
+    model, extra = models.load_checkpoint(path)
     net, crf = (model.net, model.crf) if isinstance(model, models.DeepLabCRF) else (model, None)
     if num_classes is not None and net.config["num_classes"] != num_classes:
         raise ValueError(f"{path} has {net.config['num_classes']} classes, but --num-classes is {num_classes}")
-    return net, crf
+    data = extra.get("data")
+    if not (isinstance(data, dict) and isinstance(data.get("class_names"), list)
+            and len(data["class_names"]) == net.config["num_classes"]):
+        data = None
+    return Trained(net, crf, data)

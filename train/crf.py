@@ -14,7 +14,9 @@ runs in eval mode with frozen weights. Search mode keeps the Potts model and, fo
 
 Writes OUT/model.pt (DCNN + CRF, for evaluate.py, segment.py, joint.py --init), OUT/metrics.json
 (DCNN alone, with the initial CRF, with the learnt/searched CRF; the search grid),
-OUT/bands.png, OUT/examples.png.
+OUT/bands.png, OUT/examples.png, OUT/metrics.csv, OUT/checkpoint.pt (for --resume; not written by a
+search without a DCNN stage) and, when it trains the DCNN first, OUT/dcnn.pt. A file there from an
+earlier run is replaced only with --overwrite.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
@@ -22,7 +24,6 @@ if __package__ in (None, ""):  # run as a file: put the repository root first on
 import itertools
 
 import torch
-from tqdm import tqdm
 
 import models
 from train import distributed as dist_utils
@@ -67,15 +68,21 @@ def get_args_parser(add_help=True):
     return options.set_presets(p, PRESETS)
 
 
+def outputs(args) -> list:
+    """The files a run writes in --out-dir (besides checkpoint.pt and metrics.csv)."""
+    return (["dcnn.pt"] if not args.dcnn and args.pretrain_iters > 0 else []) + \
+        ["model.pt", "metrics.json", "bands.png", "examples.png"]
+
+
 def main(args):
-    run = start_training(args)
+    run = start_training(args, outputs)
     info, out, resumed = run.info, run.out, run.resumed
 
     # ---- the frozen DCNN
     if args.dcnn:
-        net = load_model(args.dcnn, args.num_classes)[0].to(info.device)
+        net = load_model(args.dcnn, args.num_classes).net.to(info.device)
     elif resumed is not None and resumed["stage"] == "crf":
-        net = load_model(args.resume)[0].to(info.device)   # the DCNN this run trained first
+        net = load_model(args.resume).net.to(info.device)   # the DCNN this run trained first
     elif args.pretrain_iters > 0:
         net = options.build_net(args).to(info.device)
         resumed = pretrain_dcnn(args, run, net, resumed)
@@ -124,14 +131,14 @@ def main(args):
     rows = [("DCNN alone", initial["dcnn"]), ("DCNN + CRF (initial parameters)", initial["crf"]),
             (label, final["crf"])]
     if info.is_main:
-        models.save_checkpoint(out / "model.pt", joint)
-        reports.write_json(out / "metrics.json", report)
-        reports.band_plot(out / "bands.png", dict(rows))
-        reports.examples_png(out / "examples.png", {"DCNN": (init_examples, "dcnn"),
-                                                    "+CRF initial": (init_examples, "crf"),
-                                                    "+CRF final": (final_examples, "crf")})
+        models.save_checkpoint(out.claim("model.pt"), joint, data=run.data)
+        reports.write_json(out.claim("metrics.json"), report)
+        reports.band_plot(out.claim("bands.png"), dict(rows))
+        reports.examples_png(out.claim("examples.png"), {"DCNN": (init_examples, "dcnn"),
+                                                         "+CRF initial": (init_examples, "crf"),
+                                                         "+CRF final": (final_examples, "crf")}, run.class_names)
         print(reports.format_table(rows))
-        print(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'bands.png'}, {out / 'examples.png'}")
+        print(f"wrote {out.listing()}")
     return report
 
 
@@ -158,8 +165,8 @@ def grid_search(args, info, net, val_set):
         cached.append((images, net(images, upsample=True).float(), labels, sizes))
     points = []
     combos = list(itertools.product(args.search_w1, args.search_sxy, args.search_srgb))
-    for w1, sxy, srgb in tqdm(combos, desc="grid search", dynamic_ncols=True,
-                              disable=args.no_progress or not info.is_main):
+    for w1, sxy, srgb in engine.progress_bar(combos, desc="grid search",
+                                             enabled=not args.no_progress and info.is_main):
         crf = options.crf_layer(args.num_classes, (sxy, srgb, w1), args.spatial, args.crf_eval_iters,
                                 args.crf_eval_iters).to(info.device).eval()
         cm = ConfusionMatrix(args.num_classes)

@@ -9,7 +9,8 @@ Loss: per-position cross-entropy of the stride-8 scores against the ground truth
 (void ignored; ``--dcnn-loss full`` compares the upsampled scores with the full labels). VOC defaults: SGD momentum 0.9, weight decay 5e-4, lr 1e-3 (×10 on fc8),
 ×0.1 every 2000 iterations, batch 20, 6000 iterations, 321×321 crops of randomly scaled,
 flipped images. Writes OUT/model.pt (for train/crf.py, train/joint.py --init, evaluate.py,
-segment.py), OUT/checkpoint.pt (for --resume), OUT/metrics.json, OUT/metrics.csv.
+segment.py), OUT/checkpoint.pt (for --resume), OUT/metrics.json, OUT/metrics.csv, OUT/examples.png
+(a file there from an earlier run is replaced only with --overwrite).
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
@@ -34,10 +35,15 @@ def get_args_parser(add_help=True):
     return options.set_presets(p)
 
 
+def outputs(args) -> list:
+    """The files a run writes in --out-dir (besides checkpoint.pt and metrics.csv)."""
+    return ["model.pt", "metrics.json", "examples.png"]
+
+
 def main(args):
-    run = start_training(args)
+    run = start_training(args, outputs)
     out = run.out
-    net = load_model(args.init, args.num_classes)[0] if args.init else options.build_net(args)
+    net = load_model(args.init, args.num_classes).net if args.init else options.build_net(args)
     net.to(run.info.device)
     summary = train_dcnn(args, run, net, args.iters, resume=run.resumed is not None, stop_at=args.stop_at)
     if summary["stopped"]:
@@ -47,12 +53,12 @@ def main(args):
                                     class_names=run.class_names, amp=args.amp, num_examples=6,
                                     progress=not args.no_progress)
     if run.info.is_main:
-        models.save_checkpoint(out / "model.pt", net)
-        reports.write_json(out / "metrics.json", {"dcnn": res["dcnn"], "train": summary,
-                                                  "seconds": run.seconds()})
-        reports.examples_png(out / "examples.png", {"DCNN": (examples, "dcnn")})
+        models.save_checkpoint(out.claim("model.pt"), net, data=run.data)
+        reports.write_json(out.claim("metrics.json"), {"dcnn": res["dcnn"], "train": summary,
+                                                       "seconds": run.seconds()})
+        reports.examples_png(out.claim("examples.png"), {"DCNN": (examples, "dcnn")}, run.class_names)
         print(reports.format_table([("DCNN", res["dcnn"])]))
-        print(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'examples.png'}")
+        print(f"wrote {out.listing()}")
     return res
 
 

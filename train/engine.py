@@ -8,8 +8,8 @@ exact ``--resume`` needs only the iteration, the optimiser state and the RNG sta
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from models.files import atomic_write
 
 from . import distributed as dist_utils
 from .checkpoint import save_training_checkpoint
@@ -140,25 +142,41 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------- logging
 class MetricLogger:
-    """Scalars to ``metrics.csv`` (columns: time, stage, iteration, name, value) and, with
-    ``tensorboard=True``, to a TensorBoard event file. Only rank 0 writes."""
+    """Scalars to a CSV file (columns: time, stage, iteration, name, value) and, with
+    ``tensorboard=True``, to TensorBoard event files in a ``tensorboard`` folder beside it. Only
+    rank 0 writes.
+
+    ``path``: the CSV file (``OUT/metrics.csv``). A new run (``resume=False``) starts it afresh,
+    so the rows of an earlier run in the same file (replaced with ``--overwrite``) are not mixed
+    with this run's; a resumed run keeps it and drops what follows its checkpoint
+    (:meth:`truncate`).
+    """
 
     FIELDS = ("time", "stage", "iteration", "name", "value")
 
-    def __init__(self, out_dir, tensorboard: bool = False, enabled: bool = True):
+    def __init__(self, path, tensorboard: bool = False, enabled: bool = True, resume: bool = False):
         self.enabled = enabled
-        self.path = Path(out_dir) / "metrics.csv"
+        self.path = Path(path)
         self.tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume or not self.path.is_file():
+            self._write_rows([])
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError("--log tensorboard needs the tensorboard package "
                                   "(pip install tensorboard); use --log csv without it") from e
-            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+
+    def _write_rows(self, rows):
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, self.FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(self.path, text.getvalue().encode())
 
     def truncate(self, stage: str, iteration: int):
         """Drop rows of ``stage`` logged after ``iteration`` (a resumed run logs them again)."""
@@ -166,22 +184,13 @@ class MetricLogger:
             return
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
-        keep = [r for r in rows if not (r["stage"] == stage and int(r["iteration"]) > iteration)]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.FIELDS)
-            w.writeheader()
-            w.writerows(keep)
-        os.replace(tmp, self.path)
+        self._write_rows([r for r in rows if not (r["stage"] == stage and int(r["iteration"]) > iteration)])
 
     def log(self, stage: str, iteration: int, **scalars):
         if not self.enabled:
             return
-        new = not self.path.is_file()
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, self.FIELDS)
-            if new:
-                w.writeheader()
             now = f"{time.time():.3f}"
             for k, v in scalars.items():
                 w.writerow({"time": now, "stage": stage, "iteration": iteration, "name": k, "value": v})
@@ -195,6 +204,13 @@ class MetricLogger:
 
 
 # ----------------------------------------------------------------------------- training loop
+def progress_bar(iterable=None, *, enabled: bool = True, **kwargs) -> tqdm:
+    """A tqdm progress bar, drawn only when ``enabled`` and stderr is a terminal (tqdm's
+    ``disable=None``): a log redirected to a file gets no bar redraws. ``bar.disable`` says
+    whether it is hidden."""
+    return tqdm(iterable, disable=None if enabled else True, dynamic_ncols=True, **kwargs)
+
+
 @dataclass
 class LoopConfig:
     """What :func:`train_loop` needs besides the model, data and optimiser.
@@ -280,8 +296,10 @@ def train_loop(model, dataset, loss_fn, optimizer, cfg: LoopConfig, info: dist_u
     """
     model.train()
     loader = make_train_loader(dataset, cfg, info, start_iter)
-    bar = tqdm(total=cfg.max_iter, initial=start_iter, desc=cfg.stage, dynamic_ncols=True,
-               disable=not (cfg.progress and info.is_main), leave=True)
+    bar = progress_bar(total=cfg.max_iter, initial=start_iter, desc=cfg.stage, leave=True,
+                       enabled=cfg.progress and info.is_main)
+    # Without a bar (not a terminal, or --no-progress), one line now and then says how it goes.
+    line_every = max(1, cfg.log_every) * max(1, math.ceil(cfg.max_iter / 20 / max(1, cfg.log_every)))
     last_ckpt = (cfg.ckpt_path, start_iter) if start_iter and cfg.ckpt_path else None
     t0 = time.perf_counter()
     t_log, n_log, loss_sum, loss_n = t0, 0, 0.0, 0
@@ -326,6 +344,9 @@ def train_loop(model, dataset, loss_fn, optimizer, cfg: LoopConfig, info: dist_u
             ips = n_log / max(now - t_log, 1e-9)
             mean_loss = loss_sum / loss_n
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
+            if bar.disable and info.is_main and (done % line_every == 0 or done == cfg.max_iter):
+                print(f"[{cfg.stage}] iteration {done}/{cfg.max_iter}: loss {mean_loss:.4f}, {ips:.1f} images/s, "
+                      f"lr {optimizer.param_groups[0]['lr']:.3g}", flush=True)
             if logger is not None and info.is_main:
                 logger.log(cfg.stage, done, loss=mean_loss, lr=optimizer.param_groups[0]["lr"], images_per_s=ips)
             t_log, n_log, last_loss, loss_sum, loss_n = now, 0, mean_loss, 0.0, 0
@@ -353,9 +374,15 @@ def train_loop(model, dataset, loss_fn, optimizer, cfg: LoopConfig, info: dist_u
 
 
 # ----------------------------------------------------------------------------- evaluation
+class NonFiniteOutputError(ValueError):
+    """The model computed NaN or infinite scores: its parameters are broken (a checkpoint of a
+    run that diverged, a damaged file), and every label it gives would be garbage."""
+
+
 def forward_eval(model, images: torch.Tensor, use_crf: bool) -> dict:
     """``{"unary": Tensor[N, C, H, W], "crf": Tensor[N, C, H, W] or None}`` for a DeepLab (no CRF)
-    or a DeepLabCRF (CRF on when ``use_crf`` and it has one)."""
+    or a DeepLabCRF (CRF on when ``use_crf`` and it has one). Raises
+    :class:`NonFiniteOutputError` when either holds NaN or an infinity."""
     m = dist_utils.unwrap(model)
     if hasattr(m, "crf"):
         prev = m.use_crf
@@ -364,8 +391,21 @@ def forward_eval(model, images: torch.Tensor, use_crf: bool) -> dict:
             out = m(images)
         finally:
             m.use_crf = prev
-        return {"unary": out["unary"], "crf": out["crf"]}
-    return {"unary": m(images, upsample=True), "crf": None}
+        res = {"unary": out["unary"], "crf": out["crf"]}
+    else:
+        res = {"unary": m(images, upsample=True), "crf": None}
+    for key, what in (("unary", "DCNN's scores hold"), ("crf", "CRF's output holds")):
+        if res[key] is not None and not bool(torch.isfinite(res[key]).all()):
+            raise NonFiniteOutputError(f"the {what} NaN or infinite values: the model's parameters are "
+                                       f"broken ({largest_parameter(m)})")
+    return res
+
+
+def largest_parameter(model) -> str:
+    """``largest |parameter|: crf.compatibility 3e+38``: where a model's broken value most likely is."""
+    name, value = max(((n, p.detach().abs().max().item()) for n, p in model.named_parameters() if p.numel()),
+                      key=lambda item: (item[1] != item[1], item[1]), default=("none", 0.0))
+    return f"largest |parameter|: {name} {value:.3g}"
 
 
 @torch.no_grad()
@@ -398,8 +438,8 @@ def evaluate(model, loader, num_classes: int, device, *, use_crf: bool = True,
     cms = {k: ConfusionMatrix(num_classes) for k in modes}
     bas = {k: BandAccuracy(bands) for k in modes}
     examples = []
-    for images, labels, sizes, indices in tqdm(loader, desc=desc, dynamic_ncols=True, leave=False,
-                                               disable=not (progress and dist_utils.is_main_process())):
+    for images, labels, sizes, indices in progress_bar(loader, desc=desc, leave=False,
+                                                       enabled=progress and dist_utils.is_main_process()):
         images = images.to(device)
         with autocast(device, amp):
             out = forward_eval(m, images, has_crf)

@@ -13,7 +13,9 @@ What it does:
 3. trains both jointly through the CRF (CRF-RNN's recipe: loss on the CRF's full-resolution
    output, 5 mean-field iterations in training, 10 at evaluation);
 4. evaluates again — "after" — and prints the table, writing metrics.json, examples.png,
-   bands.png (accuracy near boundaries vs band width), metrics.csv and model.pt to --out-dir.
+   bands.png (accuracy near boundaries vs band width), metrics.csv, model.pt, checkpoint.pt
+   (and dcnn.pt, the DCNN of step 1) to --out-dir. A file there from an earlier run is
+   replaced only with --overwrite.
 
 --resume OUT/checkpoint.pt continues a killed run exactly (either stage).
 """
@@ -60,13 +62,19 @@ def get_args_parser(add_help=True):
     return options.set_presets(p, PRESETS)
 
 
+def outputs(args) -> list:
+    """The files a run writes in --out-dir (besides checkpoint.pt and metrics.csv)."""
+    pretrains = not args.init and args.pretrain_iters > 0
+    return (["dcnn.pt"] if pretrains else []) + ["model.pt", "metrics.json", "examples.png", "bands.png"]
+
+
 def main(args):
-    run = start_training(args)
+    run = start_training(args, outputs)
     info, out, resumed = run.info, run.out, run.resumed
 
     # ---- the DCNN (and maybe a CRF) to start from
     if args.init:
-        net, crf = load_model(args.init, args.num_classes)
+        net, crf, _ = load_model(args.init, args.num_classes)
         log(f"initialised from {args.init}" + (" (with its CRF)" if crf is not None else ""))
     else:
         net, crf = options.build_net(args), None
@@ -116,20 +124,19 @@ def main(args):
             ("DCNN alone, after joint training", after["dcnn"]),
             ("DCNN + CRF, after joint training", after["crf"])]
     if info.is_main:
-        models.save_checkpoint(out / "model.pt", joint)
-        reports.write_json(out / "metrics.json", {
+        models.save_checkpoint(out.claim("model.pt"), joint, data=run.data)
+        reports.write_json(out.claim("metrics.json"), {
             "before": before, "after": after, "train": summary, "seconds": run.seconds(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "crf": _crf_params(joint.crf)})
-        reports.band_plot(out / "bands.png", {n: r for n, r in rows})
-        reports.examples_png(out / "examples.png", {
+        reports.band_plot(out.claim("bands.png"), {n: r for n, r in rows})
+        reports.examples_png(out.claim("examples.png"), {
             "DCNN before": (before_examples, "dcnn"), "+CRF before": (before_examples, "crf"),
-            "DCNN after": (after_examples, "dcnn"), "+CRF after": (after_examples, "crf")})
+            "DCNN after": (after_examples, "dcnn"), "+CRF after": (after_examples, "crf")}, run.class_names)
         print(f"\nPASCAL-style evaluation on {len(run.val_set)} {args.dataset} validation images "
               f"(void ignored); {run.seconds():.0f} s in all")
         print(reports.format_table(rows))
-        print(f"wrote {out / 'metrics.json'}, {out / 'examples.png'}, {out / 'bands.png'}, "
-              f"{out / 'model.pt'}")
+        print(f"wrote {out.listing()}")
     return {"before": before, "after": after}
 
 

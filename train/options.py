@@ -19,6 +19,7 @@ from crfrnn.crf import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS
 
 from .data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, SegmentationSet, build_dataset, eval_transform,
                    train_transform)
+from .checkpoint import RESUME_FREE, RESUME_WARN
 from .engine import LR_POLICIES, OPTIMIZERS
 
 #: The defaults that depend on the dataset, for every script (a script may change a row for
@@ -101,8 +102,8 @@ def add_data_args(p: argparse.ArgumentParser, training: bool = True):
                    help="'synthetic': generated shapes, no files needed; 'voc': PASCAL VOC 2012 from "
                         "--data-root" + (" (with SBD from --sbd-root for DeepLab's train_aug)" if training else ""))
     g.add_argument("--data-root", default=None,
-                   help="VOC folder: the one holding VOCdevkit, VOCdevkit itself, or VOCdevkit/VOC2012 "
-                        "(needed with --dataset voc)")
+                   help="the VOC folder: VOCdevkit/VOC2012, or VOCdevkit, or the folder that holds "
+                        "VOCdevkit (needed with --dataset voc)")
     if training:
         g.add_argument("--sbd-root", default=None,
                        help="SBD's benchmark_RELEASE/dataset: adds SBD train+val (minus VOC val) to training "
@@ -213,12 +214,23 @@ def add_run_args(p: argparse.ArgumentParser, out_dir: str, training: bool = True
     g.add_argument("--eval-batch-size", type=int, help="images per evaluation batch")
     g.add_argument("--bands", type=float, nargs="+",
                    help="trimap band widths (px) for the boundary accuracy")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are drawn only on a terminal; elsewhere, and with this "
+                        "option, a line now and then reports the progress)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace files that --out-dir holds from an earlier run (without it the run refuses "
+                        "to start" + (", except with --resume of a checkpoint in --out-dir)" if training else ")"))
     if not training:
         return g
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     g.add_argument("--resume", default=None, metavar="CKPT",
-                   help="continue a run exactly from its checkpoint (model, optimiser, schedule, RNG)")
+                   help="continue a run exactly from its checkpoint (model, optimiser, schedule, RNG), with "
+                        "the run's options: a changed option that changes the training is refused (see "
+                        "--resume-anyway); only " + _flags(RESUME_FREE, skip=("resume", "resume_anyway"))
+                        + " may change freely, and " + _flags(RESUME_WARN) + " with a warning")
+    g.add_argument("--resume-anyway", action="store_true",
+                   help="with --resume, continue even with options that change the training (with a warning; "
+                        "no longer an exact continuation)")
     g.add_argument("--ckpt-every", type=int,
                    help="write the checkpoint every N iterations (a killed run loses at most N)")
     g.add_argument("--eval-every", type=int, help="evaluate every N iterations (0: only at the end)")
@@ -229,6 +241,10 @@ def add_run_args(p: argparse.ArgumentParser, out_dir: str, training: bool = True
                    help="end after this iteration of the (last) training stage, checkpointed, as if "
                         "killed there; continue later with --resume OUT/checkpoint.pt")
     return g
+
+
+def _flags(names, skip=()) -> str:
+    return ", ".join(f"--{n.replace('_', '-')}" for n in names if n not in skip)
 
 
 def finalize(args: argparse.Namespace) -> argparse.Namespace:

@@ -1,9 +1,10 @@
 """The start and end of every script's process: the options finished, the process group joined,
-the CPU threads and glibc's malloc set, the output folder made; bad input ends with one line."""
+the CPU threads and glibc's malloc set, the output folder opened; bad input ends with one line."""
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from . import distributed as dist_utils
 from .engine import NonFiniteLossError
 from .options import finalize
+from .outputs import OutputDir
 
 
 def keep_large_blocks_in_the_heap() -> bool:
@@ -45,28 +47,62 @@ def set_cpu_threads(threads: int, info: dist_utils.DistInfo):
 def setup(args) -> dist_utils.DistInfo:
     """Finish the options (:func:`train.options.finalize`), join the process group, set the CPU
     threads (``--threads``), on the CPU keep large freed blocks in the heap
-    (:func:`keep_large_blocks_in_the_heap`), create ``--out-dir``. Returns this process's
+    (:func:`keep_large_blocks_in_the_heap`). Returns this process's
     :class:`train.distributed.DistInfo`."""
     finalize(args)
     info = dist_utils.init_distributed(args.device)
     set_cpu_threads(args.threads, info)
     if info.device.type == "cpu":
         keep_large_blocks_in_the_heap()
-    if info.is_main:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     return info
 
 
+def open_output_dir(args, names, protect=()) -> OutputDir:
+    """``--out-dir`` as an :class:`train.outputs.OutputDir` (``--overwrite``; ``protect``: the
+    run's inputs), after checking that the run may write every one of ``names`` (a
+    ``FileExistsError`` before any work otherwise). A ``--resume`` of a checkpoint in
+    ``--out-dir`` continues the run that wrote those files, so it may replace them.
+
+    Rank 0 alone writes files, so it alone checks, and tells the other processes the verdict
+    (they would otherwise see the files rank 0 has begun to write as someone else's)."""
+    folder = Path(args.out_dir)
+    resume = getattr(args, "resume", None)
+    continues_here = bool(resume) and Path(resume).resolve().parent == folder.resolve()
+    if not dist_utils.is_main_process():
+        refusal = dist_utils.broadcast_object(None)
+        if refusal:
+            raise FileExistsError(refusal)
+        return OutputDir(folder, overwrite=True)           # writes nothing: nothing to check
+    out = OutputDir(folder, overwrite=args.overwrite, protect=protect, keep=names if continues_here else ())
+    try:
+        out.check_free(names)
+    except FileExistsError as e:
+        dist_utils.broadcast_object(str(e))
+        raise
+    dist_utils.broadcast_object(None)
+    return out
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line. An error raised in a DataLoader worker arrives
+    wrapped in the worker's traceback: its own message is the last line of that."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1].strip())
+    return " ".join(text.split()) or type(error).__name__
+
+
 def run_main(main, parser):
-    """Parse, run ``main(args)``; a NaN/Inf loss or bad input (missing or malformed dataset,
-    bad option) ends with a one-line message and exit status 2 (other errors: traceback, 1)."""
+    """Parse, run ``main(args)``; a NaN/Inf loss, bad input (a missing, malformed or unreadable
+    file or dataset, a bad option) or a failed write (disk full, a file the run may not replace)
+    ends with a one-line message and exit status 2 (other errors: traceback, 1)."""
     args = parser.parse_args()
     try:
         main(args)
-    except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (NonFiniteLossError, ValueError, OSError) as e:
         if os.environ.get("CRFRNN_TRACEBACK"):
             raise
-        print(f"error: {e}  (set CRFRNN_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(f"error: {one_line(e)}  (set CRFRNN_TRACEBACK=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
     finally:
         dist_utils.cleanup()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+import numpy as np
+
+from models.files import atomic_write
+
 from . import distributed as dist_utils
-from .visualize import image_grid, line_plot, save_image_atomic
+from .data import VOID
+from .visualize import image_grid, legend_entries, line_plot, save_image_atomic
 
 
 def format_table(rows, band=None) -> str:
@@ -40,9 +44,7 @@ def write_json(path, obj):
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(obj), indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(_finite(obj), indent=2).encode())
 
 
 def _finite(o):
@@ -63,12 +65,14 @@ def band_plot(path, curves: dict, title="Accuracy near object boundaries (trimap
     for name, res in curves.items():
         b = res["band_accuracy"]
         series[name] = (b["bands"], [None if a is None else 100 * a for a in b["accuracy"]])
+    bands = sorted({b for xs, _ in series.values() for b in xs})
     save_image_atomic(line_plot(series, xlabel="trimap band width (px)", ylabel="pixel accuracy %",
-                                title=title), path)
+                                title=title, xticks=bands), path)
 
 
-def examples_png(path, columns: dict, max_rows: int = 6, scale=None):
-    """Write a grid: one row per example, columns image, truth, then each named prediction.
+def examples_png(path, columns: dict, class_names=None, max_rows: int = 6, scale=None):
+    """Write a grid: one row per example, columns image, truth, then each named prediction, and
+    below a legend of the colours of the classes shown (``class_names``; none: their numbers).
 
     ``columns`` maps a column title to ``(examples, key)``: a list of example dicts from
     :func:`engine.evaluate` (``"image"``, ``"label"``, and the predictions under ``"dcnn"`` and
@@ -82,7 +86,11 @@ def examples_png(path, columns: dict, max_rows: int = 6, scale=None):
         for exs, key in columns.values():
             row.append(exs[i][key])
         rows.append(row)
+    if not rows:
+        return
     titles = ["image", "truth"] + list(columns.keys())
     if scale is None:  # pictures are for looking at: enlarge small images
         scale = max(1, min(4, 160 // max(rows[0][0].shape[0], 1)))
-    save_image_atomic(image_grid(rows, col_titles=titles, scale=scale), path)
+    labels = [tile for row in rows for tile in row[1:]]
+    names = class_names or [str(c) for c in range(1 + max(int(np.max(t[t != VOID], initial=0)) for t in labels))]
+    save_image_atomic(image_grid(rows, col_titles=titles, scale=scale, legend=legend_entries(names, labels)), path)

@@ -4,8 +4,28 @@ and overlay PNGs, with or without the CRF.
     python train/segment.py photo.jpg more/ --checkpoint runs/joint/model.pt --out-dir seg
     python train/segment.py                 # no inputs: segments a few synthetic demo images
 
-For each input NAME.EXT it writes OUT/NAME.png (palette label map; with --no-crf, the DCNN's) and
-OUT/NAME_overlay.png (the colours blended over the image); with --both, also OUT/NAME_dcnn.png.
+What it writes in --out-dir (OUT), for an input whose output NAME is ``photo``:
+
+    OUT/labels/photo.png        the label map (palette PNG; with --no-crf, the DCNN's)
+    OUT/overlays/photo.png      the label colours blended over the image
+    OUT/labels_dcnn/photo.png   with --both: the DCNN's label map
+    OUT/inputs/demo_K.png       without inputs: the synthetic demo images it segments
+
+NAME is the input's file name without its extension (``photo`` for ``photo.jpg``). When two
+inputs would get the same NAME (``cat.jpg`` and ``cat.png``), both keep their extension
+(``cat.jpg``, ``cat.png``: ``OUT/labels/cat.jpg.png``); when they also have the same file name
+(``a/cat.jpg`` and ``b/cat.jpg``), their folders are kept as subfolders, as many as tell them
+apart (``OUT/labels/a/cat.jpg.png``). So every input gets outputs of its own, all inside OUT
+(names compare case-insensitively; the same file given twice is segmented once).
+
+It never replaces a file it did not write in this run: when one of its outputs is already in
+OUT (from an earlier run into the same folder, or anyone's), it refuses before segmenting
+anything, unless --overwrite; an input is never replaced, not even with --overwrite.
+
+Images are read with their real range (16-bit and float images scaled, not clipped:
+:mod:`train.data.images`). A checkpoint records the data it was trained on; the demo draws its
+images from that synthetic set, and segmenting other images with a model of the synthetic
+shapes prints a note.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
@@ -16,109 +36,171 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import models
 from train import distributed as dist_utils
 from train import engine, options
-from train.checkpoint import load_model
+from train.checkpoint import describe_data, load_model
 from train.data import SyntheticShapes
+from train.data.images import read_rgb
 from train.data.transforms import Normalize, to_tensors
+from train.outputs import OutputDir
 from train.process import run_main
 from train.visualize import label_image, overlay, save_image_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+#: The output folders, by what they hold (see the module docstring).
+LABELS, OVERLAYS, DCNN_LABELS, DEMO_INPUTS = "labels", "overlays", "labels_dcnn", "inputs"
 
 
 def get_args_parser(add_help=True):
     p = options.parser("Segment images with a DeepLab / DeepLab+CRF checkpoint: writes label PNGs "
-                       "(VOC palette) and overlays.", add_help)
+                       "(VOC palette) to OUT/labels/NAME.png and overlays to OUT/overlays/NAME.png. NAME is "
+                       "the input's name without its extension, with it when two inputs share a name "
+                       "(cat.jpg, cat.png), and with its folders when they share the file name too. "
+                       "Files already in OUT are never replaced without --overwrite, inputs never.", add_help)
     p.add_argument("inputs", nargs="*",
                    help="image files and/or folders (searched for images, not recursively); none: "
                         "--demo synthetic images are written to OUT/inputs and segmented")
     p.add_argument("--checkpoint", default="runs/joint/model.pt",
                    help="a model checkpoint (model.pt, dcnn.pt or checkpoint.pt of any train/ script)")
-    p.add_argument("--out-dir", default="runs/segment", help="where the PNGs go")
+    p.add_argument("--out-dir", default="runs/segment", help="where the PNGs go (in labels/, overlays/, ...)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that --out-dir holds from an earlier run (never an input)")
     p.add_argument("--no-crf", action="store_true", help="the DCNN's labels, without the CRF")
-    p.add_argument("--both", action="store_true", help="also write the DCNN's labels as NAME_dcnn.png")
+    p.add_argument("--both", action="store_true", help="also write the DCNN's labels to OUT/labels_dcnn/")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the label colours")
     p.add_argument("--demo", type=int, default=4, help="synthetic images to segment when no input is given")
-    p.add_argument("--image-size", type=int, default=64, help="size of the synthetic demo images")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="size of the synthetic demo images (none: the size the checkpoint was trained on)")
     p.add_argument("--crf-preset", default="synthetic", choices=tuple(options.CRF_PRESETS),
                    help="CRF parameters when the checkpoint has no CRF")
     p.add_argument("--crf-eval-iters", type=int, default=10, help="mean-field iterations")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
     return p
 
 
 def list_inputs(inputs) -> list:
-    """Image paths from files and folders; ``FileNotFoundError``/``ValueError`` when none."""
-    paths = []
+    """Image paths from files and folders, each file once; ``FileNotFoundError``/``ValueError``
+    when one is missing or a folder holds no images."""
+    paths, seen = [], set()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS and q.is_file())
             if not found:
                 raise ValueError(f"folder {p} holds no images ({', '.join(IMAGE_EXTS)})")
-            paths += found
         elif p.is_file():
-            paths.append(p)
+            found = [p]
         else:
             raise FileNotFoundError(f"input {p} does not exist")
+        for q in found:
+            if q.resolve() not in seen:
+                seen.add(q.resolve())
+                paths.append(q)
     return paths
 
 
-def write_demo_inputs(folder: Path, n: int, size: int) -> list:
-    ds = SyntheticShapes(n, size=size, split="test", seed=0)
-    out = []
-    for i in range(n):
-        path = folder / f"demo_{i}.png"
-        save_image_atomic(Image.fromarray(ds[i][0]), path)
-        out.append(path)
-    return out
+def output_names(paths) -> list:
+    """The output NAME of each input (module docstring): its stem; with the extension where
+    stems collide; with as many parent folders as it takes where file names collide too.
+    ``ValueError`` when two inputs differ only in letter case (no name could tell them apart
+    on a case-insensitive disk)."""
+    parts = [Path(os.path.abspath(p)).parts[1:] for p in paths]      # without the root
+
+    def name(k, i):  # k = 0: the stem; k >= 1: the last k parts of the path
+        return Path(parts[i][-1]).stem if k == 0 else "/".join(parts[i][-k:])
+
+    depth = [0] * len(paths)
+    while True:
+        groups = {}
+        for i in range(len(paths)):
+            groups.setdefault(name(depth[i], i).casefold(), []).append(i)
+        clashes = [group for group in groups.values() if len(group) > 1]
+        if not clashes:
+            return [name(depth[i], i) for i in range(len(paths))]
+        for group in clashes:
+            longer = [i for i in group if depth[i] < len(parts[i])]
+            if not longer:
+                raise ValueError(f"inputs {paths[group[0]]} and {paths[group[1]]} differ only in letter case: "
+                                 "their outputs would clash; segment them in separate runs (separate --out-dir)")
+            for i in longer:
+                depth[i] += 1
+
+
+def planned_outputs(names, both: bool) -> dict:
+    """``{kind: [file name in OUT, one per input]}`` for the output kinds this run writes."""
+    kinds = [LABELS, OVERLAYS] + ([DCNN_LABELS] if both else [])
+    return {kind: [f"{kind}/{n}.png" for n in names] for kind in kinds}
+
+
+def demo_images(trained_on, n: int, size: int | None, num_classes: int, checkpoint) -> list:
+    """``n`` test images of the synthetic set the checkpoint was trained on (its classes, image
+    size and seed), as ``[(file name, uint8[H, W, 3])]``; ``ValueError`` for a checkpoint trained
+    on other data."""
+    if trained_on is not None and trained_on["dataset"] != "synthetic":
+        raise ValueError(f"no inputs given, and the demo segments synthetic shapes, but {checkpoint} was trained "
+                         f"on {describe_data(trained_on)}: give image files or folders to segment")
+    size = size or (trained_on or {}).get("image_size") or 64
+    ds = SyntheticShapes(n, size=size, num_classes=num_classes, split="test",
+                         seed=(trained_on or {}).get("data_seed", 0))
+    return [(f"{DEMO_INPUTS}/demo_{i}.png", ds[i][0]) for i in range(n)]
 
 
 def main(args):
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint} not found (train one first, e.g. "
                                 "python train/joint.py, or pass --checkpoint)")
+    net, crf, trained_on = load_model(args.checkpoint)
+    num_classes = net.config["num_classes"]
+    demo = None if args.inputs else demo_images(trained_on, args.demo, args.image_size, num_classes,
+                                                args.checkpoint)
+    paths = list_inputs(args.inputs) if demo is None else [Path(args.out_dir) / f for f, _ in demo]
+    names = output_names(paths) if demo is None else [Path(f).stem for f, _ in demo]
+    planned = planned_outputs(names, args.both)
+    out = OutputDir(args.out_dir, overwrite=args.overwrite, protect=paths if demo is None else ())
+    out.check_free([f for f, _ in demo or []] + [f for files in planned.values() for f in files])
+    if demo is None and trained_on is not None and trained_on["dataset"] == "synthetic":
+        print(f"note: {args.checkpoint} was trained on {describe_data(trained_on)}: on other images expect "
+              "mostly background")
+    for file, image in demo or []:
+        save_image_atomic(Image.fromarray(image), out.claim(file))
+
     info = dist_utils.init_distributed(args.device)
-    out = Path(args.out_dir)
-    paths = list_inputs(args.inputs) if args.inputs else write_demo_inputs(out / "inputs", args.demo,
-                                                                            args.image_size)
-    net, crf = load_model(args.checkpoint)
     if crf is None and not args.no_crf:
         preset = options.CRF_PRESETS[args.crf_preset]
-        crf = options.crf_layer(net.config["num_classes"], preset["bilateral"], preset["spatial"],
+        crf = options.crf_layer(num_classes, preset["bilateral"], preset["spatial"],
                                 args.crf_eval_iters, args.crf_eval_iters)
     if crf is not None:
         crf.num_eval_iterations = args.crf_eval_iters
     model = models.DeepLabCRF(net, crf).to(info.device).eval()
-    norm = Normalize()
-    written = []
-    for path in tqdm(paths, desc="segment", disable=args.no_progress, dynamic_ncols=True):
-        try:
-            with Image.open(path) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise ValueError(f"{path}: not a readable image ({e})") from e
-        x, _ = norm(*to_tensors(rgb, np.zeros(rgb.shape[:2], np.int64)))
-        with torch.no_grad():
-            res = engine.forward_eval(model, x[None].to(info.device), use_crf=not args.no_crf)
-        dcnn = res["unary"][0].argmax(0).cpu().numpy()
-        lab = dcnn if res["crf"] is None else res["crf"][0].argmax(0).cpu().numpy()
-        stem = out / path.stem
-        if stem.with_suffix(".png").resolve() == path.resolve():
-            raise ValueError(f"writing {stem.with_suffix('.png')} would overwrite the input: choose "
-                             "another --out-dir")
-        save_image_atomic(label_image(lab), stem.with_suffix(".png"))
-        save_image_atomic(Image.fromarray(overlay(rgb, lab, args.alpha)), Path(f"{stem}_overlay.png"))
-        written.append(stem.with_suffix(".png"))
+    for k, path in enumerate(engine.progress_bar(paths, desc="segment", enabled=not args.no_progress)):
+        rgb = read_rgb(path)
+        crf_labels, dcnn_labels = segment(model, rgb, info.device, not args.no_crf, args.checkpoint)
+        save_image_atomic(label_image(crf_labels), out.claim(planned[LABELS][k]))
+        save_image_atomic(Image.fromarray(overlay(rgb, crf_labels, args.alpha)), out.claim(planned[OVERLAYS][k]))
         if args.both:
-            save_image_atomic(label_image(dcnn), Path(f"{stem}_dcnn.png"))
-    print(f"wrote {len(written)} label PNGs and overlays to {out}")
-    return written
+            save_image_atomic(label_image(dcnn_labels), out.claim(planned[DCNN_LABELS][k]))
+    counts = [f"{len(files)} {'label maps' if kind != OVERLAYS else 'overlays'} in {out.path(kind)}"
+              for kind, files in planned.items()]
+    if demo:
+        counts.append(f"{len(demo)} demo inputs in {out.path(DEMO_INPUTS)}")
+    print(f"wrote {', '.join(counts)}")
+    return out.claimed
+
+
+def segment(model, rgb: np.ndarray, device, use_crf: bool, checkpoint):
+    """``(labels, DCNN labels)``, both ``int64[H, W]``, of ``rgb`` (``uint8[H, W, 3]``); the
+    first is the CRF's when ``use_crf`` and the model has one."""
+    x, _ = Normalize()(*to_tensors(rgb, np.zeros(rgb.shape[:2], np.int64)))
+    with torch.no_grad():
+        try:
+            res = engine.forward_eval(model, x[None].to(device), use_crf=use_crf)
+        except engine.NonFiniteOutputError as e:
+            raise engine.NonFiniteOutputError(f"{checkpoint}: {e}") from e
+    dcnn = res["unary"][0].argmax(0).cpu().numpy()
+    return (dcnn if res["crf"] is None else res["crf"][0].argmax(0).cpu().numpy()), dcnn
 
 
 if __name__ == "__main__":

@@ -12,17 +12,18 @@ import models
 
 from . import distributed as dist_utils
 from . import engine
-from .checkpoint import load_training_state, open_resume
+from .checkpoint import data_description, load_training_state, open_resume
 from .data import SegmentationSet
 from .distributed import log
 from .options import make_sets
-from .process import setup
+from .outputs import OutputDir
+from .process import open_output_dir, setup
 
 
 class TrainingRun(NamedTuple):
     """What every training script opens with (see :func:`start_training`)."""
     info: dist_utils.DistInfo
-    out: Path              # the output folder
+    out: OutputDir         # the output folder: every file is written through out.claim(name)
     started: float         # time.perf_counter() at the start
     train_set: SegmentationSet
     val_set: SegmentationSet
@@ -30,29 +31,35 @@ class TrainingRun(NamedTuple):
     val_loader: object     # engine.make_eval_loader's loader
     logger: engine.MetricLogger
     resumed: dict | None   # --resume's training state (train.checkpoint.resume_info), or None
+    data: dict             # what the run trains on, stored in its checkpoints (data_description)
 
     @property
     def checkpoint(self) -> Path:
         """The resumable checkpoint every stage of the run writes (``--resume`` reads it)."""
-        return self.out / "checkpoint.pt"
+        return self.out.path("checkpoint.pt")
 
     def seconds(self) -> float:
         """Seconds since the run started."""
         return time.perf_counter() - self.started
 
 
-def start_training(args) -> TrainingRun:
-    """:func:`train.process.setup`, the seeds (``--seed`` + rank), then the train and val sets, the
-    val loader, the metric log in ``--out-dir`` and what ``--resume`` continues
-    (:func:`train.checkpoint.open_resume`)."""
+def start_training(args, outputs) -> TrainingRun:
+    """:func:`train.process.setup`, ``--out-dir`` opened for the files ``outputs(args)`` names (with
+    the options finished; refused before any work when one is there from an earlier run:
+    :func:`train.process.open_output_dir`), what ``--resume`` continues
+    (:func:`train.checkpoint.open_resume`), the seeds (``--seed`` + rank), the train and val
+    sets, the val loader and the metric log."""
     info = setup(args)
+    out = open_output_dir(args, ["checkpoint.pt", "metrics.csv", *outputs(args)])
+    resumed = open_resume(args)
     engine.seed_everything(args.seed, info.rank)
     started = time.perf_counter()
     train_set, val_set, names = make_sets(args)
     val_loader = engine.make_eval_loader(val_set, info, args.eval_batch_size, args.workers)
-    out = Path(args.out_dir)
-    logger = engine.MetricLogger(out, tensorboard=args.log == "tensorboard", enabled=info.is_main)
-    return TrainingRun(info, out, started, train_set, val_set, names, val_loader, logger, open_resume(args))
+    logger = engine.MetricLogger(out.claim("metrics.csv"), tensorboard=args.log == "tensorboard",
+                                 enabled=info.is_main, resume=resumed is not None)
+    return TrainingRun(info, out, started, train_set, val_set, names, val_loader, logger, resumed,
+                       data_description(args, names))
 
 
 def loop_config(args, stage: str, iters: int, ckpt_path, lr=None, stop_at=None) -> engine.LoopConfig:
@@ -83,7 +90,7 @@ def train_stage(args, run: TrainingRun, model, optimizer, loss_fn, stage: str, i
 
     ``resume``: first load ``--resume``'s checkpoint of this stage (weights, optimiser, AMP scaler,
     RNG) and continue from its iteration. ``lr``, ``stop_at``: see :func:`loop_config`;
-    ``ckpt_extra``: plain values stored in every checkpoint. Returns
+    ``ckpt_extra``: plain values stored in every checkpoint, besides the run's ``data``. Returns
     :func:`engine.train_loop`'s summary.
     """
     scaler = torch.amp.GradScaler(run.info.device.type,
@@ -92,11 +99,11 @@ def train_stage(args, run: TrainingRun, model, optimizer, loss_fn, stage: str, i
     if resume:
         start = int(load_training_state(args.resume, model, optimizer, scaler)["iteration"])
         run.logger.truncate(stage, start)
-    cfg = loop_config(args, stage, iters, run.checkpoint, lr=lr, stop_at=stop_at)
+    cfg = loop_config(args, stage, iters, run.out.claim("checkpoint.pt"), lr=lr, stop_at=stop_at)
     return engine.train_loop(dist_utils.wrap_ddp(model, run.info), run.train_set, loss_fn, optimizer, cfg,
                              run.info, start_iter=start, scaler=scaler, logger=run.logger, args=args,
                              eval_fn=periodic_eval(args, model, run.val_loader, run.info),
-                             ckpt_extra=ckpt_extra)
+                             ckpt_extra={"data": run.data, **(ckpt_extra or {})})
 
 
 def train_dcnn(args, run: TrainingRun, net, iters: int, *, resume: bool = False, lr=None,
@@ -122,6 +129,6 @@ def pretrain_dcnn(args, run: TrainingRun, net, resumed: dict | None) -> dict | N
     log(f"stage 1: DCNN alone, {args.pretrain_iters} iterations")
     train_dcnn(args, run, net, args.pretrain_iters, resume=resumed is not None, lr=args.pretrain_lr)
     if run.info.is_main:
-        models.save_checkpoint(run.out / "dcnn.pt", net)
+        models.save_checkpoint(run.out.claim("dcnn.pt"), net, data=run.data)
     dist_utils.barrier()
     return None

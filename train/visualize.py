@@ -1,15 +1,17 @@
 """Pictures with PIL only: VOC palette, label PNGs, overlays, example grids, line plots.
 
-All writers save atomically (temporary file, then ``os.replace``).
+Images are saved atomically (:func:`models.files.atomic_write`).
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from models.files import atomic_write
 
 from .data import VOID
 
@@ -31,18 +33,15 @@ def voc_palette(n: int = 256) -> np.ndarray:
 PALETTE = voc_palette()
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def save_image_atomic(img: Image.Image, path, **kw):
-    """Save a PIL image to ``path`` via a temporary file and ``os.replace``."""
+    """Save a PIL image to ``path`` atomically (:func:`models.files.atomic_write`); the format
+    follows the suffix (PNG when unknown)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
     fmt = kw.pop("format", None) or Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    img.save(tmp, format=fmt, **kw)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kw)
+    atomic_write(path, buffer.getvalue())
 
 
 def label_image(label: np.ndarray) -> Image.Image:
@@ -83,10 +82,49 @@ def _font(size=12):
         return ImageFont.load_default()
 
 
-def image_grid(rows, col_titles=None, scale: int = 1, pad: int = 4, row_titles=None) -> Image.Image:
+def legend_entries(class_names, label_maps=None) -> list:
+    """``[(name, (r, g, b))]``, the VOC colour of each class: of every class in ``class_names``
+    (index = class), or, given ``label_maps`` (``int[H, W]`` arrays), of the classes that occur in
+    them, void (255) included, in class order."""
+    names = list(class_names)
+    if label_maps is None:
+        present = range(len(names))
+    else:
+        present = sorted(set().union(*(np.unique(np.asarray(m)).tolist() for m in label_maps)))
+    entries = []
+    for c in present:
+        c = int(c)
+        name = "void" if c == VOID else (names[c] if 0 <= c < len(names) else f"class {c}")
+        entries.append((name, tuple(int(v) for v in PALETTE[c & 255])))
+    return entries
+
+
+def draw_legend(entries, width: int, swatch: int = 12, pad: int = 4) -> Image.Image:
+    """A white strip ``width`` px wide with one colour swatch and name per entry of
+    :func:`legend_entries`, wrapped over as many lines as it takes."""
+    font = _font(12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = max(swatch, 14) + pad
+    placed, x, y = [], pad, pad
+    for name, colour in entries:
+        w = swatch + 4 + int(measure.textlength(name, font=font)) + 3 * pad
+        if x > pad and x + w > width:
+            x, y = pad, y + line_h
+        placed.append((x, y, name, colour))
+        x += w
+    img = Image.new("RGB", (width, y + line_h + pad if entries else 0), "white")
+    d = ImageDraw.Draw(img)
+    for x, y, name, colour in placed:
+        d.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=colour, outline=(128, 128, 128))
+        d.text((x + swatch + 4, y - 1), name, fill="black", font=font)
+    return img
+
+
+def image_grid(rows, col_titles=None, scale: int = 1, pad: int = 4, row_titles=None,
+               legend=None) -> Image.Image:
     """Tile ``rows`` (a list of lists of ``uint8[H, W, 3]`` or ``[H, W]`` label arrays, all the
-    same size) into one RGB image, with optional column and row titles. ``scale`` enlarges each
-    tile by pixel repetition."""
+    same size) into one RGB image, with optional column and row titles and, below, a colour
+    ``legend`` (:func:`legend_entries`). ``scale`` enlarges each tile by pixel repetition."""
     if not rows or not rows[0]:
         raise ValueError("image_grid needs at least one row with one tile")
     tiles = [[t if np.asarray(t).ndim == 3 else colorize(t) for t in r] for r in rows]
@@ -96,7 +134,10 @@ def image_grid(rows, col_titles=None, scale: int = 1, pad: int = 4, row_titles=N
     top = 18 if col_titles else 0
     left = 60 if row_titles else 0
     ncol = max(len(r) for r in tiles)
-    canvas = Image.new("RGB", (left + ncol * (w + pad) + pad, top + len(tiles) * (h + pad) + pad), "white")
+    width = left + ncol * (w + pad) + pad
+    key = draw_legend(legend, width) if legend else None
+    grid_h = top + len(tiles) * (h + pad) + pad
+    canvas = Image.new("RGB", (width, grid_h + (key.height if key else 0)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, title in enumerate(col_titles or []):
         draw.text((left + pad + j * (w + pad), 3), str(title), fill="black", font=font)
@@ -108,6 +149,8 @@ def image_grid(rows, col_titles=None, scale: int = 1, pad: int = 4, row_titles=N
             if scale != 1:
                 im = im.resize((w, h), Image.NEAREST)
             canvas.paste(im, (left + pad + j * (w + pad), top + pad + i * (h + pad)))
+    if key:
+        canvas.paste(key, (0, grid_h))
     return canvas
 
 
@@ -129,8 +172,10 @@ def _nice_ticks(lo, hi, n=5):
 
 
 def line_plot(series: dict, xlabel: str = "", ylabel: str = "", title: str = "",
-              size=(640, 420)) -> Image.Image:
-    """A line chart: ``series`` maps a legend name to ``(xs, ys)`` (None/NaN points skipped)."""
+              size=(640, 420), xticks=None) -> Image.Image:
+    """A line chart: ``series`` maps a legend name to ``(xs, ys)`` (None/NaN points skipped).
+    ``xticks``: the x values to mark (default: round numbers); a tick label that would overlap
+    the one before it is left out, its grid line kept."""
     W, H = size
     ml, mr, mt, mb = 62, 16, 30, 46
     font = _font(12)
@@ -138,9 +183,15 @@ def line_plot(series: dict, xlabel: str = "", ylabel: str = "", title: str = "",
            if y is not None and not (isinstance(y, float) and math.isnan(y))]
     if not pts:
         raise ValueError("line_plot: no finite points to draw")
-    xt = _nice_ticks(min(p[0] for p in pts), max(p[0] for p in pts))
+    if xticks:
+        xt = sorted(float(t) for t in xticks)
+        x0, x1 = min(xt[0], min(p[0] for p in pts)), max(xt[-1], max(p[0] for p in pts))
+        x1 = x1 if x1 > x0 else x0 + 1
+    else:
+        xt = _nice_ticks(min(p[0] for p in pts), max(p[0] for p in pts))
+        x0, x1 = xt[0], xt[-1]
     yt = _nice_ticks(min(p[1] for p in pts), max(p[1] for p in pts))
-    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+    y0, y1 = yt[0], yt[-1]
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
 
@@ -151,10 +202,15 @@ def line_plot(series: dict, xlabel: str = "", ylabel: str = "", title: str = "",
         _, yy = px(x0, t)
         d.line([(ml, yy), (W - mr, yy)], fill=(225, 225, 225))
         d.text((4, yy - 7), f"{t:g}", fill="black", font=font)
+    label_end = -math.inf
     for t in xt:
         xx, _ = px(t, y0)
         d.line([(xx, mt), (xx, H - mb)], fill=(235, 235, 235))
-        d.text((xx - 8, H - mb + 4), f"{t:g}", fill="black", font=font)
+        text = f"{t:g}"
+        tw = d.textlength(text, font=font)
+        if xx - tw / 2 > label_end + 3:          # room for the label: centred under its tick
+            d.text((xx - tw / 2, H - mb + 4), text, fill="black", font=font)
+            label_end = xx + tw / 2
     d.rectangle([ml, mt, W - mr, H - mb], outline="black")
     cx = ml + (W - ml - mr) // 2
     d.text((cx - d.textlength(xlabel, font=font) / 2, H - 20), xlabel, fill="black", font=font)
