@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmarks: timing, test images, tables and JSON output."""
+"""Helpers shared by the benchmarks: timing, test images, tables, JSON output, and the start and
+end of a benchmark's process (:func:`run_main`)."""
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -9,6 +11,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))   # after site-packages: an installed crfrnn stays the one measured
+from models.files import atomic_write  # noqa: E402
 SHARED_DATA = Path(os.environ.get("CRFRNN_SHARED_DATA", REPO.parent / "shared" / "data"))
 VOC_ROOT = SHARED_DATA / "VOCdevkit" / "VOC2012"
 
@@ -65,16 +70,46 @@ def print_table(title, rows, columns):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def add_json_option(p):
+    """``--json PATH`` and ``--overwrite`` (an existing PATH is replaced only with it)."""
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results as JSON (an existing file is replaced only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
+
+
+def check_json_target(args):
+    """Refuse, before anything is measured, a ``--json`` file that exists (without
+    ``--overwrite``) or is a folder, or whose folder does not exist."""
+    if not getattr(args, "json", None):
+        return
+    path = Path(args.json)
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder: give a file name")
+    if path.exists() and not args.overwrite:
+        raise FileExistsError(f"--json {path} exists: pass --overwrite to replace it, or another name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--json {path}: folder {path.parent} does not exist")
+
+
 def write_json(path, payload):
-    """Write JSON atomically (tmp file, then rename)."""
+    """Write JSON atomically (:func:`models.files.atomic_write`); nothing without ``path``."""
     if not path:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2).encode())
     print(f"\nwrote {path}")
+
+
+def run_main(main, parser):
+    """Parse the options, check ``--json`` (:func:`check_json_target`) and run ``main(args)``;
+    bad input (a missing file or folder, a bad option value) or a failed write ends with a
+    one-line message and exit status 2."""
+    args = parser.parse_args()
+    try:
+        check_json_target(args)
+        main(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 def environment(device):

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import crfrnn  # noqa: E402
 import densecrf_peer  # noqa: E402
 import voc_protocol as vp  # noqa: E402
-from common import VOC_ROOT, environment, print_table, time_it, write_json  # noqa: E402
+from common import VOC_ROOT, add_json_option, environment, print_table, run_main, time_it, write_json  # noqa: E402
 from crfrnn.crf import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS  # noqa: E402
 
 PARAMS = {"deeplab": DEEPLAB_LARGEFOV_PARAMS, "crfrnn": CRFRNN_PARAMS,
@@ -39,7 +39,7 @@ PARAMS = {"deeplab": DEEPLAB_LARGEFOV_PARAMS, "crfrnn": CRFRNN_PARAMS,
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    add_json_option(p)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (default: 1 4)")
     p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
     p.add_argument("--classes", type=int, default=21, help="number of classes C (default: 21)")
@@ -195,4 +195,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser())

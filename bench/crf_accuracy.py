@@ -5,7 +5,7 @@ made from the ground truth (bench/voc_protocol.py, seeded by the image's index);
 argmax, our layer (at its densecrf-equivalent start) and pydensecrf2's DenseCRF2D are scored:
 mIoU over the 21 classes, and pixel accuracy within --band px of a label boundary (void
 excluded), plus how often our labels agree with densecrf's. Reference figures for densecrf with
-DeepLab's parameters (DESIGN.md): 77.7 -> 79.9 mIoU, boundary band 71.7% -> 76.1%.
+DeepLab's parameters (measured by this script; README, Results): 77.7 -> 79.9 mIoU, boundary band 71.7% -> 76.1%.
 
     python bench/crf_accuracy.py                       # all 46, DeepLab-LargeFOV parameters
     python bench/crf_accuracy.py --limit 5 --scale 2   # quick look
@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import crfrnn  # noqa: E402
 import densecrf_peer  # noqa: E402
 import voc_protocol as vp  # noqa: E402
-from common import VOC_ROOT, environment, print_table, write_json  # noqa: E402
+from common import VOC_ROOT, add_json_option, environment, print_table, run_main, write_json  # noqa: E402
 from crf import PARAMS  # noqa: E402
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="device of our layer, cpu or cuda (default: cpu)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    add_json_option(p)
     p.add_argument("--root", default=str(VOC_ROOT), help="VOC2012 folder (default: ../shared/data/...)")
     p.add_argument("--params", choices=sorted(PARAMS), default="deeplab",
                    help="kernel parameters (default: deeplab, w1 4, 121, 5, w2 3, 3)")
@@ -102,4 +102,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser())

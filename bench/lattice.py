@@ -18,13 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import crfrnn  # noqa: E402
-from common import environment, load_rgb, print_table, time_it, write_json  # noqa: E402
+from common import add_json_option, environment, load_rgb, print_table, run_main, time_it, write_json  # noqa: E402
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    add_json_option(p)
     p.add_argument("--channels", type=int, default=21, help="channels C of the filtered values")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="batch sizes to time (default: 1 on the CPU, 1 and 8 on CUDA)")
@@ -123,4 +123,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser())

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import crfrnn  # noqa: E402
 import models  # noqa: E402
-from common import environment, load_rgb, print_table, synchronize, write_json  # noqa: E402
+from common import add_json_option, environment, load_rgb, print_table, run_main, synchronize, write_json  # noqa: E402
 
 #: The paper's speeds for DeepLab-LargeFOV at 306x306 (images/s, the DCNN on a 2014 GPU).
 PAPER_IMAGES_PER_S = {"infer": 8.0, "train": 3.0}
@@ -39,7 +39,7 @@ PAPER_IMAGES_PER_S = {"infer": 8.0, "train": 3.0}
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    add_json_option(p)
     p.add_argument("--sizes", type=int, nargs="+", default=[306, 321],
                    help="square input sizes (default: 306 321)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
@@ -178,4 +178,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser())

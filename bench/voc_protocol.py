@@ -1,7 +1,7 @@
 """The coarse-unary protocol: judge a dense CRF on real VOC images without a trained DCNN.
 
 A stride-8 network finds the object but misplaces and blurs its outline. We imitate its score
-maps from the ground truth (DESIGN.md, "The coarse-unary protocol"):
+maps from the ground truth (the protocol is defined here):
 
 1. one-hot labels, void -> background;
 2. displaced by a smooth random field (std 12 px, drawn on a 48-px grid, bicubic), nearest

@@ -1,0 +1,28 @@
+"""The benchmarks' --json: a file that exists is replaced only with --overwrite, refused before
+anything is measured; bad input ends in one line."""
+import json
+import subprocess
+import sys
+
+from script_helpers import REPO, assert_one_line_error, script_env
+
+TINY = ["--sizes", "32", "--batch", "1", "--modes", "infer", "--crf-iterations", "--repeats", "1",
+        "--warmup", "0", "--width", "0.03125", "--num-classes", "3"]
+
+
+def bench(*argv):
+    return subprocess.run([sys.executable, "bench/model.py", *map(str, argv)], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_json_is_never_written_over_a_file_without_overwrite(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("an earlier measurement")
+    r = bench(*TINY, "--json", target)
+    assert_one_line_error(r, "results.json exists", "--overwrite")
+    assert target.read_text() == "an earlier measurement" and "images/s" not in r.stdout
+    assert_one_line_error(bench(*TINY, "--json", tmp_path / "missing" / "r.json"), "does not exist")
+    r = bench(*TINY, "--json", target, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(target.read_text())["benchmark"] == "model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]     # no temporary file left
