@@ -1,6 +1,6 @@
 """Oracle: at its default start the layer gives Krähenbühl's densecrf (pydensecrf2) marginals.
 
-Real images: the VOC images of ../shared/data with the coarse-unary protocol (DESIGN.md), and
+Real images: the VOC images of ../shared/data with the coarse-unary protocol (bench/voc_protocol.py), and
 the densecrf demo images with the demo's label unaries. Quick runs use a few VOC images shrunk
 4x; `-m slow` runs all 46 at full size and checks the mIoU gain as well.
 """
