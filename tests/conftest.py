@@ -25,6 +25,15 @@ def shared_data():
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def keep_thread_count():
+    """For modules that run the scripts in-process (``pytestmark = pytest.mark.usefixtures(...)``):
+    the scripts pick their CPU thread count; give the rest of the session its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` are skipped, with a reason, on a machine without a CUDA GPU."""
     if torch.cuda.is_available():

@@ -26,11 +26,7 @@ DCNN_RUN = ["--image-size", "32", "--width", "0.03125", "--num-classes", "4", "-
             "--val-samples", "2", "--batch-size", "2", "--eval-batch-size", "2", "--bands", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _keep_thread_count():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_thread_count")   # the scripts set the thread count
 
 
 def _run(module, argv):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from script_helpers import assert_one_line_error, run_script, save_tiny_checkpoint
@@ -19,11 +18,7 @@ TINY_RUN = ["--image-size", "32", "--width", "0.03125", "--num-classes", "4", "-
             "--crf-iters", "2", "--crf-eval-iters", "2", "--examples", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _keep_thread_count():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_thread_count")   # the scripts set the thread count
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ BASE = ["--image-size", "32", "--width", "0.03125", "--num-classes", "4", "--tra
 TINY = BASE + ["--crf-iters", "2", "--crf-eval-iters", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _keep_thread_count():
-    """The scripts pick their CPU thread count; give the rest of the session its own back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_thread_count")   # the scripts set the thread count
 
 
 def run(module, argv):

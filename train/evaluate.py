@@ -16,7 +16,6 @@ if __package__ in (None, ""):  # run as a file: put the repository root first on
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
 import os
-from pathlib import Path
 
 import models
 from train import engine, options, reports
