@@ -220,13 +220,37 @@ def load_model(path, num_classes: int | None = None) -> Trained:
     """The :class:`Trained` model ``(net, crf or None, data)`` of a model checkpoint of any train/
     script (``model.pt``, ``dcnn.pt`` or ``checkpoint.pt``): a DeepLab, or the parts of a
     DeepLabCRF. With ``num_classes`` (``--num-classes``), a net with another number of classes
-    is a ValueError. Checkpoints written before the training data was stored give ``data`` None."""
+    is a ValueError, and so is a CRF whose parameters overflow (:func:`check_crf_arithmetic`).
+    Checkpoints written before the training data was stored give ``data`` None."""
     model, extra = models.load_checkpoint(path)
     net, crf = (model.net, model.crf) if isinstance(model, models.DeepLabCRF) else (model, None)
     if num_classes is not None and net.config["num_classes"] != num_classes:
         raise ValueError(f"{path} has {net.config['num_classes']} classes, but --num-classes is {num_classes}")
+    check_crf_arithmetic(crf, path)
     data = extra.get("data")
     if not (isinstance(data, dict) and isinstance(data.get("class_names"), list)
             and len(data["class_names"]) == net.config["num_classes"]):
         data = None
     return Trained(net, crf, data)
+
+
+def check_crf_arithmetic(crf, path):
+    """``ValueError`` naming ``path`` when the CRF's pairwise matrices (compatibility @ kernel
+    weight) overflow float32: finite but huge parameters (e.g. 3e38, a diverged run) with which
+    every output would be NaN. (Non-finite parameters are refused by ``models.load_checkpoint``.)"""
+    if crf is None or not hasattr(crf, "pairwise_matrices"):
+        return
+    with torch.no_grad():
+        matrices = crf.pairwise_matrices()
+    if not all(bool(torch.isfinite(m).all()) for m in matrices):
+        raise ValueError(f"{path}: the CRF's parameters are too large: compatibility @ kernel weight overflows "
+                         f"float32 ({largest_parameter(crf, 'crf.')}); the file is broken (saved from a run that "
+                         "diverged?): use an earlier checkpoint")
+
+
+def largest_parameter(model, prefix: str = "") -> str:
+    """``largest |parameter|: crf.compatibility 3e+38``: where a model's broken value most likely is
+    (NaN counts as the largest)."""
+    name, value = max(((n, p.detach().abs().max().item()) for n, p in model.named_parameters() if p.numel()),
+                      key=lambda item: (item[1] != item[1], item[1]), default=("none", 0.0))
+    return f"largest |parameter|: {prefix}{name} {value:.3g}"

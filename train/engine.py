@@ -22,7 +22,7 @@ from tqdm import tqdm
 from models.files import atomic_write
 
 from . import distributed as dist_utils
-from .checkpoint import save_training_checkpoint
+from .checkpoint import largest_parameter, save_training_checkpoint
 from .data import VOID, ShardSampler, StreamBatchSampler, pad_collate
 from .data.transforms import denormalize
 from .metrics import BandAccuracy, ConfusionMatrix
@@ -399,13 +399,6 @@ def forward_eval(model, images: torch.Tensor, use_crf: bool) -> dict:
             raise NonFiniteOutputError(f"the {what} NaN or infinite values: the model's parameters are "
                                        f"broken ({largest_parameter(m)})")
     return res
-
-
-def largest_parameter(model) -> str:
-    """``largest |parameter|: crf.compatibility 3e+38``: where a model's broken value most likely is."""
-    name, value = max(((n, p.detach().abs().max().item()) for n, p in model.named_parameters() if p.numel()),
-                      key=lambda item: (item[1] != item[1], item[1]), default=("none", 0.0))
-    return f"largest |parameter|: {name} {value:.3g}"
 
 
 @torch.no_grad()
