@@ -12,9 +12,10 @@ Runnable scripts (each `python train/NAME.py --help`):
 Helpers: ``train.options`` (command-line options, per-dataset defaults, what they build),
 ``train.process`` (a script's process: setup, exit on bad input), ``train.stages`` (the opening
 of a training run, training stages), ``train.engine`` (schedules, losses, loops),
-``train.checkpoint`` (training state, resume, loading a trained model), ``train.reports``
-(tables, JSON, pictures), ``train.data`` (datasets and paired transforms), ``train.metrics``,
-``train.distributed``, ``train.visualize``.
+``train.checkpoint`` (training state, resume, loading a trained model), ``train.outputs`` (the
+output folder: nothing written outside it, nothing replaced that the run did not create),
+``train.reports`` (tables, JSON, pictures), ``train.data`` (datasets, paired transforms, reading
+any image file), ``train.metrics``, ``train.distributed``, ``train.visualize``.
 
 ``train`` is not installed with ``crfrnn``: run the scripts from the repository
 (``python train/joint.py`` or ``python -m train.joint``).
