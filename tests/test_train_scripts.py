@@ -232,10 +232,15 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     one = subprocess.run([sys.executable] + argv + ["--out-dir", str(tmp_path / "one")], cwd=REPO,
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # each process's own output goes to a log of its own, so that a failure shows what it said
+    logs = tmp_path / "logs"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "--log-dir", str(logs), "--redirects", "3"]
     two = subprocess.run(torchrun + argv + ["--out-dir", str(tmp_path / "two")], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    ranks = "".join(f"\n--- {log.relative_to(logs)}:\n{log.read_text()[-2000:]}"
+                    for log in sorted(logs.rglob("std*.log")))
+    assert two.returncode == 0, two.stderr[-1500:] + ranks
     _assert_same_weights(tmp_path / "one" / "model.pt", tmp_path / "two" / "model.pt", atol=1e-5)
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())

@@ -9,6 +9,7 @@ files.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -84,10 +85,20 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def cleanup():
-    """Leave the process group (if any)."""
-    if is_initialized():
-        dist.destroy_process_group()
+def cleanup(finished: bool = False):
+    """Leave the process group (if any). ``finished``: every process ended its work normally,
+    so they first wait for each other (a barrier would hang after one of them failed).
+
+    Why the care: DistributedDataParallel's hooks hold the group through reference cycles, so
+    without a collection its gloo threads could outlive ``destroy_process_group`` and be torn
+    down with the interpreter, which aborts the process ("terminate called without an active
+    exception"); and a process that leaves while another still runs closes connections under it."""
+    if not is_initialized():
+        return
+    if finished:
+        barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def barrier():

@@ -97,12 +97,14 @@ def run_main(main, parser):
     file or dataset, a bad option) or a failed write (disk full, a file the run may not replace)
     ends with a one-line message and exit status 2 (other errors: traceback, 1)."""
     args = parser.parse_args()
+    finished = False
     try:
         main(args)
+        finished = True
     except (NonFiniteLossError, ValueError, OSError) as e:
         if os.environ.get("CRFRNN_TRACEBACK"):
             raise
         print(f"error: {one_line(e)}  (set CRFRNN_TRACEBACK=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
     finally:
-        dist_utils.cleanup()
+        dist_utils.cleanup(finished)
