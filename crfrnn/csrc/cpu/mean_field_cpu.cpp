@@ -72,13 +72,14 @@ using AlignedVector = std::vector<T, CacheAligned<T>>;
 // are a fraction of M for the spatial kernel (vertices are numbered in order of first touch).
 struct ChunkRange {
   int64_t lo = 0, hi = 0;  // vertex rows [lo, hi)
-  int64_t first_row = 0;   // where its rows start in Kernel::partial
+  int64_t first_row = 0;   // where its rows start in CrfKernelState::partial
 };
 
-// One CRF kernel: its lattice, its normalisation as per-point scales of the splat and the slice,
-// its C x C pairwise matrix (transposed, padded and scaled by the slice's alpha) and its grids.
+// What the inference holds for one CRF kernel: its lattice, its normalisation as per-point scales
+// of the splat and the slice, its C x C pairwise matrix (transposed, padded and scaled by the
+// slice's alpha) and its grids.
 template <typename T>
-struct Kernel {
+struct CrfKernelState {
   const int* vertex_index;  // [P, d1]
   const T* weights;         // [P, d1]: barycentric
   const T* splat_scale;     // [P]
@@ -92,9 +93,9 @@ struct Kernel {
   AlignedVector<T> partial;            // the chunks' partial grids, one after the other
 };
 
-// The points and the unary of a problem, and where the output goes.
+// The whole inference but the kernels: the points and their unary, and where the output goes.
 template <typename T>
-struct Problem {
+struct MeanFieldProblem {
   const T* u;  // [P, cp]: the unary, padded lanes at -inf
   int64_t num_points, c, cp, chunks;
   T* out;  // out[p / per_image * out_stride_image + p % per_image * out_stride_point + k * out_stride_class]
@@ -128,7 +129,7 @@ namespace {
 
 // The widest copy of the loop this CPU runs.
 template <typename T>
-void run_mean_field(const Problem<T>& problem, std::vector<Kernel<T>>& kernels, int64_t iterations) {
+void run_mean_field(const MeanFieldProblem<T>& problem, std::vector<CrfKernelState<T>>& kernels, int64_t iterations) {
 #ifdef CRFRNN_HAVE_AVX2_COPY
   // CRFRNN_CPU_ISA=generic forces the 4-lane copy (tests compare both).
   static const bool avx2 = __builtin_cpu_supports("avx2") &&
@@ -150,11 +151,11 @@ inline int64_t chunk_start(int64_t num_points, int64_t s, int64_t chunks) { retu
 // kernel's chunk ranges and partial grids, and returns the count. The vertex indices are in
 // [0, M) (check_mean_field_args).
 template <typename T>
-int64_t choose_chunks(std::vector<Kernel<T>>& kernels, int64_t num_points, int64_t cp) {
+int64_t choose_chunks(std::vector<CrfKernelState<T>>& kernels, int64_t num_points, int64_t cp) {
   // The vertex rows touched by each of kMaxChunks fine chunks (empty: lo > hi).
   std::vector<std::vector<ChunkRange>> fine(kernels.size(), std::vector<ChunkRange>(kMaxChunks));
   for (size_t i = 0; i < kernels.size(); ++i) {
-    const Kernel<T>& k = kernels[i];
+    const CrfKernelState<T>& k = kernels[i];
     at::parallel_for(0, kMaxChunks, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
@@ -259,9 +260,9 @@ at::Tensor mean_field_inference_cpu(const at::Tensor& unary, at::TensorList vert
   std::vector<at::Tensor> held;
   auto contiguous = [&held](const at::Tensor& t) { held.push_back(t.contiguous()); return held.back(); };
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "crfrnn_mean_field", [&] {
-    std::vector<Kernel<scalar_t>> kernels(vertex_index.size());
+    std::vector<CrfKernelState<scalar_t>> kernels(vertex_index.size());
     for (size_t i = 0; i < kernels.size(); ++i) {
-      Kernel<scalar_t>& k = kernels[i];
+      CrfKernelState<scalar_t>& k = kernels[i];
       k.vertex_index = contiguous(vertex_index[i]).data_ptr<int>();
       k.weights = contiguous(weights[i]).data_ptr<scalar_t>();
       k.splat_scale = contiguous(splat_scale[i]).data_ptr<scalar_t>();
@@ -293,8 +294,8 @@ at::Tensor mean_field_inference_cpu(const at::Tensor& unary, at::TensorList vert
         std::fill(row + c, row + cp, -std::numeric_limits<scalar_t>::infinity());
       }
     });
-    const Problem<scalar_t> problem{u.data(), num_points, c, cp, chunks, out.data_ptr<scalar_t>(),
-                                    per_image, out.stride(0), out.stride(1), out.stride(2)};
+    const MeanFieldProblem<scalar_t> problem{u.data(), num_points, c, cp, chunks, out.data_ptr<scalar_t>(),
+                                             per_image, out.stride(0), out.stride(1), out.stride(2)};
     run_mean_field(problem, kernels, iterations);
   });
   return out;
