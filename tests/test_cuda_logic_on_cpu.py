@@ -1,9 +1,9 @@
 """The CUDA backend's logic, checked on the CPU: no GPU needed.
 
 tests/cuda_emulation/harness.cpp compiles the per-thread bodies of the CUDA kernels
-(crfrnn/csrc/cuda/lattice_device.cuh, with lattice_math.h) with the host C++ compiler and replays
-the CUDA launcher's sequence, running each kernel's indices one at a time in a random order (the
-stand-in for the GPU's unordered threads and racing hash inserts). Its lattice tables, weights
+(crfrnn/csrc/cuda/lattice_device.cuh, with lattice_math.h and lattice_filter_steps.h) with the
+host C++ compiler and replays the CUDA launcher's sequence, running each kernel's indices one at
+a time in a random order (the stand-in for the GPU's unordered threads and racing hash inserts). Its lattice tables, weights
 and float filter outputs (forward and adjoint) must equal the C++ CPU backend's bit for bit, as
 the real GPU's must (tests/test_lattice.py, marked `cuda`). See the harness's header for
 what this cannot check (real atomics and memory ordering, the GPU's own float code generation).

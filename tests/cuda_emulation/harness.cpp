@@ -1,9 +1,10 @@
 // Host emulation of the CUDA lattice backend, for CPU-only CI (tests/test_cuda_logic_on_cpu.py).
 //
 // Compiled with a plain C++ compiler (no CUDA, no torch): it includes the per-thread bodies of
-// the CUDA kernels, crfrnn/csrc/cuda/lattice_device.cuh (and through it lattice_math.h), and
-// replays crfrnn/csrc/cuda/lattice_cuda.cpp's launch sequence, running every kernel body one
-// index at a time in a random order (a fresh permutation per kernel, seeded). That stands in for
+// the CUDA kernels, crfrnn/csrc/cuda/lattice_device.cuh (and through it lattice_math.h and
+// lattice_filter_steps.h, whose filter steps the C++ backend runs too), and replays
+// crfrnn/csrc/cuda/lattice_cuda.cpp's launch sequence, running every kernel body one index at a
+// time in a random order (a fresh permutation per kernel, seeded). That stands in for
 // the GPU threads' unordered execution: the lock-free hash inserts, the owner (smallest entry)
 // election, the vertex numbering, the neighbour lookups, the CSR offsets and the gathers of
 // splat/blur/slice must give the same tables and the same bits whatever the order. The steps

@@ -13,7 +13,7 @@
 
 #include "../checks.h"
 #include "../lattice_math.h"
-#include "filter_steps.h"
+#include "filter_loops.h"
 
 namespace crfrnn {
 namespace {
@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
 template <typename T>
 void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,
                      const int* nb, const int* offsets, const int* entries, int64_t m, bool reverse, T* out) {
-  // Two (M+1) x C grids, kept per thread between calls up to kReusedBytes (filter_steps.h).
+  // Two (M+1) x C grids, kept per thread between calls up to kReusedBytes (filter_loops.h).
   thread_local std::vector<T> kept_grid, kept_next;
   std::vector<T> own_grid, own_next;
   const size_t size = static_cast<size_t>((m + 1) * c);
@@ -283,25 +283,19 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
   if (grid_buffer.size() < size) { grid_buffer.resize(size); next_buffer.resize(size); }
   T* next = next_buffer.data();
   std::fill(next + m * c, next + (m + 1) * c, T(0));  // the zero row (every other row is written)
-  if (c < at::get_num_threads()) splat_gather(values, c, w, d1, offsets, entries, m, grid_buffer.data());
-  else splat_points(values, num_points, c, vi, w, d1, m, grid_buffer.data());
+  if (c < at::get_num_threads()) splat_by_vertex(values, c, w, d1, offsets, entries, m, grid_buffer.data());
+  else splat_by_point(values, num_points, c, vi, w, d1, m, grid_buffer.data());
   const T* grid = blur_grid(grid_buffer.data(), next, nb, m, c, d1, reverse);
 
-  // Slice: barycentric interpolation of each point's d+1 vertices.
+  const AllChannels<T> lanes{c};
   const T alpha = static_cast<T>(blur_alpha(d1 - 1));
   at::parallel_for(0, num_points, 1024, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
-      T* dst = out + p * c;
-      for (int64_t k = 0; k < c; ++k) dst[k] = T(0);
-      if (p + kPrefetch < hi) {
+      if (p + kPrefetch < hi) {  // the vertex rows are scattered: fetch them ahead
         for (int r = 0; r < d1; ++r) CRFRNN_PREFETCH(grid + static_cast<int64_t>(vi[(p + kPrefetch) * d1 + r]) * c);
       }
-      for (int r = 0; r < d1; ++r) {
-        const T wt = w[p * d1 + r];
-        const T* src = grid + static_cast<int64_t>(vi[p * d1 + r]) * c;
-        for (int64_t k = 0; k < c; ++k) dst[k] += wt * src[k];
-      }
-      for (int64_t k = 0; k < c; ++k) dst[k] *= alpha;
+      T* sum = out + p * c;
+      slice_point(lanes, sum, p, vi, w, d1, grid, c, alpha);
     }
   });
 }

@@ -35,7 +35,7 @@
 
 #include "../checks.h"
 #include "../lattice_math.h"
-#include "filter_steps.h"
+#include "filter_loops.h"
 
 namespace crfrnn {
 namespace {
@@ -104,6 +104,13 @@ struct MeanFieldProblem {
 
 }  // namespace
 }  // namespace crfrnn
+
+// The point pass inlines the bodies of lattice_filter_steps.h whole (see chunk_pass).
+#if defined(__GNUC__) || defined(__clang__)
+#define CRFRNN_MF_FLATTEN __attribute__((flatten))
+#else
+#define CRFRNN_MF_FLATTEN
+#endif
 
 #define CRFRNN_MF_NAMESPACE mean_field_generic
 #define CRFRNN_MF_LANES 4

@@ -18,12 +18,13 @@
 //   4. neighbor_one: the blur neighbours of each vertex, by lookup;
 //   5. csr_offsets_one: offsets of the vertex -> entries table from the entries stably sorted by
 //                   vertex (the sort itself is torch's).
-// Filter (deterministic gathers, no atomics): splat_one, blur_one, slice_one; each adds in the
-// same order as the CPU kernels (crfrnn/csrc/cpu/lattice_cpu.cpp).
+// Filter (deterministic gathers, no atomics): splat_one, blur_one, slice_one, one channel of one
+// row each, run the steps of lattice_filter_steps.h, the bodies the C++ backend runs too.
 #pragma once
 
 #include <cstdint>
 
+#include "../lattice_filter_steps.h"
 #include "../lattice_math.h"
 
 namespace crfrnn {
@@ -174,43 +175,33 @@ CRFRNN_HD void csr_offsets_one(int64_t i, const int* sorted_vertex, int64_t num_
   }
 }
 
-// ---- filter ---------------------------------------------------------------------------------------
+// ---- filter: one channel of one row per thread, the bodies of lattice_filter_steps.h ------------
 
-// t = v*C + k: grid[v, k] = sum over the entries of v, in increasing order, of w * value.
+// t = v*C + k: channel k of the splat of vertex v into grid [M+1, C] (row M is the caller's).
 template <typename T>
 CRFRNN_HD void splat_one(int64_t t, const T* values, const T* weights, int d1, const int* offsets,
                          const int* entries, int64_t channels, T* grid) {
   const int64_t v = t / channels;
-  const int64_t k = t - v * channels;
-  T acc = T(0);
-  for (int i = offsets[v]; i < offsets[v + 1]; ++i) {
-    const int entry = entries[i];
-    acc += weights[entry] * values[static_cast<int64_t>(entry / d1) * channels + k];
-  }
-  grid[t] = acc;
+  T sum;
+  splat_vertex(OneChannel<T>{t - v * channels}, sum, v, offsets, entries, weights, d1, values, channels);
+  grid[t] = sum;
 }
 
-// t = v*C + k: one [0.5, 1, 0.5] blur step along one direction (neighbors_j: [M, 2]).
+// t = v*C + k: channel k of one blur step of vertex v along one direction (neighbors_j: [M, 2]).
 template <typename T>
 CRFRNN_HD void blur_one(int64_t t, const T* src, const int* neighbors_j, int64_t channels, T* dst) {
   const int64_t v = t / channels;
-  const int64_t k = t - v * channels;
-  const int64_t a = neighbors_j[2 * v];
-  const int64_t b = neighbors_j[2 * v + 1];
-  dst[t] = src[t] + T(0.5) * (src[a * channels + k] + src[b * channels + k]);
+  blur_vertex(OneChannel<T>{t - v * channels}, v, neighbors_j, src, channels, dst);
 }
 
-// t = p*C + k: barycentric interpolation of point p's d+1 vertices, times alpha.
+// t = p*C + k: channel k of the slice of point p, times alpha.
 template <typename T>
 CRFRNN_HD void slice_one(int64_t t, const T* grid, const int* vertex_index, const T* weights, int d1,
                          int64_t channels, T alpha, T* out) {
   const int64_t p = t / channels;
-  const int64_t k = t - p * channels;
-  T acc = T(0);
-  for (int r = 0; r < d1; ++r) {
-    acc += weights[p * d1 + r] * grid[static_cast<int64_t>(vertex_index[p * d1 + r]) * channels + k];
-  }
-  out[t] = acc * alpha;
+  T sum;
+  slice_point(OneChannel<T>{t - p * channels}, sum, p, vertex_index, weights, d1, grid, channels, alpha);
+  out[t] = sum;
 }
 
 }  // namespace device
