@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -88,17 +90,189 @@ class Scratch {
  public:
   explicit Scratch(int64_t n) : data_(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
   T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
   T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
 
  private:
   std::unique_ptr<T[]> data_;
 };
 
-// The vertex -> entries table of a lattice (entries p*d1 + r of each vertex in increasing order):
-// a counting sort of the num_entries vertex indices `vi`. The entries are cut into blocks (a
-// number fixed by the problem, not the thread count): each block counts its entries per vertex,
-// then fills its own slots in entry order, so the table is the same as a serial sort's.
-void splat_table(const int* vi, int64_t num_entries, int64_t m, int* offsets, int* entries) {
+// ---- build: its phases in order ---------------------------------------------------------------
+
+// Phase 1's result, per point: its simplex key (image, rem0[0..d], rank[0..d]), the key's hash
+// and the barycentric weights.
+struct EmbeddedPoints {
+  int key_len;             // 2 (d+1) + 1
+  Scratch<int> simplex;    // [P, key_len]
+  Scratch<uint64_t> hash;  // [P]
+  at::Tensor weights;      // [P, d+1]: float32 for half/bfloat16 features, else their dtype
+};
+
+// Phase 1 (parallel): the simplex, its key's hash and the barycentric weights of every point
+// (features [N, P, d], contiguous), with the NaN/Inf and range checks of the features fused into
+// the same pass (ValueError, with crfrnn.reference.check_feature_values' messages).
+EmbeddedPoints embed_points(const at::Tensor& features) {
+  const int64_t per_image = features.size(1), num_points = features.size(0) * per_image;
+  const int d = static_cast<int>(features.size(2)), d1 = d + 1;
+  const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
+  EmbeddedPoints points{2 * d1 + 1, Scratch<int>(num_points * (2 * d1 + 1)), Scratch<uint64_t>(num_points),
+                        at::empty({num_points, d1},
+                                  features.options().dtype(low_precision ? at::kFloat : features.scalar_type()))};
+  double* weights_double = points.weights.scalar_type() == at::kDouble ? points.weights.data_ptr<double>() : nullptr;
+  float* weights_float = weights_double ? nullptr : points.weights.data_ptr<float>();
+  double scale[kMaxDim];
+  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
+  std::atomic<int64_t> non_finite{0};
+  std::atomic<bool> out_of_range{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_embed", [&] {
+    const scalar_t* f = features.data_ptr<scalar_t>();
+    at::parallel_for(0, num_points, 2048, [&](int64_t lo, int64_t hi) {
+      int64_t bad = 0;
+      bool too_big = false;
+      for (int64_t p = lo; p < hi; ++p) {
+        const scalar_t* fp = f + p * d;
+        bool skip = false;
+        for (int i = 0; i < d; ++i) {
+          const double x = static_cast<double>(fp[i]);
+          const bool finite = std::isfinite(x);
+          bad += !finite;
+          too_big |= finite && std::fabs(x) > kMaxAbsFeature;
+          skip |= !finite || std::fabs(x) > kMaxAbsFeature;
+        }
+        if (skip) continue;  // the build fails below; never embed (overflowing) garbage
+        int* key = points.simplex.data() + p * points.key_len;
+        key[0] = static_cast<int>(p / per_image);
+        double bary[kMaxDim + 1];
+        embed_point_scaled(fp, scale, d, key + 1, key + 1 + d1, bary);
+        points.hash[p] = hash_key(key, points.key_len);
+        if (weights_double) std::copy(bary, bary + d1, weights_double + p * d1);
+        else std::copy(bary, bary + d1, weights_float + p * d1);
+      }
+      non_finite += bad;
+      if (too_big) out_of_range = true;
+    });
+  });
+  TORCH_CHECK_VALUE(non_finite == 0, "features contain ", non_finite.load(), " NaN/Inf values");
+  if (out_of_range) {
+    TORCH_CHECK_VALUE(false, "features must be at most ", kMaxAbsFeature,
+                      " in magnitude (after scaling by 1/sigma), got ", features.abs().max().item<double>(),
+                      ": is a bandwidth tiny or not applied?");
+  }
+  return points;
+}
+
+// Phase 2a's result: each point's simplex number, and the first point of each simplex.
+struct SimplexNumbering {
+  Scratch<int> of_point;             // [P]
+  std::vector<int64_t> first_point;  // [S]
+};
+
+// Phase 2a (serial): number the simplices in order of first appearance, so that numbering is
+// deterministic (the CUDA backend numbers the vertices in the same order). Many pixels share a
+// simplex, so most points cost one lookup instead of d+1 in the vertex numbering after it.
+SimplexNumbering number_simplices(const EmbeddedPoints& points, int64_t num_points) {
+  const int key_len = points.key_len;
+  VertexTable simplices(key_len, std::max<int64_t>(num_points / 4, 1));
+  SimplexNumbering numbering{Scratch<int>(num_points), {}};
+  for (int64_t p = 0; p < num_points; ++p) {
+    const int* key = points.simplex.data() + p * key_len;
+    // Neighbouring pixels often share a simplex: compare with the previous point's key (in
+    // cache) before probing the table (a likely cache miss).
+    if (p > 0 && points.hash[p] == points.hash[p - 1] && keys_equal(key, key - key_len, key_len)) {
+      numbering.of_point[p] = numbering.of_point[p - 1];
+      continue;
+    }
+    const int known = simplices.size();
+    const int id = simplices.find_or_insert(key, points.hash[p]);
+    if (id == known) numbering.first_point.push_back(p);
+    numbering.of_point[p] = id;
+  }
+  return numbering;
+}
+
+// Phase 2b's result: the keys ([S, d+1, d+1]) and hashes ([S, d+1]) of each simplex's vertices.
+struct SimplexVertexKeys {
+  Scratch<int> key;
+  Scratch<uint64_t> hash;
+};
+
+// Phase 2b (parallel): the keys and hashes of the d+1 vertices of each simplex.
+SimplexVertexKeys simplex_vertex_keys(const EmbeddedPoints& points, const std::vector<int64_t>& first_point, int d) {
+  const int d1 = d + 1;
+  const int64_t num_simplices = static_cast<int64_t>(first_point.size());
+  SimplexVertexKeys vertices{Scratch<int>(num_simplices * d1 * d1), Scratch<uint64_t>(num_simplices * d1)};
+  at::parallel_for(0, num_simplices, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int* key = points.simplex.data() + first_point[t] * points.key_len;
+      for (int r = 0; r < d1; ++r) {
+        int* vertex_key = vertices.key.data() + (t * d1 + r) * d1;
+        simplex_vertex_key(key + 1, key + 1 + d1, d, r, key[0], vertex_key);
+        vertices.hash[t * d1 + r] = hash_key(vertex_key, d1);
+      }
+    }
+  });
+  return vertices;
+}
+
+// Phase 2c (serial): number the vertices in order of first appearance into `table` (keys of d+1
+// ints); returns the d+1 vertex numbers of each of the num_simplices simplices.
+Scratch<int> number_vertices(const SimplexVertexKeys& vertices, int64_t num_simplices, int d1, VertexTable& table) {
+  Scratch<int> simplex_vertices(num_simplices * d1);
+  for (int64_t j = 0; j < num_simplices * d1; ++j) {
+    simplex_vertices[j] = table.find_or_insert(vertices.key.data() + j * d1, vertices.hash[j]);
+  }
+  return simplex_vertices;
+}
+
+// Phase 2d (parallel): each point's vertices, vertex_index [P, d+1], from its simplex's.
+at::Tensor point_vertices(const Scratch<int>& simplex_vertices, const Scratch<int>& simplex_of_point,
+                          int64_t num_points, int d1, const at::TensorOptions& int_opts) {
+  at::Tensor vertex_index = at::empty({num_points, d1}, int_opts);
+  int* vi = vertex_index.data_ptr<int>();
+  at::parallel_for(0, num_points, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const int* from = simplex_vertices.data() + static_cast<int64_t>(simplex_of_point[p]) * d1;
+      std::copy(from, from + d1, vi + p * d1);
+    }
+  });
+  return vertex_index;
+}
+
+// Phase 3 (parallel, read-only lookups): the blur neighbours [d+1, M, 2] of the M vertices of
+// `table`; missing ones point at row M.
+at::Tensor blur_neighbors(const VertexTable& table, int d, const at::TensorOptions& int_opts) {
+  const int d1 = d + 1;
+  const int64_t m = table.size();
+  at::Tensor neighbors = at::empty({d1, m, 2}, int_opts);
+  int* nb = neighbors.data_ptr<int>();
+  at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
+    int nkey[kMaxDim + 1];
+    for (int64_t v = lo; v < hi; ++v) {
+      for (int j = 0; j < d1; ++j) {
+        for (int side = 0; side < 2; ++side) {
+          neighbor_key(table.key(static_cast<int>(v)), d, j, side == 0 ? 1 : -1, nkey);
+          const int found = table.find(nkey);
+          nb[(j * m + v) * 2 + side] = found < 0 ? static_cast<int>(m) : found;
+        }
+      }
+    }
+  });
+  return neighbors;
+}
+
+// Phase 4 (parallel): the vertex -> entries table (splat_offsets [M+1], splat_entries [P (d+1)]:
+// the entries p*(d+1) + r of each vertex in increasing order), a counting sort of the entries'
+// vertex numbers vertex_index [P, d+1]. The entries are cut into blocks (a number fixed by the
+// problem, not the thread count): each block counts its entries per vertex, then fills its own
+// slots in entry order, so the table is the same as a serial sort's.
+std::pair<at::Tensor, at::Tensor> vertex_entries_table(const at::Tensor& vertex_index, int64_t m) {
+  const int* vi = vertex_index.data_ptr<int>();
+  const int64_t num_entries = vertex_index.numel();
+  at::Tensor splat_offsets = at::empty({m + 1}, vertex_index.options());
+  at::Tensor splat_entries = at::empty({num_entries}, vertex_index.options());
+  int* offsets = splat_offsets.data_ptr<int>();
+  int* entries = splat_entries.data_ptr<int>();
   // Per-block counts cost blocks x M ints: at most 4 ints per entry, at most 16 blocks.
   const int64_t blocks = std::min<int64_t>(16, std::max<int64_t>(1, 4 * num_entries / std::max<int64_t>(m, 1)));
   auto block_start = [&](int64_t b) { return num_entries * b / blocks; };
@@ -131,144 +305,35 @@ void splat_table(const int* vi, int64_t num_entries, int64_t m, int* offsets, in
       for (int64_t e = block_start(b); e < block_start(b + 1); ++e) entries[next[vi[e]]++] = static_cast<int>(e);
     }
   });
+  return {splat_offsets, splat_entries};
 }
 
+// The lattice of features [N, P, d], phase by phase. Phases 2a-2d number the simplices, then their
+// vertices, in order of first appearance in (point, corner) order, as the CUDA backend numbers
+// them: the table insertions are serial, the hashing and key arithmetic around them parallel.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lattice_cpu(
     const at::Tensor& features_in) {
   check_features(features_in);
   TORCH_CHECK(features_in.device().is_cpu(), "crfrnn::build_lattice (CPU kernel): features on ",
               features_in.device());
   const at::Tensor features = features_in.contiguous();
-  const int64_t num_images = features.size(0), per_image = features.size(1);
+  const int64_t num_points = features.size(0) * features.size(1);
   const int d = static_cast<int>(features.size(2)), d1 = d + 1;
-  const int64_t num_points = num_images * per_image;
   const auto int_opts = features.options().dtype(at::kInt);
 
-  // Phase 1 (parallel): simplex (rem0, rank), its key's hash and the barycentric weights of
-  // every point, with the NaN/Inf and range checks of the features fused into the same pass.
-  // A simplex key is (image, rem0[0..d], rank[0..d]).
-  const int simplex_key_len = 2 * d1 + 1;
-  Scratch<int> simplex(num_points * simplex_key_len);
-  Scratch<uint64_t> simplex_hash(num_points);
-  const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
-  at::Tensor weights = at::empty({num_points, d1}, features.options().dtype(low_precision ? at::kFloat : features.scalar_type()));
-  double* weights_double = weights.scalar_type() == at::kDouble ? weights.data_ptr<double>() : nullptr;
-  float* weights_float = weights_double ? nullptr : weights.data_ptr<float>();
-  double scale[kMaxDim];
-  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
-  std::atomic<int64_t> non_finite{0};
-  std::atomic<bool> out_of_range{false};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_embed", [&] {
-    const scalar_t* f = features.data_ptr<scalar_t>();
-    at::parallel_for(0, num_points, 2048, [&](int64_t lo, int64_t hi) {
-      int64_t bad = 0;
-      bool too_big = false;
-      for (int64_t p = lo; p < hi; ++p) {
-        const scalar_t* fp = f + p * d;
-        bool skip = false;
-        for (int i = 0; i < d; ++i) {
-          const double x = static_cast<double>(fp[i]);
-          const bool finite = std::isfinite(x);
-          bad += !finite;
-          too_big |= finite && std::fabs(x) > kMaxAbsFeature;
-          skip |= !finite || std::fabs(x) > kMaxAbsFeature;
-        }
-        if (skip) continue;  // the build fails below; never embed (overflowing) garbage
-        int* key = simplex.data() + p * simplex_key_len;
-        key[0] = static_cast<int>(p / per_image);
-        double bary[kMaxDim + 1];
-        embed_point_scaled(fp, scale, d, key + 1, key + 1 + d1, bary);
-        simplex_hash[p] = hash_key(key, simplex_key_len);
-        if (weights_double) std::copy(bary, bary + d1, weights_double + p * d1);
-        else std::copy(bary, bary + d1, weights_float + p * d1);
-      }
-      non_finite += bad;
-      if (too_big) out_of_range = true;
-    });
-  });
-  // Same messages as crfrnn.reference.check_feature_values (ValueError in Python).
-  TORCH_CHECK_VALUE(non_finite == 0, "features contain ", non_finite.load(), " NaN/Inf values");
-  if (out_of_range) {
-    TORCH_CHECK_VALUE(false, "features must be at most ", kMaxAbsFeature,
-                      " in magnitude (after scaling by 1/sigma), got ", features.abs().max().item<double>(),
-                      ": is a bandwidth tiny or not applied?");
-  }
-
-  // Phase 2: number the simplices and their vertices in order of first appearance in (point,
-  // corner) order, as the CUDA backend numbers them, so numbering is deterministic. The table
-  // insertions are serial; the hashing and key arithmetic around them run in parallel. Many
-  // pixels share a simplex, so most points cost one lookup instead of d+1.
-  // 2a (serial): each point's simplex number, and the first point of each simplex.
-  VertexTable simplices(simplex_key_len, std::max<int64_t>(num_points / 4, 1));
-  Scratch<int> simplex_of_point(num_points);
-  std::vector<int64_t> first_point;
-  for (int64_t p = 0; p < num_points; ++p) {
-    const int* key = simplex.data() + p * simplex_key_len;
-    // Neighbouring pixels often share a simplex: compare with the previous point's key (in
-    // cache) before probing the table (a likely cache miss).
-    if (p > 0 && simplex_hash[p] == simplex_hash[p - 1] && keys_equal(key, key - simplex_key_len, simplex_key_len)) {
-      simplex_of_point[p] = simplex_of_point[p - 1];
-      continue;
-    }
-    const int known = simplices.size();
-    const int id = simplices.find_or_insert(key, simplex_hash[p]);
-    if (id == known) first_point.push_back(p);
-    simplex_of_point[p] = id;
-  }
-  // 2b (parallel): the keys and hashes of each simplex's d+1 vertices.
-  const int64_t num_simplices = static_cast<int64_t>(first_point.size());
-  Scratch<int> vertex_keys(num_simplices * d1 * d1);
-  Scratch<uint64_t> vertex_hash(num_simplices * d1);
-  at::parallel_for(0, num_simplices, 1024, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int* key = simplex.data() + first_point[t] * simplex_key_len;
-      for (int r = 0; r < d1; ++r) {
-        int* vertex_key = vertex_keys.data() + (t * d1 + r) * d1;
-        simplex_vertex_key(key + 1, key + 1 + d1, d, r, key[0], vertex_key);
-        vertex_hash[t * d1 + r] = hash_key(vertex_key, d1);
-      }
-    }
-  });
-  // 2c (serial): number the vertices.
+  const EmbeddedPoints points = embed_points(features);
+  const SimplexNumbering simplices = number_simplices(points, num_points);
+  const SimplexVertexKeys vertex_keys = simplex_vertex_keys(points, simplices.first_point, d);
   VertexTable table(d1, std::max<int64_t>(num_points / 4, 1));
-  Scratch<int> simplex_vertices(num_simplices * d1);  // d+1 vertex numbers per simplex
-  for (int64_t j = 0; j < num_simplices * d1; ++j) {
-    simplex_vertices[j] = table.find_or_insert(vertex_keys.data() + j * d1, vertex_hash[j]);
-  }
-  // 2d (parallel): each point's vertices.
-  at::Tensor vertex_index = at::empty({num_points, d1}, int_opts);
-  int* vi = vertex_index.data_ptr<int>();
-  at::parallel_for(0, num_points, 4096, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const int* from = simplex_vertices.data() + static_cast<int64_t>(simplex_of_point[p]) * d1;
-      std::copy(from, from + d1, vi + p * d1);
-    }
-  });
-  const int64_t m = table.size();
-
-  // Phase 3 (parallel, read-only lookups): blur neighbours; missing ones point at row M.
-  at::Tensor neighbors = at::empty({d1, m, 2}, int_opts);
-  int* nb = neighbors.data_ptr<int>();
-  at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
-    int nkey[kMaxDim + 1];
-    for (int64_t v = lo; v < hi; ++v) {
-      for (int j = 0; j < d1; ++j) {
-        for (int side = 0; side < 2; ++side) {
-          neighbor_key(table.key(static_cast<int>(v)), d, j, side == 0 ? 1 : -1, nkey);
-          const int found = table.find(nkey);
-          nb[(j * m + v) * 2 + side] = found < 0 ? static_cast<int>(m) : found;
-        }
-      }
-    }
-  });
-
-  // Phase 4 (parallel): the vertex -> entries table.
-  at::Tensor splat_offsets = at::empty({m + 1}, int_opts);
-  at::Tensor splat_entries = at::empty({num_points * d1}, int_opts);
-  splat_table(vi, num_points * d1, m, splat_offsets.data_ptr<int>(), splat_entries.data_ptr<int>());
-
-  return {vertex_index, weights, neighbors, splat_offsets, splat_entries};
+  const Scratch<int> simplex_vertices =
+      number_vertices(vertex_keys, static_cast<int64_t>(simplices.first_point.size()), d1, table);
+  at::Tensor vertex_index = point_vertices(simplex_vertices, simplices.of_point, num_points, d1, int_opts);
+  at::Tensor neighbors = blur_neighbors(table, d, int_opts);
+  auto [splat_offsets, splat_entries] = vertex_entries_table(vertex_index, table.size());
+  return {vertex_index, points.weights, neighbors, splat_offsets, splat_entries};
 }
+
+// ---- filter ---------------------------------------------------------------------------------------
 
 template <typename T>
 void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,

@@ -27,6 +27,124 @@ void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, "crfrnn: CUDA kernel '", kernel, "' failed: ", cudaGetErrorString(err));
 }
 
+// ---- build: its phases in order ---------------------------------------------------------------
+
+// Phase 1's result, per point p: simplex[p] = (rem0[0..d], rank[0..d]) and its barycentric weights.
+struct EmbeddedPoints {
+  at::Tensor simplex;  // [P, 2(d+1)] int32
+  at::Tensor bary;     // [P, d+1] float64
+};
+
+// Phase 1: the simplex (rem0, rank) and barycentric weights (double) of every point.
+// features: [N, P, d] float32 or float64, contiguous.
+EmbeddedPoints embed_points(const at::Tensor& features, cudaStream_t stream) {
+  const int64_t num_points = features.size(0) * features.size(1);
+  const int d = static_cast<int>(features.size(2));
+  EmbeddedPoints points{at::empty({num_points, 2 * (d + 1)}, features.options().dtype(at::kInt)),
+                        at::empty({num_points, d + 1}, features.options().dtype(at::kDouble))};
+  if (features.scalar_type() == at::kDouble) {
+    check_launch(cuda::launch_embed<double>(features.const_data_ptr<double>(), num_points, d,
+                                            points.simplex.mutable_data_ptr<int>(),
+                                            points.bary.mutable_data_ptr<double>(), stream),
+                 "embed");
+  } else {
+    check_launch(cuda::launch_embed<float>(features.const_data_ptr<float>(), num_points, d,
+                                           points.simplex.mutable_data_ptr<int>(),
+                                           points.bary.mutable_data_ptr<double>(), stream),
+                 "embed");
+  }
+  return points;
+}
+
+// Phase 2's result: the hash table of the entries' keys.
+struct EntryKeyTable {
+  int64_t capacity;
+  uint64_t mask;             // capacity - 1
+  at::Tensor slots;          // [capacity]: per occupied slot, the smallest entry of its key
+  at::Tensor slot_of_entry;  // [P (d+1)]
+  at::Tensor overflow;       // [1]: 1 if an insert ran through the whole table
+};
+
+// Phase 2: the hash table of the entries' keys: a power of two at least twice the number of
+// entries, so it is never more than half full and every probe sequence meets an empty slot.
+EntryKeyTable insert_entry_keys(const at::Tensor& simplex, int d, int64_t per_image, int64_t num_entries,
+                                cudaStream_t stream) {
+  int64_t capacity = 1024;
+  while (capacity < 2 * num_entries) capacity *= 2;
+  TORCH_CHECK(capacity <= (int64_t{1} << 31), "crfrnn::build_lattice (CUDA kernel): ", num_entries,
+              " simplex corners N*P*(d+1) exceed the hash table's limit of 2^30");
+  const auto int_opts = simplex.options();
+  EntryKeyTable table{capacity, static_cast<uint64_t>(capacity - 1), at::full({capacity}, -1, int_opts),
+                      at::empty({num_entries}, int_opts), at::zeros({1}, int_opts)};
+  check_launch(cuda::launch_insert(simplex.const_data_ptr<int>(), d, per_image, num_entries,
+                                   table.slots.mutable_data_ptr<int>(), table.mask,
+                                   table.slot_of_entry.mutable_data_ptr<int>(),
+                                   table.overflow.mutable_data_ptr<int>(), stream),
+               "insert");
+  return table;
+}
+
+// Phase 3's result: the vertex numbering.
+struct VertexNumbering {
+  int64_t m;                // number of vertices M
+  at::Tensor vertex_index;  // [P, d+1]
+  at::Tensor owner;         // [M]: the owner (smallest) entry of each vertex
+  at::Tensor owner_csum;    // [P (d+1)]: inclusive prefix sum of the owner flags
+};
+
+// Phase 3: the vertices numbered by their owner (smallest) entry, a prefix sum over the owner
+// flags: in order of first appearance, as the serial CPU build numbers them. Holds the build's one
+// synchronisation: the vertex count M and the overflow flag of phase 2.
+VertexNumbering number_vertices(const EntryKeyTable& table, int64_t num_points, int d1, cudaStream_t stream) {
+  const int64_t num_entries = num_points * d1;
+  at::Tensor owner_flag = at::empty({num_entries}, table.slots.options());
+  check_launch(cuda::launch_owner_flags(table.slots.const_data_ptr<int>(), table.slot_of_entry.const_data_ptr<int>(),
+                                        num_entries, owner_flag.mutable_data_ptr<int>(), stream),
+               "owner_flags");
+  const at::Tensor owner_csum = at::cumsum(owner_flag, 0, at::kInt);
+  const at::Tensor host = at::cat({owner_csum.slice(0, num_entries - 1, num_entries), table.overflow}).cpu();
+  const int64_t m = host.const_data_ptr<int>()[0];
+  TORCH_CHECK(host.const_data_ptr<int>()[1] == 0, "crfrnn::build_lattice (CUDA kernel): the vertex hash table (",
+              table.capacity, " slots for ", num_entries, " entries) overflowed; this is a bug, please report it");
+  VertexNumbering numbering{m, at::empty({num_points, d1}, owner_flag.options()), at::empty({m}, owner_flag.options()),
+                            owner_csum};
+  check_launch(cuda::launch_number(table.slots.const_data_ptr<int>(), table.slot_of_entry.const_data_ptr<int>(),
+                                   owner_flag.const_data_ptr<int>(), owner_csum.const_data_ptr<int>(), num_entries,
+                                   numbering.vertex_index.mutable_data_ptr<int>(),
+                                   numbering.owner.mutable_data_ptr<int>(), stream),
+               "number");
+  return numbering;
+}
+
+// Phase 4: the blur neighbours [d+1, M, 2]; a missing one is M (the zero row of the filter's buffers).
+at::Tensor blur_neighbors(const EmbeddedPoints& points, int d, int64_t per_image, const EntryKeyTable& table,
+                          const VertexNumbering& numbering, cudaStream_t stream) {
+  at::Tensor neighbors = at::empty({d + 1, numbering.m, 2}, points.simplex.options());
+  check_launch(cuda::launch_neighbors(points.simplex.const_data_ptr<int>(), d, per_image,
+                                      numbering.owner.const_data_ptr<int>(), numbering.m,
+                                      table.slots.const_data_ptr<int>(), table.mask,
+                                      numbering.owner_csum.const_data_ptr<int>(), neighbors.mutable_data_ptr<int>(),
+                                      stream),
+               "neighbors");
+  return neighbors;
+}
+
+// Phase 5: the vertex -> entries table (splat_offsets [M+1], splat_entries [P (d+1)]): the
+// entries stably sorted by vertex, so in increasing order within a vertex, as the CPU's counting
+// sort leaves them.
+std::pair<at::Tensor, at::Tensor> vertex_entries_table(const at::Tensor& vertex_index, int64_t m,
+                                                       cudaStream_t stream) {
+  const auto sorted = at::sort(vertex_index.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor sorted_vertex = std::get<0>(sorted).contiguous();
+  at::Tensor splat_entries = std::get<1>(sorted).to(at::kInt);
+  at::Tensor splat_offsets = at::empty({m + 1}, vertex_index.options());
+  check_launch(cuda::launch_csr_offsets(sorted_vertex.const_data_ptr<int>(), vertex_index.numel(), m,
+                                        splat_offsets.mutable_data_ptr<int>(), stream),
+               "csr_offsets");
+  return {splat_offsets, splat_entries};
+}
+
+// The lattice of features [N, P, d], phase by phase (the kernels' bodies: lattice_device.cuh).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lattice_cuda(
     const at::Tensor& features_in) {
   check_features(features_in);
@@ -41,85 +159,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   const auto weight_dtype = low_precision ? at::kFloat : dtype;
   // half/bfloat16 -> float32 is exact, and embed_point computes in double anyway.
   const at::Tensor features = (low_precision ? features_in.to(at::kFloat) : features_in).contiguous();
-  const int64_t num_images = features.size(0), per_image = features.size(1);
+  const int64_t per_image = features.size(1), num_points = features.size(0) * per_image;
   const int d = static_cast<int>(features.size(2)), d1 = d + 1;
-  const int64_t num_points = num_images * per_image;
-  const int64_t num_entries = num_points * d1;
   const auto int_opts = features.options().dtype(at::kInt);
   if (num_points == 0) {
     return {at::empty({0, d1}, int_opts), at::empty({0, d1}, features.options().dtype(weight_dtype)),
             at::empty({d1, 0, 2}, int_opts), at::zeros({1}, int_opts), at::empty({0}, int_opts)};
   }
 
-  // 1. Simplex (rem0, rank) and barycentric weights (double) of every point.
-  at::Tensor simplex = at::empty({num_points, 2 * d1}, int_opts);
-  at::Tensor bary = at::empty({num_points, d1}, features.options().dtype(at::kDouble));
-  if (features.scalar_type() == at::kDouble) {
-    check_launch(cuda::launch_embed<double>(features.const_data_ptr<double>(), num_points, d,
-                                            simplex.mutable_data_ptr<int>(), bary.mutable_data_ptr<double>(),
-                                            stream),
-                 "embed");
-  } else {
-    check_launch(cuda::launch_embed<float>(features.const_data_ptr<float>(), num_points, d,
-                                           simplex.mutable_data_ptr<int>(), bary.mutable_data_ptr<double>(),
-                                           stream),
-                 "embed");
-  }
-
-  // 2. Hash table of the entries' keys: a power of two at least twice the number of entries, so
-  //    it is never more than half full and every probe sequence meets an empty slot.
-  int64_t capacity = 1024;
-  while (capacity < 2 * num_entries) capacity *= 2;
-  TORCH_CHECK(capacity <= (int64_t{1} << 31), "crfrnn::build_lattice (CUDA kernel): ", num_entries,
-              " simplex corners N*P*(d+1) exceed the hash table's limit of 2^30");
-  const uint64_t mask = static_cast<uint64_t>(capacity - 1);
-  at::Tensor slots = at::full({capacity}, -1, int_opts);
-  at::Tensor slot_of_entry = at::empty({num_entries}, int_opts);
-  at::Tensor overflow = at::zeros({1}, int_opts);
-  check_launch(cuda::launch_insert(simplex.const_data_ptr<int>(), d, per_image, num_entries,
-                                   slots.mutable_data_ptr<int>(), mask, slot_of_entry.mutable_data_ptr<int>(),
-                                   overflow.mutable_data_ptr<int>(), stream),
-               "insert");
-
-  // 3. Vertices numbered by their owner (smallest) entry: a prefix sum over the owner flags.
-  at::Tensor owner_flag = at::empty({num_entries}, int_opts);
-  check_launch(cuda::launch_owner_flags(slots.const_data_ptr<int>(), slot_of_entry.const_data_ptr<int>(),
-                                        num_entries, owner_flag.mutable_data_ptr<int>(), stream),
-               "owner_flags");
-  const at::Tensor owner_csum = at::cumsum(owner_flag, 0, at::kInt);
-  // The build's one synchronisation: the vertex count M and the overflow flag.
-  const at::Tensor host = at::cat({owner_csum.slice(0, num_entries - 1, num_entries), overflow}).cpu();
-  const int64_t m = host.const_data_ptr<int>()[0];
-  TORCH_CHECK(host.const_data_ptr<int>()[1] == 0, "crfrnn::build_lattice (CUDA kernel): the vertex hash table (",
-              capacity, " slots for ", num_entries, " entries) overflowed; this is a bug, please report it");
-
-  at::Tensor vertex_index = at::empty({num_points, d1}, int_opts);
-  at::Tensor owner = at::empty({m}, int_opts);
-  check_launch(cuda::launch_number(slots.const_data_ptr<int>(), slot_of_entry.const_data_ptr<int>(),
-                                   owner_flag.const_data_ptr<int>(), owner_csum.const_data_ptr<int>(),
-                                   num_entries, vertex_index.mutable_data_ptr<int>(),
-                                   owner.mutable_data_ptr<int>(), stream),
-               "number");
-
-  // 4. Blur neighbours; a missing one is M (the zero row of the filter's buffers).
-  at::Tensor neighbors = at::empty({d1, m, 2}, int_opts);
-  check_launch(cuda::launch_neighbors(simplex.const_data_ptr<int>(), d, per_image, owner.const_data_ptr<int>(), m,
-                                      slots.const_data_ptr<int>(), mask, owner_csum.const_data_ptr<int>(),
-                                      neighbors.mutable_data_ptr<int>(), stream),
-               "neighbors");
-
-  // 5. Vertex -> entries table (CSR): entries stably sorted by vertex, so in increasing order
-  //    within a vertex, as the CPU's counting sort leaves them.
-  const auto sorted = at::sort(vertex_index.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor sorted_vertex = std::get<0>(sorted).contiguous();
-  at::Tensor splat_entries = std::get<1>(sorted).to(at::kInt);
-  at::Tensor splat_offsets = at::empty({m + 1}, int_opts);
-  check_launch(cuda::launch_csr_offsets(sorted_vertex.const_data_ptr<int>(), num_entries, m,
-                                        splat_offsets.mutable_data_ptr<int>(), stream),
-               "csr_offsets");
-
-  return {vertex_index, bary.to(weight_dtype), neighbors, splat_offsets, splat_entries};
+  const EmbeddedPoints points = embed_points(features, stream);
+  const EntryKeyTable table = insert_entry_keys(points.simplex, d, per_image, num_points * d1, stream);
+  const VertexNumbering numbering = number_vertices(table, num_points, d1, stream);
+  at::Tensor neighbors = blur_neighbors(points, d, per_image, table, numbering, stream);
+  auto [splat_offsets, splat_entries] = vertex_entries_table(numbering.vertex_index, numbering.m, stream);
+  return {numbering.vertex_index, points.bary.to(weight_dtype), neighbors, splat_offsets, splat_entries};
 }
+
+// ---- filter ---------------------------------------------------------------------------------------
 
 at::Tensor lattice_filter_cuda(const at::Tensor& values_in, const at::Tensor& vertex_index,
                                const at::Tensor& weights, const at::Tensor& neighbors,
