@@ -33,13 +33,19 @@ except ImportError as exc:  # missing or broken build: the reference backend sti
         RuntimeWarning, stacklevel=2)
 
 
+def _has_kernels(op_names, dispatch_key) -> bool:
+    """Whether every op crfrnn::<name> has a kernel of its own for the dispatch key (e.g.
+    torch.DispatchKey.CPU), through the ops' public OpOverload.has_kernel_for_dispatch_key."""
+    return all(getattr(torch.ops.crfrnn, name).default.has_kernel_for_dispatch_key(dispatch_key)
+               for name in op_names)
+
+
 def _native_device_types():
     if EXTENSION_ERROR is not None:
         return frozenset()
     return frozenset(
-        device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"crfrnn::{op}", key)
-               for op in ("build_lattice", "lattice_filter")))
+        device_type for device_type, key in (("cpu", torch.DispatchKey.CPU), ("cuda", torch.DispatchKey.CUDA))
+        if _has_kernels(("build_lattice", "lattice_filter"), key))
 
 
 #: Device types with compiled kernels, fixed at import (a plain set, so torch.compile can read it).
@@ -118,8 +124,7 @@ if EXTENSION_ERROR is None:
 
 
 def _fused_device_types():
-    if EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "crfrnn::mean_field_inference", "CPU"):
+    if EXTENSION_ERROR is None and _has_kernels(("mean_field_inference",), torch.DispatchKey.CPU):
         return frozenset({"cpu"})
     return frozenset()
 

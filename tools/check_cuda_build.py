@@ -1,8 +1,9 @@
-"""Check that a built crfrnn extension registers CUDA (and CPU) kernels for every lattice op.
+"""Check that a built crfrnn extension registers its kernels: CPU and CUDA for every lattice op.
 
 Needs no GPU: it loads the shared library with `torch.ops.load_library` (which runs its
-TORCH_LIBRARY registrations) and asks the dispatcher which backends have a kernel. Exits 1 if a
-kernel is missing, 2 if no library is found. For CI after a CUDA build, e.g.
+TORCH_LIBRARY registrations) and asks the dispatcher which backends have a kernel, for every op
+of the extension (the fused mean-field op is CPU-only: its CUDA column shows "-"). Exits 1 if an
+expected kernel is missing, 2 if no library is found. For CI after a CUDA build, e.g.
 
     FORCE_CUDA=1 CRFRNN_STRICT_BUILD=1 python setup.py build_ext --build-lib /tmp/cuda-lib
     python tools/check_cuda_build.py --library /tmp/cuda-lib
@@ -18,7 +19,15 @@ import sys
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("build_lattice", "lattice_filter")
+#: Every op of the extension (csrc/ops.cpp) and the dispatch keys it has kernels for.
+OPS = {"build_lattice": ("CPU", "CUDA"), "lattice_filter": ("CPU", "CUDA"), "mean_field_inference": ("CPU",)}
+
+
+def dispatch_key(name: str) -> str:
+    """An argparse type: a dispatch key name such as CPU or CUDA."""
+    if not hasattr(torch.DispatchKey, name):
+        raise argparse.ArgumentTypeError(f"not a dispatch key: {name!r} (e.g. CPU, CUDA)")
+    return name
 
 
 def get_args_parser():
@@ -28,8 +37,9 @@ def get_args_parser():
     parser.add_argument("--library", default=REPO,
                         help="the extension's .so, or a directory holding crfrnn/_C*.so (a build-lib "
                              "or the repository; default: %(default)s)")
-    parser.add_argument("--keys", nargs="+", default=["CPU", "CUDA"],
-                        help="dispatch keys every op must have a kernel for (default: CPU CUDA)")
+    parser.add_argument("--keys", nargs="+", type=dispatch_key, default=["CPU", "CUDA"],
+                        help="dispatch keys to check: each op must have a kernel for those of them "
+                             "it is built for (default: CPU CUDA)")
     return parser
 
 
@@ -53,16 +63,18 @@ def main(args) -> int:
     torch.ops.load_library(library)
     print(f"loaded {library}")
     missing = []
-    print(f"{'op':<24}" + "".join(f"{key:>8}" for key in args.keys))
-    for op in OPS:
+    width = max(len(f"crfrnn::{op}") for op in OPS) + 2
+    print(f"{'op':<{width}}" + "".join(f"{key:>8}" for key in args.keys))
+    for op, keys in OPS.items():
         name = f"crfrnn::{op}"
+        overload = getattr(torch.ops.crfrnn, op).default
         row = []
         for key in args.keys:
-            ok = torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
-            row.append("yes" if ok else "MISSING")
-            if not ok:
+            ok = overload.has_kernel_for_dispatch_key(getattr(torch.DispatchKey, key))
+            row.append("yes" if ok else ("MISSING" if key in keys else "-"))
+            if not ok and key in keys:
                 missing.append(f"{name} [{key}]")
-        print(f"{name:<24}" + "".join(f"{cell:>8}" for cell in row))
+        print(f"{name:<{width}}" + "".join(f"{cell:>8}" for cell in row))
     if missing:
         print("missing kernels: " + ", ".join(missing), file=sys.stderr)
         return 1
