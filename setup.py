@@ -50,10 +50,10 @@ def extension():
     if want_cuda():
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
-        # --fmad=false: no fused multiply-add, so the lattice arithmetic of lattice_math.h rounds
-        # exactly as on the CPU and both backends build the same lattice.
-        return CUDAExtension(sources=sources, define_macros=[("CRFRNN_WITH_CUDA", None)],
-                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
+        # --fmad=false: no fused multiply-add, so the lattice arithmetic of lattice_math.h and the
+        # filter steps of lattice_filter_steps.h round exactly as on the CPU: both backends build
+        # the same lattice and filter to the same bits.
+        return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
                              **kwargs)
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
