@@ -1,9 +1,10 @@
-// The CPU loops around the filter steps of lattice_filter_steps.h: parallel over the vertices
-// (splat, blur) with at::parallel_for, prefetching the rows they gather. Shared by the plain
-// filter (lattice_cpu.cpp) and the fused mean-field op (mean_field_cpu.cpp).
+// The CPU loops around the filter steps of lattice_filter_steps.h, parallel with at::parallel_for
+// (over the vertices, the points or blocks of channels), prefetching the rows they gather. The
+// plain filter (lattice_cpu.cpp) runs all three steps with them; the fused mean-field op
+// (mean_field_cpu.cpp) its blur (it splats and slices in its own pass over the points).
 //
 // A grid is (M+1) x C values, row-major: one row per lattice vertex plus row M, the zero row that
-// missing blur neighbours point at. Each row is computed by one thread, in the fixed order of the
+// missing blur neighbours point at. Each value is computed by one thread, in the fixed order of the
 // step's body: the same bits whatever the thread count.
 #pragma once
 
@@ -97,6 +98,25 @@ T* blur_grid(T* grid, T* next, const int* neighbors, int64_t m, int64_t c, int d
     std::swap(grid, next);
   }
   return grid;
+}
+
+// Slice (slice_point) of grid [M+1, C] at the num_points points into out [P, C], times alpha.
+// vertex_index, weights [P, d1].
+template <typename T>
+void slice_points(const T* grid, const int* vertex_index, const T* weights, int d1, int64_t num_points, int64_t c,
+                  T alpha, T* out) {
+  const AllChannels<T> lanes{c};
+  at::parallel_for(0, num_points, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      if (p + kPrefetch < hi) {  // the vertex rows are scattered: fetch them ahead
+        for (int r = 0; r < d1; ++r) {
+          CRFRNN_PREFETCH(grid + static_cast<int64_t>(vertex_index[(p + kPrefetch) * d1 + r]) * c);
+        }
+      }
+      T* sum = out + p * c;
+      slice_point(lanes, sum, p, vertex_index, weights, d1, grid, c, alpha);
+    }
+  });
 }
 
 }  // namespace crfrnn

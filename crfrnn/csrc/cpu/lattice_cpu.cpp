@@ -116,9 +116,10 @@ EmbeddedPoints embed_points(const at::Tensor& features) {
   const int64_t per_image = features.size(1), num_points = features.size(0) * per_image;
   const int d = static_cast<int>(features.size(2)), d1 = d + 1;
   const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
-  EmbeddedPoints points{2 * d1 + 1, Scratch<int>(num_points * (2 * d1 + 1)), Scratch<uint64_t>(num_points),
-                        at::empty({num_points, d1},
-                                  features.options().dtype(low_precision ? at::kFloat : features.scalar_type()))};
+  const auto weight_dtype = low_precision ? at::kFloat : features.scalar_type();
+  const int key_len = 2 * d1 + 1;
+  EmbeddedPoints points{key_len, Scratch<int>(num_points * key_len), Scratch<uint64_t>(num_points),
+                        at::empty({num_points, d1}, features.options().dtype(weight_dtype))};
   double* weights_double = points.weights.scalar_type() == at::kDouble ? points.weights.data_ptr<double>() : nullptr;
   float* weights_float = weights_double ? nullptr : points.weights.data_ptr<float>();
   double scale[kMaxDim];
@@ -141,11 +142,11 @@ EmbeddedPoints embed_points(const at::Tensor& features) {
           skip |= !finite || std::fabs(x) > kMaxAbsFeature;
         }
         if (skip) continue;  // the build fails below; never embed (overflowing) garbage
-        int* key = points.simplex.data() + p * points.key_len;
+        int* key = points.simplex.data() + p * key_len;
         key[0] = static_cast<int>(p / per_image);
         double bary[kMaxDim + 1];
         embed_point_scaled(fp, scale, d, key + 1, key + 1 + d1, bary);
-        points.hash[p] = hash_key(key, points.key_len);
+        points.hash[p] = hash_key(key, key_len);
         if (weights_double) std::copy(bary, bary + d1, weights_double + p * d1);
         else std::copy(bary, bary + d1, weights_float + p * d1);
       }
@@ -351,18 +352,7 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
   if (c < at::get_num_threads()) splat_by_vertex(values, c, w, d1, offsets, entries, m, grid_buffer.data());
   else splat_by_point(values, num_points, c, vi, w, d1, m, grid_buffer.data());
   const T* grid = blur_grid(grid_buffer.data(), next, nb, m, c, d1, reverse);
-
-  const AllChannels<T> lanes{c};
-  const T alpha = static_cast<T>(blur_alpha(d1 - 1));
-  at::parallel_for(0, num_points, 1024, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      if (p + kPrefetch < hi) {  // the vertex rows are scattered: fetch them ahead
-        for (int r = 0; r < d1; ++r) CRFRNN_PREFETCH(grid + static_cast<int64_t>(vi[(p + kPrefetch) * d1 + r]) * c);
-      }
-      T* sum = out + p * c;
-      slice_point(lanes, sum, p, vi, w, d1, grid, c, alpha);
-    }
-  });
+  slice_points(grid, vi, w, d1, num_points, c, static_cast<T>(blur_alpha(d1 - 1)), out);
 }
 
 at::Tensor lattice_filter_cpu(const at::Tensor& values_in, const at::Tensor& vertex_index,
