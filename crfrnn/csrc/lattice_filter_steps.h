@@ -26,15 +26,16 @@
 //                 measured ~35% slower at one thread on a bilateral lattice, C = 21; see
 //                 cpu/filter_loops.h);
 //   blur_vertex   one blur step of one vertex along one direction;
-//   slice_point   the slice of one point.
+//   slice_point   the slice of one point: add_slice_point (its terms, added into a running sum:
+//                 what the fused mean-field op runs, into the unary), started at zero and scaled.
 //
 // Lanes: which channels of a row one call computes, and where it keeps a running sum. A Lanes type
-// has a `Sum` type and the members
+// has a `Sum` type and (those the bodies it runs call) the members
 //   clear(Sum&)                      sum = 0
 //   add(Sum&, T w, const T* row)     sum = sum + w * (its lanes of `row`)
 //   scale(Sum&, T f)                 sum = sum * f
 //   blur(self, a, b, dst)            its lanes of dst = blur_value(self, a, b), rows given by pointer
-//   scatter(T* row, T w, x)          its lanes of row = row + w * x (splat_point only), x the
+//   scatter(T* row, T w, x)          its lanes of row = row + w * x (splat_point), x the
 //                                    point's row: a Sum, or its values in memory (AllChannels)
 // and is one of
 //   OneChannel<T>   channel k of a row: what one CUDA thread computes (thread t = row * C + k); the
@@ -149,17 +150,28 @@ CRFRNN_HD void blur_vertex(const Lanes& lanes, int64_t v, const int* neighbors_j
              src + static_cast<int64_t>(neighbors_j[2 * v + 1]) * stride, dst + v * stride);
 }
 
-// Slice of point p: sum = scale * sum over r = 0..d (in order) of weights[p, r] * row
-// vertex_index[p, r] of `grid` (rows `stride` apart). The filter's scale is blur_alpha(d).
+// The slice terms of point p added into sum: sum = sum + (scale * weights[p, r]) * row
+// vertex_index[p, r] of `grid` (rows `stride` apart), for r = 0..d in order. The fused mean-field
+// op starts sum at the unary and passes minus its per-point slice scale: it subtracts the message
+// in place, with no row of its own (a separate sum, scaled and subtracted, measured ~15% slower
+// there at one thread).
 template <class Lanes, typename T>
-CRFRNN_HD void slice_point(const Lanes& lanes, typename Lanes::Sum& sum, int64_t p, const int* vertex_index,
-                           const T* weights, int d1, const T* grid, int64_t stride, T scale) {
-  lanes.clear(sum);
+CRFRNN_HD void add_slice_point(const Lanes& lanes, typename Lanes::Sum& sum, int64_t p, const int* vertex_index,
+                               const T* weights, int d1, const T* grid, int64_t stride, T scale) {
   for (int r = 0; r < d1; ++r) {
     const int64_t e = p * d1 + r;
-    lanes.add(sum, weights[e], grid + static_cast<int64_t>(vertex_index[e]) * stride);
+    lanes.add(sum, scale * weights[e], grid + static_cast<int64_t>(vertex_index[e]) * stride);
   }
-  lanes.scale(sum, scale);
+}
+
+// The filter's slice of point p: sum = alpha * (sum over r = 0..d, in order, of weights[p, r] *
+// row vertex_index[p, r] of `grid`). The filter's alpha is blur_alpha(d).
+template <class Lanes, typename T>
+CRFRNN_HD void slice_point(const Lanes& lanes, typename Lanes::Sum& sum, int64_t p, const int* vertex_index,
+                           const T* weights, int d1, const T* grid, int64_t stride, T alpha) {
+  lanes.clear(sum);
+  add_slice_point(lanes, sum, p, vertex_index, weights, d1, grid, stride, T(1));
+  lanes.scale(sum, alpha);
 }
 
 }  // namespace crfrnn
