@@ -3,13 +3,17 @@
 tests/cuda_emulation/harness.cpp compiles the per-thread bodies of the CUDA kernels
 (crfrnn/csrc/cuda/lattice_device.cuh, with lattice_math.h and lattice_filter_steps.h) with the
 host C++ compiler and replays the CUDA launcher's sequence, running each kernel's indices one at
-a time in a random order (the stand-in for the GPU's unordered threads and racing hash inserts). Its lattice tables, weights
-and float filter outputs (forward and adjoint) must equal the C++ CPU backend's bit for bit, as
-the real GPU's must (tests/test_lattice.py, marked `cuda`). See the harness's header for
-what this cannot check (real atomics and memory ordering, the GPU's own float code generation).
+a time in a random order (every order the GPU's unordered threads could take), or on several
+std::threads at once with real atomics (the racing hash inserts and owner election truly
+interleaved). Its lattice tables, weights and float filter outputs (forward and adjoint) must
+equal the C++ CPU backend's bit for bit, as the real GPU's must (tests/test_lattice.py,
+marked `cuda`). See the harness's header for what this cannot check (the GPU's scale and memory
+model, its own float code generation).
 
 The harness is compiled once per session (a few seconds), with AddressSanitizer and UBSan when
-the compiler supports them, so an out-of-bounds index in a kernel body fails here too.
+the compiler supports them, so an out-of-bounds index in a kernel body fails here too; and once
+with ThreadSanitizer for the concurrent runs, which fail on any report it makes (after checking,
+on a deliberately racy toy, that it does report).
 """
 import os
 import shutil
@@ -29,6 +33,10 @@ HARNESS = REPO / "tests" / "cuda_emulation" / "harness.cpp"
 CSRC = REPO / "crfrnn" / "csrc"
 DTYPE_CODE = {torch.float64: 0, torch.float32: 1}
 EXIT_OVERFLOW = 3
+EXIT_UNWRITTEN = 4
+EXIT_REPEATS_DIFFER = 5
+EXIT_TSAN = 66  # the harness's exit status after a ThreadSanitizer report (TSAN_OPTIONS exitcode)
+TSAN_REPORT = "WARNING: ThreadSanitizer"
 
 pytestmark = pytest.mark.skipif(not ops.has_native_kernel("cpu"),
                                 reason="the compiled C++ extension (crfrnn._C) is not built: nothing to compare with")
@@ -42,31 +50,75 @@ def find_compiler():
     return None
 
 
-@pytest.fixture(scope="session")
-def harness(tmp_path_factory):
-    """Path of the compiled harness (sanitized build if the toolchain links one, plain otherwise)."""
+def compile_harness(out, flag_sets, defines=()):
+    """Compiles the harness to `out` with the first of `flag_sets` (lists of compiler flags) that
+    builds, plus `defines` (-D flags). Returns None when one builds, else the compiler's last
+    error; skips the test when there is no compiler."""
     compiler = find_compiler()
     if compiler is None:
         pytest.skip("no C++ compiler found ($CXX, g++ or c++) to build the CUDA-logic harness")
-    out = tmp_path_factory.mktemp("cuda_emulation") / "harness"
     # -ffp-contract=off: no fused multiply-add, as the extension's builds (nvcc --fmad=false).
-    base = [compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-Wall", "-Wextra",
-            f"-I{CSRC}", str(HARNESS), "-o", str(out)]
-    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    errors = []
-    for flags in (sanitize, []):
-        result = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True, timeout=300)
+    common = ["-std=c++17", "-O1", "-g", "-ffp-contract=off", "-Wall", "-Wextra", "-pthread", *defines,
+              f"-I{CSRC}", str(HARNESS), "-o", str(out)]
+    error = "no flags to try"
+    for flags in flag_sets:
+        result = subprocess.run([compiler, *flags, *common], capture_output=True, text=True, timeout=300)
         if result.returncode == 0:
-            return out
-        errors.append(result.stderr[-3000:])
-    raise AssertionError("the CUDA-logic harness does not compile:\n" + errors[-1])
+            return None
+        error = result.stderr[-3000:]
+    return error
 
 
-def run_harness(binary, workdir, features, values, seed, capacity=0):
+ASAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+TSAN = ["-fsanitize=thread", "-fno-omit-frame-pointer"]
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory):
+    """Path of the compiled harness (AddressSanitizer and UBSan build if the toolchain links one,
+    plain otherwise)."""
+    out = tmp_path_factory.mktemp("cuda_emulation") / "harness"
+    error = compile_harness(out, [ASAN, []])
+    assert error is None, f"the CUDA-logic harness does not compile:\n{error}"
+    return out
+
+
+def thread_sanitized_harness(out, defines=()):
+    """Compiles the harness with ThreadSanitizer to `out` and checks that the race detector is
+    alive: the harness's racy toy (two threads incrementing a plain int) must be reported, so
+    that a silent ThreadSanitizer is never taken for a clean run. Skips without TSan support."""
+    error = compile_harness(out, [TSAN], defines)
+    if error is not None:
+        pytest.skip(f"the compiler cannot build with -fsanitize=thread:\n{error}")
+    toy = subprocess.run([str(out), "--racy-toy"], capture_output=True, text=True, timeout=60, env=sanitizer_env())
+    assert toy.returncode == EXIT_TSAN and TSAN_REPORT in toy.stderr, (
+        f"ThreadSanitizer did not report the racy toy (exit {toy.returncode}):\n{toy.stderr[-2000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tsan_harness(tmp_path_factory):
+    """Path of the harness built with ThreadSanitizer (checked to report races)."""
+    return thread_sanitized_harness(tmp_path_factory.mktemp("cuda_emulation_tsan") / "harness")
+
+
+def sanitizer_env():
+    """The environment of a harness run: sanitizer options under which every report fails it."""
+    return dict(os.environ, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1",
+                TSAN_OPTIONS=f"exitcode={EXIT_TSAN}")
+
+
+def run_harness(binary, workdir, features, values, seed, capacity=0, threads=0, repeats=1, schedule="mixed",
+                cas="atomic"):
     """Run the harness on features Tensor[N, P, d] (float32/float64) and values Tensor[N, P, C]
-    (float32/float64). Returns (returncode, stderr, dict of tensors or None): m, capacity,
-    vertex_index [N*P, d+1] int32, bary [N*P, d+1] float64, neighbors [d+1, M, 2] int32,
-    splat_offsets [M+1] int32, splat_entries [N*P*(d+1)] int32, forward/reverse [N*P, C]."""
+    (float32/float64): serially in random orders (threads = 0), or on `threads` threads per
+    launch with the given schedule (interleaved, blocked, shuffled, or mixed: drawn per launch),
+    `repeats` times (each repetition must equal the first), the hash table's compare-and-swap
+    `cas` (atomic; yielding: atomic after a yield, the race windows wide open; nonatomic: a
+    plain read then write, a bug to catch). Returns (returncode, stderr, dict of
+    tensors or None): m, capacity, vertex_index [N*P, d+1] int32, bary [N*P, d+1] float64,
+    neighbors [d+1, M, 2] int32, splat_offsets [M+1] int32, splat_entries [N*P*(d+1)] int32,
+    forward/reverse [N*P, C]."""
     n, p, d = features.shape
     c = values.shape[-1]
     src, dst = Path(workdir) / "in.bin", Path(workdir) / "out.bin"
@@ -75,10 +127,10 @@ def run_harness(binary, workdir, features, values, seed, capacity=0):
                  np.int64).tofile(f)
         features.contiguous().numpy().tofile(f)
         values.contiguous().numpy().tofile(f)
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1")
-    result = subprocess.run([str(binary), str(src), str(dst), str(seed)], capture_output=True,
-                            text=True, timeout=120, env=env)
-    if result.returncode != 0:
+    command = [str(binary), str(src), str(dst), str(seed), "--threads", str(threads),
+               "--repeats", str(repeats), "--schedule", schedule, "--cas", cas]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=sanitizer_env())
+    if result.returncode != 0 or TSAN_REPORT in result.stderr:
         return result.returncode, result.stderr, None
     raw, pos = dst.read_bytes(), 0
 
@@ -99,13 +151,14 @@ def run_harness(binary, workdir, features, values, seed, capacity=0):
     return 0, result.stderr, out
 
 
-def assert_matches_cpu(binary, workdir, features, values, seed, capacity=0):
-    """The emulated CUDA build and filter equal crfrnn.Lattice(features, backend="native") on
-    the CPU bit for bit: tables, weights (in the lattice's dtype), forward and adjoint filter."""
+def assert_matches_cpu(binary, workdir, features, values, seed, capacity=0, **launches):
+    """The emulated CUDA build and filter (run as `launches` says: threads, repeats, schedule)
+    equal crfrnn.Lattice(features, backend="native") on the CPU bit for bit: tables, weights (in
+    the lattice's dtype), forward and adjoint filter; and no sanitizer reported anything."""
     lat = crfrnn.Lattice(features, backend="native")
     harness_features = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
-    code, stderr, got = run_harness(binary, workdir, harness_features, values, seed, capacity)
-    assert code == 0, f"harness failed (exit {code}):\n{stderr[-4000:]}"
+    code, stderr, got = run_harness(binary, workdir, harness_features, values, seed, capacity, **launches)
+    assert got is not None, f"harness failed (exit {code}):\n{stderr[-6000:]}"
     assert got["m"] == lat.num_vertices
     for name in LATTICE_TABLES:
         expected = getattr(lat, name)
@@ -120,6 +173,22 @@ def assert_matches_cpu(binary, workdir, features, values, seed, capacity=0):
         assert torch.equal(got[name], expected), (
             f"{name} filter differs from the CPU's: max |diff| {(got[name] - expected).abs().max().item()}")
     return lat, got
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+def few_distinct_points(n, p, d, seed, distinct=3):
+    """Every image's p points copies of `distinct` integer points: about distinct * (d + 1) keys
+    per image, each inserted by some p / distinct entries at once (heavy key collisions)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randint(-2, 3, (n, distinct, d), generator=g).double()
+    which = torch.randint(0, distinct, (n, p), generator=g)
+    return torch.gather(pool, 1, which[:, :, None].expand(n, p, d))
+
+
+def random_values(n, p, c):
+    """Tensor[n, p, c] float64: the values the concurrent tests filter."""
+    return randn(n, p, c, dtype=torch.float64, seed=5)
 
 
 def next_power_of_two(x):
@@ -179,6 +248,87 @@ def test_hash_table_overflow_is_reported(harness, tmp_path):
     values = randn(1, 40, 1, dtype=torch.float64)
     code, stderr, _ = run_harness(harness, tmp_path, features, values, seed=0, capacity=capacity)
     assert code == EXIT_OVERFLOW, stderr
+
+
+# ---- on real threads ----------------------------------------------------------------------------
+
+#: Inputs with heavy key collisions: many entries inserting the same key at once.
+COLLIDING = {"few_distinct": few_distinct_points, "integer": integer_points, "clustered": clustered_points}
+
+
+def tight_capacity(features):
+    """The smallest power of two that holds the lattice's vertices: a table often completely
+    full (long probe chains, wrap-around at its end), far above the launcher's load of 1/2."""
+    return next_power_of_two(crfrnn.Lattice(features, backend="native").num_vertices)
+
+
+@pytest.mark.parametrize("cas", ["atomic", "yielding"])
+@pytest.mark.parametrize("schedule", ["interleaved", "blocked", "shuffled"])
+@pytest.mark.parametrize("d", [1, 2, 5, 16])
+def test_concurrent_build_equals_cpu(harness, tmp_path, d, schedule, cas):
+    """Heavy key collisions (4 images of 60 copies of 3 points: each key inserted by about 20
+    entries) into a tight table, every kernel on 4 threads at once with real atomics, 5 times:
+    every repetition's tables and filter bits equal the CPU backend's."""
+    features = few_distinct_points(4, 60, d, seed=d)
+    assert_matches_cpu(harness, tmp_path, features, random_values(4, 60, 2), seed=d,
+                       capacity=tight_capacity(features), threads=4, repeats=5, schedule=schedule, cas=cas)
+
+
+@pytest.mark.parametrize("cas", ["atomic", "yielding"])
+def test_concurrent_build_is_race_free_under_thread_sanitizer(tsan_harness, tmp_path, cas):
+    """The same on 8 threads under ThreadSanitizer: no report (insert_one touches the table only
+    through atomics, and every kernel writes elements of its own) and the CPU backend's bits."""
+    features = few_distinct_points(4, 60, 5, seed=5)
+    assert_matches_cpu(tsan_harness, tmp_path, features, random_values(4, 60, 2), seed=5,
+                       capacity=tight_capacity(features), threads=8, repeats=3, cas=cas)
+
+
+def test_thread_sanitizer_reports_a_nonatomic_cas(tsan_harness, tmp_path):
+    """With a plain read-then-write for insert_one's CAS, the serial mode still equals the CPU
+    (one body at a time: nothing to race with), and the concurrent mode under ThreadSanitizer
+    reports a data race in that CAS."""
+    features = few_distinct_points(4, 60, 5, seed=5)
+    values = random_values(4, 60, 2)
+    assert_matches_cpu(tsan_harness, tmp_path, features, values, seed=5, threads=0, repeats=3, cas="nonatomic")
+    code, stderr, _ = run_harness(tsan_harness, tmp_path, features, values, seed=5, threads=8, repeats=3,
+                                  cas="nonatomic")
+    assert code == EXIT_TSAN and "data race" in stderr and "harness_cas::cas" in stderr, (
+        f"exit {code}:\n{stderr[-3000:]}")
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 16])
+def test_a_nonatomic_cas_changes_the_tables(harness, tmp_path, d):
+    """Without ThreadSanitizer the same broken CAS on 8 threads loses slot claims (two entries
+    both take one empty slot): within 100 repetitions a table differs from the CPU backend's or
+    from another repetition's, or the tight table overflows."""
+    features = few_distinct_points(4, 60, d, seed=d)
+    lat = crfrnn.Lattice(features, backend="native")
+    code, stderr, got = run_harness(harness, tmp_path, features, random_values(4, 60, 2), seed=d,
+                                    capacity=tight_capacity(features), threads=8, repeats=100, cas="nonatomic")
+    assert code in (0, EXIT_OVERFLOW, EXIT_UNWRITTEN, EXIT_REPEATS_DIFFER), f"exit {code}:\n{stderr[-3000:]}"
+    if code == 0:
+        assert got["m"] != lat.num_vertices or any(
+            not torch.equal(got[name], getattr(lat, name)) for name in TABLES), "the non-atomic CAS went unnoticed"
+
+
+# Tight tables only where the lattice is small: each neighbour lookup in an almost full table
+# probes O(capacity) slots, a minute under ThreadSanitizer at d = 16 and ~2000 vertices.
+MANY_REPETITION_CASES = [(d, kind, table) for d in (1, 2, 5, 16) for kind in COLLIDING
+                         for table in ("tight", "launcher's")
+                         if table == "launcher's" or d < 16 or kind == "few_distinct"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d,kind,table", MANY_REPETITION_CASES)
+def test_many_concurrent_repetitions_under_thread_sanitizer_equal_cpu(tsan_harness, tmp_path, d, kind, table):
+    """A batch of 4 images with key collisions on 8 threads, each launch with a schedule drawn
+    at random, 20 repetitions with the atomic CAS and 20 with a yield before each CAS, under
+    ThreadSanitizer: no report, and every repetition equals the CPU backend bit for bit."""
+    features = COLLIDING[kind](4, 60, d, seed=3 * d)
+    capacity = tight_capacity(features) if table == "tight" else 0
+    for cas in ("atomic", "yielding"):
+        assert_matches_cpu(tsan_harness, tmp_path, features, random_values(4, 60, 2), seed=d,
+                           capacity=capacity, threads=8, repeats=20, cas=cas)
 
 
 @pytest.mark.data

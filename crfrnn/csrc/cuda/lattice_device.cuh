@@ -1,9 +1,9 @@
 // Per-element bodies of the CUDA lattice kernels: what one GPU thread does for one index.
 //
 // The kernels of lattice_kernels.cu are grid-stride loops around these functions. They are
-// `__host__ __device__` (CRFRNN_HD, as lattice_math.h) so that a host program can run them one
-// index at a time, in any order, to check the build and filter logic without a GPU: on the host
-// the atomics below are plain serial read-modify-writes.
+// `__host__ __device__` (CRFRNN_HD, as lattice_math.h) so that a host program can run them
+// without a GPU (tests/cuda_emulation/harness.cpp: one index at a time in any order, or on many
+// std::threads at once): on the host the atomics below are real atomics too.
 //
 // Build (K = P*(d+1) entries e = p*(d+1) + r, the corners of the points' simplices):
 //   1. embed_one:   simplex (rem0, rank) and barycentric weights of each point;
@@ -30,19 +30,58 @@
 namespace crfrnn {
 namespace device {
 
-// ---- atomics (serial emulation on the host) -----------------------------------------------------
+// ---- atomics ----------------------------------------------------------------------------------
+//
+// The only memory that one thread of a kernel writes while others read or write it is
+// insert_one's hash table `slots` (and the overflow flag); every other kernel writes elements of
+// its own. Those accesses go through the functions below: CUDA's atomics on the GPU, the GCC/Clang
+// __atomic builtins on the host, so that the host harness runs the same race on real threads and
+// ThreadSanitizer sees them as atomics (and any plain access to a slot as the race it would be).
+//
+// Memory order: relaxed is enough, on both sides, because a slot publishes nothing but its own
+// value. It holds an entry id, and the key of that entry is recomputed from `simplex`, which an
+// earlier kernel wrote: the launch boundary orders that before every insert (on the host, joining
+// the threads of the launch does), so no reader needs acquire/release to see the key. What
+// insert_one does need, relaxed atomics give:
+//   - atomicity: two threads cannot both claim one empty slot (CAS), and no smaller entry of a
+//     key is lost (min);
+//   - coherence of each single slot: a slot goes from -1 to an entry and then only to smaller
+//     entries of the same key, and a thread never reads it older than a value it has already
+//     seen there; a CAS reads the newest value. So a stale load is harmless: a stale -1 is
+//     corrected by the CAS, a stale larger entry has the same key and at worst costs a needless
+//     atomicMin.
+// The tables are read by later kernels, after the launch boundary, with plain loads. On the GPU
+// load_relaxed is a volatile load (the PTX memory model treats ld.volatile as a relaxed load),
+// and atomicCAS / atomicMin / atomicExch are relaxed, device-scope read-modify-writes.
 
 CRFRNN_HD int load_relaxed(const int* address) {
+#if defined(__CUDA_ARCH__)
   return *static_cast<const volatile int*>(address);
+#else
+  return __atomic_load_n(address, __ATOMIC_RELAXED);
+#endif
 }
 
+#if !defined(__CUDA_ARCH__)
+// The host's compare-and-swap (GCC/Clang builtin), as atomicCAS: returns the value found.
+inline int host_atomic_cas(int* address, int expected, int desired) {
+  int found = expected;  // the builtin replaces it by the value found when that is not `expected`
+  __atomic_compare_exchange_n(address, &found, desired, /*weak=*/false, __ATOMIC_RELAXED,
+                              __ATOMIC_RELAXED);
+  return found;
+}
+#endif
+
+// Returns the value found at `address`; wrote `desired` if (and only if) that was `expected`.
 CRFRNN_HD int atomic_cas(int* address, int expected, int desired) {
 #if defined(__CUDA_ARCH__)
   return atomicCAS(address, expected, desired);
+#elif defined(CRFRNN_HOST_CAS_HOOK)
+  // tests/cuda_emulation/harness.cpp's: host_atomic_cas after a yield (a wider race window), or
+  // a deliberately non-atomic CAS, to show that the concurrent harness catches one.
+  return CRFRNN_HOST_CAS_HOOK(address, expected, desired);
 #else
-  const int old = *address;
-  if (old == expected) *address = desired;
-  return old;
+  return host_atomic_cas(address, expected, desired);
 #endif
 }
 
@@ -50,7 +89,13 @@ CRFRNN_HD void atomic_min(int* address, int value) {
 #if defined(__CUDA_ARCH__)
   atomicMin(address, value);
 #else
-  if (value < *address) *address = value;
+  // GCC has no __atomic_fetch_min: a CAS loop, which ends when the slot holds `value` or less.
+  int current = load_relaxed(address);
+  while (value < current) {
+    const int found = atomic_cas(address, current, value);
+    if (found == current) return;
+    current = found;
+  }
 #endif
 }
 
@@ -58,7 +103,7 @@ CRFRNN_HD void atomic_raise_flag(int* address) {
 #if defined(__CUDA_ARCH__)
   atomicExch(address, 1);
 #else
-  *address = 1;
+  __atomic_store_n(address, 1, __ATOMIC_RELAXED);
 #endif
 }
 
