@@ -50,15 +50,15 @@ def find_compiler():
     return None
 
 
-def compile_harness(out, flag_sets, defines=()):
+def compile_harness(out, flag_sets):
     """Compiles the harness to `out` with the first of `flag_sets` (lists of compiler flags) that
-    builds, plus `defines` (-D flags). Returns None when one builds, else the compiler's last
-    error; skips the test when there is no compiler."""
+    builds. Returns None when one builds, else the compiler's last error; skips the test when
+    there is no compiler."""
     compiler = find_compiler()
     if compiler is None:
         pytest.skip("no C++ compiler found ($CXX, g++ or c++) to build the CUDA-logic harness")
     # -ffp-contract=off: no fused multiply-add, as the extension's builds (nvcc --fmad=false).
-    common = ["-std=c++17", "-O1", "-g", "-ffp-contract=off", "-Wall", "-Wextra", "-pthread", *defines,
+    common = ["-std=c++17", "-O1", "-g", "-ffp-contract=off", "-Wall", "-Wextra", "-pthread",
               f"-I{CSRC}", str(HARNESS), "-o", str(out)]
     error = "no flags to try"
     for flags in flag_sets:
@@ -83,23 +83,19 @@ def harness(tmp_path_factory):
     return out
 
 
-def thread_sanitized_harness(out, defines=()):
-    """Compiles the harness with ThreadSanitizer to `out` and checks that the race detector is
-    alive: the harness's racy toy (two threads incrementing a plain int) must be reported, so
-    that a silent ThreadSanitizer is never taken for a clean run. Skips without TSan support."""
-    error = compile_harness(out, [TSAN], defines)
+@pytest.fixture(scope="session")
+def tsan_harness(tmp_path_factory):
+    """Path of the harness built with ThreadSanitizer, checked to be alive: the harness's racy
+    toy (two threads incrementing a plain int) must be reported, so that a silent
+    ThreadSanitizer is never taken for a clean run. Skips without TSan support."""
+    out = tmp_path_factory.mktemp("cuda_emulation_tsan") / "harness"
+    error = compile_harness(out, [TSAN])
     if error is not None:
         pytest.skip(f"the compiler cannot build with -fsanitize=thread:\n{error}")
     toy = subprocess.run([str(out), "--racy-toy"], capture_output=True, text=True, timeout=60, env=sanitizer_env())
     assert toy.returncode == EXIT_TSAN and TSAN_REPORT in toy.stderr, (
         f"ThreadSanitizer did not report the racy toy (exit {toy.returncode}):\n{toy.stderr[-2000:]}")
     return out
-
-
-@pytest.fixture(scope="session")
-def tsan_harness(tmp_path_factory):
-    """Path of the harness built with ThreadSanitizer (checked to report races)."""
-    return thread_sanitized_harness(tmp_path_factory.mktemp("cuda_emulation_tsan") / "harness")
 
 
 def sanitizer_env():
@@ -115,10 +111,10 @@ def run_harness(binary, workdir, features, values, seed, capacity=0, threads=0, 
     launch with the given schedule (interleaved, blocked, shuffled, or mixed: drawn per launch),
     `repeats` times (each repetition must equal the first), the hash table's compare-and-swap
     `cas` (atomic; yielding: atomic after a yield, the race windows wide open; nonatomic: a
-    plain read then write, a bug to catch). Returns (returncode, stderr, dict of
-    tensors or None): m, capacity, vertex_index [N*P, d+1] int32, bary [N*P, d+1] float64,
-    neighbors [d+1, M, 2] int32, splat_offsets [M+1] int32, splat_entries [N*P*(d+1)] int32,
-    forward/reverse [N*P, C]."""
+    plain read then write, a bug to catch). Returns (returncode, stderr, dict of tensors or
+    None; None also after a ThreadSanitizer report): m, capacity, vertex_index [N*P, d+1] int32,
+    bary [N*P, d+1] float64, neighbors [d+1, M, 2] int32, splat_offsets [M+1] int32,
+    splat_entries [N*P*(d+1)] int32, forward/reverse [N*P, C]."""
     n, p, d = features.shape
     c = values.shape[-1]
     src, dst = Path(workdir) / "in.bin", Path(workdir) / "out.bin"
@@ -257,8 +253,8 @@ COLLIDING = {"few_distinct": few_distinct_points, "integer": integer_points, "cl
 
 
 def tight_capacity(features):
-    """The smallest power of two that holds the lattice's vertices: a table often completely
-    full (long probe chains, wrap-around at its end), far above the launcher's load of 1/2."""
+    """The smallest power of two that holds the lattice's vertices: a table loaded far above
+    the launcher's 1/2, often completely full (long probe chains, wrap-around at its end)."""
     return next_power_of_two(crfrnn.Lattice(features, backend="native").num_vertices)
 
 
@@ -266,8 +262,8 @@ def tight_capacity(features):
 @pytest.mark.parametrize("schedule", ["interleaved", "blocked", "shuffled"])
 @pytest.mark.parametrize("d", [1, 2, 5, 16])
 def test_concurrent_build_equals_cpu(harness, tmp_path, d, schedule, cas):
-    """Heavy key collisions (4 images of 60 copies of 3 points: each key inserted by about 20
-    entries) into a tight table, every kernel on 4 threads at once with real atomics, 5 times:
+    """Heavy key collisions (4 images of 60 copies of 3 points: each key inserted by 20 entries
+    or more) into a tight table, every kernel on 4 threads at once with real atomics, 5 times:
     every repetition's tables and filter bits equal the CPU backend's."""
     features = few_distinct_points(4, 60, d, seed=d)
     assert_matches_cpu(harness, tmp_path, features, random_values(4, 60, 2), seed=d,
