@@ -13,12 +13,14 @@ import torch
 
 from . import ops, reference
 
-__all__ = ["Lattice", "MAX_FEATURE_DIM", "NORMALIZATIONS", "max_lattice_points"]
+__all__ = ["Lattice", "MAX_FEATURE_DIM", "NORMALIZATIONS", "FEATURE_GRADIENTS", "max_lattice_points"]
 
 #: Largest feature dimension d the lattice accepts (the C++/CUDA code keeps per-point scratch
 #: arrays of this size on the stack).
 MAX_FEATURE_DIM = reference.MAX_FEATURE_DIM
 NORMALIZATIONS = ("none", "after", "symmetric")
+#: How `filter` outputs are differentiated with respect to the features, see `Lattice`.
+FEATURE_GRADIENTS = ("lattice", "gaussian")
 #: Keys are int32 lattice coordinates of magnitude up to about 100 |f|: the build ops reject
 #: features beyond this bound (and NaN/Inf) with a ValueError instead of overflowing.
 MAX_ABS_FEATURE = reference.MAX_ABS_FEATURE
@@ -54,9 +56,12 @@ class Lattice:
     Args:
         features (Tensor[N, d, H, W] or Tensor[N, P, d]): per-pixel or per-point features,
             already divided by their bandwidths (a unit distance is one standard deviation).
-            Treated as constants: no gradient flows into them.
+            When they require grad (and grad mode is on), `filter` outputs are differentiable
+            with respect to them, see below; otherwise they are constants and cost nothing extra.
         backend (str): "auto" (compiled kernels for the features' device when built, else the
             reference), "reference" (pure PyTorch) or "native" (compiled, error if missing).
+        feature_grad (str): how outputs are differentiated with respect to features that
+            require grad: "lattice" (default) or "gaussian", see below.
 
     The batch is one lattice whose keys include the image index, so images never mix.
     Attributes (plain tensors, see ``crfrnn.reference.build_lattice``): ``vertex_index``
@@ -67,22 +72,47 @@ class Lattice:
     A lattice pickles, and its tensors are normal tensors even when built under
     ``torch.inference_mode()``, so it can serve later autograd calls.
 
+    Gradients with respect to the features (both kinds compose through autograd with the
+    normalisations "after" and "symmetric", whose normaliser K 1 depends on the features too):
+
+    - "lattice": the gradient of the filter the lattice computes, through the barycentric
+      weights of the splat and the slice, with every point's simplex held fixed (the integer
+      tables are piecewise constant in the features). Exact for the approximation, but it
+      follows the approximation's piecewise-linear interpolation: per point a noisy estimate of
+      the Gaussian's gradient, and summed into a colour bandwidth's derivative on real images it
+      can have the wrong sign (bench/bandwidth_gradient.py). Costs about one filter more per
+      backward.
+    - "gaussian": the derivative of the Gaussian kernel, d k_ij / d f_i = -k_ij (f_i - f_j),
+      evaluated with the lattice's filter K: for out = K v and upstream gradient g,
+      grad f_i = -g_i . (f_i (K v)_i - K(f v)_i) - v_i . (f_i (K^T g)_i - K^T(f g)_i), with K^T
+      the reversed-blur filter. It is not the derivative of the approximation but the true
+      kernel's derivative formula with the approximate kernel in it: smooth in the features, and
+      the bandwidth derivatives it gives agree in sign with the exact Gaussian's where the
+      "lattice" gradient's do not (bench/bandwidth_gradient.py). Costs 2d + 1 filters of the
+      values' width more per backward (d = feature dimension).
+
+    Features that do not require grad (or built under ``torch.no_grad()``) cost nothing extra
+    either way. A lattice built from features that require grad belongs to their autograd graph,
+    like any tensor computed from them: one backward per build (or ``retain_graph=True``).
+
     Example:
         >>> f = torch.rand(2, 5, 40, 30) * 4
         >>> lat = Lattice(f)
         >>> out = lat.filter(torch.rand(2, 21, 40, 30), normalize="symmetric")
     """
 
-    def __init__(self, features: torch.Tensor, backend: str = "auto"):
+    def __init__(self, features: torch.Tensor, backend: str = "auto", feature_grad: str = "lattice"):
         _check_float("features", features)
+        if feature_grad not in FEATURE_GRADIENTS:
+            raise ValueError(f"feature_grad must be one of {FEATURE_GRADIENTS}, got {feature_grad!r}")
         if features.dim() == 4:
             n, d, h, w = features.shape
             self.per_pixel, self.spatial = True, (h, w)
-            points = features.detach().flatten(2).transpose(1, 2)
+            points = features.flatten(2).transpose(1, 2)
         elif features.dim() == 3:
             n, _, d = features.shape
             self.per_pixel, self.spatial = False, (features.shape[1],)
-            points = features.detach()
+            points = features
         else:
             raise ValueError("features must be Tensor[N, d, H, W] (per pixel) or Tensor[N, P, d] "
                              f"(per point), got shape {tuple(features.shape)}")
@@ -94,6 +124,16 @@ class Lattice:
                              "depends on the feature values, which meta tensors do not have")
         check_lattice_size(n * points.shape[1], d)
         self.batch_size, self.feature_dim = n, d
+        #: whether filter outputs carry gradients to the features
+        self.differentiable = features.requires_grad and torch.is_grad_enabled()
+        self.feature_grad = feature_grad
+        # "gaussian": the filter's own autograd node gets the features (flat [N*P, d]); the
+        # lattice is built from constants.
+        self._gaussian_points = None
+        if self.differentiable and feature_grad == "gaussian":
+            self._gaussian_points = points.reshape(-1, d)
+        if not self.differentiable or feature_grad == "gaussian":
+            points = points.detach()
         self.num_points = points.shape[1]
         self.device, self.dtype = features.device, features.dtype
         build, self._filter_op = ops.ops_for(backend, features.device)
@@ -152,8 +192,11 @@ class Lattice:
         """Raw filter of Tensor[N*P, C] (float32/64), with the lattice's or the given weights."""
         if weights is None:
             weights = self.weights_as(flat.dtype)
-        return self._filter_op(flat, self.vertex_index, weights, self.neighbors, self.splat_offsets,
-                               self.splat_entries, False)
+        tables = (self.vertex_index, weights, self.neighbors, self.splat_offsets, self.splat_entries)
+        if self._gaussian_points is not None:
+            return _GaussianFeatureGradient.apply(flat, self._gaussian_points, self.batch_size,
+                                                  self._filter_op, *tables)
+        return self._filter_op(flat, *tables, False)
 
     def weights_as(self, dtype):
         """The barycentric weights (Tensor[N*P, d+1]) in `dtype`, cast once and kept."""
@@ -232,6 +275,63 @@ class Lattice:
         return self._from_points(out.to(out_dtype), c)
 
 
+class _GaussianFeatureGradient(torch.autograd.Function):
+    """The raw lattice filter out = K v (Tensor[N*P, C]), differentiated for the features
+    (Tensor[N*P, d]) by the Gaussian kernel's derivative formula evaluated with K (see
+    `Lattice`); for the values and the weights as the filter op's own backward."""
+
+    @staticmethod
+    def forward(ctx, values, points, num_images, filter_op, vertex_index, weights, *tables):
+        out = filter_op(values, vertex_index, weights, *tables, False)
+        ctx.save_for_backward(values, points, out, vertex_index, weights, *tables)
+        ctx.filter_op, ctx.num_images = filter_op, num_images
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, points, out, vertex_index, weights, *tables = ctx.saved_tensors
+        lattice = (vertex_index, weights, *tables)
+        grad = grad.contiguous()
+        grad_values = ctx.filter_op(grad, *lattice, True)  # K^T g: also a term of the formula
+        grad_weights = None
+        if ctx.needs_input_grad[5]:  # the normalised filters' weights w n, n from K 1
+            # the filter op's own weight gradient (exact for n's dependence)
+            with torch.enable_grad():
+                w = weights.detach().requires_grad_()
+                grad_weights, = torch.autograd.grad(ctx.filter_op(values, vertex_index, w, *tables, False),
+                                                    w, grad)
+        grad_points = None
+        if ctx.needs_input_grad[1]:
+            grad_points = _gaussian_feature_grad(values, grad, out, grad_values, points, ctx.num_images,
+                                                 lambda x, reverse: ctx.filter_op(x, *lattice, reverse))
+        return (grad_values if ctx.needs_input_grad[0] else None, grad_points, None, None, None,
+                grad_weights, *([None] * len(tables)))
+
+
+def _gaussian_feature_grad(values, grad, out, grad_values, points, num_images, filter_fn):
+    """grad f_i = -g_i . (f_i (K v)_i - K(f v)_i) - v_i . (f_i (K^T g)_i - K^T(f g)_i), all
+    Tensor[N*P, .]; out = K v, grad_values = K^T g, filter_fn(x, reverse) the raw filter.
+
+    The formula is invariant to a translation of each image's features (exactly, with any linear
+    K), so they are centred per image first: that keeps the products f v small and their float
+    rounding with them. For the same reason the gradient sums to zero over each image; the
+    float residue of that sum is removed too (it would otherwise multiply the mean feature in a
+    bandwidth's derivative, sum_i f_i . grad f_i)."""
+    c, d = values.shape[1], points.shape[1]
+    dtype = values.dtype
+    per_image = points.detach().to(torch.float64).reshape(num_images, -1, d)
+    f = (per_image - per_image.mean(1, keepdim=True)).reshape(-1, d).to(dtype)
+    f_values = (f[:, :, None] * values[:, None, :]).reshape(-1, d * c)
+    f_grad = (f[:, :, None] * grad[:, None, :]).reshape(-1, d * c)
+    k_f_values = filter_fn(f_values.contiguous(), False).reshape(-1, d, c)
+    kt_f_grad = filter_fn(f_grad.contiguous(), True).reshape(-1, d, c)
+    grad_f = -(f * (grad * out).sum(1, keepdim=True) - (grad[:, None, :] * k_f_values).sum(2)
+               + f * (values * grad_values).sum(1, keepdim=True) - (values[:, None, :] * kt_f_grad).sum(2))
+    grad_f = grad_f.reshape(num_images, -1, d)
+    grad_f = grad_f - grad_f.mean(1, keepdim=True)
+    return grad_f.reshape(-1, d).to(points.dtype)
+
+
 def exact_gaussian_filter(features: torch.Tensor, values: torch.Tensor, normalize: str = "none"):
     """Exact O(P^2) Gaussian filter: out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j (j = i included).
 
@@ -255,7 +355,7 @@ def exact_gaussian_filter(features: torch.Tensor, values: torch.Tensor, normaliz
     return out.transpose(1, 2).reshape(values.shape) if per_pixel else out
 
 
-def _pixel_grid(reference: torch.Tensor, sigma_xy: float, dtype):
+def _pixel_grid(reference: torch.Tensor, sigma_xy, dtype):
     n, _, h, w = reference.shape
     ys = torch.arange(h, device=reference.device, dtype=dtype) / sigma_xy
     xs = torch.arange(w, device=reference.device, dtype=dtype) / sigma_xy
@@ -263,39 +363,52 @@ def _pixel_grid(reference: torch.Tensor, sigma_xy: float, dtype):
     return grid[None].expand(n, 2, h, w)
 
 
-def _check_sigma(name, sigma):
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+def _check_sigma(name, sigma, reference, dtype):
+    """A bandwidth: a positive finite number, or a 0-dim floating tensor on the image's device
+    (cast to `dtype`; not inspected, so that no device sync happens: e.g. the exp of a learned
+    log-bandwidth, which is positive by construction)."""
+    if isinstance(sigma, torch.Tensor):
+        if sigma.dim() != 0 or not sigma.is_floating_point():
+            raise ValueError(f"{name} must be a number or a 0-dim floating-point tensor, got a "
+                             f"{sigma.dtype} tensor of shape {tuple(sigma.shape)}")
+        if sigma.device != reference.device:
+            raise ValueError(f"{name} is on {sigma.device} but the image is on {reference.device}")
+        return sigma.to(dtype)
+    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"{name} must be a positive finite number, got {sigma!r}")
+    return float(sigma)
 
 
-def spatial_features(image: torch.Tensor, sigma_xy: float) -> torch.Tensor:
+def spatial_features(image: torch.Tensor, sigma_xy) -> torch.Tensor:
     """Positions scaled by 1/sigma_xy: (x/s, y/s), x the column and y the row, as densecrf.
 
     Args:
         image (Tensor[N, C, H, W]): only its shape, device and dtype are used.
+        sigma_xy (float, or a 0-dim tensor: the features are then differentiable in it).
     Returns:
         Tensor[N, 2, H, W] (float32, or float64 for a float64 image).
     """
     if image.dim() != 4:
         raise ValueError(f"image must be Tensor[N, C, H, W], got shape {tuple(image.shape)}")
-    _check_sigma("sigma_xy", sigma_xy)
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
-    return _pixel_grid(image, sigma_xy, dtype)
+    return _pixel_grid(image, _check_sigma("sigma_xy", sigma_xy, image, dtype), dtype)
 
 
-def bilateral_features(image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+def bilateral_features(image: torch.Tensor, sigma_xy, sigma_rgb) -> torch.Tensor:
     """Position and colour features (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb), as densecrf.
 
     Args:
         image (Tensor[N, 3, H, W]): RGB, in the range the sigma_rgb refers to (0..255 for the
             usual CRF parameters).
+        sigma_xy, sigma_rgb (float, or 0-dim tensors: the features are then differentiable in
+            them).
     Returns:
         Tensor[N, 5, H, W] (float32, or float64 for a float64 image).
     """
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"image must be Tensor[N, 3, H, W] (RGB), got shape {tuple(image.shape)}")
-    _check_sigma("sigma_xy", sigma_xy)
-    _check_sigma("sigma_rgb", sigma_rgb)
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    sigma_xy = _check_sigma("sigma_xy", sigma_xy, image, dtype)
+    sigma_rgb = _check_sigma("sigma_rgb", sigma_rgb, image, dtype)
     colour = image.to(dtype) / sigma_rgb
     return torch.cat([_pixel_grid(image, sigma_xy, dtype), colour], 1)

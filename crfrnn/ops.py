@@ -12,8 +12,14 @@ Two pairs of ops with the same signatures:
 splat_entries)`` (see ``crfrnn.reference.build_lattice`` for the tensors) and
 ``lattice_filter(values, *lattice, reverse)`` is linear in
 ``values``; its gradient is the same filter with the blur order reversed (the adjoint), so
-its backward is the op itself with ``reverse`` flipped. The lattice tensors are integer
-tables and weights computed from features: no gradient flows to them.
+its backward is the op itself with ``reverse`` flipped.
+
+Gradients with respect to the features go through the barycentric weights, with the simplices
+(the integer tables) held fixed: the filter's backward gives the weights their gradient
+(``lattice_filter_weights_backward``, a splat-blur-slice of the values and of the upstream
+gradient, dotted with them at every simplex corner), and the build's backward maps it to the
+features (``barycentric_weights_backward``, a per-point linear map). Both run only when the
+features require grad.
 """
 import warnings
 
@@ -74,6 +80,19 @@ def lattice_filter_ref(values: torch.Tensor, vertex_index: torch.Tensor, weights
                                     reverse=reverse)
 
 
+@torch.library.custom_op("crfrnn::lattice_filter_weights_backward_ref", mutates_args=())
+def lattice_filter_weights_backward_ref(values: torch.Tensor, grad: torch.Tensor,
+                                        vertex_index: torch.Tensor, weights: torch.Tensor,
+                                        neighbors: torch.Tensor, splat_offsets: torch.Tensor,
+                                        splat_entries: torch.Tensor, reverse: bool) -> torch.Tensor:
+    return reference.lattice_filter_weights_grad(values, grad, vertex_index, weights, neighbors, reverse)
+
+
+@torch.library.custom_op("crfrnn::barycentric_weights_backward_ref", mutates_args=())
+def barycentric_weights_backward_ref(features: torch.Tensor, grad_weights: torch.Tensor) -> torch.Tensor:
+    return reference.barycentric_weights_grad(features, grad_weights)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels and autograd, shared by both pairs.
 
@@ -92,30 +111,77 @@ def _filter_fake(values, vertex_index, weights, neighbors, splat_offsets, splat_
     return torch.empty_like(values)
 
 
-def _make_filter_backward(op):
+def _filter_weights_backward_fake(values, grad, vertex_index, weights, neighbors, splat_offsets,
+                                  splat_entries, reverse):
+    return torch.empty_like(weights)
+
+
+def _weights_backward_fake(features, grad_weights):
+    return torch.empty_like(features, dtype=grad_weights.dtype if features.dtype in
+                            (torch.float16, torch.bfloat16) else features.dtype)
+
+
+def _make_filter_backward(filter_op, weights_backward_op):
     def setup_context(ctx, inputs, output):
-        values, *lattice, reverse = inputs
-        ctx.save_for_backward(*lattice)
+        values, vertex_index, weights, *tables, reverse = inputs
+        # The values are kept only for the weights' gradient: with constant weights (features
+        # without requires_grad) the backward costs one adjoint filter, as before.
+        ctx.weights_need_grad = weights.requires_grad
+        ctx.save_for_backward(values if weights.requires_grad else None, vertex_index, weights, *tables)
         ctx.reverse = reverse
 
     def backward(ctx, grad):
-        grad_values = op(grad.contiguous(), *ctx.saved_tensors, not ctx.reverse)
-        return (grad_values,) + (None,) * 6
+        values, *lattice = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_values = filter_op(grad, *lattice, not ctx.reverse) if ctx.needs_input_grad[0] else None
+        grad_weights = None
+        if ctx.weights_need_grad and ctx.needs_input_grad[2]:
+            grad_weights = weights_backward_op(values, grad, *lattice, ctx.reverse)
+        return (grad_values, None, grad_weights) + (None,) * 4
 
     return setup_context, backward
 
 
-def _register(build_name, filter_name):
-    torch.library.register_fake(build_name)(_build_fake)
-    torch.library.register_fake(filter_name)(_filter_fake)
-    filter_op = getattr(torch.ops.crfrnn, filter_name.split("::")[1]).default
-    setup_context, backward = _make_filter_backward(filter_op)
+def _make_build_backward(weights_backward_op):
+    def setup_context(ctx, inputs, output):
+        (features,) = inputs
+        ctx.save_for_backward(features if features.requires_grad else None)
+
+    def backward(ctx, grad_vertex_index, grad_weights, *grad_tables):
+        (features,) = ctx.saved_tensors
+        if grad_weights is None or features is None:
+            return None
+        return weights_backward_op(features, grad_weights.contiguous())
+
+    return setup_context, backward
+
+
+def _register_fakes(build_name, filter_name, filter_weights_backward_name, weights_backward_name):
+    for name, fake in ((build_name, _build_fake), (filter_name, _filter_fake),
+                       (filter_weights_backward_name, _filter_weights_backward_fake),
+                       (weights_backward_name, _weights_backward_fake)):
+        torch.library.register_fake(name)(fake)
+
+
+def _register_autograd(build_name, filter_name, filter_weights_backward_name, weights_backward_name):
+    op = {name: getattr(torch.ops.crfrnn, name.split("::")[1]).default
+          for name in (filter_name, filter_weights_backward_name, weights_backward_name)}
+    setup_context, backward = _make_filter_backward(op[filter_name], op[filter_weights_backward_name])
     torch.library.register_autograd(filter_name, backward, setup_context=setup_context)
+    setup_context, backward = _make_build_backward(op[weights_backward_name])
+    torch.library.register_autograd(build_name, backward, setup_context=setup_context)
 
 
-_register("crfrnn::build_lattice_ref", "crfrnn::lattice_filter_ref")
+_REFERENCE_OPS = ("crfrnn::build_lattice_ref", "crfrnn::lattice_filter_ref",
+                  "crfrnn::lattice_filter_weights_backward_ref", "crfrnn::barycentric_weights_backward_ref")
+_register_fakes(*_REFERENCE_OPS)
+_register_autograd(*_REFERENCE_OPS)
 if EXTENSION_ERROR is None:
-    _register("crfrnn::build_lattice", "crfrnn::lattice_filter")
+    # TODO(native feature gradient): the C++/CUDA weight-gradient ops; the reference ops run on any
+    # device meanwhile.
+    torch.library.register_fake("crfrnn::build_lattice")(_build_fake)
+    torch.library.register_fake("crfrnn::lattice_filter")(_filter_fake)
+    _register_autograd("crfrnn::build_lattice", "crfrnn::lattice_filter", *_REFERENCE_OPS[2:])
 
     @torch.library.register_fake("crfrnn::mean_field_inference")
     def _mean_field_fake(unary, vertex_index, weights, splat_scale, slice_scale, neighbors,

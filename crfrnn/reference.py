@@ -19,9 +19,9 @@ import math
 
 import torch
 
-__all__ = ["build_lattice", "lattice_filter", "check_features", "check_feature_values",
-           "check_lattice_tables", "check_lattice_size", "max_lattice_points", "MAX_ABS_FEATURE",
-           "MAX_FEATURE_DIM"]
+__all__ = ["build_lattice", "lattice_filter", "lattice_filter_weights_grad", "barycentric_weights_grad",
+           "check_features", "check_feature_values", "check_lattice_tables", "check_lattice_size",
+           "max_lattice_points", "MAX_ABS_FEATURE", "MAX_FEATURE_DIM"]
 
 #: Largest accepted |feature| (after scaling by 1/sigma): keeps int32 keys from overflowing.
 MAX_ABS_FEATURE = 2.0 ** 20
@@ -259,6 +259,36 @@ def build_lattice(features: torch.Tensor):
             splat_offsets.to(i32), splat_entries.to(i32))
 
 
+def _splat(values, vertex_index, weights, num_vertices):
+    """Grid Tensor[M+1, C] (row M zero): grid[v] = sum of weights[p, r] values[p] over the
+    (p, r) with vertex_index[p, r] = v."""
+    c = values.shape[1]
+    grid = values.new_zeros(num_vertices + 1, c)
+    terms = (weights[:, :, None] * values[:, None, :]).reshape(vertex_index.numel(), c)
+    grid.index_add_(0, vertex_index.reshape(-1), terms)
+    return grid
+
+
+def _blur(grid, neighbors, reverse):
+    """[0.5, 1, 0.5] along each direction of `neighbors` [d+1, M, 2] (reversed order if
+    `reverse`: the adjoint); row M stays zero."""
+    d1, m, _ = neighbors.shape
+    for j in (range(d1 - 1, -1, -1) if reverse else range(d1)):
+        blurred = grid[:m] + 0.5 * (grid[neighbors[j, :, 0]] + grid[neighbors[j, :, 1]])
+        grid = torch.cat([blurred, grid[m:]])
+    return grid
+
+
+def _corner_rows(grid, vertex_index):
+    """Tensor[N*P, d+1, C]: the grid row of each point's simplex corners."""
+    return grid[vertex_index]
+
+
+def _alpha(d1):
+    # 1/(1 + 2^-d) compensates the blur's gain, as in densecrf (d = number of features).
+    return 1.0 / (1.0 + 2.0 ** (-(d1 - 1)))
+
+
 def lattice_filter(values, vertex_index, weights, neighbors, splat_offsets=None, splat_entries=None,
                    reverse: bool = False):
     """Raw lattice filter: slice(blur(splat(values))), blur directions reversed if `reverse`.
@@ -276,19 +306,67 @@ def lattice_filter(values, vertex_index, weights, neighbors, splat_offsets=None,
     """
     check_lattice_tables("crfrnn::lattice_filter_ref", vertex_index, neighbors, splat_offsets, splat_entries)
     d1, m, _ = neighbors.shape
-    c = values.shape[1]
     acc = torch.promote_types(values.dtype, torch.float32)
-    vals = values.to(acc)
     w = weights.to(acc)
     idx = vertex_index.long()
-    # Splat into M+1 rows; row M stays zero and stands for "no neighbour".
-    grid = vals.new_zeros(m + 1, c)
-    grid.index_add_(0, idx.reshape(-1), (w[:, :, None] * vals[:, None, :]).reshape(idx.numel(), c))
-    nb = neighbors.long()
-    for j in (range(d1 - 1, -1, -1) if reverse else range(d1)):
-        blurred = grid[:m] + 0.5 * (grid[nb[j, :, 0]] + grid[nb[j, :, 1]])
-        grid = torch.cat([blurred, grid[m:]])
-    # 1/(1 + 2^-d) compensates the blur's gain, as in densecrf (d = number of features).
-    alpha = 1.0 / (1.0 + 2.0 ** (-(d1 - 1)))
-    out = (grid[idx] * w[:, :, None]).sum(1) * alpha
+    grid = _blur(_splat(values.to(acc), idx, w, m), neighbors.long(), reverse)
+    out = (_corner_rows(grid, idx) * w[:, :, None]).sum(1) * _alpha(d1)
     return out.to(values.dtype)
+
+
+def lattice_filter_weights_grad(values, grad_out, vertex_index, weights, neighbors, reverse: bool = False):
+    """Gradient of <grad_out, lattice_filter(values, ..., weights, reverse)> w.r.t. the weights.
+
+    The filter is out = alpha S B S^T values, with S[p, v] = sum of weights[p, r] over the corners
+    r with vertex_index[p, r] = v, and B the blur. Each weight enters twice, through the slice and
+    through the splat:
+
+        d/dweights[p, r] = alpha <grad_out[p], G[vertex(p, r)]> + <values[p], H[vertex(p, r)]>,
+        G = B S^T values,   H = B^T S^T (alpha grad_out)  (the adjoint grid: blur order reversed).
+
+    Args:
+        values, grad_out (Tensor[N*P, C]); vertex_index, weights (Tensor[N*P, d+1]);
+        neighbors (Tensor[d+1, M, 2]); reverse (bool): the filter's blur order.
+    Returns:
+        Tensor[N*P, d+1] in the weights' dtype.
+    """
+    d1, m, _ = neighbors.shape
+    acc = torch.promote_types(torch.promote_types(values.dtype, grad_out.dtype), torch.float32)
+    w = weights.to(acc)
+    idx, nb = vertex_index.long(), neighbors.long()
+    alpha = _alpha(d1)
+    forward_grid = _blur(_splat(values.to(acc), idx, w, m), nb, reverse)
+    adjoint_grid = _blur(_splat(grad_out.to(acc) * alpha, idx, w, m), nb, not reverse)
+    through_slice = (_corner_rows(forward_grid, idx) * grad_out.to(acc)[:, None, :]).sum(2) * alpha
+    through_splat = (_corner_rows(adjoint_grid, idx) * values.to(acc)[:, None, :]).sum(2)
+    return (through_slice + through_splat).to(weights.dtype)
+
+
+def barycentric_weights_grad(features: torch.Tensor, grad_weights: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the features of <grad_weights, barycentric weights>, simplices held fixed.
+
+    For a fixed simplex (rank and rem0 of `embed`) the weights are linear in the features:
+    f -> cf = f * scale -> elevated (a fixed linear map) -> v = (elevated - rem0) / (d+1) ->
+    bary[d - rank_i] += v_i, bary[d - rank_i + 1] -= v_i (slot d+1 wraps into slot 0). This is
+    the transpose of that chain, point by point (as ``barycentric_weights_backward`` of
+    csrc/lattice_math.h).
+
+    Args:
+        features (Tensor[N, P, d]): the features the lattice was built from.
+        grad_weights (Tensor[N*P, d+1]).
+    Returns:
+        Tensor[N, P, d] in the features' dtype (float32 for half features).
+    """
+    n, p, d = features.shape
+    points = features.detach().reshape(n * p, d).to(torch.float64)
+    _, rank, _ = embed(points)
+    g = grad_weights.to(torch.float64)
+    g_ext = torch.cat([g, g[:, :1]], 1)  # slot d+1 is slot 0
+    slot = d - rank
+    grad_elevated = (g_ext.gather(1, slot) - g_ext.gather(1, slot + 1)) / (d + 1)
+    # elevated[j] = sum_{k >= j} cf[k] - j cf[j-1]  =>  dcf[k] = sum_{j <= k} de[j] - (k+1) de[k+1]
+    ks = torch.arange(1, d + 1, dtype=torch.float64, device=points.device)
+    grad_cf = torch.cumsum(grad_elevated[:, :d], 1) - ks * grad_elevated[:, 1:]
+    grad = grad_cf * scale_factors(d, points.device)
+    out_dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
+    return grad.reshape(n, p, d).to(out_dtype)
