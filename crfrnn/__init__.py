@@ -5,7 +5,7 @@ Public API:
         (the lattice engine)
     CRFRNNLayer, mean_field, dense_crf  (the mean-field CRF layer and one-call post-processing)
 """
-from .lattice import (MAX_FEATURE_DIM, NORMALIZATIONS, Lattice, bilateral_features,
+from .lattice import (FEATURE_GRADIENTS, MAX_FEATURE_DIM, NORMALIZATIONS, Lattice, bilateral_features,
                       exact_gaussian_filter, max_lattice_points, spatial_features)
 from .ops import EXTENSION_ERROR, has_native_kernel
 from .crf import CRFRNNLayer, mean_field

@@ -346,15 +346,6 @@ def test_forward_order_blur_is_not_the_adjoint():
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_features_get_no_gradient(device):
-    """Documented: features are constants of the filter; no gradient flows into them."""
-    feats = random_points(1, 30, 2, device=device).requires_grad_()
-    vals = rand(1, 30, 2, dtype=torch.float64, device=device).requires_grad_()
-    crfrnn.Lattice(feats).filter(vals, "after").sum().backward()
-    assert feats.grad is None and vals.grad is not None
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_symmetric_filter_is_n_times_raw_filter_of_n_times_values(device, backend, dtype):
