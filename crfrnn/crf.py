@@ -37,16 +37,23 @@ import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 
 from . import ops
-from .lattice import NORMALIZATIONS, Lattice, bilateral_features, check_lattice_size, spatial_features
+from .lattice import (FEATURE_GRADIENTS, NORMALIZATIONS, Lattice, bilateral_features, check_lattice_size,
+                      spatial_features)
 
 __all__ = ["CRFRNNLayer", "mean_field", "build_crf_lattices", "potts_matrices",
-           "CRFRNN_PARAMS", "DEEPLAB_LARGEFOV_PARAMS"]
+           "CRFRNN_PARAMS", "DEEPLAB_LARGEFOV_PARAMS", "COMPATIBILITY_SHARING", "KERNEL_WEIGHT_SHARING"]
 
 #: CRF-RNN's kernel parameters: bilateral (sigma_xy, sigma_rgb, weight), spatial (sigma_xy, weight).
 CRFRNN_PARAMS = {"bilateral": (160.0, 3.0, 5.0), "spatial": (3.0, 3.0)}
 #: DeepLab-LargeFOV's cross-validated parameters (w1 4, sigma_alpha 121, sigma_beta 5, w2 3,
 #: sigma_gamma 3).
 DEEPLAB_LARGEFOV_PARAMS = {"bilateral": (121.0, 5.0, 4.0), "spatial": (3.0, 3.0)}
+#: Parameter sharing of the compatibility mu: "potts" (fixed 1 - I, no parameter), "symmetric"
+#: (mu = mu^T: its upper triangle, C (C + 1) / 2 values) or "full" (C x C, CRF-RNN's).
+COMPATIBILITY_SHARING = ("potts", "symmetric", "full")
+#: Parameter sharing of each kernel's weight W_m: "scalar" (w I: one value), "diagonal" (diag(w):
+#: C values) or "full" (C x C, CRF-RNN's).
+KERNEL_WEIGHT_SHARING = ("scalar", "diagonal", "full")
 
 
 def _positive(name, value):
@@ -87,14 +94,18 @@ def potts_matrices(num_classes, weights, dtype=torch.float32, device=None):
     return [w * potts for w in weights]
 
 
-def build_crf_lattices(image, bilateral, spatial, backend="auto", spatial_lattice=None):
+def build_crf_lattices(image, bilateral, spatial, backend="auto", spatial_lattice=None,
+                       feature_grad="lattice"):
     """The bilateral and spatial lattices of a batch of images.
 
     Args:
         image (Tensor[N, 3, H, W]): RGB in 0..255 (float or uint8).
-        bilateral ((sigma_xy, sigma_rgb, ...)), spatial ((sigma_xy, ...)): bandwidths; extra
-            entries (weights) are ignored.
+        bilateral ((sigma_xy, sigma_rgb, ...)), spatial ((sigma_xy, ...)): bandwidths (numbers,
+            or 0-dim tensors: the lattices are then differentiable in them); extra entries
+            (weights) are ignored.
         backend (str): Lattice backend ("auto", "reference", "native").
+        feature_grad (str): how the lattices differentiate their features ("lattice" or
+            "gaussian", see `Lattice`), when the bandwidths require grad.
         spatial_lattice (Lattice or None): a spatial lattice built before for images of the same
             N, H, W, dtype, device and sigma_xy, returned instead of a new one (the spatial
             features are the pixel positions: they depend on the shape only).
@@ -105,10 +116,11 @@ def build_crf_lattices(image, bilateral, spatial, backend="auto", spatial_lattic
     if not image.is_floating_point():
         image = image.float()
     f_bil = bilateral_features(image, bilateral[0], bilateral[1])
-    lat_bil = Lattice(f_bil.flatten(2).transpose(1, 2), backend=backend)
+    lat_bil = Lattice(f_bil.flatten(2).transpose(1, 2), backend=backend, feature_grad=feature_grad)
     lat_spa = spatial_lattice
     if lat_spa is None:
-        lat_spa = Lattice(spatial_features(image, spatial[0]).flatten(2).transpose(1, 2), backend=backend)
+        lat_spa = Lattice(spatial_features(image, spatial[0]).flatten(2).transpose(1, 2), backend=backend,
+                          feature_grad=feature_grad)
     return lat_bil, lat_spa
 
 
@@ -132,15 +144,18 @@ def _iteration(q, unary, lattices, pairwise, normalize):
     return logits, torch.softmax(logits, dim=-1)
 
 
-def _wants_grad(unary, pairwise):
-    """Whether autograd will record the iterations (a gradient to the unary or the matrices)."""
-    return torch.is_grad_enabled() and (unary.requires_grad or any(m.requires_grad for m in pairwise))
+def _wants_grad(unary, pairwise, lattices):
+    """Whether autograd will record the iterations (a gradient to the unary, the matrices or the
+    lattices' features)."""
+    return torch.is_grad_enabled() and (unary.requires_grad or any(m.requires_grad for m in pairwise)
+                                        or any(getattr(lat, "differentiable", False) for lat in lattices))
 
 
 def _can_fuse(unary, lattices, pairwise):
     """Whether the fused inference op can run these iterations: no gradient is wanted, and the
     lattices are the C++ backend's (the op is CPU-only and has no autograd)."""
-    return (not _wants_grad(unary, pairwise) and unary.device.type in ops.FUSED_MEAN_FIELD_DEVICE_TYPES
+    return (not _wants_grad(unary, pairwise, lattices)
+            and unary.device.type in ops.FUSED_MEAN_FIELD_DEVICE_TYPES
             and unary.dtype in (torch.float32, torch.float64)
             and all(getattr(lat, "backend", None) == "native" for lat in lattices))
 
@@ -178,7 +193,7 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     """
     if num_iterations == 0:
         return unary.clone()  # a new tensor, as for T > 0 (never an alias of the input)
-    use_ckpt = checkpoint and _wants_grad(unary, pairwise)
+    use_ckpt = checkpoint and _wants_grad(unary, pairwise, lattices)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if _can_fuse(unary, lattices, pairwise):
@@ -240,19 +255,43 @@ class CRFRNNLayer(nn.Module):
         checkpoint (bool): recompute each iteration in backward instead of storing it (about a
             third of the activation memory; one extra forward in backward).
         backend (str): lattice backend, "auto" | "reference" | "native".
+        learn_bandwidths (bool): make the three bandwidths (sigma_xy and sigma_rgb of the
+            bilateral kernel, sigma_xy of the spatial one) parameters, through their logarithms
+            (positive by construction). Default False: they are fixed, and the spatial lattice is
+            kept between calls and inference runs the fused op, as without the option.
+        compatibility (str): sharing of the compatibility matrix, one of COMPATIBILITY_SHARING:
+            "potts" (fixed 1 - I), "symmetric" or "full" (default, CRF-RNN's).
+        kernel_weights (str): sharing of each kernel's weight matrix, one of
+            KERNEL_WEIGHT_SHARING: "scalar", "diagonal" or "full" (default, CRF-RNN's).
+        bandwidth_grad (str): how the bandwidths are differentiated when they are learned:
+            "gaussian" (default; the Gaussian's derivative formula evaluated with the lattice) or
+            "lattice" (the lattice's own gradient; cheaper, but its colour-bandwidth derivative
+            can have the wrong sign on real images: bench/bandwidth_gradient.py). See `Lattice`.
 
-    Learnable parameters (C x C): ``bilateral_weight`` (init w1 I), ``spatial_weight``
-    (init w2 I), ``compatibility`` (Potts init: 1 off the diagonal, 0 on it). At this start the
+    Learnable parameters (initial values from `bilateral`/`spatial`): ``bilateral_weight`` and
+    ``spatial_weight`` (W_m: Tensor[] for "scalar", Tensor[C] for "diagonal", Tensor[C, C] for
+    "full", starting at w_m I), ``compatibility`` (mu, Potts start 1 - I: Tensor[C, C] for
+    "full", its upper triangle Tensor[C (C + 1) / 2] for "symmetric", absent for "potts"), and
+    with `learn_bandwidths` ``bilateral_log_sigma`` (Tensor[2]: log sigma_xy, log sigma_rgb)
+    and ``spatial_log_sigma`` (Tensor[1]). `kernel_weight_matrices()` and
+    `compatibility_matrix()` give the C x C matrices whatever the sharing. At the start the
     layer's softmax equals densecrf's mean-field marginals for the same unary (logits = minus
-    densecrf's unary energy), image and parameters. The bandwidths are fixed; no gradient flows
-    into the image.
+    densecrf's unary energy), image and parameters. No gradient flows into the image.
+
+    The state dict holds everything that defines the computation: the parameters, and as
+    buffers the bandwidths (when not learned), ``iterations`` (training, evaluation) and
+    ``normalization``. Loading one carries them into the layer; loading one of another sharing
+    or class count fails with a message that says so. `scale_spatial_bandwidths(factor)` adapts
+    the spatial bandwidths to images `factor` times larger.
 
     Speed: when no gradient is wanted (``torch.no_grad()``, or no input or parameter requires
     grad) and the lattices are the C++ backend's, all iterations run in one fused C++ op
     (``crfrnn::mean_field_inference``); otherwise step by step, as autograd needs. Both compute
     the same logits up to float rounding. The spatial lattice depends on the image shape only:
     the layer keeps the last one and reuses it for inputs of the same N, H and W
-    (``clear_lattice_cache()`` frees it; pickling and ``copy.deepcopy`` leave it out).
+    (``clear_lattice_cache()`` frees it; pickling and ``copy.deepcopy`` leave it out), unless it
+    has to be differentiable in a learned bandwidth. Learning the bandwidths costs about 2d + 1 filters more per kernel and iteration
+    in backward with "gaussian" (d = 5 and 2), one with "lattice".
 
     Shapes:
         unary (Tensor[N, C, H, W]): logits (e.g. a DCNN's scores upsampled to the image).
@@ -270,32 +309,54 @@ class CRFRNNLayer(nn.Module):
     def __init__(self, num_classes, num_iterations=5, num_eval_iterations=10,
                  bilateral=CRFRNN_PARAMS["bilateral"], spatial=CRFRNN_PARAMS["spatial"],
                  image_mean=None, image_std=None, normalize="symmetric", checkpoint=False,
-                 backend="auto"):
+                 backend="auto", learn_bandwidths=False, compatibility="full", kernel_weights="full",
+                 bandwidth_grad="gaussian"):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if num_eval_iterations is None:
             num_eval_iterations = num_iterations
-        for name, value in (("num_iterations", num_iterations),
-                            ("num_eval_iterations", num_eval_iterations)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if backend not in ("auto", "reference", "native"):
             raise ValueError(f"backend must be 'auto', 'reference' or 'native', got {backend!r}")
+        for name, value, allowed in (("compatibility", compatibility, COMPATIBILITY_SHARING),
+                                     ("kernel_weights", kernel_weights, KERNEL_WEIGHT_SHARING),
+                                     ("bandwidth_grad", bandwidth_grad, FEATURE_GRADIENTS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.num_classes = num_classes
-        self.num_iterations = num_iterations
-        self.num_eval_iterations = num_eval_iterations
-        self.bilateral, self.spatial = _parse_kernels(bilateral, spatial)
-        self.normalize = normalize
+        bilateral, spatial = _parse_kernels(bilateral, spatial)
         self.checkpoint = bool(checkpoint)
         self.backend = backend
+        self.learn_bandwidths = bool(learn_bandwidths)
+        self.compatibility_sharing = compatibility
+        self.kernel_weight_sharing = kernel_weights
+        self.bandwidth_grad = bandwidth_grad
+        self._initial_weights = (bilateral[2], spatial[1])
 
-        eye = torch.eye(num_classes)
-        self.bilateral_weight = nn.Parameter(self.bilateral[2] * eye)
-        self.spatial_weight = nn.Parameter(self.spatial[1] * eye)
-        self.compatibility = nn.Parameter(1.0 - eye)
+        # What defines the computation travels in the state dict: iteration counts and the
+        # normalisation as buffers (mirrored by plain attributes, see the properties), the
+        # bandwidths as parameters or buffers.
+        self.register_buffer("iterations", torch.zeros(2, dtype=torch.int64))
+        self.register_buffer("normalization", torch.zeros((), dtype=torch.int64))
+        self.num_iterations, self.num_eval_iterations = num_iterations, num_eval_iterations
+        self.normalize = normalize
+        log_sigmas = {"bilateral_log_sigma": torch.tensor([bilateral[0], bilateral[1]]).log(),
+                      "spatial_log_sigma": torch.tensor([spatial[0]]).log()}
+        for name, value in log_sigmas.items():
+            if self.learn_bandwidths:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+        # Bandwidths as Python floats, read when they are fixed (no device sync per call).
+        self._fixed_sigmas = (bilateral[:2], spatial[:1])
+
+        self.bilateral_weight = nn.Parameter(_initial_kernel_weight(kernel_weights, bilateral[2], num_classes))
+        self.spatial_weight = nn.Parameter(_initial_kernel_weight(kernel_weights, spatial[1], num_classes))
+        initial_compatibility = _initial_compatibility(compatibility, num_classes)
+        if initial_compatibility is None:
+            self.compatibility = None
+        else:
+            self.compatibility = nn.Parameter(initial_compatibility)
 
         if (image_mean is None) != (image_std is None):
             raise ValueError("give both image_mean and image_std (for normalised 0..1 images) or "
@@ -332,21 +393,165 @@ class CRFRNNLayer(nn.Module):
         kwargs.setdefault("num_eval_iterations", 10)
         return cls(num_classes, **CRFRNN_PARAMS, **kwargs)
 
+    # -- what the state dict carries, as plain attributes ----------------------------------------
+    @property
+    def num_iterations(self):
+        """Mean-field iterations in training mode (kept in the ``iterations`` buffer)."""
+        return self._iterations[0]
+
+    @num_iterations.setter
+    def num_iterations(self, value):
+        self._set_iterations(value, 0)
+
+    @property
+    def num_eval_iterations(self):
+        """Mean-field iterations in eval mode (kept in the ``iterations`` buffer)."""
+        return self._iterations[1]
+
+    @num_eval_iterations.setter
+    def num_eval_iterations(self, value):
+        self._set_iterations(value, 1)
+
+    def _set_iterations(self, value, slot):
+        name = ("num_iterations", "num_eval_iterations")[slot]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        counts = list(getattr(self, "_iterations", (0, 0)))
+        counts[slot] = value
+        self._iterations = tuple(counts)
+        with torch.no_grad():
+            self.iterations.fill_(0).add_(torch.tensor(counts, dtype=torch.int64))
+
+    @property
+    def normalize(self):
+        """Kernel normalisation (kept in the ``normalization`` buffer as its index in
+        NORMALIZATIONS)."""
+        return self._normalize
+
+    @normalize.setter
+    def normalize(self, value):
+        if value not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {value!r}")
+        self._normalize = value
+        with torch.no_grad():
+            self.normalization.fill_(NORMALIZATIONS.index(value))
+
+    def sigmas(self):
+        """Current bandwidths as floats: ((bilateral sigma_xy, sigma_rgb), (spatial sigma_xy,))."""
+        if not self.learn_bandwidths:
+            return self._fixed_sigmas
+        return (tuple(self.bilateral_log_sigma.detach().exp().tolist()),
+                tuple(self.spatial_log_sigma.detach().exp().tolist()))
+
+    @property
+    def bilateral(self):
+        """(sigma_xy, sigma_rgb, initial weight w1): the current bandwidths, as floats."""
+        return (*self.sigmas()[0], self._initial_weights[0])
+
+    @property
+    def spatial(self):
+        """(sigma_xy, initial weight w2): the current bandwidth, as a float."""
+        return (*self.sigmas()[1], self._initial_weights[1])
+
+    @torch.no_grad()
+    def scale_spatial_bandwidths(self, factor):
+        """Multiply the spatial bandwidths (sigma_xy of both kernels) by `factor`: for images
+        `factor` times larger (or smaller, factor < 1) than the ones the bandwidths were set or
+        learned for. The colour bandwidth and the weights do not depend on the resolution.
+
+        Example: a layer learned on images shrunk by 2, used at full size:
+        ``crf.scale_spatial_bandwidths(2.0)``.
+        """
+        factor = _positive("factor", factor)
+        if self.learn_bandwidths:
+            self.bilateral_log_sigma[0] += math.log(factor)
+            self.spatial_log_sigma[0] += math.log(factor)
+        else:  # the floats stay exact (121 * 0.5 is 60.5, not exp(log(121) + log(0.5)))
+            (bxy, brgb), (sxy,) = self._fixed_sigmas
+            self._set_fixed_sigmas(((bxy * factor, brgb), (sxy * factor,)))
+        self.clear_lattice_cache()
+        return self
+
+    def _set_fixed_sigmas(self, sigmas):
+        """Fixed bandwidths ((sxy, srgb), (sxy,)): the floats used, and their log in the buffers."""
+        self._fixed_sigmas = (tuple(sigmas[0]), tuple(sigmas[1]))
+        with torch.no_grad():
+            self.bilateral_log_sigma.copy_(torch.tensor(sigmas[0], dtype=torch.float64).log())
+            self.spatial_log_sigma.copy_(torch.tensor(sigmas[1], dtype=torch.float64).log())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints written before the bandwidths, iterations and normalisation were in the
+        # state dict: the layer keeps its own (the ones it was built with from the checkpoint's
+        # config).
+        for name in ("bilateral_log_sigma", "spatial_log_sigma", "iterations", "normalization"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        problem = self._sharing_mismatch(state_dict, prefix)
+        if problem:
+            error_msgs.append(problem)
+            return
+        log_sigmas_before = [self.bilateral_log_sigma.detach().clone(), self.spatial_log_sigma.detach().clone()]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        counts = [int(v) for v in self.iterations.tolist()]
+        norm = int(self.normalization)
+        if min(counts) < 0 or not 0 <= norm < len(NORMALIZATIONS):
+            error_msgs.append(f"{prefix}iterations {counts} / normalization {norm}: expected counts >= 0 "
+                              f"and an index into {NORMALIZATIONS}")
+            return
+        self._iterations = tuple(counts)
+        self._normalize = NORMALIZATIONS[norm]
+        if not self.learn_bandwidths and not all(
+                torch.equal(before, now) for before, now in
+                zip(log_sigmas_before, (self.bilateral_log_sigma, self.spatial_log_sigma))):
+            # Other bandwidths than this layer's: take the state dict's. (The same ones keep
+            # the exact floats the layer was built with: float32 logs round them.)
+            self._fixed_sigmas = (tuple(self.bilateral_log_sigma.double().exp().tolist()),
+                                  tuple(self.spatial_log_sigma.double().exp().tolist()))
+        self.clear_lattice_cache()
+
+    def _sharing_mismatch(self, state_dict, prefix):
+        """A message when the state dict's parameter shapes are another sharing's or class
+        count's, else None."""
+        c = self.num_classes
+        for name, option, sharing, kinds in (
+                ("bilateral_weight", "kernel_weights", self.kernel_weight_sharing, KERNEL_WEIGHT_SHARING),
+                ("spatial_weight", "kernel_weights", self.kernel_weight_sharing, KERNEL_WEIGHT_SHARING),
+                ("compatibility", "compatibility", self.compatibility_sharing, COMPATIBILITY_SHARING)):
+            shapes = {kind: _sharing_shape(name, kind, c) for kind in kinds}
+            value = state_dict.get(prefix + name)
+            got = None if value is None else tuple(value.shape)
+            if got == shapes[sharing]:
+                continue
+            guess = [kind for kind, shape in shapes.items() if shape == got]
+            found = "no entry" if got is None else f"shape {list(got)}"
+            found += f" ({option}='{guess[0]}')" if guess else " (another number of classes?)"
+            needed = "no entry" if shapes[sharing] is None else f"shape {list(shapes[sharing])}"
+            return (f"{prefix}{name}: the state dict has {found}, but this layer was built with "
+                    f"{option}='{sharing}' for {c} classes, which needs {needed}")
+        return None
+
     def config(self):
         """Constructor arguments (plain Python values) that rebuild this layer:
-        ``CRFRNNLayer(**crf.config())``; the learned matrices are in ``state_dict()``."""
+        ``CRFRNNLayer(**crf.config())``; the learned parameters are in ``state_dict()``."""
         def plain(t):
             return None if t is None else [float(v) for v in t.flatten().tolist()]
         return {"num_classes": self.num_classes, "num_iterations": self.num_iterations,
                 "num_eval_iterations": self.num_eval_iterations, "bilateral": list(self.bilateral),
                 "spatial": list(self.spatial), "image_mean": plain(self.image_mean),
                 "image_std": plain(self.image_std), "normalize": self.normalize,
-                "checkpoint": self.checkpoint, "backend": self.backend}
+                "checkpoint": self.checkpoint, "backend": self.backend,
+                "learn_bandwidths": self.learn_bandwidths, "compatibility": self.compatibility_sharing,
+                "kernel_weights": self.kernel_weight_sharing, "bandwidth_grad": self.bandwidth_grad}
 
     def extra_repr(self):
+        (bxy, brgb), (sxy,) = self.sigmas()
         s = (f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, "
-             f"num_eval_iterations={self.num_eval_iterations}, bilateral={self.bilateral}, "
-             f"spatial={self.spatial}, normalize={self.normalize!r}")
+             f"num_eval_iterations={self.num_eval_iterations}, sigmas: bilateral=({bxy:.4g}, {brgb:.4g}), "
+             f"spatial={sxy:.4g}, normalize={self.normalize!r}, compatibility={self.compatibility_sharing!r}, "
+             f"kernel_weights={self.kernel_weight_sharing!r}")
+        if self.learn_bandwidths:
+            s += f", learn_bandwidths=True, bandwidth_grad={self.bandwidth_grad!r}"
         if self.image_mean is not None:
             s += f", image_mean={self.image_mean.flatten().tolist()}, image_std={self.image_std.flatten().tolist()}"
         if self.checkpoint:
@@ -362,6 +567,13 @@ class CRFRNNLayer(nn.Module):
             image = (image * self.image_std.to(dtype) + self.image_mean.to(dtype)) * 255.0
         return image
 
+    def _bandwidth_tensors(self, dtype):
+        """((sigma_xy, sigma_rgb), (sigma_xy,)) as 0-dim tensors differentiable in the learned
+        log-bandwidths."""
+        bil = self.bilateral_log_sigma.to(dtype).exp()
+        spa = self.spatial_log_sigma.to(dtype).exp()
+        return (bil[0], bil[1]), (spa[0],)
+
     def _lattices(self, rgb):
         """(bilateral, spatial) lattices of `rgb` (Tensor[N, 3, H, W], float, 0..255).
 
@@ -369,12 +581,18 @@ class CRFRNNLayer(nn.Module):
         normalisation) is kept and reused while N, H, W, dtype, device, sigma_xy and backend
         stay the same: at a fixed training crop or image size every forward after the first
         skips its build. It holds about 50 bytes per pixel; `clear_lattice_cache()` frees it.
+        With learned bandwidths and grad mode on, both lattices are built differentiable in
+        them, every call.
         """
-        key = (tuple(rgb.shape), rgb.dtype, rgb.device, float(self.spatial[0]), self.backend)
+        if self.learn_bandwidths and torch.is_grad_enabled():
+            bilateral, spatial = self._bandwidth_tensors(rgb.dtype)
+            return build_crf_lattices(rgb, bilateral, spatial, self.backend, feature_grad=self.bandwidth_grad)
+        bilateral, spatial = self.sigmas()
+        key = (tuple(rgb.shape), rgb.dtype, rgb.device, float(spatial[0]), self.backend)
         compiling = torch.compiler.is_compiling()  # no Python-side state inside a traced graph
         last = None if compiling else getattr(self, "_last_spatial", None)  # (absent on old pickles)
         reuse = last[1] if last is not None and last[0] == key else None
-        lattices = build_crf_lattices(rgb, self.bilateral, self.spatial, self.backend, spatial_lattice=reuse)
+        lattices = build_crf_lattices(rgb, bilateral, spatial, self.backend, spatial_lattice=reuse)
         if not compiling:
             self._last_spatial = (key, lattices[1])
         return lattices
@@ -390,10 +608,21 @@ class CRFRNNLayer(nn.Module):
         state["_last_spatial"] = None
         return state
 
+    def kernel_weight_matrices(self, dtype=torch.float32):
+        """[W_bilateral, W_spatial]: each kernel's C x C weight matrix, whatever the sharing."""
+        return [_kernel_weight_matrix(w.to(dtype), self.kernel_weight_sharing, self.num_classes)
+                for w in (self.bilateral_weight, self.spatial_weight)]
+
+    def compatibility_matrix(self, dtype=torch.float32):
+        """mu: the C x C compatibility matrix, whatever the sharing."""
+        param = None if self.compatibility is None else self.compatibility.to(dtype)
+        return _compatibility_matrix(param, self.compatibility_sharing, self.num_classes, dtype,
+                                     self.bilateral_weight.device)
+
     def pairwise_matrices(self, dtype=torch.float32):
         """[mu W_bilateral, mu W_spatial]: the C x C matrices applied to each kernel's message."""
-        mu = self.compatibility.to(dtype)
-        return [mu @ self.bilateral_weight.to(dtype), mu @ self.spatial_weight.to(dtype)]
+        mu = self.compatibility_matrix(dtype)
+        return [mu @ w for w in self.kernel_weight_matrices(dtype)]
 
     def forward(self, unary, image, num_iterations=None):
         """Refine `unary` (Tensor[N, C, H, W] logits) with the CRF on `image` (Tensor[N, 3, H, W]).
@@ -417,12 +646,12 @@ class CRFRNNLayer(nn.Module):
         if unary.device.type == "meta":  # shapes only (model summaries, FLOP counters)
             return torch.empty((n, c, h, w), dtype=dtype, device="meta")
         with torch.autocast(device_type=unary.device.type, enabled=False):
-            with torch.no_grad():
-                try:
-                    lattices = self._lattices(self.rgb255(image))
-                except ValueError as exc:  # NaN/Inf or huge values: features the lattice rejects
-                    raise ValueError(f"image gives bilateral features (colours / sigma_rgb) the lattice "
-                                     f"rejects: {exc}") from exc
+            rgb = self.rgb255(image.detach())  # no gradient into the image
+            try:
+                lattices = self._lattices(rgb)
+            except ValueError as exc:  # NaN/Inf or huge values: features the lattice rejects
+                raise ValueError(f"image gives bilateral features (colours / sigma_rgb) the lattice "
+                                 f"rejects: {exc}") from exc
             pairwise = self.pairwise_matrices(dtype)
             # [N, P, C], a view of the channels-first memory: the fused op reads and writes that
             # layout directly (the loop makes it contiguous).
@@ -435,14 +664,12 @@ class CRFRNNLayer(nn.Module):
     def _check_layer_matches(self, unary, image):
         """The layer's parameters on the inputs' device; an integer image only without declared
         normalisation (a normalised image is float)."""
-        if self.compatibility.device != unary.device:
-            raise ValueError(f"the layer's parameters are on {self.compatibility.device} but unary is on "
+        if self.bilateral_weight.device != unary.device:
+            raise ValueError(f"the layer's parameters are on {self.bilateral_weight.device} but unary is on "
                              f"{unary.device}: move the layer with .to({str(unary.device)!r})")
         if self.image_mean is not None and not image.is_floating_point():
             raise TypeError(f"image_mean/image_std were given, so image must be a normalised float tensor, "
                             f"got {image.dtype} (pass RGB 0..255 to a layer built without them)")
-
-    _PARAMETERS = ("bilateral_weight", "spatial_weight", "compatibility")
 
     def _check_values(self, unary, image, pairwise, out):
         """ValueError, most specific cause first, for: NaN/Inf in a parameter or in the unary, an
@@ -457,7 +684,7 @@ class CRFRNNLayer(nn.Module):
         no sync; the message then gives no counts).
         """
         unary, image, out = unary.detach(), image.detach(), out.detach()
-        params = {name: getattr(self, name).detach() for name in self._PARAMETERS}
+        params = {name: p.detach() for name, p in self.named_parameters()}
         compiling = torch.compiler.is_compiling()
 
         def maybe_not_finite(t):  # exact when compiling; else may be a false alarm from overflow
@@ -507,3 +734,50 @@ class CRFRNNLayer(nn.Module):
                              f"parameters are finite: the parameters (largest |value| {largest:g}) or the "
                              f"logits (largest |value| {float(unary.abs().max()):g}) are too large for "
                              f"{out.dtype} arithmetic")
+
+
+def _sharing_shape(name, sharing, num_classes):
+    """Shape of parameter `name` under `sharing` (None: no parameter)."""
+    c = num_classes
+    if name == "compatibility":
+        return {"potts": None, "symmetric": (c * (c + 1) // 2,), "full": (c, c)}[sharing]
+    return {"scalar": (), "diagonal": (c,), "full": (c, c)}[sharing]
+
+
+def _initial_kernel_weight(sharing, weight, num_classes):
+    """w I in the parametrisation of `sharing`: Tensor[] ("scalar"), [C] ("diagonal"), [C, C]."""
+    if sharing == "scalar":
+        return torch.tensor(float(weight))
+    if sharing == "diagonal":
+        return torch.full((num_classes,), float(weight))
+    return float(weight) * torch.eye(num_classes)
+
+
+def _kernel_weight_matrix(param, sharing, num_classes):
+    if sharing == "scalar":
+        return param * torch.eye(num_classes, dtype=param.dtype, device=param.device)
+    if sharing == "diagonal":
+        return torch.diag(param)
+    return param
+
+
+def _initial_compatibility(sharing, num_classes):
+    """The Potts start 1 - I in the parametrisation of `sharing` (None for "potts": fixed)."""
+    potts = 1.0 - torch.eye(num_classes)
+    if sharing == "potts":
+        return None
+    if sharing == "symmetric":
+        rows, cols = torch.triu_indices(num_classes, num_classes)
+        return potts[rows, cols].clone()
+    return potts
+
+
+def _compatibility_matrix(param, sharing, num_classes, dtype, device):
+    if sharing == "potts":
+        return 1.0 - torch.eye(num_classes, dtype=dtype, device=device)
+    if sharing == "symmetric":
+        rows, cols = torch.triu_indices(num_classes, num_classes, device=param.device)
+        upper = torch.zeros(num_classes, num_classes, dtype=param.dtype, device=param.device)
+        upper = upper.index_put((rows, cols), param)
+        return upper + upper.triu(1).t()
+    return param
