@@ -440,8 +440,8 @@ class CRFRNNLayer(nn.Module):
         """Current bandwidths as floats: ((bilateral sigma_xy, sigma_rgb), (spatial sigma_xy,))."""
         if not self.learn_bandwidths:
             return self._fixed_sigmas
-        return (tuple(self.bilateral_log_sigma.detach().exp().tolist()),
-                tuple(self.spatial_log_sigma.detach().exp().tolist()))
+        return (tuple(self.bilateral_log_sigma.detach().double().exp().tolist()),
+                tuple(self.spatial_log_sigma.detach().double().exp().tolist()))
 
     @property
     def bilateral(self):
