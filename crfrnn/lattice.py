@@ -33,8 +33,8 @@ def _normal_tensors():
 
     A lattice outlives the call that made it (CRFRNNLayer keeps its spatial lattice between
     calls, and `_cached` keeps per-dtype constants): an inference tensor in it would make a later
-    autograd call fail ("Inference tensors cannot be saved for backward"). Its tensors never
-    carry a graph (they are computed from detached features and constants), so they are the same
+    autograd call fail ("Inference tensors cannot be saved for backward"). Under inference mode
+    its tensors never carry a graph (features cannot require grad there), so they are the same
     whatever the grad mode they were made in. (Under torch.compile nothing outlives the graph, and
     dynamo cannot trace the mode query.)
     """
@@ -151,6 +151,8 @@ class Lattice:
         return state
 
     def __setstate__(self, state):
+        # (Lattices pickled before feature gradients existed were constants.)
+        self.__dict__.update({"differentiable": False, "feature_grad": "lattice", "_gaussian_points": None})
         self.__dict__.update(state)
         self._filter_op = ops.ops_for(self.backend, self.device)[1]
 
@@ -188,14 +190,17 @@ class Lattice:
             return flat.reshape(n, *self.spatial, c).permute(0, 3, 1, 2)
         return flat.reshape(n, self.num_points, c)
 
-    def _raw(self, flat, weights=None):
-        """Raw filter of Tensor[N*P, C] (float32/64), with the lattice's or the given weights."""
-        if weights is None:
-            weights = self.weights_as(flat.dtype)
+    def _raw(self, flat, scale=None):
+        """Raw filter of Tensor[N*P, C] (float32/64): K v, or with `scale` n (Tensor[N*P])
+        n * K(n * v), computed as the raw filter with every barycentric weight w_i scaled by n_i
+        (the splat weights of the points j become w_j n_j, the slice weights w_i n_i)."""
+        weights = self.weights_as(flat.dtype) if scale is None else self._cached(("scaled", flat.dtype))
         tables = (self.vertex_index, weights, self.neighbors, self.splat_offsets, self.splat_entries)
         if self._gaussian_points is not None:
-            return _GaussianFeatureGradient.apply(flat, self._gaussian_points, self.batch_size,
-                                                  self._filter_op, *tables)
+            # The weights stay constants: the gradients of the features and of n are the
+            # Function's own (n's needs no weight gradient, see _GaussianFeatureGradient).
+            return _GaussianFeatureGradient.apply(flat, self._gaussian_points, scale, self.batch_size,
+                                                  self._filter_op, tables[0], weights.detach(), *tables[2:])
         return self._filter_op(flat, *tables, False)
 
     def weights_as(self, dtype):
@@ -204,7 +209,7 @@ class Lattice:
 
     def _cached(self, key):
         """Per-dtype constants of the lattice, computed once:
-        ("weights" | "norm" | "symmetric", dtype)."""
+        ("weights" | "norm" | "scaled", dtype)."""
         if key not in self._cache:
             kind, dtype = key
             with _normal_tensors():
@@ -213,7 +218,7 @@ class Lattice:
                 elif kind == "norm":  # the filter's response to all-ones, Tensor[N*P, 1]
                     ones = torch.ones(self.batch_size * self.num_points, 1, device=self.device, dtype=dtype)
                     value = self._raw(ones)
-                else:  # barycentric weights times n = 1/sqrt(K 1), see `filter`
+                else:  # "scaled": barycentric weights times n = 1/sqrt(K 1), see `_raw`
                     n = self.normalization_scales("symmetric", dtype)[0]
                     value = (self.weights_as(dtype) * n[:, None]).contiguous()
             self._cache[key] = value
@@ -268,44 +273,41 @@ class Lattice:
         elif normalize == "after":
             out = self._raw(flat) / (self._cached(("norm", flat.dtype)) + 1e-20)
         else:
-            # n K(n v) is the raw filter with every barycentric weight w_i scaled by n_i (the
-            # splat weights of the points j become w_j n_j, the slice weights w_i n_i): two
-            # fewer full-size multiplications per call, and the backward stays the adjoint.
-            out = self._raw(flat, self._cached(("symmetric", flat.dtype)))
+            # n K(n v), as the raw filter with scaled weights: two fewer full-size
+            # multiplications per call, and the backward stays the adjoint.
+            out = self._raw(flat, self.normalization_scales("symmetric", flat.dtype)[0])
         return self._from_points(out.to(out_dtype), c)
 
 
 class _GaussianFeatureGradient(torch.autograd.Function):
-    """The raw lattice filter out = K v (Tensor[N*P, C]), differentiated for the features
-    (Tensor[N*P, d]) by the Gaussian kernel's derivative formula evaluated with K (see
-    `Lattice`); for the values and the weights as the filter op's own backward."""
+    """The raw lattice filter out = K v (Tensor[N*P, C]), or n * K(n * v) with a per-point
+    scale n (Tensor[N*P], the symmetric normalisation; `weights` are then the barycentric
+    weights times n), differentiated for the features (Tensor[N*P, d]) by the Gaussian kernel's
+    derivative formula evaluated with this filter (see `Lattice`), for the values by the adjoint
+    filter, and for n by the product rule: d<g, n K(n v)>/dn_i = g_i . K(n v)_i + v_i . K^T(n g)_i
+    = (g_i . out_i + v_i . grad_values_i) / n_i, products of rows at hand that need neither a
+    filter nor the weights' gradient."""
 
     @staticmethod
-    def forward(ctx, values, points, num_images, filter_op, vertex_index, weights, *tables):
+    def forward(ctx, values, points, scale, num_images, filter_op, vertex_index, weights, *tables):
         out = filter_op(values, vertex_index, weights, *tables, False)
-        ctx.save_for_backward(values, points, out, vertex_index, weights, *tables)
+        ctx.save_for_backward(values, points, scale, out, vertex_index, weights, *tables)
         ctx.filter_op, ctx.num_images = filter_op, num_images
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        values, points, out, vertex_index, weights, *tables = ctx.saved_tensors
-        lattice = (vertex_index, weights, *tables)
+        values, points, scale, out, *lattice = ctx.saved_tensors
         grad = grad.contiguous()
         grad_values = ctx.filter_op(grad, *lattice, True)  # K^T g: also a term of the formula
-        grad_weights = None
-        if ctx.needs_input_grad[5]:  # the normalised filters' weights w n, n from K 1
-            # the filter op's own weight gradient (exact for n's dependence)
-            with torch.enable_grad():
-                w = weights.detach().requires_grad_()
-                grad_weights, = torch.autograd.grad(ctx.filter_op(values, vertex_index, w, *tables, False),
-                                                    w, grad)
-        grad_points = None
+        grad_scale = grad_points = None
+        if ctx.needs_input_grad[2]:
+            grad_scale = ((grad * out).sum(1) + (values * grad_values).sum(1)) / scale
         if ctx.needs_input_grad[1]:
             grad_points = _gaussian_feature_grad(values, grad, out, grad_values, points, ctx.num_images,
                                                  lambda x, reverse: ctx.filter_op(x, *lattice, reverse))
-        return (grad_values if ctx.needs_input_grad[0] else None, grad_points, None, None, None,
-                grad_weights, *([None] * len(tables)))
+        return (grad_values if ctx.needs_input_grad[0] else None, grad_points, grad_scale,
+                *([None] * (len(lattice) + 2)))
 
 
 def _gaussian_feature_grad(values, grad, out, grad_values, points, num_images, filter_fn):

@@ -1,0 +1,355 @@
+"""Learning the CRF on real images: hand-set, grid-searched and learned CRFs on unseen images.
+
+The CRF is fitted on one VOC-layout folder (--train-root) and tested on another (--test-root),
+with the coarse-unary protocol's unaries (bench/voc_protocol.py): DCNN-like score maps made from
+the ground truth, so that only the CRF is judged. Test images use the protocol's seed (their
+index in the test folder's val.txt); each training epoch draws a new unary for every training
+image (seed index + 1000 * epoch), so the learned CRF cannot memorise one noise pattern.
+
+Results on the test folder (full resolution, --test-iterations mean-field iterations):
+
+- unary:            the coarse unary's argmax;
+- handset:          DeepLab-LargeFOV's CRF (w1 4, sigma_alpha 121, sigma_beta 5, w2 3, sigma_gamma 3);
+- grid:             DeepLab's grid search on the training folder: w2 = sigma_gamma = 3, every
+                    (w1, sigma_alpha, sigma_beta) of --grid-w1 x --grid-sxy x --grid-srgb, the
+                    best training mIoU kept (the grid is printed);
+- learned_matrices: CRF-RNN: the C x C kernel weights and compatibility learned by gradient from
+                    the hand-set start, bandwidths fixed;
+- learned_full:     everything learned from the hand-set start: the three bandwidths and the
+                    matrices, with CRFRNNLayer's default sharing (or --compatibility /
+                    --kernel-weights).
+
+Fitting (grid and gradient) runs on the training folder shrunk by --train-scale, with the spatial
+bandwidths scaled by it; the fitted layers are brought back to full resolution with
+``CRFRNNLayer.scale_spatial_bandwidths(1 / train_scale)`` and tested there. Each result has the
+mIoU, the pixel accuracy, the accuracy within --band px of a label boundary (void excluded) and
+the per-class IoU (null for a class absent from the test folder's labels and predictions).
+
+    python bench/crf_learning.py --train-root A/VOC2012 --test-root B/VOC2012 --json out.json
+
+JSON: {"results": {name: {"miou", "pixel_acc", "band_acc", "per_class_iou"}}, "seconds", ...}
+(percentages).
+"""
+import argparse
+import itertools
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import crfrnn  # noqa: E402
+import voc_protocol as vp  # noqa: E402
+from common import environment, print_table, write_json  # noqa: E402
+
+HANDSET = {"bilateral": (121.0, 5.0, 4.0), "spatial": (3.0, 3.0)}
+RESULTS = ("unary", "handset", "grid", "learned_matrices", "learned_full")
+CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-root", required=True,
+                   help="VOC2012-layout folder to fit the CRFs on (ImageSets/Segmentation/val.txt, "
+                        "JPEGImages, SegmentationClass)")
+    p.add_argument("--test-root", required=True, help="VOC2012-layout folder to test on")
+    p.add_argument("--test-limit", type=int, default=None, help="only the first N test images")
+    p.add_argument("--train-limit", type=int, default=None, help="only the first N training images")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--train-scale", type=float, default=0.5,
+                   help="fit at this fraction of the resolution, bandwidths scaled (default: 0.5)")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the training images (default: 4)")
+    p.add_argument("--accumulate", type=int, default=2,
+                   help="images per optimiser step (gradients summed; default: 2)")
+    p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate, decayed linearly to 0 "
+                                                           "(default: 0.02)")
+    p.add_argument("--train-iterations", type=int, default=5,
+                   help="mean-field iterations while learning (CRF-RNN: 5; default: 5)")
+    p.add_argument("--test-iterations", type=int, default=10,
+                   help="mean-field iterations of every CRF at test (DeepLab, CRF-RNN: 10; default: 10)")
+    p.add_argument("--compatibility", default=None, choices=crfrnn.crf.COMPATIBILITY_SHARING,
+                   help="learned_full's compatibility sharing (default: CRFRNNLayer's)")
+    p.add_argument("--kernel-weights", default=None, choices=crfrnn.crf.KERNEL_WEIGHT_SHARING,
+                   help="learned_full's kernel-weight sharing (default: CRFRNNLayer's)")
+    p.add_argument("--bandwidth-grad", default=None, choices=crfrnn.FEATURE_GRADIENTS,
+                   help="learned_full's bandwidth gradient (default: CRFRNNLayer's)")
+    p.add_argument("--also", nargs="+", default=[], metavar="C:W[:B]",
+                   help="more learned variants, side by side with learned_full (reported as "
+                        "learned[C:W[:B]], and under 'variants' in the JSON): compatibility C and "
+                        "kernel-weight sharing W, bandwidths B learned with that bandwidth_grad "
+                        "(default: the layer's) or 'fixed'; e.g. --also potts:scalar full:full:fixed")
+    p.add_argument("--grid-w1", type=float, nargs="+", default=[3.0, 4.0, 6.0, 10.0], help="grid: w1 values")
+    p.add_argument("--grid-sxy", type=float, nargs="+", default=[50.0, 80.0, 121.0],
+                   help="grid: sigma_alpha values (px at full resolution)")
+    p.add_argument("--grid-srgb", type=float, nargs="+", default=[3.0, 5.0, 10.0], help="grid: sigma_beta values")
+    p.add_argument("--band", type=int, default=8, help="boundary band width in px (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training order (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def check_root(root):
+    root = Path(root)
+    for sub in ("ImageSets/Segmentation/val.txt", "JPEGImages", "SegmentationClass"):
+        if not (root / sub).exists():
+            raise SystemExit(f"{root} is not a VOC2012-layout folder: {sub} is missing")
+    return root
+
+
+def shrink(image, label, logits, scale):
+    """(image uint8 [h, w, 3], label [h, w], logits Tensor[C, h, w]) at `scale` of the size: area
+    average for the image and the logits, nearest for the label."""
+    if scale == 1:
+        return image, label, logits
+    h, w = (max(1, round(s * scale)) for s in label.shape)
+    img = F.interpolate(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float(), size=(h, w), mode="area")
+    img = img[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    lab = F.interpolate(torch.from_numpy(label.copy())[None, None].float(), size=(h, w), mode="nearest")
+    return img, lab[0, 0].to(torch.uint8).numpy(), F.interpolate(logits[None], size=(h, w), mode="area")[0]
+
+
+def as_inputs(image, logits):
+    """(unary Tensor[1, C, H, W], image Tensor[1, 3, H, W] float 0..255)."""
+    return logits[None].contiguous(), torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+
+
+class TrainingSet:
+    """The training folder at the fitting resolution; unaries drawn per (image, epoch)."""
+
+    def __init__(self, root, limit, scale):
+        self.root, self.scale = root, scale
+        self.ids = vp.image_ids(root)[:limit]
+        self.pairs = [vp.load_pair(root, image_id) for image_id in self.ids]
+
+    def sample(self, index, epoch):
+        """(unary, image, label Tensor[1, h, w] int64 with void = 255) of image `index`, with the
+        unary of seed index + 1000 * epoch (epoch 0: the protocol's)."""
+        image, label = self.pairs[index]
+        logits = vp.coarse_logits(label, index + 1000 * epoch)
+        img, lab, logits = shrink(image, label, logits, self.scale)
+        unary, img_t = as_inputs(img, logits)
+        return unary, img_t, torch.from_numpy(lab.astype(np.int64))[None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+class Scores:
+    """Confusion matrices of one method on the test folder (all pixels, and the boundary band)."""
+
+    def __init__(self):
+        self.all = np.zeros((vp.NUM_CLASSES,) * 2, np.int64)
+        self.band = np.zeros((vp.NUM_CLASSES,) * 2, np.int64)
+
+    def add(self, pred, label, band_mask):
+        self.all += vp.confusion(pred, label)
+        self.band += vp.confusion(pred, label, mask=band_mask)
+
+    def summary(self):
+        inter = np.diag(self.all).astype(np.float64)
+        union = self.all.sum(0) + self.all.sum(1) - inter
+        per_class = [float(100 * i / u) if u > 0 else None for i, u in zip(inter, union)]
+        return {"miou": 100 * vp.miou(self.all), "pixel_acc": float(100 * np.trace(self.all) / self.all.sum()),
+                "band_acc": float(100 * np.trace(self.band) / max(self.band.sum(), 1)),
+                "per_class_iou": per_class}
+
+
+def miou_of(crf, samples):
+    """mIoU (%) of `crf` (eval mode, no grad) on [(unary, image, label ndarray)]."""
+    conf = np.zeros((vp.NUM_CLASSES,) * 2, np.int64)
+    with torch.no_grad():
+        for unary, image, label in samples:
+            conf += vp.confusion(crf(unary, image)[0].argmax(0).numpy(), label)
+    return 100 * vp.miou(conf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting
+
+def make_layer(params, scale, iterations, **kwargs):
+    """A CRFRNNLayer with `params` ({"bilateral": (sxy, srgb, w1), "spatial": (sxy, w2)}) at
+    full resolution, its spatial bandwidths scaled to a `scale` times smaller image."""
+    crf = crfrnn.CRFRNNLayer(vp.NUM_CLASSES, num_iterations=iterations, num_eval_iterations=iterations,
+                             bilateral=params["bilateral"], spatial=params["spatial"], **kwargs)
+    return crf.scale_spatial_bandwidths(scale)
+
+
+def grid_search(train, args):
+    """DeepLab's search on the training folder: (best params at full resolution, table rows)."""
+    samples = []
+    for index in range(len(train.ids)):
+        unary, image, label = train.sample(index, 0)
+        samples.append((unary, image, label[0].numpy()))
+    rows = []
+    combos = list(itertools.product(args.grid_w1, args.grid_sxy, args.grid_srgb))
+    for w1, sxy, srgb in tqdm(combos, desc="grid search", disable=args.no_progress):
+        params = {"bilateral": (sxy, srgb, w1), "spatial": (3.0, 3.0)}
+        crf = make_layer(params, args.train_scale, args.test_iterations).eval()
+        rows.append({"w1": w1, "sigma_alpha": sxy, "sigma_beta": srgb, "train mIoU %": miou_of(crf, samples)})
+    best = max(rows, key=lambda r: r["train mIoU %"])
+    return {"bilateral": (best["sigma_alpha"], best["sigma_beta"], best["w1"]), "spatial": (3.0, 3.0)}, rows
+
+
+def learn(train, args, layers):
+    """Learn each of `layers` ({name: CRFRNNLayer at the fitting resolution}) by gradient on the
+    training folder, side by side on the same unaries in the same order. Returns them at full
+    resolution in eval mode, and each one's mean training loss in the last epoch."""
+    opts, scheds = {}, {}
+    steps = args.epochs * -(-len(train.ids) // args.accumulate)
+    for name, crf in layers.items():
+        crf.num_iterations, crf.num_eval_iterations = args.train_iterations, args.test_iterations
+        crf.train()
+        opts[name] = torch.optim.Adam([p for p in crf.parameters() if p.requires_grad], lr=args.lr)
+        scheds[name] = torch.optim.lr_scheduler.LambdaLR(opts[name], lambda step: 1.0 - step / steps)
+    order = random.Random(args.seed)
+    losses = {}
+    with tqdm(total=args.epochs * len(train.ids), desc="learning " + " and ".join(layers),
+              disable=args.no_progress) as bar:
+        for epoch in range(args.epochs):
+            indices = list(range(len(train.ids)))
+            order.shuffle(indices)
+            losses = {name: [] for name in layers}
+            for start in range(0, len(indices), args.accumulate):
+                chunk = indices[start:start + args.accumulate]
+                for opt in opts.values():
+                    opt.zero_grad()
+                for index in chunk:
+                    unary, image, label = train.sample(index, epoch)
+                    for name, crf in layers.items():
+                        loss = F.cross_entropy(crf(unary, image), label, ignore_index=vp.VOID)
+                        (loss / len(chunk)).backward()
+                        losses[name].append(loss.item())
+                    bar.update(1)
+                for name in layers:
+                    opts[name].step()
+                    scheds[name].step()
+                bar.set_postfix({name: f"{np.mean(v):.4f}" for name, v in losses.items()})
+    return ({name: crf.scale_spatial_bandwidths(1.0 / args.train_scale).eval() for name, crf in layers.items()},
+            {name: float(np.mean(v)) for name, v in losses.items()})
+
+
+def describe(crf):
+    """The learned layer's bandwidths and matrices, summarised (plain floats)."""
+    (bxy, brgb), (sxy,) = crf.sigmas()
+    w_bil, w_spa = (w.detach() for w in crf.kernel_weight_matrices())
+    mu = crf.compatibility_matrix().detach()
+    off = ~torch.eye(crf.num_classes, dtype=torch.bool)
+    return {"sigma_alpha": bxy, "sigma_beta": brgb, "sigma_gamma": sxy,
+            "w1 (mean diagonal)": float(w_bil.diag().mean()), "w2 (mean diagonal)": float(w_spa.diag().mean()),
+            "compatibility (mean off-diagonal)": float(mu[off].mean()),
+            "compatibility (mean diagonal)": float(mu.diag().mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(args):
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_root, test_root = check_root(args.train_root), check_root(args.test_root)
+    if not 0 < args.train_scale <= 1:
+        raise SystemExit(f"--train-scale must be in (0, 1], got {args.train_scale}")
+    train = TrainingSet(train_root, args.train_limit, args.train_scale)
+    test_ids = vp.image_ids(test_root)[: args.test_limit]
+    print(f"fitting on {len(train.ids)} images of {train_root} at scale {args.train_scale:g}; "
+          f"testing on {len(test_ids)} images of {test_root} at full resolution")
+
+    grid_params, grid_rows = grid_search(train, args)
+    to_learn = {"learned_matrices": make_layer(HANDSET, args.train_scale, args.train_iterations)}
+    variants = {"learned_full": {k: v for k, v in (("compatibility", args.compatibility),
+                                                   ("kernel_weights", args.kernel_weights),
+                                                   ("bandwidth_grad", args.bandwidth_grad)) if v is not None}}
+    variants.update(parse_variant(spec) for spec in args.also)
+    for name, options in variants.items():
+        options = {"learn_bandwidths": True, **options}
+        to_learn[name] = make_layer(HANDSET, args.train_scale, args.train_iterations, **options)
+    learned, losses = learn(train, args, to_learn)
+    crfs = {"handset": make_layer(HANDSET, 1.0, args.test_iterations).eval(),
+            "grid": make_layer(grid_params, 1.0, args.test_iterations).eval(), **learned}
+
+    scores = {name: Scores() for name in ("unary", *crfs)}
+    with torch.no_grad():
+        for index, image_id in enumerate(tqdm(test_ids, desc="test", disable=args.no_progress)):
+            image, label = vp.load_pair(test_root, image_id)
+            unary, img = as_inputs(image, vp.coarse_logits(label, index))
+            band = vp.boundary_band(label, args.band)
+            scores["unary"].add(unary[0].argmax(0).numpy(), label, band)
+            for name, crf in crfs.items():
+                scores[name].add(crf(unary, img)[0].argmax(0).numpy(), label, band)
+    results = {name: s.summary() for name, s in scores.items()}
+    seconds = time.perf_counter() - start
+    report(args, results, grid_params, grid_rows, learned, losses, len(test_ids), seconds)
+    write_json(args.json, {"results": {name: results[name] for name in RESULTS},
+                           "variants": {name: results[name] for name in results if name not in RESULTS},
+                           "seconds": seconds, "environment": environment("cpu"),
+                           "train_root": str(train_root), "test_root": str(test_root),
+                           "train_images": len(train.ids), "test_images": len(test_ids), "grid": grid_rows,
+                           "learned": {name: {**describe(crf), "final train loss": losses[name]}
+                                       for name, crf in learned.items()},
+                           "options": vars(args)})
+    return results
+
+
+def parse_variant(spec):
+    """"COMPATIBILITY:KERNEL_WEIGHTS[:BANDWIDTHS]" -> (result name, CRFRNNLayer options);
+    BANDWIDTHS is a bandwidth_grad, or "fixed" for matrices only with that sharing."""
+    parts = spec.split(":")
+    if not 2 <= len(parts) <= 3 or parts[0] not in crfrnn.crf.COMPATIBILITY_SHARING \
+            or parts[1] not in crfrnn.crf.KERNEL_WEIGHT_SHARING \
+            or (len(parts) == 3 and parts[2] not in (*crfrnn.FEATURE_GRADIENTS, "fixed")):
+        raise SystemExit(f"--also {spec!r}: expected COMPATIBILITY:KERNEL_WEIGHTS[:BANDWIDTHS] with "
+                         f"{crfrnn.crf.COMPATIBILITY_SHARING}, {crfrnn.crf.KERNEL_WEIGHT_SHARING} and "
+                         f"{(*crfrnn.FEATURE_GRADIENTS, 'fixed')}")
+    options = {"compatibility": parts[0], "kernel_weights": parts[1]}
+    if len(parts) == 3:
+        options.update({"learn_bandwidths": False} if parts[2] == "fixed" else {"bandwidth_grad": parts[2]})
+    return f"learned[{spec}]", options
+
+
+def report(args, results, grid_params, grid_rows, learned, losses, num_test, seconds):
+    """Print the grid, the learned parameters, the results and the per-class IoU."""
+    grid_rows = sorted(grid_rows, key=lambda r: -r["train mIoU %"])
+    print_table(f"Grid search on the training folder (w2 = sigma_gamma = 3, {args.test_iterations} iterations, "
+                f"scale {args.train_scale:g})", grid_rows, ["w1", "sigma_alpha", "sigma_beta", "train mIoU %"])
+    (sxy, srgb, w1) = grid_params["bilateral"]
+    print(f"\ngrid: w1 {w1:g}, sigma_alpha {sxy:g}, sigma_beta {srgb:g}")
+    for name, crf in learned.items():
+        info = {**describe(crf), "final train loss": losses[name]}
+        sharing = (f"[compatibility {crf.compatibility_sharing}, kernel_weights {crf.kernel_weight_sharing}, "
+                   f"bandwidths {crf.bandwidth_grad if crf.learn_bandwidths else 'fixed'}]")
+        print(f"{name} {sharing}: " + ", ".join(f"{k} {v:.4g}" for k, v in info.items()))
+    handset = results["handset"]
+    def worst_class(name):
+        gaps = [(results[name]["per_class_iou"][c] - handset["per_class_iou"][c], CLASS_NAMES[c])
+                for c in range(vp.NUM_CLASSES)
+                if handset["per_class_iou"][c] is not None and results[name]["per_class_iou"][c] is not None]
+        gap, cname = min(gaps)
+        return f"{cname} {gap:+.2f}"
+    rows = [{"method": name, "mIoU %": r["miou"], "pixel acc %": r["pixel_acc"],
+             f"band {args.band}px acc %": r["band_acc"], "vs handset": r["miou"] - handset["miou"],
+             "vs grid": r["miou"] - results["grid"]["miou"],
+             "worst class vs handset": worst_class(name) if name != "unary" else ""}
+            for name, r in results.items()]
+    print_table(f"Test folder: {num_test} images, full resolution, {args.test_iterations} iterations", rows,
+                ["method", "mIoU %", "pixel acc %", f"band {args.band}px acc %", "vs handset", "vs grid",
+                 "worst class vs handset"])
+    class_rows = [{"class": cname, **{name: r["per_class_iou"][c] if r["per_class_iou"][c] is not None else "-"
+                                      for name, r in results.items()}}
+                  for c, cname in enumerate(CLASS_NAMES)]
+    print_table("Per-class IoU % on the test folder", class_rows, ["class", *results])
+    print(f"\n{seconds:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
