@@ -121,7 +121,7 @@ def shrink(image, label, logits, scale):
 
 def as_inputs(image, logits):
     """(unary Tensor[1, C, H, W], image Tensor[1, 3, H, W] float 0..255)."""
-    return logits[None].contiguous(), torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    return logits[None].contiguous(), torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()
 
 
 class TrainingSet:

@@ -117,6 +117,20 @@ def test_crf_script_gradient_and_search(joint_run, tmp_path):
     assert tuple(model.crf.bilateral) == (best["sxy"], best["srgb"], best["w1"])
 
 
+@pytest.mark.parametrize("script", [crf_script, joint_script])
+def test_scripts_learn_the_bandwidths_with_the_chosen_sharing(joint_run, tmp_path, script):
+    dcnn = str(joint_run[0] / "dcnn.pt")
+    start = ["--dcnn" if script is crf_script else "--init", dcnn]
+    rep = run(script, TINY + start + ["--iters", "2", "--learn-bandwidths", "--compatibility", "symmetric",
+                                      "--kernel-weights", "diagonal", "--out-dir", str(tmp_path)])
+    assert rep is not None
+    crf = models.load_checkpoint(tmp_path / "model.pt")[0].crf
+    assert crf.learn_bandwidths and (crf.compatibility_sharing, crf.kernel_weight_sharing) == ("symmetric", "diagonal")
+    initial = crf_script.options.CRF_PRESETS["synthetic"]
+    assert crf.bilateral[:2] != tuple(initial["bilateral"][:2]) and crf.spatial[0] != initial["spatial"][0]
+    assert tuple(crf.bilateral_weight.shape) == (4,) and tuple(crf.compatibility.shape) == (10,)
+
+
 def test_crf_script_resume_refuses_changed_training_options(joint_run, tmp_path, capsys):
     argv = TINY + ["--dcnn", str(joint_run[0] / "dcnn.pt"), "--iters", "3", "--out-dir", str(tmp_path)]
     assert run(crf_script, argv + ["--stop-at", "1"]) is None

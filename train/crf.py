@@ -6,9 +6,10 @@ DCNN fixed) or by DeepLab's grid search of w1, σα, σβ on a validation subset
     python train/crf.py --dataset voc --data-root DATA --dcnn runs/dcnn/model.pt --search \
         --search-samples 100                             # DeepLab: w1 5..10, σα 50..100, σβ 3..10
 
-Gradient mode trains the CRF layer's C×C kernel weights and compatibility matrix through
-``--crf-iters`` mean-field iterations with the loss on its full-resolution output; the DCNN
-runs in eval mode with frozen weights. Search mode keeps the Potts model and, for each
+Gradient mode trains the CRF layer's kernel weights and compatibility matrix (C×C each, or
+shared: ``--kernel-weights``, ``--compatibility``), and with ``--learn-bandwidths`` its three
+bandwidths, through ``--crf-iters`` mean-field iterations with the loss on its full-resolution
+output; the DCNN runs in eval mode with frozen weights. Search mode keeps the Potts model and, for each
 (w1, σα, σβ) with w2 = σγ = 3 fixed, runs the CRF on the DCNN's unaries of the first
 ``--search-samples`` validation images (computed once) and keeps the best mIoU.
 
@@ -126,7 +127,8 @@ def main(args):
                                             num_examples=6, progress=not args.no_progress,
                                             desc="eval (final CRF)")
     report["crf_final"] = final["crf"]
-    report["crf_final_params"] = {"bilateral": list(args.bilateral), "spatial": list(args.spatial)}
+    # The layer's own: learned bandwidths (--learn-bandwidths) or the searched ones.
+    report["crf_final_params"] = {"bilateral": list(joint.crf.bilateral), "spatial": list(joint.crf.spatial)}
     report["seconds"] = run.seconds()
     rows = [("DCNN alone", initial["dcnn"]), ("DCNN + CRF (initial parameters)", initial["crf"]),
             (label, final["crf"])]

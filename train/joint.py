@@ -11,7 +11,9 @@ What it does:
 2. evaluates the DCNN alone and DCNN + CRF (the CRF at its initial parameters: DeepLab's
    post-processing) — "before";
 3. trains both jointly through the CRF (CRF-RNN's recipe: loss on the CRF's full-resolution
-   output, 5 mean-field iterations in training, 10 at evaluation);
+   output, 5 mean-field iterations in training, 10 at evaluation); the CRF's parameter sharing
+   is --compatibility / --kernel-weights, and --learn-bandwidths learns its bandwidths too (a
+   CRF that comes with --init keeps its own options);
 4. evaluates again — "after" — and prints the table, writing metrics.json, examples.png,
    bands.png (accuracy near boundaries vs band width), metrics.csv, model.pt, checkpoint.pt
    (and dcnn.pt, the DCNN of step 1) to --out-dir. A file there from an earlier run is

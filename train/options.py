@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
 
 import crfrnn
@@ -44,6 +45,9 @@ DATASET_PRESETS = {
         threads=0),
 }
 
+#: CRFRNNLayer's own defaults of the options the training scripts expose.
+_LAYER_DEFAULTS = {name: inspect.signature(crfrnn.CRFRNNLayer).parameters[name].default
+                   for name in ("compatibility", "kernel_weights", "bandwidth_grad")}
 #: Initial CRF parameters: bilateral (sigma_xy px, sigma_rgb, weight), spatial (sigma_xy px, weight).
 CRF_PRESETS = {
     "deeplab": DEEPLAB_LARGEFOV_PARAMS,   # DeepLab-LargeFOV's cross-validated values (VOC)
@@ -166,6 +170,20 @@ def add_crf_args(p: argparse.ArgumentParser, training: bool = True):
                        help="lr multiplier of the CRF's kernel weights and compatibility matrix")
         g.add_argument("--crf-weight-decay", type=float, default=0.0,
                        help="weight decay of the CRF parameters (0: decay would shrink the Potts start)")
+        g.add_argument("--learn-bandwidths", action="store_true",
+                       help="learn the CRF's bandwidths (σα, σβ, σγ) by gradient too, as log-parameters")
+        g.add_argument("--compatibility", choices=crfrnn.crf.COMPATIBILITY_SHARING,
+                       default=_LAYER_DEFAULTS["compatibility"],
+                       help="sharing of the CRF's compatibility matrix: potts (fixed 1 - I), symmetric or "
+                            "full (CRF-RNN's)")
+        g.add_argument("--kernel-weights", choices=crfrnn.crf.KERNEL_WEIGHT_SHARING,
+                       default=_LAYER_DEFAULTS["kernel_weights"],
+                       help="sharing of each kernel's weight matrix: scalar, diagonal or full (CRF-RNN's)")
+        g.add_argument("--bandwidth-grad", choices=crfrnn.FEATURE_GRADIENTS,
+                       default=_LAYER_DEFAULTS["bandwidth_grad"],
+                       help="bandwidth gradient with --learn-bandwidths: gaussian (the Gaussian's derivative "
+                            "evaluated with the lattice) or lattice (the lattice's own; cheaper, sign errors "
+                            "on colour bandwidths)")
     return g
 
 
@@ -287,18 +305,22 @@ def make_sets(args, train: bool = True):
     return tr, val, list(val_raw.class_names)
 
 
-def crf_layer(num_classes: int, bilateral, spatial, num_iterations: int, num_eval_iterations: int):
+def crf_layer(num_classes: int, bilateral, spatial, num_iterations: int, num_eval_iterations: int,
+              **layer_options):
     """A ``crfrnn.CRFRNNLayer`` for ImageNet-normalised images (the DCNN's input), with
-    ``bilateral`` = (sigma_xy, sigma_rgb, w1) and ``spatial`` = (sigma_xy, w2)."""
+    ``bilateral`` = (sigma_xy, sigma_rgb, w1) and ``spatial`` = (sigma_xy, w2); `layer_options`
+    go to the layer (learn_bandwidths, compatibility, kernel_weights, bandwidth_grad)."""
     return crfrnn.CRFRNNLayer(num_classes=int(num_classes), num_iterations=int(num_iterations),
                               num_eval_iterations=int(num_eval_iterations),
                               bilateral=[float(x) for x in bilateral], spatial=[float(x) for x in spatial],
-                              image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+                              image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), **layer_options)
 
 
 def build_crf(args):
     """The CRF layer of a training run's options."""
-    return crf_layer(args.num_classes, args.bilateral, args.spatial, args.crf_iters, args.crf_eval_iters)
+    return crf_layer(args.num_classes, args.bilateral, args.spatial, args.crf_iters, args.crf_eval_iters,
+                     learn_bandwidths=args.learn_bandwidths, compatibility=args.compatibility,
+                     kernel_weights=args.kernel_weights, bandwidth_grad=args.bandwidth_grad)
 
 
 def build_net(args):
