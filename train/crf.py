@@ -8,8 +8,9 @@ DCNN fixed) or by DeepLab's grid search of w1, σα, σβ on a validation subset
 
 Gradient mode trains the CRF layer's kernel weights and compatibility matrix (C×C each, or
 shared: ``--kernel-weights``, ``--compatibility``), and with ``--learn-bandwidths`` its three
-bandwidths, through ``--crf-iters`` mean-field iterations with the loss on its full-resolution
-output; the DCNN runs in eval mode with frozen weights. Search mode keeps the Potts model and, for each
+bandwidths, through ``--crf-iters`` mean-field iterations with the loss (``--crf-loss``: CRF-RNN's
+cross-entropy, or the Lovász-softmax IoU surrogate) on its full-resolution output; the DCNN
+runs in eval mode with frozen weights. Search mode keeps the Potts model and, for each
 (w1, σα, σβ) with w2 = σγ = 3 fixed, runs the CRF on the DCNN's unaries of the first
 ``--search-samples`` validation images (computed once) and keeps the best mIoU.
 
@@ -115,7 +116,8 @@ def main(args):
                                      weight_decay=args.weight_decay, crf_lr_mult=args.crf_lr_mult,
                                      crf_weight_decay=args.crf_weight_decay)
         log(f"learning the CRF by gradient on the frozen DCNN, {args.iters} iterations")
-        report["train"] = train_stage(args, run, joint, opt, crf_loss, "crf", args.iters,
+        report["train"] = train_stage(args, run, joint, opt, lambda m, x, y: crf_loss(m, x, y, args.crf_loss),
+                                      "crf", args.iters,
                                       resume=resumed is not None, stop_at=args.stop_at)
         label = "DCNN + CRF (learnt)"
         if report["train"]["stopped"]:
@@ -144,10 +146,11 @@ def main(args):
     return report
 
 
-def crf_loss(model, images, labels):
-    """The CRF-RNN loss with the DCNN kept in eval mode (frozen weights, no dropout)."""
+def crf_loss(model, images, labels, loss="ce"):
+    """The loss of the CRF's output (--crf-loss) with the DCNN kept in eval mode (frozen weights,
+    no dropout)."""
     dist_utils.unwrap(model).net.eval()
-    return engine.joint_loss(model, images, labels)
+    return engine.joint_loss(model, images, labels, loss=loss)
 
 
 @torch.no_grad()

@@ -122,18 +122,56 @@ def dcnn_loss(model, images: torch.Tensor, labels: torch.Tensor, full_resolution
     return F.cross_entropy(scores, target, ignore_index=VOID)
 
 
-def joint_loss(model, images: torch.Tensor, labels: torch.Tensor, unary_weight: float = 0.0):
-    """Cross-entropy of a DeepLabCRF's refined logits at full resolution (CRF-RNN's loss), plus
-    ``unary_weight`` × the DCNN's own stride-8 loss (0 by default, as in CRF-RNN)."""
+def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = VOID) -> torch.Tensor:
+    """The Lovász-softmax loss (Berman, Triki & Blaschko, CVPR 2018): a convex surrogate of
+    1 - IoU of each class present in an image's labels, averaged over those classes, then over
+    the images. It follows the mIoU a segmentation is judged by where cross-entropy need not:
+    cross-entropy's heavy price on confident mistakes can favour a weaker CRF than the one with
+    the best mIoU (bench/crf_learning.py).
+
+    Args:
+        logits (Tensor[N, C, H, W]); labels (Tensor[N, H, W] int64, `ignore_index` ignored).
+    """
+    per_image = []
+    for image_logits, image_labels in zip(logits, labels):
+        probs = torch.softmax(image_logits.float(), 0).flatten(1).t()  # [P, C]
+        keep = image_labels.flatten() != ignore_index
+        probs, truth = probs[keep], image_labels.flatten()[keep]
+        per_class = []
+        for k in truth.unique().tolist():
+            foreground = (truth == k).to(probs.dtype)
+            errors, order = torch.sort((foreground - probs[:, k]).abs(), descending=True)
+            in_order = foreground[order]
+            # The gradient of the Lovász extension of the Jaccard loss at the sorted errors.
+            total = in_order.sum()
+            jaccard = 1.0 - (total - in_order.cumsum(0)) / (total + (1.0 - in_order).cumsum(0))
+            per_class.append(torch.dot(errors, torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])))
+        if per_class:
+            per_image.append(torch.stack(per_class).mean())
+    if not per_image:  # every pixel ignored
+        return logits.sum() * 0.0
+    return torch.stack(per_image).mean()
+
+
+#: Losses of the CRF's refined logits (logits [N, C, H, W], labels [N, H, W]) -> scalar.
+CRF_LOSSES = {"ce": lambda logits, labels: F.cross_entropy(logits, labels, ignore_index=VOID),
+              "lovasz": lovasz_softmax}
+
+
+def joint_loss(model, images: torch.Tensor, labels: torch.Tensor, unary_weight: float = 0.0,
+               loss: str = "ce"):
+    """`loss` (CRF_LOSSES: "ce", CRF-RNN's cross-entropy, or "lovasz") of a DeepLabCRF's refined
+    logits at full resolution, plus ``unary_weight`` × the DCNN's own stride-8 cross-entropy (0
+    by default, as in CRF-RNN)."""
     out = model(images)
     if out["crf"] is None:
         raise ValueError("joint_loss needs a DeepLabCRF with a CRF and use_crf=True")
-    loss = F.cross_entropy(out["crf"].float(), labels, ignore_index=VOID)
+    total = CRF_LOSSES[loss](out["crf"].float(), labels)
     if unary_weight:
         coarse = out["coarse"].float()
-        loss = loss + unary_weight * F.cross_entropy(coarse, downsample_labels(labels, coarse.shape[-2:]),
-                                                     ignore_index=VOID)
-    return loss
+        total = total + unary_weight * F.cross_entropy(coarse, downsample_labels(labels, coarse.shape[-2:]),
+                                                       ignore_index=VOID)
+    return total
 
 
 class NonFiniteLossError(RuntimeError):

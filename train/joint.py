@@ -107,11 +107,11 @@ def main(args):
                                  weight_decay=args.weight_decay,
                                  classifier_lr_mult=args.classifier_lr_mult,
                                  crf_lr_mult=args.crf_lr_mult, crf_weight_decay=args.crf_weight_decay)
-    w = args.unary_loss_weight
+    w, crf_loss = args.unary_loss_weight, args.crf_loss
     log(f"stage 2: joint DCNN + CRF-RNN, {args.iters} iterations")
     summary = train_stage(
-        args, run, joint, opt, lambda m, x, y: engine.joint_loss(m, x, y, unary_weight=w), "joint", args.iters,
-        resume=resumed is not None, stop_at=args.stop_at,
+        args, run, joint, opt, lambda m, x, y: engine.joint_loss(m, x, y, unary_weight=w, loss=crf_loss),
+        "joint", args.iters, resume=resumed is not None, stop_at=args.stop_at,
         ckpt_extra={"before": before, "before_examples": _examples_to_plain(before_examples)})
     if summary["stopped"]:
         log(f"stopped after joint iteration {args.stop_at}; continue with --resume {run.checkpoint}")

@@ -170,6 +170,10 @@ def add_crf_args(p: argparse.ArgumentParser, training: bool = True):
                        help="lr multiplier of the CRF's kernel weights and compatibility matrix")
         g.add_argument("--crf-weight-decay", type=float, default=0.0,
                        help="weight decay of the CRF parameters (0: decay would shrink the Potts start)")
+        g.add_argument("--crf-loss", choices=("ce", "lovasz"), default="ce",
+                       help="loss of the CRF's output: ce (cross-entropy, CRF-RNN's) or lovasz (the "
+                            "Lovász-softmax surrogate of the IoU; what learns the bandwidths towards a "
+                            "better mIoU in bench/crf_learning.py)")
         g.add_argument("--learn-bandwidths", action="store_true",
                        help="learn the CRF's bandwidths (σα, σβ, σγ) by gradient too, as log-parameters")
         g.add_argument("--compatibility", choices=crfrnn.crf.COMPATIBILITY_SHARING,
