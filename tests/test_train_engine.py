@@ -54,6 +54,33 @@ def test_downsample_labels_is_nearest():
     assert engine.downsample_labels(lab, (4, 4))[0].tolist() == lab[0, ::2, ::2].tolist()
 
 
+def test_lovasz_softmax_is_one_minus_iou_at_hard_predictions():
+    """At 0/1 probabilities the Lovász extension is the set function it extends: per image, the
+    mean over the classes present in the labels of 1 - IoU (void ignored); in between it is
+    differentiable and smaller for better predictions."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (2, 9, 8), generator=g)
+    labels[0, :2] = 255
+    pred = torch.where(torch.rand(labels.shape, generator=g) < 0.7, labels.clamp(max=3),
+                       torch.randint(0, 4, labels.shape, generator=g))
+    pred[labels == 255] = 0
+    logits = torch.nn.functional.one_hot(pred, 4).permute(0, 3, 1, 2).double() * 100
+    expected = []
+    for k in range(2):
+        keep = labels[k] != 255
+        t, p = labels[k][keep], pred[k][keep]
+        ious = [((t == c) & (p == c)).sum().item() / ((t == c) | (p == c)).sum().item() for c in t.unique().tolist()]
+        expected.append(1 - np.mean(ious))
+    assert engine.lovasz_softmax(logits, labels).item() == pytest.approx(np.mean(expected), abs=1e-6)
+    soft = (logits / 50).requires_grad_()
+    loss = engine.lovasz_softmax(soft, labels)
+    loss.backward()
+    assert torch.isfinite(soft.grad).all() and soft.grad.abs().sum() > 0
+    perfect = torch.nn.functional.one_hot(labels.clamp(max=3), 4).permute(0, 3, 1, 2).double() * 100
+    assert engine.lovasz_softmax(perfect, labels).item() == pytest.approx(0, abs=1e-6)
+    assert engine.lovasz_softmax(perfect, torch.full_like(labels, 255)).item() == 0
+
+
 def test_rng_capture_restore_roundtrip():
     torch.manual_seed(3)
     np.random.seed(3)

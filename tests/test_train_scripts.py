@@ -122,7 +122,8 @@ def test_scripts_learn_the_bandwidths_with_the_chosen_sharing(joint_run, tmp_pat
     dcnn = str(joint_run[0] / "dcnn.pt")
     start = ["--dcnn" if script is crf_script else "--init", dcnn]
     rep = run(script, TINY + start + ["--iters", "2", "--learn-bandwidths", "--compatibility", "symmetric",
-                                      "--kernel-weights", "diagonal", "--out-dir", str(tmp_path)])
+                                      "--kernel-weights", "diagonal", "--crf-loss", "lovasz",
+                                      "--out-dir", str(tmp_path)])
     assert rep is not None
     crf = models.load_checkpoint(tmp_path / "model.pt")[0].crf
     assert crf.learn_bandwidths and (crf.compatibility_sharing, crf.kernel_weight_sharing) == ("symmetric", "diagonal")
