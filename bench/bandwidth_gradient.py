@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import VOC_ROOT, add_json_option, environment, print_table, run_main, write_json  # noqa: E402
 import crfrnn  # noqa: E402
 import voc_protocol as vp  # noqa: E402
-from common import VOC_ROOT, environment, print_table, write_json  # noqa: E402
 
 ESTIMATORS = ("lattice", "shifted", "central", "gaussian", "gaussian32")
 
@@ -54,7 +54,7 @@ def get_args_parser():
     p.add_argument("--step", type=float, default=0.03, help="relative step of 'central' (default: 0.03)")
     p.add_argument("--timing-factor", type=int, default=2,
                    help="shrink factor of the image the costs are timed on (default: 2)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    add_json_option(p)
     return p
 
 
@@ -177,7 +177,7 @@ def time_costs(root, ids, factor, sigmas, repeats=5):
 def main(args):
     root = Path(args.root)
     if not (root / "ImageSets" / "Segmentation" / "val.txt").is_file():
-        raise SystemExit(f"no VOC val set at {root} (expected ImageSets/Segmentation/val.txt)")
+        raise ValueError(f"no VOC val set at {root} (expected ImageSets/Segmentation/val.txt)")
     ids = vp.image_ids(root)[: args.images]
     kernels = {"bilateral": (121.0 / args.factor, 5.0), "spatial": (3.0,)}
     names = {"bilateral": ["sxy", "srgb"], "spatial": ["sxy"]}
@@ -228,4 +228,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser())

@@ -53,11 +53,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import add_json_option, environment, print_table, run_main, write_json  # noqa: E402
 import crfrnn  # noqa: E402
-from train.engine import CRF_LOSSES  # noqa: E402
 import voc_protocol as vp  # noqa: E402
-from common import environment, print_table, write_json  # noqa: E402
+from train.engine import CRF_LOSSES  # noqa: E402  (the repository root is on sys.path through common)
 
 HANDSET = {"bilateral": (121.0, 5.0, 4.0), "spatial": (3.0, 3.0)}
 RESULTS = ("unary", "handset", "grid", "learned_matrices", "learned_full")
@@ -74,7 +73,7 @@ def get_args_parser():
     p.add_argument("--test-root", required=True, help="VOC2012-layout folder to test on")
     p.add_argument("--test-limit", type=int, default=None, help="only the first N test images")
     p.add_argument("--train-limit", type=int, default=None, help="only the first N training images")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    add_json_option(p)
     p.add_argument("--train-scale", type=float, default=0.5,
                    help="fit at this fraction of the resolution, bandwidths scaled (default: 0.5)")
     p.add_argument("--epochs", type=int, default=4, help="passes over the training images (default: 4)")
@@ -120,7 +119,7 @@ def check_root(root):
     root = Path(root)
     for sub in ("ImageSets/Segmentation/val.txt", "JPEGImages", "SegmentationClass"):
         if not (root / sub).exists():
-            raise SystemExit(f"{root} is not a VOC2012-layout folder: {sub} is missing")
+            raise ValueError(f"{root} is not a VOC2012-layout folder: {sub} is missing")
     return root
 
 
@@ -277,7 +276,7 @@ def main(args):
         torch.set_num_threads(args.threads)
     train_root, test_root = check_root(args.train_root), check_root(args.test_root)
     if not 0 < args.train_scale <= 1:
-        raise SystemExit(f"--train-scale must be in (0, 1], got {args.train_scale}")
+        raise ValueError(f"--train-scale must be in (0, 1], got {args.train_scale}")
     train = TrainingSet(train_root, args.train_limit, args.train_scale)
     test_ids = vp.image_ids(test_root)[: args.test_limit]
     print(f"fitting on {len(train.ids)} images of {train_root} at scale {args.train_scale:g}; "
@@ -328,7 +327,7 @@ def parse_variant(spec):
     if not 2 <= len(parts) <= 3 or parts[0] not in crfrnn.crf.COMPATIBILITY_SHARING \
             or parts[1] not in crfrnn.crf.KERNEL_WEIGHT_SHARING \
             or (len(parts) == 3 and parts[2] not in (*crfrnn.FEATURE_GRADIENTS, "fixed")):
-        raise SystemExit(f"--also {spec!r}: expected COMPATIBILITY:KERNEL_WEIGHTS[:BANDWIDTHS] with "
+        raise ValueError(f"--also {spec!r}: expected COMPATIBILITY:KERNEL_WEIGHTS[:BANDWIDTHS] with "
                          f"{crfrnn.crf.COMPATIBILITY_SHARING}, {crfrnn.crf.KERNEL_WEIGHT_SHARING} and "
                          f"{(*crfrnn.FEATURE_GRADIENTS, 'fixed')}")
     options = {"compatibility": parts[0], "kernel_weights": parts[1]}
@@ -372,4 +371,4 @@ def report(args, results, grid_params, grid_rows, learned, losses, num_test, sec
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser())
