@@ -85,7 +85,8 @@ def lattice_filter_weights_backward_ref(values: torch.Tensor, grad: torch.Tensor
                                         vertex_index: torch.Tensor, weights: torch.Tensor,
                                         neighbors: torch.Tensor, splat_offsets: torch.Tensor,
                                         splat_entries: torch.Tensor, reverse: bool) -> torch.Tensor:
-    return reference.lattice_filter_weights_grad(values, grad, vertex_index, weights, neighbors, reverse)
+    return reference.lattice_filter_weights_grad(values, grad, vertex_index, weights, neighbors, splat_offsets,
+                                                 splat_entries, reverse)
 
 
 @torch.library.custom_op("crfrnn::barycentric_weights_backward_ref", mutates_args=())

@@ -314,7 +314,8 @@ def lattice_filter(values, vertex_index, weights, neighbors, splat_offsets=None,
     return out.to(values.dtype)
 
 
-def lattice_filter_weights_grad(values, grad_out, vertex_index, weights, neighbors, reverse: bool = False):
+def lattice_filter_weights_grad(values, grad_out, vertex_index, weights, neighbors, splat_offsets=None,
+                                splat_entries=None, reverse: bool = False):
     """Gradient of <grad_out, lattice_filter(values, ..., weights, reverse)> w.r.t. the weights.
 
     The filter is out = alpha S B S^T values, with S[p, v] = sum of weights[p, r] over the corners
@@ -326,10 +327,16 @@ def lattice_filter_weights_grad(values, grad_out, vertex_index, weights, neighbo
 
     Args:
         values, grad_out (Tensor[N*P, C]); vertex_index, weights (Tensor[N*P, d+1]);
-        neighbors (Tensor[d+1, M, 2]); reverse (bool): the filter's blur order.
+        neighbors (Tensor[d+1, M, 2]); splat_offsets, splat_entries: checked when given;
+        reverse (bool): the filter's blur order.
     Returns:
         Tensor[N*P, d+1] in the weights' dtype.
     """
+    op = "crfrnn::lattice_filter_weights_backward_ref"
+    check_lattice_tables(op, vertex_index, neighbors, splat_offsets, splat_entries)
+    if grad_out.shape != values.shape or values.dim() != 2 or values.shape[0] != vertex_index.shape[0]:
+        raise ValueError(f"{op}: values and grad must both be [P, C] with P = vertex_index.size(0) = "
+                         f"{vertex_index.shape[0]}, got {tuple(values.shape)} and {tuple(grad_out.shape)}")
     d1, m, _ = neighbors.shape
     acc = torch.promote_types(torch.promote_types(values.dtype, grad_out.dtype), torch.float32)
     w = weights.to(acc)
@@ -357,7 +364,12 @@ def barycentric_weights_grad(features: torch.Tensor, grad_weights: torch.Tensor)
     Returns:
         Tensor[N, P, d] in the features' dtype (float32 for half features).
     """
+    op = "crfrnn::barycentric_weights_backward_ref"
+    check_features(features, op)
     n, p, d = features.shape
+    if tuple(grad_weights.shape) != (n * p, d + 1):
+        raise ValueError(f"{op}: grad_weights must be [N*P, d+1] = {[n * p, d + 1]} for features "
+                         f"{tuple(features.shape)}, got {tuple(grad_weights.shape)}")
     points = features.detach().reshape(n * p, d).to(torch.float64)
     _, rank, _ = embed(points)
     g = grad_weights.to(torch.float64)

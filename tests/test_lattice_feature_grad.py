@@ -85,7 +85,8 @@ def test_reference_weight_gradients_match_autograd_and_finite_differences():
     for reverse in (False, True):
         leaf = w.clone().requires_grad_()
         expected, = torch.autograd.grad(reference.lattice_filter(vals, vi, leaf, nb, reverse=reverse), leaf, grad)
-        torch.testing.assert_close(reference.lattice_filter_weights_grad(vals, grad, vi, w, nb, reverse), expected)
+        torch.testing.assert_close(reference.lattice_filter_weights_grad(vals, grad, vi, w, nb, reverse=reverse),
+                                   expected)
     grad_w = torch.randn(80, 5, dtype=torch.float64, generator=gen)
     analytic = reference.barycentric_weights_grad(feats, grad_w)
     assert simplices_unchanged(feats, STEP)
@@ -168,6 +169,23 @@ def test_one_backward_per_build_is_documented_behaviour():
     lat.filter(torch.rand(1, 50, 2, dtype=torch.float64), "after").sum().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         lat.filter(torch.rand(1, 50, 2, dtype=torch.float64), "after").sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_gradient_ops_check_their_inputs(backend):
+    ops = _op_names(backend)
+    feats = random_points(1, 8, 2)
+    lat = crfrnn.Lattice(feats, backend=backend)
+    vals = torch.rand(8, 3, dtype=torch.float64)
+    tables = (lat.vertex_index, lat.weights, lat.neighbors, lat.splat_offsets, lat.splat_entries)
+    with pytest.raises((ValueError, RuntimeError), match=r"values and grad|grad"):
+        ops["lattice_filter_weights_backward"](vals, vals[:, :2], *tables, False)
+    bad_index = lat.vertex_index.clone()
+    bad_index[0, 0] = lat.num_vertices + 5
+    with pytest.raises((ValueError, RuntimeError), match="vertex_index"):
+        ops["lattice_filter_weights_backward"](vals, vals, bad_index, *tables[1:], False)
+    with pytest.raises((ValueError, RuntimeError), match=r"grad_weights must be"):
+        ops["barycentric_weights_backward"](feats, torch.rand(8, 2, dtype=torch.float64))
 
 
 def test_bad_feature_grad_raises():
