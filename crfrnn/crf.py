@@ -291,7 +291,7 @@ class CRFRNNLayer(nn.Module):
     the layer keeps the last one and reuses it for inputs of the same N, H and W
     (``clear_lattice_cache()`` frees it; pickling and ``copy.deepcopy`` leave it out), unless it
     has to be differentiable in a learned bandwidth. Learning the bandwidths costs about 2d + 1 filters more per kernel and iteration
-    in backward with "gaussian" (d = 5 and 2), one with "lattice".
+    in backward with "gaussian" (d = 5 and 2), about two with "lattice".
 
     Shapes:
         unary (Tensor[N, C, H, W]): logits (e.g. a DCNN's scores upsampled to the image).

@@ -80,8 +80,8 @@ class Lattice:
       tables are piecewise constant in the features). Exact for the approximation, but it
       follows the approximation's piecewise-linear interpolation: per point a noisy estimate of
       the Gaussian's gradient, and summed into a colour bandwidth's derivative on real images it
-      can have the wrong sign (bench/bandwidth_gradient.py). Costs about one filter more per
-      backward.
+      can have the wrong sign (bench/bandwidth_gradient.py). Costs a splat and blur of the
+      values and of the upstream gradient per filter backward (about two filters).
     - "gaussian": the derivative of the Gaussian kernel, d k_ij / d f_i = -k_ij (f_i - f_j),
       evaluated with the lattice's filter K: for out = K v and upstream gradient g,
       grad f_i = -g_i . (f_i (K v)_i - K(f v)_i) - v_i . (f_i (K^T g)_i - K^T(f g)_i), with K^T
