@@ -38,7 +38,8 @@ the per-class IoU (null for a class absent from the test folder's labels and pre
 
     python bench/crf_learning.py --train-root A/VOC2012 --test-root B/VOC2012 --json out.json
 
-JSON: {"results": {name: {"miou", "pixel_acc", "band_acc", "per_class_iou"}}, "seconds", ...}
+JSON: {"results": {name: {"miou", "pixel_acc", "band_acc", "per_class_iou"}}, "seconds",
+"phase_seconds": {"grid", "learning", "test"}, ...}
 (percentages).
 """
 import argparse
@@ -283,7 +284,10 @@ def main(args):
     print(f"fitting on {len(train.ids)} images of {train_root} at scale {args.train_scale:g}; "
           f"testing on {len(test_ids)} images of {test_root} at full resolution")
 
+    phase_seconds = {}
+    phase_start = time.perf_counter()
     grid_params, grid_rows = grid_search(train, args)
+    phase_seconds["grid"] = time.perf_counter() - phase_start
     to_learn = {"learned_matrices": make_layer(HANDSET, args.train_scale, args.train_iterations)}
     losses_of = {"learned_matrices": "ce"}  # CRF-RNN's
     variants = {"learned_full": {k: v for k, v in (("compatibility", args.compatibility),
@@ -294,11 +298,14 @@ def main(args):
         options = {"learn_bandwidths": True, **options}
         to_learn[name] = make_layer(HANDSET, args.train_scale, args.train_iterations, **options)
         losses_of[name] = args.loss
+    phase_start = time.perf_counter()
     learned, losses = learn(train, args, to_learn, losses_of)
+    phase_seconds["learning"] = time.perf_counter() - phase_start
     crfs = {"handset": make_layer(HANDSET, 1.0, args.test_iterations).eval(),
             "grid": make_layer(grid_params, 1.0, args.test_iterations).eval(), **learned}
 
     scores = {name: Scores() for name in ("unary", *crfs)}
+    phase_start = time.perf_counter()
     with torch.no_grad():
         for index, image_id in enumerate(tqdm(test_ids, desc="test", disable=args.no_progress)):
             image, label = vp.load_pair(test_root, image_id)
@@ -307,12 +314,13 @@ def main(args):
             scores["unary"].add(unary[0].argmax(0).numpy(), label, band)
             for name, crf in crfs.items():
                 scores[name].add(crf(unary, img)[0].argmax(0).numpy(), label, band)
+    phase_seconds["test"] = time.perf_counter() - phase_start
     results = {name: s.summary() for name, s in scores.items()}
     seconds = time.perf_counter() - start
-    report(args, results, grid_params, grid_rows, learned, losses, len(test_ids), seconds)
+    report(args, results, grid_params, grid_rows, learned, losses, len(test_ids), seconds, phase_seconds)
     write_json(args.json, {"results": {name: results[name] for name in RESULTS},
                            "variants": {name: results[name] for name in results if name not in RESULTS},
-                           "seconds": seconds, "environment": environment("cpu"),
+                           "seconds": seconds, "phase_seconds": phase_seconds, "environment": environment("cpu"),
                            "train_root": str(train_root), "test_root": str(test_root),
                            "train_images": len(train.ids), "test_images": len(test_ids), "grid": grid_rows,
                            "learned": {name: {**describe(crf), "final train loss": losses[name]}
@@ -337,7 +345,7 @@ def parse_variant(spec):
     return f"learned[{spec}]", options
 
 
-def report(args, results, grid_params, grid_rows, learned, losses, num_test, seconds):
+def report(args, results, grid_params, grid_rows, learned, losses, num_test, seconds, phase_seconds):
     """Print the grid, the learned parameters, the results and the per-class IoU."""
     grid_rows = sorted(grid_rows, key=lambda r: -r["train mIoU %"])
     print_table(f"Grid search on the training folder (w2 = sigma_gamma = 3, {args.test_iterations} iterations, "
@@ -368,7 +376,7 @@ def report(args, results, grid_params, grid_rows, learned, losses, num_test, sec
                                       for name, r in results.items()}}
                   for c, cname in enumerate(CLASS_NAMES)]
     print_table("Per-class IoU % on the test folder", class_rows, ["class", *results])
-    print(f"\n{seconds:.0f} s in all")
+    print(f"\n{seconds:.0f} s in all (" + ", ".join(f"{k} {v:.0f} s" for k, v in phase_seconds.items()) + ")")
 
 
 if __name__ == "__main__":
