@@ -27,8 +27,10 @@ def test_each_python_example_runs_on_its_own(index):
 def test_every_repository_file_the_readme_names_exists():
     """Paths with a folder (``crfrnn/csrc/lattice_math.h``, ``bench/crf.py``) and any ``.md`` or
     ``.sh`` file; the run outputs (``runs/...``, ``OUT/...``) and the data beside the repository
-    (``../shared/...``) are not repository files."""
-    named = set(re.findall(r"[\w.-]*(?:/[\w.-]+)+\.(?:py|h|cpp|cu|cuh|inc|md|sh|toml|cfg|txt)\b", README))
+    (``../shared/...``) and paths under a shell variable (``$dst/ImageSets/...``) are not
+    repository files."""
+    named = set(re.findall(r"(?<![$}\w./-])[\w.-]*(?:/[\w.-]+)+\.(?:py|h|cpp|cu|cuh|inc|md|sh|toml|cfg|txt)\b",
+                           README))
     named |= set(re.findall(r"[\w./-]+\.(?:md|sh)\b", README))
     named = {n for n in named if not n.startswith(("runs/", "OUT/", "../", "http", "photos/"))}
     assert "bench/crf.py" in named and "crfrnn/csrc/lattice_math.h" in named
