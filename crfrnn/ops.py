@@ -1,11 +1,13 @@
 """The lattice as dispatcher ops, with fake (meta) kernels and autograd.
 
-Two pairs of ops with the same signatures:
+Two sets of ops with the same signatures:
 
-- ``crfrnn::build_lattice`` / ``crfrnn::lattice_filter``: the compiled backends. The schema and
-  the CPU (C++) and CUDA kernels come from the extension ``crfrnn._C``
-  (``csrc/ops.cpp``, ``TORCH_LIBRARY``); this file adds their fake kernels and autograd.
-- ``crfrnn::build_lattice_ref`` / ``crfrnn::lattice_filter_ref``: the pure-PyTorch reference
+- ``crfrnn::build_lattice`` / ``crfrnn::lattice_filter`` and the feature gradient's
+  ``crfrnn::lattice_filter_weights_backward`` / ``crfrnn::barycentric_weights_backward``: the
+  compiled backends. The schema and the CPU (C++) and CUDA kernels come from the extension
+  ``crfrnn._C`` (``csrc/ops.cpp``, ``TORCH_LIBRARY``); this file adds their fake kernels and
+  autograd.
+- the same names with ``_ref`` (``crfrnn::build_lattice_ref``, ...): the pure-PyTorch reference
   (``crfrnn.reference``), defined here, usable on any device.
 
 ``build_lattice(features[N, P, d]) -> (vertex_index, weights, neighbors, splat_offsets,
@@ -178,11 +180,10 @@ _REFERENCE_OPS = ("crfrnn::build_lattice_ref", "crfrnn::lattice_filter_ref",
 _register_fakes(*_REFERENCE_OPS)
 _register_autograd(*_REFERENCE_OPS)
 if EXTENSION_ERROR is None:
-    # TODO(native feature gradient): the C++/CUDA weight-gradient ops; the reference ops run on any
-    # device meanwhile.
-    torch.library.register_fake("crfrnn::build_lattice")(_build_fake)
-    torch.library.register_fake("crfrnn::lattice_filter")(_filter_fake)
-    _register_autograd("crfrnn::build_lattice", "crfrnn::lattice_filter", *_REFERENCE_OPS[2:])
+    _NATIVE_OPS = ("crfrnn::build_lattice", "crfrnn::lattice_filter", "crfrnn::lattice_filter_weights_backward",
+                   "crfrnn::barycentric_weights_backward")
+    _register_fakes(*_NATIVE_OPS)
+    _register_autograd(*_NATIVE_OPS)
 
     @torch.library.register_fake("crfrnn::mean_field_inference")
     def _mean_field_fake(unary, vertex_index, weights, splat_scale, slice_scale, neighbors,

@@ -355,7 +355,8 @@ def barycentric_weights_grad(features: torch.Tensor, grad_weights: torch.Tensor)
     For a fixed simplex (rank and rem0 of `embed`) the weights are linear in the features:
     f -> cf = f * scale -> elevated (a fixed linear map) -> v = (elevated - rem0) / (d+1) ->
     bary[d - rank_i] += v_i, bary[d - rank_i + 1] -= v_i (slot d+1 wraps into slot 0). This is
-    the transpose of that chain, point by point.
+    the transpose of that chain, point by point (as ``barycentric_weights_backward`` of
+    csrc/lattice_math.h, the C++ and CUDA backends' body).
 
     Args:
         features (Tensor[N, P, d]): the features the lattice was built from.

@@ -114,31 +114,47 @@ def test_native_feature_gradient_equals_reference(feature_grad, d):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-10)
 
 
-# The weight-gradient ops exist as reference (pure PyTorch) ops only: the compiled lattice's
-# autograd calls them too (crfrnn/ops.py). C++/CUDA versions are still to come (issue 15).
-WEIGHT_GRADIENT_OPS = {"lattice_filter_weights_backward": torch.ops.crfrnn.lattice_filter_weights_backward_ref.default,
-                       "barycentric_weights_backward": torch.ops.crfrnn.barycentric_weights_backward_ref.default}
-
-
-def test_opcheck_weight_gradient_ops():
-    feats = random_points(2, 20, 3)
-    lat = crfrnn.Lattice(feats, backend="reference")
-    gen = torch.Generator().manual_seed(5)
-    vals, grad = torch.randn(40, 2, dtype=torch.float64, generator=gen), torch.randn(40, 2, dtype=torch.float64, generator=gen)
-    for reverse in (False, True):
-        torch.library.opcheck(WEIGHT_GRADIENT_OPS["lattice_filter_weights_backward"],
-                              (vals, grad, lat.vertex_index, lat.weights, lat.neighbors, lat.splat_offsets,
-                               lat.splat_entries, reverse))
-    torch.library.opcheck(WEIGHT_GRADIENT_OPS["barycentric_weights_backward"],
-                          (feats, torch.randn(40, 4, dtype=torch.float64)))
+def _op_names(backend):
+    suffix = "_ref" if backend == "reference" else ""
+    return {name: getattr(torch.ops.crfrnn, name + suffix).default
+            for name in ("lattice_filter_weights_backward", "barycentric_weights_backward", "build_lattice")}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_build_autograd(backend):
-    """The build's autograd: its weights output differentiable in the features."""
-    build = torch.ops.crfrnn.build_lattice_ref if backend == "reference" else torch.ops.crfrnn.build_lattice
-    torch.library.opcheck(build.default, (random_points(2, 20, 3).requires_grad_(),),
+def test_opcheck_feature_gradient_ops(backend):
+    ops = _op_names(backend)
+    feats = random_points(2, 20, 3)
+    lat = crfrnn.Lattice(feats, backend=backend)
+    gen = torch.Generator().manual_seed(5)
+    vals, grad = torch.randn(40, 2, dtype=torch.float64, generator=gen), torch.randn(40, 2, dtype=torch.float64, generator=gen)
+    for reverse in (False, True):
+        torch.library.opcheck(ops["lattice_filter_weights_backward"],
+                              (vals, grad, lat.vertex_index, lat.weights, lat.neighbors, lat.splat_offsets,
+                               lat.splat_entries, reverse))
+    torch.library.opcheck(ops["barycentric_weights_backward"], (feats, torch.randn(40, 4, dtype=torch.float64)))
+    # The build's autograd (its weights output differentiable in the features).
+    torch.library.opcheck(ops["build_lattice"], (feats.clone().requires_grad_(),),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("d", [1, 2, 5, 16])
+def test_native_weight_gradient_ops_equal_reference(d, dtype):
+    """reference = C++, op by op. (The CUDA kernels' bodies of these ops, weight_grad_one and
+    feature_grad_one, are not yet run by the CPU harness of tests/test_cuda_logic_on_cpu.py.)"""
+    feats = random_points(3, 50, d, seed=d).to(dtype)
+    lat = crfrnn.Lattice(feats, backend="native")
+    gen = torch.Generator().manual_seed(6)
+    vals, grad = (torch.randn(150, 4, dtype=dtype, generator=gen) for _ in range(2))
+    tables = (lat.vertex_index, lat.weights, lat.neighbors, lat.splat_offsets, lat.splat_entries)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for reverse in (False, True):
+        native = torch.ops.crfrnn.lattice_filter_weights_backward(vals, grad, *tables, reverse)
+        torch.testing.assert_close(native, reference.lattice_filter_weights_grad(vals, grad, *tables, reverse), **tol)
+    grad_w = torch.randn(150, d + 1, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(torch.ops.crfrnn.barycentric_weights_backward(feats, grad_w),
+                               reference.barycentric_weights_grad(feats, grad_w), rtol=1e-12, atol=1e-12)
 
 
 def test_features_without_grad_cost_nothing_extra():
@@ -175,10 +191,11 @@ def test_one_backward_per_build_is_documented_behaviour():
         lat.filter(torch.rand(1, 50, 2, dtype=torch.float64), "after").sum().backward()
 
 
-def test_weight_gradient_ops_check_their_inputs():
-    ops = WEIGHT_GRADIENT_OPS
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_gradient_ops_check_their_inputs(backend):
+    ops = _op_names(backend)
     feats = random_points(1, 8, 2)
-    lat = crfrnn.Lattice(feats, backend="reference")
+    lat = crfrnn.Lattice(feats, backend=backend)
     vals = torch.rand(8, 3, dtype=torch.float64)
     tables = (lat.vertex_index, lat.weights, lat.neighbors, lat.splat_offsets, lat.splat_entries)
     with pytest.raises((ValueError, RuntimeError), match=r"values and grad|grad"):

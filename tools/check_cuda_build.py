@@ -20,7 +20,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Every op of the extension (csrc/ops.cpp) and the dispatch keys it has kernels for.
-OPS = {"build_lattice": ("CPU", "CUDA"), "lattice_filter": ("CPU", "CUDA"), "mean_field_inference": ("CPU",)}
+OPS = {"build_lattice": ("CPU", "CUDA"), "lattice_filter": ("CPU", "CUDA"),
+       "lattice_filter_weights_backward": ("CPU", "CUDA"), "barycentric_weights_backward": ("CPU", "CUDA"),
+       "mean_field_inference": ("CPU",)}
 
 
 def dispatch_key(name: str) -> str:

@@ -131,4 +131,35 @@ inline void check_filter_tables(const at::Tensor& vertex_index, const at::Tensor
                     c10::str("entries p*(d+1) + r below K = vertex_index.numel() = ", k));
 }
 
+// ---- the feature gradient's ops ---------------------------------------------------------------
+
+// crfrnn::lattice_filter_weights_backward: the filter's arguments, and grad shaped as values.
+inline void check_weights_backward_args(const at::Tensor& values, const at::Tensor& grad,
+                                        const at::Tensor& vertex_index, const at::Tensor& weights,
+                                        const at::Tensor& neighbors, const at::Tensor& splat_offsets,
+                                        const at::Tensor& splat_entries) {
+  check_filter_args(values, vertex_index, weights, neighbors, splat_offsets, splat_entries);
+  TORCH_CHECK_VALUE(grad.sizes() == values.sizes(), "crfrnn::lattice_filter_weights_backward: values and grad ",
+                    "must both be [P, C] with P = vertex_index.size(0) = ", vertex_index.size(0), ", got ",
+                    values.sizes(), " and ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == values.scalar_type() && grad.device() == values.device(),
+              "crfrnn::lattice_filter_weights_backward: grad (", grad.scalar_type(), " on ", grad.device(),
+              ") must have the values' dtype and device (", values.scalar_type(), " on ", values.device(), ")");
+}
+
+// crfrnn::barycentric_weights_backward: features as for the build, grad_weights [N*P, d+1]
+// floating point on their device.
+inline void check_barycentric_backward_args(const at::Tensor& features, const at::Tensor& grad_weights) {
+  check_features(features);
+  const int64_t num_points = features.size(0) * features.size(1), d1 = features.size(2) + 1;
+  TORCH_CHECK_VALUE(grad_weights.dim() == 2 && grad_weights.size(0) == num_points && grad_weights.size(1) == d1,
+                    "crfrnn::barycentric_weights_backward: grad_weights must be [N*P, d+1] = [", num_points, ", ",
+                    d1, "] for features ", features.sizes(), ", got ", grad_weights.sizes());
+  TORCH_CHECK(grad_weights.scalar_type() == at::kFloat || grad_weights.scalar_type() == at::kDouble,
+              "crfrnn::barycentric_weights_backward: grad_weights must be float32 or float64, got ",
+              grad_weights.scalar_type());
+  TORCH_CHECK(grad_weights.device() == features.device(), "crfrnn::barycentric_weights_backward: grad_weights on ",
+              grad_weights.device(), " but features on ", features.device());
+}
+
 }  // namespace crfrnn

@@ -28,6 +28,9 @@
 //   blur_vertex   one blur step of one vertex along one direction;
 //   slice_point   the slice of one point: add_slice_point (its terms, added into a running sum:
 //                 what the fused mean-field op runs, into the unary), started at zero and scaled.
+// and, for the gradient with respect to the barycentric weights (the features' gradient),
+//   weight_grad_entry  one simplex corner of one point: dot products of the point's rows with the
+//                      rows of a forward and an adjoint grid, over all channels.
 //
 // Lanes: which channels of a row one call computes, and where it keeps a running sum. A Lanes type
 // has a `Sum` type and (those the bodies it runs call) the members
@@ -171,6 +174,29 @@ CRFRNN_HD void slice_point(const Lanes& lanes, typename Lanes::Sum& sum, int64_t
   lanes.clear(sum);
   add_slice_point(lanes, sum, p, vertex_index, weights, d1, grid, stride, T(1));
   lanes.scale(sum, alpha);
+}
+
+// Gradient of <grad, filter(values)> with respect to the barycentric weight of entry e = p*d1 + r
+// (corner r of point p's simplex, vertex v = vertex_index[e]). The filter is out = alpha S B S^T
+// values, S[p, v] the weights, B the blur; a weight enters through the slice and the splat:
+//   d/dweights[e] = alpha (<grad[p], G[v]> + <values[p], H[v]>),
+//   G = B S^T values (forward_grid: splat, blur), H = B^T S^T grad (adjoint_grid: splat, blur in
+//   reverse order), rows `channels` apart, each dot product summed over the channels in order.
+template <typename T>
+CRFRNN_HD T weight_grad_entry(int64_t e, int d1, const int* vertex_index, const T* values, const T* grad,
+                              const T* forward_grid, const T* adjoint_grid, int64_t channels, T alpha) {
+  const int64_t p = e / d1;
+  const int64_t v = vertex_index[e];
+  const T* g = grad + p * channels;
+  const T* x = values + p * channels;
+  const T* fg = forward_grid + v * channels;
+  const T* ag = adjoint_grid + v * channels;
+  T through_slice = T(0), through_splat = T(0);
+  for (int64_t k = 0; k < channels; ++k) {
+    through_slice = add_weighted(through_slice, g[k], fg[k]);
+    through_splat = add_weighted(through_splat, x[k], ag[k]);
+  }
+  return alpha * (through_slice + through_splat);
 }
 
 }  // namespace crfrnn

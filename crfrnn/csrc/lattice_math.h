@@ -94,6 +94,41 @@ CRFRNN_HD void embed_point(const scalar_t* f, int d, int* rem0, int* rank, doubl
   embed_point_scaled(f, scale, d, rem0, rank, bary);
 }
 
+// Gradient of sum_r grad_bary[r] * bary[r] with respect to the point's d features, with its simplex
+// held fixed (the rank embed_point_scaled found for it; the weights are linear in the features
+// within a simplex): the transpose of embed_point_scaled's map features -> barycentric weights.
+//   forward: cf = f * scale; elevated[j] = sum_{k >= j} cf[k] - j cf[j-1]; v_i = (elevated[i] -
+//            rem0[i]) / (d+1); bary[d - rank_i] += v_i, bary[d - rank_i + 1] -= v_i (slot d+1
+//            wraps into slot 0)
+//   here:    grad v_i = g[d - rank_i] - g[d - rank_i + 1] (g[d+1] = g[0]);
+//            grad cf[k] = sum_{j <= k} grad elevated[j] - (k+1) grad elevated[k+1]
+// In double, in this order (crfrnn.reference.barycentric_weights_grad computes the same).
+CRFRNN_HD void barycentric_weights_backward(const int* rank, const double* scale, int d, const double* grad_bary,
+                                            double* grad_f) {
+  double grad_elevated[kMaxDim + 1];
+  for (int i = 0; i <= d; ++i) {
+    const int slot = d - rank[i];
+    const double next = slot + 1 == d + 1 ? grad_bary[0] : grad_bary[slot + 1];
+    grad_elevated[i] = (grad_bary[slot] - next) / (d + 1);
+  }
+  double prefix = 0.0;
+  for (int k = 0; k < d; ++k) {
+    prefix = prefix + grad_elevated[k];
+    grad_f[k] = (prefix - (k + 1) * grad_elevated[k + 1]) * scale[k];
+  }
+}
+
+// barycentric_weights_backward for the point `f` (d features): its simplex found again.
+template <typename scalar_t>
+CRFRNN_HD void embed_point_backward(const scalar_t* f, const double* scale, int d, const double* grad_bary,
+                                    double* grad_f) {
+  int rem0[kMaxDim + 1];
+  int rank[kMaxDim + 1];
+  double bary[kMaxDim + 1];
+  embed_point_scaled(f, scale, d, rem0, rank, bary);
+  barycentric_weights_backward(rank, scale, d, grad_bary, grad_f);
+}
+
 // Key (length d+1: image, k_0..k_{d-1}) of vertex r of the simplex found by embed_point.
 CRFRNN_HD void simplex_vertex_key(const int* rem0, const int* rank, int d, int r, int image, int* key) {
   key[0] = image;

@@ -21,6 +21,15 @@ TORCH_LIBRARY(crfrnn, m) {
   // values [N*P, C] -> [N*P, C]: slice(blur(splat(values))), blur order reversed if `reverse`.
   m.def("lattice_filter(Tensor values, Tensor vertex_index, Tensor weights, Tensor neighbors, "
         "Tensor splat_offsets, Tensor splat_entries, bool reverse) -> Tensor");
+  // The feature gradient of the filter, through the barycentric weights (simplices held fixed):
+  // values, grad [N*P, C] -> the gradient of <grad, lattice_filter(values, ..., reverse)> with
+  // respect to the weights, [N*P, d+1] ...
+  m.def("lattice_filter_weights_backward(Tensor values, Tensor grad, Tensor vertex_index, Tensor weights, "
+        "Tensor neighbors, Tensor splat_offsets, Tensor splat_entries, bool reverse) -> Tensor");
+  // ... and features [N, P, d], grad_weights [N*P, d+1] -> the gradient of <grad_weights,
+  // build_lattice(features)'s weights> with respect to the features, [N, P, d] (float32 for
+  // half/bfloat16 features).
+  m.def("barycentric_weights_backward(Tensor features, Tensor grad_weights) -> Tensor");
   // Mean-field inference, all iterations fused (CPU only, no autograd): unary [N, P, C] (any
   // strides) and per kernel a lattice over the N*P points (vertex_index, barycentric weights,
   // neighbors), the kernel's normalisation as per-point scales of the splat and the slice

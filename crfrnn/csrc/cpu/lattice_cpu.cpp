@@ -336,6 +336,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
 
 // ---- filter ---------------------------------------------------------------------------------------
 
+// The blurred splat of values [P, C]: splat, then blur along the d1 directions (in reverse order if
+// `reverse`), in the (M+1) x C buffers `grid` and `next`; returns the one holding the result (its
+// row M zero).
+template <typename T>
+const T* splat_and_blur(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,
+                        const int* nb, const int* offsets, const int* entries, int64_t m, bool reverse, T* grid,
+                        T* next) {
+  std::fill(next + m * c, next + (m + 1) * c, T(0));  // the zero row (every other row is written)
+  if (c < at::get_num_threads()) splat_by_vertex(values, c, w, d1, offsets, entries, m, grid);
+  else splat_by_point(values, num_points, c, vi, w, d1, m, grid);
+  return blur_grid(grid, next, nb, m, c, d1, reverse);
+}
+
 template <typename T>
 void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* vi, const T* w, int d1,
                      const int* nb, const int* offsets, const int* entries, int64_t m, bool reverse, T* out) {
@@ -347,11 +360,8 @@ void filter_cpu_impl(const T* values, int64_t num_points, int64_t c, const int* 
   std::vector<T>& grid_buffer = reuse ? kept_grid : own_grid;
   std::vector<T>& next_buffer = reuse ? kept_next : own_next;
   if (grid_buffer.size() < size) { grid_buffer.resize(size); next_buffer.resize(size); }
-  T* next = next_buffer.data();
-  std::fill(next + m * c, next + (m + 1) * c, T(0));  // the zero row (every other row is written)
-  if (c < at::get_num_threads()) splat_by_vertex(values, c, w, d1, offsets, entries, m, grid_buffer.data());
-  else splat_by_point(values, num_points, c, vi, w, d1, m, grid_buffer.data());
-  const T* grid = blur_grid(grid_buffer.data(), next, nb, m, c, d1, reverse);
+  const T* grid = splat_and_blur(values, num_points, c, vi, w, d1, nb, offsets, entries, m, reverse,
+                                 grid_buffer.data(), next_buffer.data());
   slice_points(grid, vi, w, d1, num_points, c, static_cast<T>(blur_alpha(d1 - 1)), out);
 }
 
@@ -375,11 +385,85 @@ at::Tensor lattice_filter_cpu(const at::Tensor& values_in, const at::Tensor& ver
   return out;
 }
 
+// ---- the feature gradient ---------------------------------------------------------------------
+
+// The weights' gradient [P, d1] of <grad, filter(values)> (weight_grad_entry, parallel over the
+// entries), from the forward grid (values splatted and blurred in the filter's order) and the
+// adjoint grid (grad splatted and blurred in the reverse order).
+template <typename T>
+void weights_backward_cpu_impl(const T* values, const T* grad, int64_t num_points, int64_t c, const int* vi,
+                               const T* w, int d1, const int* nb, const int* offsets, const int* entries, int64_t m,
+                               bool reverse, T* out) {
+  const int64_t size = (m + 1) * c;
+  std::vector<T> buffers(static_cast<size_t>(4 * size));
+  T* b = buffers.data();
+  const T* forward_grid = splat_and_blur(values, num_points, c, vi, w, d1, nb, offsets, entries, m, reverse, b,
+                                         b + size);
+  const T* adjoint_grid = splat_and_blur(grad, num_points, c, vi, w, d1, nb, offsets, entries, m, !reverse,
+                                         b + 2 * size, b + 3 * size);
+  const T alpha = static_cast<T>(blur_alpha(d1 - 1));
+  at::parallel_for(0, num_points * d1, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) {
+      out[e] = weight_grad_entry(e, d1, vi, values, grad, forward_grid, adjoint_grid, c, alpha);
+    }
+  });
+}
+
+at::Tensor lattice_filter_weights_backward_cpu(const at::Tensor& values_in, const at::Tensor& grad_in,
+                                               const at::Tensor& vertex_index, const at::Tensor& weights,
+                                               const at::Tensor& neighbors, const at::Tensor& splat_offsets,
+                                               const at::Tensor& splat_entries, bool reverse) {
+  check_weights_backward_args(values_in, grad_in, vertex_index, weights, neighbors, splat_offsets, splat_entries);
+  check_filter_tables(vertex_index, neighbors, splat_offsets, splat_entries);
+  const at::Tensor values = values_in.contiguous(), grad = grad_in.contiguous();
+  const at::Tensor vi = vertex_index.contiguous(), w = weights.contiguous(), nb = neighbors.contiguous();
+  const at::Tensor offsets = splat_offsets.contiguous(), entries = splat_entries.contiguous();
+  at::Tensor out = at::zeros(vi.sizes(), values.options());
+  if (values.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "crfrnn_weights_backward", [&] {
+    weights_backward_cpu_impl<scalar_t>(values.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                        values.size(0), values.size(1), vi.const_data_ptr<int>(),
+                                        w.const_data_ptr<scalar_t>(), static_cast<int>(vi.size(1)),
+                                        nb.const_data_ptr<int>(), offsets.const_data_ptr<int>(),
+                                        entries.const_data_ptr<int>(), nb.size(1), reverse,
+                                        out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// The features' gradient [N, P, d] from the weights' (embed_point_backward, parallel over the
+// points), in double, returned in the features' dtype (float32 for half/bfloat16 features).
+at::Tensor barycentric_weights_backward_cpu(const at::Tensor& features_in, const at::Tensor& grad_weights) {
+  check_barycentric_backward_args(features_in, grad_weights);
+  TORCH_CHECK(features_in.device().is_cpu(), "crfrnn::barycentric_weights_backward (CPU kernel): features on ",
+              features_in.device());
+  check_feature_values(features_in);
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor g = grad_weights.to(at::kDouble).contiguous();
+  const int64_t num_points = features.size(0) * features.size(1);
+  const int d = static_cast<int>(features.size(2));
+  const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
+  at::Tensor grad = at::empty(features.sizes(), features.options().dtype(at::kDouble));
+  double scale[kMaxDim];
+  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
+  const double* gw = g.const_data_ptr<double>();
+  double* out = grad.mutable_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_bary_backward", [&] {
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    at::parallel_for(0, num_points, 2048, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) embed_point_backward(f + p * d, scale, d, gw + p * (d + 1), out + p * d);
+    });
+  });
+  return grad.to(low_precision ? at::kFloat : features.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(crfrnn, CPU, m) {
   m.impl("build_lattice", &build_lattice_cpu);
   m.impl("lattice_filter", &lattice_filter_cpu);
+  m.impl("lattice_filter_weights_backward", &lattice_filter_weights_backward_cpu);
+  m.impl("barycentric_weights_backward", &barycentric_weights_backward_cpu);
 }
 
 }  // namespace crfrnn

@@ -177,6 +177,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
 
 // ---- filter ---------------------------------------------------------------------------------------
 
+// The device tensors of one filter call (contiguous) and its sizes.
+struct FilterArgs {
+  at::Tensor vi, w, nb, off, ent;
+  int64_t num_points, m;
+  int d1;
+};
+
+// Checks the tables on the device, before the kernels that read them on the same stream, and
+// without a host sync: the CRF filters one lattice dozens of times per forward (see checks.h for
+// the CPU's scan).
+FilterArgs filter_args(const at::Tensor& vertex_index, const at::Tensor& weights, const at::Tensor& neighbors,
+                       const at::Tensor& splat_offsets, const at::Tensor& splat_entries, cudaStream_t stream) {
+  FilterArgs a{vertex_index.contiguous(), weights.contiguous(), neighbors.contiguous(), splat_offsets.contiguous(),
+               splat_entries.contiguous(), vertex_index.size(0), neighbors.size(1),
+               static_cast<int>(vertex_index.size(1))};
+  check_launch(cuda::launch_check_tables(a.vi.const_data_ptr<int>(), a.vi.numel(), a.nb.const_data_ptr<int>(), a.d1,
+                                         a.off.const_data_ptr<int>(), a.ent.const_data_ptr<int>(), a.m, stream),
+               "check_tables");
+  return a;
+}
+
+// The blurred splat of values [P, C] (contiguous, dtype T): grid [M+1, C], blur directions in reverse
+// order if `reverse`; row M stays zero (missing neighbours point at it).
+template <typename T>
+at::Tensor splat_and_blur(const at::Tensor& values, const FilterArgs& a, bool reverse, cudaStream_t stream) {
+  const int64_t channels = values.size(1);
+  at::Tensor grid = at::zeros({a.m + 1, channels}, values.options());
+  at::Tensor next = at::zeros({a.m + 1, channels}, values.options());
+  check_launch(cuda::launch_splat<T>(values.const_data_ptr<T>(), a.w.const_data_ptr<T>(), a.d1,
+                                     a.off.const_data_ptr<int>(), a.ent.const_data_ptr<int>(), a.m, channels,
+                                     grid.mutable_data_ptr<T>(), stream),
+               "splat");
+  for (int step = 0; step < a.d1; ++step) {
+    const int j = reverse ? a.d1 - 1 - step : step;
+    check_launch(cuda::launch_blur<T>(grid.const_data_ptr<T>(), a.nb.const_data_ptr<int>() + static_cast<int64_t>(j) * a.m * 2,
+                                      a.m, channels, next.mutable_data_ptr<T>(), stream),
+                 "blur");
+    std::swap(grid, next);
+  }
+  return grid;
+}
+
 at::Tensor lattice_filter_cuda(const at::Tensor& values_in, const at::Tensor& vertex_index,
                                const at::Tensor& weights, const at::Tensor& neighbors,
                                const at::Tensor& splat_offsets, const at::Tensor& splat_entries,
@@ -189,41 +231,81 @@ at::Tensor lattice_filter_cuda(const at::Tensor& values_in, const at::Tensor& ve
 
   const at::Tensor values = values_in.contiguous();
   at::Tensor out = at::empty(values.sizes(), values.options());
-  const at::Tensor vi = vertex_index.contiguous(), w = weights.contiguous(), nb = neighbors.contiguous();
-  const at::Tensor off = splat_offsets.contiguous(), ent = splat_entries.contiguous();
-  const int64_t num_points = values.size(0), channels = values.size(1), m = nb.size(1);
-  const int d1 = static_cast<int>(vi.size(1));
-  // On the device, before the filter's kernels on the same stream, and without a host sync: the
-  // CRF filters one lattice dozens of times per forward (see checks.h for the CPU's scan).
-  check_launch(cuda::launch_check_tables(vi.const_data_ptr<int>(), vi.numel(), nb.const_data_ptr<int>(), d1,
-                                         off.const_data_ptr<int>(), ent.const_data_ptr<int>(), m, stream),
-               "check_tables");
+  const FilterArgs a = filter_args(vertex_index, weights, neighbors, splat_offsets, splat_entries, stream);
   if (values.numel() == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "crfrnn_filter_cuda", [&] {
-    // Two (M+1) x C buffers; row M stays zero: missing neighbours point at it.
-    at::Tensor grid = at::zeros({m + 1, channels}, values.options());
-    at::Tensor next = at::zeros({m + 1, channels}, values.options());
-    check_launch(cuda::launch_splat<scalar_t>(values.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), d1,
-                                              off.const_data_ptr<int>(), ent.const_data_ptr<int>(), m, channels,
-                                              grid.mutable_data_ptr<scalar_t>(), stream),
-                 "splat");
-    // Blur along each direction; the reversed order gives the adjoint.
-    for (int step = 0; step < d1; ++step) {
-      const int j = reverse ? d1 - 1 - step : step;
-      check_launch(cuda::launch_blur<scalar_t>(grid.const_data_ptr<scalar_t>(),
-                                               nb.const_data_ptr<int>() + static_cast<int64_t>(j) * m * 2, m,
-                                               channels, next.mutable_data_ptr<scalar_t>(), stream),
-                   "blur");
-      std::swap(grid, next);
-    }
-    const scalar_t alpha = static_cast<scalar_t>(blur_alpha(d1 - 1));
-    check_launch(cuda::launch_slice<scalar_t>(grid.const_data_ptr<scalar_t>(), vi.const_data_ptr<int>(),
-                                              w.const_data_ptr<scalar_t>(), d1, num_points, channels, alpha,
-                                              out.mutable_data_ptr<scalar_t>(), stream),
+    const at::Tensor grid = splat_and_blur<scalar_t>(values, a, reverse, stream);
+    const scalar_t alpha = static_cast<scalar_t>(blur_alpha(a.d1 - 1));
+    check_launch(cuda::launch_slice<scalar_t>(grid.const_data_ptr<scalar_t>(), a.vi.const_data_ptr<int>(),
+                                              a.w.const_data_ptr<scalar_t>(), a.d1, a.num_points, values.size(1),
+                                              alpha, out.mutable_data_ptr<scalar_t>(), stream),
                  "slice");
   });
   return out;
+}
+
+// ---- the feature gradient ------------------------------------------------------------------------
+
+// The weights' gradient [P, d+1] of <grad, filter(values)>: the forward grid (values, the filter's
+// blur order) and the adjoint grid (grad, reversed), then one thread per simplex corner.
+at::Tensor lattice_filter_weights_backward_cuda(const at::Tensor& values_in, const at::Tensor& grad_in,
+                                                const at::Tensor& vertex_index, const at::Tensor& weights,
+                                                const at::Tensor& neighbors, const at::Tensor& splat_offsets,
+                                                const at::Tensor& splat_entries, bool reverse) {
+  check_weights_backward_args(values_in, grad_in, vertex_index, weights, neighbors, splat_offsets, splat_entries);
+  TORCH_CHECK(values_in.is_cuda(), "crfrnn::lattice_filter_weights_backward (CUDA kernel): values must be on a ",
+              "CUDA device, got ", values_in.device());
+  const c10::cuda::CUDAGuard guard(values_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const at::Tensor values = values_in.contiguous(), grad = grad_in.contiguous();
+  at::Tensor out = at::zeros(vertex_index.sizes(), values.options());
+  const FilterArgs a = filter_args(vertex_index, weights, neighbors, splat_offsets, splat_entries, stream);
+  if (values.numel() == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "crfrnn_weights_backward_cuda", [&] {
+    const at::Tensor forward_grid = splat_and_blur<scalar_t>(values, a, reverse, stream);
+    const at::Tensor adjoint_grid = splat_and_blur<scalar_t>(grad, a, !reverse, stream);
+    const scalar_t alpha = static_cast<scalar_t>(blur_alpha(a.d1 - 1));
+    check_launch(cuda::launch_weight_grad<scalar_t>(a.vi.const_data_ptr<int>(), a.d1, a.num_points,
+                                                    values.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                                    forward_grid.const_data_ptr<scalar_t>(),
+                                                    adjoint_grid.const_data_ptr<scalar_t>(), values.size(1), alpha,
+                                                    out.mutable_data_ptr<scalar_t>(), stream),
+                 "weight_grad");
+  });
+  return out;
+}
+
+// The features' gradient [N, P, d] from the weights' (one thread per point, in double), in the
+// features' dtype (float32 for half/bfloat16 features, which are converted to float32 as for the
+// build: exact).
+at::Tensor barycentric_weights_backward_cuda(const at::Tensor& features_in, const at::Tensor& grad_weights) {
+  check_barycentric_backward_args(features_in, grad_weights);
+  TORCH_CHECK(features_in.is_cuda(), "crfrnn::barycentric_weights_backward (CUDA kernel): features must be on a ",
+              "CUDA device, got ", features_in.device());
+  check_feature_values(features_in);
+  const c10::cuda::CUDAGuard guard(features_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const auto dtype = features_in.scalar_type();
+  const bool low_precision = dtype == at::kHalf || dtype == at::kBFloat16;
+  const at::Tensor features = (low_precision ? features_in.to(at::kFloat) : features_in).contiguous();
+  const at::Tensor g = grad_weights.to(at::kDouble).contiguous();
+  const int64_t num_points = features.size(0) * features.size(1);
+  const int d = static_cast<int>(features.size(2));
+  at::Tensor grad = at::empty(features.sizes(), features.options().dtype(at::kDouble));
+  if (features.scalar_type() == at::kDouble) {
+    check_launch(cuda::launch_feature_grad<double>(features.const_data_ptr<double>(), num_points, d,
+                                                   g.const_data_ptr<double>(), grad.mutable_data_ptr<double>(), stream),
+                 "feature_grad");
+  } else {
+    check_launch(cuda::launch_feature_grad<float>(features.const_data_ptr<float>(), num_points, d,
+                                                  g.const_data_ptr<double>(), grad.mutable_data_ptr<double>(), stream),
+                 "feature_grad");
+  }
+  return grad.to(low_precision ? at::kFloat : dtype);
 }
 
 }  // namespace
@@ -231,6 +313,8 @@ at::Tensor lattice_filter_cuda(const at::Tensor& values_in, const at::Tensor& ve
 TORCH_LIBRARY_IMPL(crfrnn, CUDA, m) {
   m.impl("build_lattice", &build_lattice_cuda);
   m.impl("lattice_filter", &lattice_filter_cuda);
+  m.impl("lattice_filter_weights_backward", &lattice_filter_weights_backward_cuda);
+  m.impl("barycentric_weights_backward", &barycentric_weights_backward_cuda);
 }
 
 }  // namespace crfrnn

@@ -20,6 +20,8 @@
 //                   vertex (the sort itself is torch's).
 // Filter (deterministic gathers, no atomics): splat_one, blur_one, slice_one, one channel of one
 // row each, run the steps of lattice_filter_steps.h, the bodies the C++ backend runs too.
+// Feature gradient: weight_grad_one (one simplex corner of one point: weight_grad_entry of
+// lattice_filter_steps.h) and feature_grad_one (one point: embed_point_backward of lattice_math.h).
 #pragma once
 
 #include <cstdint>
@@ -247,6 +249,27 @@ CRFRNN_HD void slice_one(int64_t t, const T* grid, const int* vertex_index, cons
   T sum;
   slice_point(OneChannel<T>{t - p * channels}, sum, p, vertex_index, weights, d1, grid, channels, alpha);
   out[t] = sum;
+}
+
+// ---- the feature gradient ----------------------------------------------------------------------
+
+// t = e, an entry p*d1 + r: the weights' gradient at that simplex corner (weight_grad_entry), from
+// the forward and adjoint grids [M+1, C].
+template <typename T>
+CRFRNN_HD void weight_grad_one(int64_t e, int d1, const int* vertex_index, const T* values, const T* grad,
+                               const T* forward_grid, const T* adjoint_grid, int64_t channels, T alpha,
+                               T* grad_weights) {
+  grad_weights[e] = weight_grad_entry(e, d1, vertex_index, values, grad, forward_grid, adjoint_grid, channels, alpha);
+}
+
+// Point p: grad_features[p, 0:d] from grad_weights[p, 0:d+1] (embed_point_backward; both double).
+// features: [P, d].
+template <typename scalar_t>
+CRFRNN_HD void feature_grad_one(int64_t p, const scalar_t* features, int d, const double* grad_weights,
+                                double* grad_features) {
+  double scale[kMaxDim];
+  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
+  embed_point_backward(features + p * d, scale, d, grad_weights + p * (d + 1), grad_features + p * d);
 }
 
 }  // namespace device

@@ -156,6 +156,23 @@ __global__ void check_tables_kernel(const int* __restrict__ vertex_index, int64_
   }
 }
 
+template <typename T>
+__global__ void weight_grad_kernel(const int* __restrict__ vertex_index, int d1, int64_t num_entries,
+                                   const T* __restrict__ values, const T* __restrict__ grad,
+                                   const T* __restrict__ forward_grid, const T* __restrict__ adjoint_grid,
+                                   int64_t channels, T alpha, T* __restrict__ grad_weights) {
+  CRFRNN_GRID_STRIDE_LOOP(e, num_entries) {
+    device::weight_grad_one(e, d1, vertex_index, values, grad, forward_grid, adjoint_grid, channels, alpha,
+                            grad_weights);
+  }
+}
+
+template <typename scalar_t>
+__global__ void feature_grad_kernel(const scalar_t* __restrict__ features, int64_t num_points, int d,
+                                    const double* __restrict__ grad_weights, double* __restrict__ grad_features) {
+  CRFRNN_GRID_STRIDE_LOOP(p, num_points) { device::feature_grad_one(p, features, d, grad_weights, grad_features); }
+}
+
 #undef CRFRNN_GRID_STRIDE_LOOP
 
 }  // namespace
@@ -256,8 +273,28 @@ cudaError_t launch_check_tables(const int* vertex_index, int64_t num_entries, co
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_weight_grad(const int* vertex_index, int d1, int64_t num_points, const T* values, const T* grad,
+                               const T* forward_grid, const T* adjoint_grid, int64_t channels, T alpha,
+                               T* grad_weights, cudaStream_t stream) {
+  const int64_t n = num_points * d1;
+  if (n <= 0) return cudaSuccess;
+  weight_grad_kernel<T><<<num_blocks(n), kThreads, 0, stream>>>(vertex_index, d1, n, values, grad, forward_grid,
+                                                                adjoint_grid, channels, alpha, grad_weights);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t launch_feature_grad(const scalar_t* features, int64_t num_points, int d, const double* grad_weights,
+                                double* grad_features, cudaStream_t stream) {
+  if (num_points <= 0) return cudaSuccess;
+  feature_grad_kernel<scalar_t><<<num_blocks(num_points), kThreads, 0, stream>>>(features, num_points, d,
+                                                                                 grad_weights, grad_features);
+  return cudaGetLastError();
+}
+
 // Explicit instantiations: features float (also for half/bfloat16, converted by the launcher)
-// and double; filter float and double.
+// and double; filter and weight gradient float and double.
 template cudaError_t launch_embed<float>(const float*, int64_t, int, int*, double*, cudaStream_t);
 template cudaError_t launch_embed<double>(const double*, int64_t, int, int*, double*, cudaStream_t);
 template cudaError_t launch_splat<float>(const float*, const float*, int, const int*, const int*, int64_t,
@@ -270,6 +307,14 @@ template cudaError_t launch_slice<float>(const float*, const int*, const float*,
                                          float*, cudaStream_t);
 template cudaError_t launch_slice<double>(const double*, const int*, const double*, int, int64_t, int64_t,
                                           double, double*, cudaStream_t);
+
+template cudaError_t launch_weight_grad<float>(const int*, int, int64_t, const float*, const float*, const float*,
+                                               const float*, int64_t, float, float*, cudaStream_t);
+template cudaError_t launch_weight_grad<double>(const int*, int, int64_t, const double*, const double*,
+                                                const double*, const double*, int64_t, double, double*,
+                                                cudaStream_t);
+template cudaError_t launch_feature_grad<float>(const float*, int64_t, int, const double*, double*, cudaStream_t);
+template cudaError_t launch_feature_grad<double>(const double*, int64_t, int, const double*, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace crfrnn

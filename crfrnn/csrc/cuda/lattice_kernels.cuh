@@ -83,5 +83,20 @@ cudaError_t launch_slice(const T* grid, const int* vertex_index, const T* weight
                          int64_t num_points, int64_t channels, T alpha, T* out,
                          cudaStream_t stream);
 
+// ---- the feature gradient --------------------------------------------------------------------
+
+// grad_weights[e] = alpha (<grad[p], forward_grid[v]> + <values[p], adjoint_grid[v]>) for every
+// entry e = p*d1 + r, v = vertex_index[e] (weight_grad_entry of lattice_filter_steps.h).
+template <typename T>
+cudaError_t launch_weight_grad(const int* vertex_index, int d1, int64_t num_points, const T* values, const T* grad,
+                               const T* forward_grid, const T* adjoint_grid, int64_t channels, T alpha,
+                               T* grad_weights, cudaStream_t stream);
+
+// grad_features[p, 0:d] (double) from grad_weights[p, 0:d+1] (double), simplices held fixed
+// (embed_point_backward of lattice_math.h). features: [P, d], scalar_t float or double.
+template <typename scalar_t>
+cudaError_t launch_feature_grad(const scalar_t* features, int64_t num_points, int d, const double* grad_weights,
+                                double* grad_features, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace crfrnn
