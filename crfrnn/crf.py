@@ -151,26 +151,32 @@ def _wants_grad(unary, pairwise, lattices):
                                         or any(getattr(lat, "differentiable", False) for lat in lattices))
 
 
-def _can_fuse(unary, lattices, pairwise):
-    """Whether the fused inference op can run these iterations: no gradient is wanted, and the
-    lattices are the C++ backend's (the op is CPU-only and has no autograd)."""
-    return (not _wants_grad(unary, pairwise, lattices)
-            and unary.device.type in ops.FUSED_MEAN_FIELD_DEVICE_TYPES
-            and unary.dtype in (torch.float32, torch.float64)
+def _can_fuse(unary, lattices):
+    """Whether the fused mean-field ops can run these iterations: the device has them and the
+    lattices are the compiled backend's (tensors the ops read directly)."""
+    return (unary.device.type in ops.FUSED_MEAN_FIELD_DEVICE_TYPES and unary.dtype in (torch.float32, torch.float64)
             and all(getattr(lat, "backend", None) == "native" for lat in lattices))
 
 
-def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize):
-    """All iterations in one call of crfrnn::mean_field_inference (see csrc/cpu/mean_field_cpu.cpp).
-    The result has `unary`'s memory layout (a channels-first unary stays channels first)."""
+def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint=False):
+    """All iterations in one fused op (see csrc/cpu/mean_field_cpu.cpp). The result has `unary`'s
+    memory layout (a channels-first unary stays channels first).
+
+    No gradient wanted, or `checkpoint`: crfrnn::mean_field_inference (whose autograd saves only
+    its inputs and runs the forward again in the backward); else crfrnn::mean_field_forward,
+    which saves the blurred grids of every iteration (a few percent of Tensor[N, P, C] each) and,
+    on CUDA, the marginals (its splat reads them from memory anyway; on the CPU, writing them
+    costs as much as recomputing them in the backward, bench/crf.py)."""
     splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, unary.dtype) for lat in lattices))
-    return torch.ops.crfrnn.mean_field_inference(
-        unary, [lat.vertex_index for lat in lattices], [lat.weights_as(unary.dtype) for lat in lattices],
-        list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices],
-        [m.detach().to(unary.dtype) for m in pairwise], num_iterations)
+    args = (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(unary.dtype) for lat in lattices],
+            list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices],
+            [m.to(unary.dtype) for m in pairwise], num_iterations)
+    if checkpoint or not _wants_grad(unary, pairwise, lattices):
+        return torch.ops.crfrnn.mean_field_inference(*args)
+    return torch.ops.crfrnn.mean_field_forward(*args, unary.device.type == "cuda")[0]
 
 
-def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False):
+def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False, fused=True):
     """Run `num_iterations` mean-field iterations on prebuilt lattices (channels last).
 
     Args:
@@ -180,13 +186,19 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
         pairwise (sequence of Tensor[C, C]): mu W_m per kernel (same dtype as `unary`).
         num_iterations (int): T >= 0 (T = 0 returns a copy of the unary).
         normalize (str): kernel normalisation, see `Lattice.filter`.
-        checkpoint (bool): recompute each iteration in backward instead of storing its
-            intermediates (keeps one Tensor[N, P, C] per iteration).
+        checkpoint (bool): save only the inputs for the backward and compute the iterations again
+            there (the step-by-step loop: each iteration's, keeping one Tensor[N, P, C] per
+            iteration; the fused ops: all of them).
+        fused (bool): run the fused ops when they apply (default); False forces the step-by-step
+            loop (the oracle the fused ops are tested against).
 
-    When no gradient is wanted and the lattices are the C++ backend's, all iterations run in
-    one fused op (``crfrnn::mean_field_inference``), which applies the C x C matrices on the
-    lattice vertices before the slice; the result equals the step-by-step loop up to float
-    rounding.
+    When the lattices are the compiled backend's on a device with the fused ops (CPU; CUDA when
+    built with it), all iterations run in one op, which applies the C x C matrices on the lattice
+    vertices before the slice, and the backward in one more (``crfrnn::mean_field_forward`` and
+    ``crfrnn::mean_field_backward``; ``crfrnn::mean_field_inference`` when no gradient is
+    wanted). Their results and gradients (for the unary and the matrices) equal the step-by-step
+    loop's up to float rounding. Otherwise (the reference backend) the iterations run step by
+    step, as separate autograd ops.
 
     Returns:
         Tensor[N, P, C]: the logits L of the last iteration (Q = softmax(L)).
@@ -196,8 +208,8 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     use_ckpt = checkpoint and _wants_grad(unary, pairwise, lattices)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    if _can_fuse(unary, lattices, pairwise):
-        return _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize)
+    if fused and _can_fuse(unary, lattices):
+        return _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint)
     unary = unary.contiguous()
     q = torch.softmax(unary, dim=-1)
     logits = unary
@@ -252,8 +264,9 @@ class CRFRNNLayer(nn.Module):
             layer undoes it. When None, `image` is RGB in 0..255 (uint8 or float).
         normalize (str): kernel normalisation, "symmetric" (densecrf's default; n K(n Q) with
             n = 1/sqrt(K 1)) or "after" (K Q / K 1, CRF-RNN's), or "none".
-        checkpoint (bool): recompute each iteration in backward instead of storing it (about a
-            third of the activation memory; one extra forward in backward).
+        checkpoint (bool): save only the inputs for the backward and run the forward again there
+            (the fused ops save a few percent of the unary's size per iteration without it, the
+            step-by-step loop several unary-sized tensors).
         backend (str): lattice backend, "auto" | "reference" | "native".
         learn_bandwidths (bool): make the three bandwidths (sigma_xy and sigma_rgb of the
             bilateral kernel, sigma_xy of the spatial one) parameters, through their logarithms
@@ -284,10 +297,11 @@ class CRFRNNLayer(nn.Module):
     or class count fails with a message that says so. `scale_spatial_bandwidths(factor)` adapts
     the spatial bandwidths to images `factor` times larger.
 
-    Speed: when no gradient is wanted (``torch.no_grad()``, or no input or parameter requires
-    grad) and the lattices are the C++ backend's, all iterations run in one fused C++ op
-    (``crfrnn::mean_field_inference``); otherwise step by step, as autograd needs. Both compute
-    the same logits up to float rounding. The spatial lattice depends on the image shape only:
+    Speed: with the compiled lattices (the default backend), all iterations run in one fused op
+    and the backward in another (``crfrnn::mean_field_forward``/``mean_field_backward``, or
+    ``mean_field_inference`` when no gradient is wanted): a forward and backward costs about two
+    forwards (bench/crf.py). With the reference backend they run step by step, as separate
+    autograd ops. Both compute the same logits and gradients up to float rounding. The spatial lattice depends on the image shape only:
     the layer keeps the last one and reuses it for inputs of the same N, H and W
     (``clear_lattice_cache()`` frees it; pickling and ``copy.deepcopy`` leave it out), unless it
     has to be differentiable in a learned bandwidth. Learning the bandwidths costs about 2d + 1 filters more per kernel and iteration

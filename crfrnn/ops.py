@@ -22,6 +22,13 @@ Gradients with respect to the features go through the barycentric weights, with 
 gradient, dotted with them at every simplex corner), and the build's backward maps it to the
 features (``barycentric_weights_backward``, a per-point linear map). Both run only when the
 features require grad.
+
+And the fused mean-field ops of the extension (``csrc/cpu/mean_field_cpu.cpp``): all iterations
+of the CRF in one op each, on the unary, the lattices, their normalisation scales and the C x C
+matrices. ``crfrnn::mean_field_forward`` saves what ``crfrnn::mean_field_backward`` needs;
+``crfrnn::mean_field_inference`` saves nothing, and its autograd recomputes the forward in the
+backward (gradient checkpointing). Both give the gradients of the unary and of the matrices,
+none for the lattices' weights or the scales (they refuse inputs that require one).
 """
 import warnings
 
@@ -190,15 +197,114 @@ if EXTENSION_ERROR is None:
                          pairwise, iterations):
         return torch.empty_like(unary)
 
+    @torch.library.register_fake("crfrnn::mean_field_forward")
+    def _mean_field_forward_fake(unary, vertex_index, weights, splat_scale, slice_scale, neighbors,
+                                 pairwise, iterations, save_marginals):
+        n, p, c = unary.shape
+        blurred = [unary.new_empty((iterations, nb.shape[1], c)) for nb in neighbors]
+        marginals = unary.new_empty((iterations - 1, n, p, c) if save_marginals else (0,))
+        return torch.empty_like(unary), blurred, marginals
+
+    @torch.library.register_fake("crfrnn::mean_field_backward")
+    def _mean_field_backward_fake(grad_logits, unary, vertex_index, weights, splat_scale, slice_scale,
+                                  neighbors, pairwise, blurred, marginals, iterations):
+        return torch.empty_like(unary), [m.new_empty(m.shape) for m in pairwise]
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd of the fused mean-field ops. Their arguments: unary, then per kernel lists of
+# vertex_index, weights, splat_scale, slice_scale, neighbors and pairwise, then iterations.
+
+_LATTICE_LISTS = ("vertex_index", "weights", "splat_scale", "slice_scale", "neighbors")
+
+
+def _refuse_lattice_gradients(op_name, weights, splat_scale, slice_scale):
+    """The fused ops differentiate the unary and the matrices only: a lattice weight or scale
+    that requires grad (a learned bandwidth) would silently get none."""
+    if any(t.requires_grad for group in (weights, splat_scale, slice_scale) for t in group):
+        raise RuntimeError(
+            f"{op_name} gives gradients for the unary and the pairwise matrices only, but a lattice "
+            "weight or normalisation scale requires grad (learned bandwidths?): run the iterations "
+            "step by step (crfrnn.crf.mean_field(..., fused=False)), or detach them")
+
+
+def _save_mean_field_inputs(ctx, unary, lattice, pairwise, iterations, extra=()):
+    """Save the unary, the lattice lists, the matrices and `extra` tensors (flattened: the lists'
+    lengths are the kernel count)."""
+    ctx.num_kernels = len(pairwise)
+    ctx.iterations = iterations
+    ctx.save_for_backward(unary, *(t for group in lattice for t in group), *pairwise, *extra)
+
+
+def _saved_mean_field_inputs(ctx):
+    """(unary, lattice lists, pairwise, extra tensors) as saved by _save_mean_field_inputs."""
+    unary, *rest = ctx.saved_tensors
+    k = ctx.num_kernels
+    lattice = [rest[i * k:(i + 1) * k] for i in range(len(_LATTICE_LISTS))]
+    pairwise = rest[len(_LATTICE_LISTS) * k:(len(_LATTICE_LISTS) + 1) * k]
+    return unary, lattice, list(pairwise), rest[(len(_LATTICE_LISTS) + 1) * k:]
+
+
+def _mean_field_gradients(ctx, grad_unary, grad_pairwise):
+    """The backward's return value, shaped as the op's inputs (a list for each list input): the
+    unary's and the matrices' gradients where asked for, None elsewhere."""
+    needs = ctx.needs_input_grad  # shaped as the inputs
+    grads = [[None] * len(n) if isinstance(n, (list, tuple)) else None for n in needs]
+    if needs[0]:
+        grads[0] = grad_unary
+    at = 1 + len(_LATTICE_LISTS)  # the pairwise matrices
+    grads[at] = [g if need else None for g, need in zip(grad_pairwise, needs[at])]
+    return tuple(grads)
+
+
+if EXTENSION_ERROR is None:
+    def _forward_setup_context(ctx, inputs, output):
+        unary, *lattice, pairwise, iterations, _ = inputs
+        _refuse_lattice_gradients("crfrnn::mean_field_forward", *lattice[1:4])
+        _, blurred, marginals = output
+        ctx.mark_non_differentiable(*blurred, marginals)
+        _save_mean_field_inputs(ctx, unary, lattice, pairwise, iterations, extra=(*blurred, marginals))
+
+    def _forward_backward(ctx, grad_logits, _grad_blurred, _grad_marginals):
+        unary, lattice, pairwise, saved = _saved_mean_field_inputs(ctx)
+        grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(
+            grad_logits, unary, *lattice, pairwise, list(saved[:-1]), saved[-1], ctx.iterations)
+        return _mean_field_gradients(ctx, grad_unary, grad_pairwise)
+
+    torch.library.register_autograd("crfrnn::mean_field_forward", _forward_backward,
+                                    setup_context=_forward_setup_context)
+
+    def _inference_setup_context(ctx, inputs, output):
+        unary, *lattice, pairwise, iterations = inputs
+        _refuse_lattice_gradients("crfrnn::mean_field_inference", *lattice[1:4])
+        _save_mean_field_inputs(ctx, unary, lattice, pairwise, iterations)
+
+    def _inference_backward(ctx, grad_logits):
+        # Gradient checkpointing: the forward again, saving its blurred grids (the marginals are
+        # recomputed from them in the backward op), then the backward.
+        unary, lattice, pairwise, _ = _saved_mean_field_inputs(ctx)
+        _, blurred, marginals = torch.ops.crfrnn.mean_field_forward(unary, *lattice, pairwise, ctx.iterations, False)
+        grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(
+            grad_logits, unary, *lattice, pairwise, blurred, marginals, ctx.iterations)
+        return _mean_field_gradients(ctx, grad_unary, grad_pairwise)
+
+    torch.library.register_autograd("crfrnn::mean_field_inference", _inference_backward,
+                                    setup_context=_inference_setup_context)
+
+
+_FUSED_OPS = ("mean_field_inference", "mean_field_forward", "mean_field_backward")
+
 
 def _fused_device_types():
-    if EXTENSION_ERROR is None and _has_kernels(("mean_field_inference",), torch.DispatchKey.CPU):
-        return frozenset({"cpu"})
-    return frozenset()
+    if EXTENSION_ERROR is not None:
+        return frozenset()
+    return frozenset(
+        device_type for device_type, key in (("cpu", torch.DispatchKey.CPU), ("cuda", torch.DispatchKey.CUDA))
+        if _has_kernels(_FUSED_OPS, key))
 
 
-#: Device types with the fused mean-field inference op (``crfrnn::mean_field_inference``, no
-#: autograd): the C++ backend only; CUDA runs the iterations as separate ops.
+#: Device types with the fused mean-field ops (``crfrnn::mean_field_inference``,
+#: ``mean_field_forward``, ``mean_field_backward``), fixed at import.
 FUSED_MEAN_FIELD_DEVICE_TYPES = _fused_device_types()
 
 

@@ -30,13 +30,27 @@ TORCH_LIBRARY(crfrnn, m) {
   // build_lattice(features)'s weights> with respect to the features, [N, P, d] (float32 for
   // half/bfloat16 features).
   m.def("barycentric_weights_backward(Tensor features, Tensor grad_weights) -> Tensor");
-  // Mean-field inference, all iterations fused (CPU only, no autograd): unary [N, P, C] (any
-  // strides) and per kernel a lattice over the N*P points (vertex_index, barycentric weights,
-  // neighbors), the kernel's normalisation as per-point scales of the splat and the slice
-  // ([N*P] each) and its C x C pairwise matrix -> the last iteration's logits [N, P, C] in the
-  // unary's memory layout: L = U - sum_m K_m(Q) A_m^T, Q = softmax(L), from Q = softmax(U),
-  // with K_m(Q) = slice_scale * slice(blur(splat(splat_scale * Q))).
+  // Mean-field inference, all iterations fused: unary [N, P, C] (any strides) and per kernel a
+  // lattice over the N*P points (vertex_index, barycentric weights, neighbors), the kernel's
+  // normalisation as per-point scales of the splat and the slice ([N*P] each) and its C x C
+  // pairwise matrix -> the last iteration's logits [N, P, C] in the unary's memory layout:
+  // L = U - sum_m K_m(Q) A_m^T, Q = softmax(L), from Q = softmax(U), with
+  // K_m(Q) = slice_scale * slice(blur(splat(splat_scale * Q))). Its autograd (crfrnn/ops.py)
+  // saves only the inputs and recomputes with the two ops below in the backward.
   m.def("mean_field_inference(Tensor unary, Tensor[] vertex_index, Tensor[] weights, "
         "Tensor[] splat_scale, Tensor[] slice_scale, Tensor[] neighbors, Tensor[] pairwise, "
         "int iterations) -> Tensor");
+  // The same for training: (logits, blurred, marginals) with what mean_field_backward needs:
+  // per kernel the blurred grid of every iteration ([iterations, M, C] each) and, if
+  // save_marginals, Q_1..Q_{T-1} ([iterations - 1, N, P, C]; else empty, recomputed in the
+  // backward from the unary and the blurred grids).
+  m.def("mean_field_forward(Tensor unary, Tensor[] vertex_index, Tensor[] weights, "
+        "Tensor[] splat_scale, Tensor[] slice_scale, Tensor[] neighbors, Tensor[] pairwise, "
+        "int iterations, bool save_marginals) -> (Tensor, Tensor[], Tensor)");
+  // Its backward: grad_logits [N, P, C] (any strides) and the forward's inputs and saves ->
+  // (grad_unary [N, P, C] in the unary's layout, grad_pairwise [C, C] per kernel). No gradient
+  // for the lattice, its weights or the normalisation scales.
+  m.def("mean_field_backward(Tensor grad_logits, Tensor unary, Tensor[] vertex_index, "
+        "Tensor[] weights, Tensor[] splat_scale, Tensor[] slice_scale, Tensor[] neighbors, "
+        "Tensor[] pairwise, Tensor[] blurred, Tensor marginals, int iterations) -> (Tensor, Tensor[])");
 }

@@ -1,5 +1,11 @@
-// Fused mean-field inference on the CPU: all iterations of the CRF in one op, for forward passes
-// that need no gradient (evaluation, post-processing).
+// The fused mean-field ops on the CPU: all iterations of the CRF in one op.
+//
+//   crfrnn::mean_field_inference  the last iteration's logits (evaluation, post-processing);
+//   crfrnn::mean_field_forward    the same, and what the backward needs: the blurred grids of
+//                                 every iteration (a few percent of P x C each) and, if asked,
+//                                 the marginals Q_1..Q_{T-1};
+//   crfrnn::mean_field_backward   the gradients of the unary and of every C x C matrix from the
+//                                 logits' gradient, running the iterations backwards.
 //
 // The autograd path (crfrnn/crf.py) runs each iteration as separate ops: two lattice filters,
 // two C x C matmuls on the P pixels, the unary addition and a softmax, each a pass over
@@ -12,8 +18,13 @@
 // Moving the C x C matrices before the slice is exact algebra (the slice is a per-channel
 // weighted sum of vertex rows, so it commutes with a matrix acting on the channels) and they
 // then act on M rows instead of P (M is 2-15% of P on natural images). Slicing one iteration
-// and splatting the next in the same pass over the points means Q is never stored. The result
-// equals the autograd path up to float rounding; tests/test_crf_fused.py checks it.
+// and splatting the next in the same pass over the points means Q is never stored. The backward
+// has the same shape (mean_field_steps.h): per iteration the vertex work (the matrices'
+// gradient as outer products on the M rows, the adjoint mix, the blur in reverse order), then
+// one pass over the points that slices the adjoint grids, takes the softmax's gradient (with Q
+// saved, or recomputed from U and the saved grids) and splats the result for the iteration
+// before. The results equal the autograd path up to float rounding; tests/test_crf_fused.py
+// checks them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,6 +46,7 @@
 
 #include "../checks.h"
 #include "../lattice_math.h"
+#include "../mean_field_steps.h"
 #include "filter_loops.h"
 
 namespace crfrnn {
@@ -75,31 +87,60 @@ struct ChunkRange {
   int64_t first_row = 0;   // where its rows start in CrfKernelState::partial
 };
 
-// What the inference holds for one CRF kernel: its lattice, its normalisation as per-point scales
-// of the splat and the slice, its C x C pairwise matrix (transposed, padded and scaled by the
-// slice's alpha) and its grids.
+// Where row p of a [N, P, C] tensor with any strides starts (channel k is k * channel further).
+struct PointLayout {
+  int64_t per_image = 1, image = 0, point = 0, channel = 0;
+  int64_t offset(int64_t p) const { return (p / per_image) * image + (p % per_image) * point; }
+};
+
+inline PointLayout layout_of(const at::Tensor& t) {
+  return PointLayout{t.size(1), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// What the ops hold for one CRF kernel: its lattice and normalisation (tables), its C x C matrix
+// as the forward and the backward mix it (transposed, padded and scaled by the slice's alpha) and
+// its grids.
 template <typename T>
 struct CrfKernelState {
-  const int* vertex_index;  // [P, d1]
-  const T* weights;         // [P, d1]: barycentric
-  const T* splat_scale;     // [P]
-  const T* slice_scale;     // [P]
-  const int* neighbors;     // [d1, M, 2]
+  PointTables<T> tables;
+  const int* neighbors;  // [d1, M, 2]
   int64_t m;
-  int d1;
-  AlignedVector<T> transform;          // [cp, cp]: row j holds alpha * A[:, j]
+  AlignedVector<T> transform;          // [C, cp]: row j holds alpha * A[:, j]
+  AlignedVector<T> adjoint_transform;  // [C, cp]: row l holds -alpha * A[l, :] (backward only)
   AlignedVector<T> grid, next, mixed;  // (M+1) x cp each; row M is the zero row
   std::vector<ChunkRange> chunk;       // per chunk of points
   AlignedVector<T> partial;            // the chunks' partial grids, one after the other
+  // Backward only: the current iteration's blurred adjoint grid (grid or next), and B^T H per
+  // block of vertices and summed over the blocks and iterations ([C, cp]).
+  const T* adjoint = nullptr;
+  AlignedVector<T> outer_partials, outer_total;
 };
 
-// The whole inference but the kernels: the points and their unary, and where the output goes.
+// The whole problem but the kernels: the points and their unary, and where the output goes.
 template <typename T>
 struct MeanFieldProblem {
   const T* u;  // [P, cp]: the unary, padded lanes at -inf
   int64_t num_points, c, cp, chunks;
-  T* out;  // out[p / per_image * out_stride_image + p % per_image * out_stride_point + k * out_stride_class]
-  int64_t per_image, out_stride_image, out_stride_point, out_stride_class;
+  T* out;  // the logits, row p at out + out_layout.offset(p)
+  PointLayout out_layout;
+};
+
+// What the forward saves for the backward: per kernel the blurred grid B_t of every iteration
+// ([T, M, C] each), and the marginals Q_1..Q_{T-1} ([T-1, P, C]) or null.
+template <typename T>
+struct ForwardSaves {
+  T* const* blurred = nullptr;
+  T* marginals = nullptr;
+};
+
+// The backward's gradients: dL_T in, dU out (any layouts), and dU as it accumulates ([P, cp]).
+template <typename T>
+struct MeanFieldGradient {
+  const T* grad_logits;
+  PointLayout grad_layout;
+  T* grad_unary;
+  PointLayout unary_layout;
+  T* du;
 };
 
 }  // namespace
@@ -134,16 +175,35 @@ struct MeanFieldProblem {
 namespace crfrnn {
 namespace {
 
-// The widest copy of the loop this CPU runs.
-template <typename T>
-void run_mean_field(const MeanFieldProblem<T>& problem, std::vector<CrfKernelState<T>>& kernels, int64_t iterations) {
+// Whether to run the AVX2 copy of the loops: when the CPU has AVX2, unless CRFRNN_CPU_ISA=generic
+// forces the 4-lane copy (tests compare both).
+inline bool use_avx2() {
 #ifdef CRFRNN_HAVE_AVX2_COPY
-  // CRFRNN_CPU_ISA=generic forces the 4-lane copy (tests compare both).
   static const bool avx2 = __builtin_cpu_supports("avx2") &&
                            !(std::getenv("CRFRNN_CPU_ISA") && std::string(std::getenv("CRFRNN_CPU_ISA")) == "generic");
-  if (avx2) return mean_field_avx2::mean_field(problem, kernels, iterations);
+  return avx2;
+#else
+  return false;
 #endif
-  mean_field_generic::mean_field(problem, kernels, iterations);
+}
+
+// The forward and backward loops, in the widest copy this CPU runs.
+template <typename T>
+void run_mean_field(const MeanFieldProblem<T>& problem, std::vector<CrfKernelState<T>>& kernels, int64_t iterations,
+                    const ForwardSaves<T>& saves) {
+#ifdef CRFRNN_HAVE_AVX2_COPY
+  if (use_avx2()) return mean_field_avx2::mean_field(problem, kernels, iterations, saves);
+#endif
+  mean_field_generic::mean_field(problem, kernels, iterations, saves);
+}
+
+template <typename T>
+void run_mean_field_backward(const MeanFieldProblem<T>& problem, const MeanFieldGradient<T>& gradient,
+                             std::vector<CrfKernelState<T>>& kernels, int64_t iterations, const ForwardSaves<T>& saved) {
+#ifdef CRFRNN_HAVE_AVX2_COPY
+  if (use_avx2()) return mean_field_avx2::mean_field_backward(problem, gradient, kernels, iterations, saved);
+#endif
+  mean_field_generic::mean_field_backward(problem, gradient, kernels, iterations, saved);
 }
 
 // Most chunks of points; a power of two, so that a coarser chunk is a union of finer ones.
@@ -166,9 +226,10 @@ int64_t choose_chunks(std::vector<CrfKernelState<T>>& kernels, int64_t num_point
     at::parallel_for(0, kMaxChunks, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
-        const int* vi = k.vertex_index;
-        for (int64_t e = chunk_start(num_points, s, kMaxChunks) * k.d1;
-             e < chunk_start(num_points, s + 1, kMaxChunks) * k.d1; ++e) {
+        const int* vi = k.tables.vertex_index;
+        const int d1 = k.tables.d1;
+        for (int64_t e = chunk_start(num_points, s, kMaxChunks) * d1; e < chunk_start(num_points, s + 1, kMaxChunks) * d1;
+             ++e) {
           lo = std::min<int64_t>(lo, vi[e]);
           hi = std::max<int64_t>(hi, vi[e] + int64_t{1});
         }
@@ -197,7 +258,7 @@ int64_t choose_chunks(std::vector<CrfKernelState<T>>& kernels, int64_t num_point
   for (; chunks > 1; chunks /= 2) {
     bool small_enough = true;
     for (size_t i = 0; i < kernels.size(); ++i) {
-      small_enough &= ranges(i, chunks).second <= kernels[i].m + num_points * kernels[i].d1 / 8;
+      small_enough &= ranges(i, chunks).second <= kernels[i].m + num_points * kernels[i].tables.d1 / 8;
     }
     if (small_enough) break;
   }
@@ -209,109 +270,256 @@ int64_t choose_chunks(std::vector<CrfKernelState<T>>& kernels, int64_t num_point
   return chunks;
 }
 
-void check_mean_field_args(const at::Tensor& unary, const at::TensorList& vertex_index, const at::TensorList& weights,
-                           const at::TensorList& splat_scale, const at::TensorList& slice_scale,
-                           const at::TensorList& neighbors, const at::TensorList& pairwise, int64_t iterations) {
-  const char* op = "crfrnn::mean_field_inference";
+// The arguments of every fused op: the unary [N, P, C] and, per kernel, its lattice
+// (vertex_index, weights, neighbors), normalisation (splat_scale, slice_scale) and C x C matrix.
+struct MeanFieldArgs {
+  const at::Tensor& unary;
+  at::TensorList vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise;
+  int64_t iterations;
+};
+
+void check_mean_field_args(const char* op, const MeanFieldArgs& a) {
+  const at::Tensor& unary = a.unary;
   TORCH_CHECK(unary.dim() == 3, op, ": unary must be [N, P, C], got ", unary.sizes());
   TORCH_CHECK(unary.scalar_type() == at::kFloat || unary.scalar_type() == at::kDouble, op,
               ": unary must be float32 or float64, got ", unary.scalar_type());
   TORCH_CHECK(unary.device().is_cpu(), op, " (CPU kernel): unary on ", unary.device());
-  TORCH_CHECK(iterations >= 1, op, ": iterations must be >= 1, got ", iterations);
-  const size_t kernels = vertex_index.size();
-  TORCH_CHECK(kernels >= 1 && weights.size() == kernels && splat_scale.size() == kernels &&
-                  slice_scale.size() == kernels && neighbors.size() == kernels && pairwise.size() == kernels,
+  TORCH_CHECK(a.iterations >= 1, op, ": iterations must be >= 1, got ", a.iterations);
+  const size_t kernels = a.vertex_index.size();
+  TORCH_CHECK(kernels >= 1 && a.weights.size() == kernels && a.splat_scale.size() == kernels &&
+                  a.slice_scale.size() == kernels && a.neighbors.size() == kernels && a.pairwise.size() == kernels,
               op, ": one vertex_index, weights, splat_scale, slice_scale, neighbors and pairwise per kernel, "
-              "got ", vertex_index.size(), ", ", weights.size(), ", ", splat_scale.size(), ", ",
-              slice_scale.size(), ", ", neighbors.size(), ", ", pairwise.size());
+              "got ", a.vertex_index.size(), ", ", a.weights.size(), ", ", a.splat_scale.size(), ", ",
+              a.slice_scale.size(), ", ", a.neighbors.size(), ", ", a.pairwise.size());
   const int64_t p = unary.size(0) * unary.size(1), c = unary.size(2);
   const auto dtype = unary.scalar_type();
   for (size_t i = 0; i < kernels; ++i) {
-    const at::Tensor& vi = vertex_index[i];
+    const at::Tensor& vi = a.vertex_index[i];
     TORCH_CHECK(vi.dim() == 2 && vi.size(0) == p && vi.scalar_type() == at::kInt, op, ": kernel ", i,
                 ": vertex_index must be int32 [N*P = ", p, ", d+1], got ", vi.scalar_type(), " ", vi.sizes());
-    TORCH_CHECK(weights[i].sizes() == vi.sizes() && weights[i].scalar_type() == dtype, op, ": kernel ", i,
-                ": weights must be ", dtype, " ", vi.sizes(), ", got ", weights[i].scalar_type(), " ",
-                weights[i].sizes());
-    for (const at::Tensor* scale : {&splat_scale[i], &slice_scale[i]}) {
+    TORCH_CHECK(a.weights[i].sizes() == vi.sizes() && a.weights[i].scalar_type() == dtype, op, ": kernel ", i,
+                ": weights must be ", dtype, " ", vi.sizes(), ", got ", a.weights[i].scalar_type(), " ",
+                a.weights[i].sizes());
+    for (const at::Tensor* scale : {&a.splat_scale[i], &a.slice_scale[i]}) {
       TORCH_CHECK(scale->dim() == 1 && scale->size(0) == p && scale->scalar_type() == dtype, op, ": kernel ", i,
                   ": splat_scale and slice_scale must be ", dtype, " [N*P = ", p, "], got ", scale->scalar_type(),
                   " ", scale->sizes());
     }
-    const at::Tensor& nb = neighbors[i];
+    const at::Tensor& nb = a.neighbors[i];
     TORCH_CHECK(nb.dim() == 3 && nb.size(0) == vi.size(1) && nb.size(2) == 2 && nb.scalar_type() == at::kInt,
                 op, ": kernel ", i, ": neighbors must be int32 [d+1=", vi.size(1), ", M, 2], got ",
                 nb.scalar_type(), " ", nb.sizes());
-    TORCH_CHECK(pairwise[i].dim() == 2 && pairwise[i].size(0) == c && pairwise[i].size(1) == c &&
-                    pairwise[i].scalar_type() == dtype,
+    TORCH_CHECK(a.pairwise[i].dim() == 2 && a.pairwise[i].size(0) == c && a.pairwise[i].size(1) == c &&
+                    a.pairwise[i].scalar_type() == dtype,
                 op, ": kernel ", i, ": pairwise must be ", dtype, " [C, C] with C = ", c, ", got ",
-                pairwise[i].scalar_type(), " ", pairwise[i].sizes());
-    for (const at::Tensor* t : {&vi, &weights[i], &splat_scale[i], &slice_scale[i], &nb, &pairwise[i]}) {
+                a.pairwise[i].scalar_type(), " ", a.pairwise[i].sizes());
+    for (const at::Tensor* t : {&vi, &a.weights[i], &a.splat_scale[i], &a.slice_scale[i], &nb, &a.pairwise[i]}) {
       TORCH_CHECK(t->device().is_cpu(), op, " (CPU kernel): kernel ", i, " tensor on ", t->device());
     }
     check_vertex_tables(std::string(op) + ": kernel " + std::to_string(i), vi, nb);
   }
 }
 
+// The backward's own arguments: the logits' gradient (the unary's shape), and what the forward
+// saved: per kernel the blurred grids [T, M, C], and the marginals [T-1, N, P, C] or nothing.
+void check_backward_args(const char* op, const MeanFieldArgs& a, const at::Tensor& grad_logits,
+                         at::TensorList blurred, const at::Tensor& marginals) {
+  const auto dtype = a.unary.scalar_type();
+  TORCH_CHECK(grad_logits.sizes() == a.unary.sizes() && grad_logits.scalar_type() == dtype &&
+                  grad_logits.device().is_cpu(),
+              op, ": grad_logits must be ", dtype, " ", a.unary.sizes(), " on the CPU (the unary's), got ",
+              grad_logits.scalar_type(), " ", grad_logits.sizes(), " on ", grad_logits.device());
+  TORCH_CHECK(blurred.size() == a.vertex_index.size(), op, ": one blurred grid tensor per kernel (",
+              a.vertex_index.size(), "), got ", blurred.size());
+  const int64_t c = a.unary.size(2);
+  for (size_t i = 0; i < blurred.size(); ++i) {
+    const int64_t m = a.neighbors[i].size(1);
+    TORCH_CHECK(blurred[i].dim() == 3 && blurred[i].size(0) == a.iterations && blurred[i].size(1) == m &&
+                    blurred[i].size(2) == c && blurred[i].scalar_type() == dtype && blurred[i].device().is_cpu(),
+                op, ": kernel ", i, ": blurred must be ", dtype, " [iterations = ", a.iterations, ", M = ", m,
+                ", C = ", c, "] on the CPU (what crfrnn::mean_field_forward saved), got ", blurred[i].scalar_type(),
+                " ", blurred[i].sizes(), " on ", blurred[i].device());
+  }
+  if (marginals.numel() == 0) return;
+  const std::vector<int64_t> expected{a.iterations - 1, a.unary.size(0), a.unary.size(1), c};
+  TORCH_CHECK(marginals.sizes() == at::IntArrayRef(expected) && marginals.scalar_type() == dtype &&
+                  marginals.device().is_cpu(),
+              op, ": marginals must be empty (recompute them) or ", dtype, " ", at::IntArrayRef(expected),
+              " on the CPU (what crfrnn::mean_field_forward saved), got ", marginals.scalar_type(), " ",
+              marginals.sizes(), " on ", marginals.device());
+}
+
+// A contiguous copy of t (or t), kept alive in `held` while raw pointers point into it.
+const at::Tensor& keep_contiguous(std::vector<at::Tensor>& held, const at::Tensor& t) {
+  held.push_back(t.contiguous());
+  return held.back();
+}
+
+// Each kernel's state for the arguments: tables pointing into contiguous copies (kept alive in
+// `held`), the mixing matrices (the adjoint one for the backward), zeroed grids; and the chunks
+// of points. Returns the chunk count.
+template <typename T>
+int64_t setup_kernels(const MeanFieldArgs& a, int64_t cp, bool backward, std::vector<at::Tensor>& held,
+                      std::vector<CrfKernelState<T>>& kernels) {
+  const int64_t c = a.unary.size(2), num_points = a.unary.size(0) * a.unary.size(1);
+  // rows j < c of a [c, c] matrix into [c, cp] (zero in the padded columns).
+  auto padded_rows = [&](const at::Tensor& matrix) {
+    const at::Tensor dense = matrix.contiguous();
+    const T* from = dense.data_ptr<T>();
+    AlignedVector<T> rows(static_cast<size_t>(c * cp), T(0));
+    for (int64_t j = 0; j < c; ++j) std::copy(from + j * c, from + (j + 1) * c, rows.data() + j * cp);
+    return rows;
+  };
+  kernels.resize(a.vertex_index.size());
+  for (size_t i = 0; i < kernels.size(); ++i) {
+    CrfKernelState<T>& k = kernels[i];
+    const int d1 = static_cast<int>(a.vertex_index[i].size(1));
+    k.tables = PointTables<T>{keep_contiguous(held, a.vertex_index[i]).template data_ptr<int>(),
+                              keep_contiguous(held, a.weights[i]).template data_ptr<T>(),
+                              keep_contiguous(held, a.splat_scale[i]).template data_ptr<T>(),
+                              keep_contiguous(held, a.slice_scale[i]).template data_ptr<T>(), d1};
+    k.neighbors = keep_contiguous(held, a.neighbors[i]).template data_ptr<int>();
+    k.m = a.neighbors[i].size(1);
+    // The slice's 1/(1 + 2^-d) scale is folded into the matrices: transform[j, l] = alpha A[l, j]
+    // (mixed = B transform), adjoint_transform[l, j] = -alpha A[l, j] (dB = H adjoint_transform).
+    const double alpha = blur_alpha(d1 - 1);
+    k.transform = padded_rows(a.pairwise[i].t() * alpha);
+    if (backward) {
+      k.adjoint_transform = padded_rows(a.pairwise[i] * -alpha);
+      k.outer_total.assign(static_cast<size_t>(c * cp), T(0));
+    }
+    const size_t size = static_cast<size_t>((k.m + 1) * cp);
+    k.grid.assign(size, T(0));
+    k.next.assign(size, T(0));
+    k.mixed.assign(size, T(0));
+  }
+  return choose_chunks(kernels, num_points, cp);
+}
+
+// The unary in padded rows [P, cp], padded lanes at -inf (0 after a softmax), read through its
+// strides: no transposed copy of a channels-first unary.
+template <typename T>
+AlignedVector<T> padded_unary(const at::Tensor& unary, int64_t cp) {
+  const int64_t num_points = unary.size(0) * unary.size(1), c = unary.size(2);
+  const PointLayout layout = layout_of(unary);
+  AlignedVector<T> u(static_cast<size_t>(num_points * cp));
+  const T* src = unary.data_ptr<T>();
+  at::parallel_for(0, num_points, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const T* from = src + layout.offset(p);
+      T* row = u.data() + p * cp;
+      for (int64_t k = 0; k < c; ++k) row[k] = from[k * layout.channel];
+      std::fill(row + c, row + cp, -std::numeric_limits<T>::infinity());
+    }
+  });
+  return u;
+}
+
+// The forward: the last logits into `out` (the unary's layout) and, with `blurred` (one
+// [T, M, C] tensor per kernel), what the backward needs (`marginals`, [T-1, N, P, C], if defined
+// and not empty).
+void run_forward(const MeanFieldArgs& a, at::Tensor& out, const std::vector<at::Tensor>* blurred,
+                 const at::Tensor* marginals) {
+  const int64_t num_points = a.unary.size(0) * a.unary.size(1);
+  const int64_t c = a.unary.size(2), cp = padded_width(c);
+  std::vector<at::Tensor> held;
+  AT_DISPATCH_FLOATING_TYPES(a.unary.scalar_type(), "crfrnn_mean_field", [&] {
+    std::vector<CrfKernelState<scalar_t>> kernels;
+    const int64_t chunks = setup_kernels(a, cp, /*backward=*/false, held, kernels);
+    const AlignedVector<scalar_t> u = padded_unary<scalar_t>(a.unary, cp);
+    const MeanFieldProblem<scalar_t> problem{u.data(), num_points, c, cp, chunks, out.data_ptr<scalar_t>(),
+                                             layout_of(out)};
+    std::vector<scalar_t*> blurred_data;
+    ForwardSaves<scalar_t> saves;
+    if (blurred) {
+      for (const at::Tensor& b : *blurred) blurred_data.push_back(b.data_ptr<scalar_t>());
+      saves.blurred = blurred_data.data();
+      if (marginals && marginals->numel() > 0) saves.marginals = marginals->data_ptr<scalar_t>();
+    }
+    run_mean_field(problem, kernels, a.iterations, saves);
+  });
+}
+
 at::Tensor mean_field_inference_cpu(const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights,
                                     at::TensorList splat_scale, at::TensorList slice_scale,
                                     at::TensorList neighbors, at::TensorList pairwise, int64_t iterations) {
-  check_mean_field_args(unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations);
+  const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
+  check_mean_field_args("crfrnn::mean_field_inference", a);
   // The layout of `unary` (e.g. [N, C, P] memory behind an [N, P, C] view): no transposed copies
   // on the way in or out.
   at::Tensor out = at::empty_like(unary);
-  if (unary.numel() == 0) return out;
-  const int64_t per_image = unary.size(1), num_points = unary.size(0) * per_image;
-  const int64_t c = unary.size(2), cp = padded_width(c);
-  // Keep the contiguous copies alive while the kernels point into them.
-  std::vector<at::Tensor> held;
-  auto contiguous = [&held](const at::Tensor& t) { held.push_back(t.contiguous()); return held.back(); };
-  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "crfrnn_mean_field", [&] {
-    std::vector<CrfKernelState<scalar_t>> kernels(vertex_index.size());
-    for (size_t i = 0; i < kernels.size(); ++i) {
-      CrfKernelState<scalar_t>& k = kernels[i];
-      k.vertex_index = contiguous(vertex_index[i]).data_ptr<int>();
-      k.weights = contiguous(weights[i]).data_ptr<scalar_t>();
-      k.splat_scale = contiguous(splat_scale[i]).data_ptr<scalar_t>();
-      k.slice_scale = contiguous(slice_scale[i]).data_ptr<scalar_t>();
-      k.neighbors = contiguous(neighbors[i]).data_ptr<int>();
-      k.m = neighbors[i].size(1);
-      k.d1 = static_cast<int>(vertex_index[i].size(1));
-      // transform[j, l] = alpha * A[l, j] (zero in the padded rows and columns): the slice's
-      // 1/(1 + 2^-d) scale folded in.
-      const at::Tensor transform = (pairwise[i].t() * blur_alpha(k.d1 - 1)).contiguous();
-      const scalar_t* t = transform.data_ptr<scalar_t>();
-      k.transform.assign(static_cast<size_t>(cp * cp), scalar_t(0));
-      for (int64_t j = 0; j < c; ++j) std::copy(t + j * c, t + (j + 1) * c, k.transform.data() + j * cp);
-      const size_t size = static_cast<size_t>((k.m + 1) * cp);
-      k.grid.assign(size, scalar_t(0));
-      k.next.assign(size, scalar_t(0));
-      k.mixed.assign(size, scalar_t(0));
-    }
-    const int64_t chunks = choose_chunks(kernels, num_points, cp);
-    // u: the unary in padded rows, padded lanes at -inf (0 after a softmax).
-    AlignedVector<scalar_t> u(static_cast<size_t>(num_points * cp));
-    const scalar_t* src = unary.data_ptr<scalar_t>();
-    const int64_t s_image = unary.stride(0), s_point = unary.stride(1), s_class = unary.stride(2);
-    at::parallel_for(0, num_points, 1024, [&](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p) {
-        const scalar_t* from = src + (p / per_image) * s_image + (p % per_image) * s_point;
-        scalar_t* row = u.data() + p * cp;
-        for (int64_t k = 0; k < c; ++k) row[k] = from[k * s_class];
-        std::fill(row + c, row + cp, -std::numeric_limits<scalar_t>::infinity());
-      }
-    });
-    const MeanFieldProblem<scalar_t> problem{u.data(), num_points, c, cp, chunks, out.data_ptr<scalar_t>(),
-                                             per_image, out.stride(0), out.stride(1), out.stride(2)};
-    run_mean_field(problem, kernels, iterations);
-  });
+  if (unary.numel() > 0) run_forward(a, out, nullptr, nullptr);
   return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> mean_field_forward_cpu(
+    const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights, at::TensorList splat_scale,
+    at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise, int64_t iterations,
+    bool save_marginals) {
+  const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
+  check_mean_field_args("crfrnn::mean_field_forward", a);
+  at::Tensor out = at::empty_like(unary);
+  std::vector<at::Tensor> blurred;
+  for (const at::Tensor& nb : neighbors) blurred.push_back(at::empty({iterations, nb.size(1), unary.size(2)}, unary.options()));
+  at::Tensor marginals = save_marginals
+                             ? at::empty({iterations - 1, unary.size(0), unary.size(1), unary.size(2)}, unary.options())
+                             : at::empty({0}, unary.options());
+  if (unary.numel() > 0) run_forward(a, out, &blurred, &marginals);
+  return {out, blurred, marginals};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mean_field_backward_cpu(
+    const at::Tensor& grad_logits, const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights,
+    at::TensorList splat_scale, at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise,
+    at::TensorList blurred, const at::Tensor& marginals, int64_t iterations) {
+  const char* op = "crfrnn::mean_field_backward";
+  const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
+  check_mean_field_args(op, a);
+  check_backward_args(op, a, grad_logits, blurred, marginals);
+  at::Tensor grad_unary = at::empty_like(unary);
+  const int64_t c = unary.size(2), cp = padded_width(c), num_points = unary.size(0) * unary.size(1);
+  std::vector<at::Tensor> grad_pairwise;
+  if (unary.numel() == 0) {
+    for (const at::Tensor& matrix : pairwise) grad_pairwise.push_back(at::zeros_like(matrix));
+    return {grad_unary, grad_pairwise};
+  }
+  std::vector<at::Tensor> held;
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "crfrnn_mean_field_backward", [&] {
+    std::vector<CrfKernelState<scalar_t>> kernels;
+    const int64_t chunks = setup_kernels(a, cp, /*backward=*/true, held, kernels);
+    const AlignedVector<scalar_t> u = padded_unary<scalar_t>(unary, cp);
+    AlignedVector<scalar_t> du(static_cast<size_t>(num_points * cp));
+    const MeanFieldProblem<scalar_t> problem{u.data(), num_points, c, cp, chunks, nullptr, PointLayout{}};
+    const at::Tensor grad = grad_logits;
+    const MeanFieldGradient<scalar_t> gradient{grad.data_ptr<scalar_t>(), layout_of(grad),
+                                               grad_unary.data_ptr<scalar_t>(), layout_of(grad_unary), du.data()};
+    std::vector<scalar_t*> blurred_data;
+    for (const at::Tensor& b : blurred) {
+      held.push_back(b.contiguous());
+      blurred_data.push_back(held.back().data_ptr<scalar_t>());
+    }
+    ForwardSaves<scalar_t> saved{blurred_data.data(), nullptr};
+    if (marginals.numel() > 0) {
+      held.push_back(marginals.contiguous());
+      saved.marginals = held.back().data_ptr<scalar_t>();
+    }
+    run_mean_field_backward(problem, gradient, kernels, iterations, saved);
+    // dA_m = -alpha (B^T H)^T summed over the iterations (mean_field_steps.h).
+    for (size_t i = 0; i < kernels.size(); ++i) {
+      const at::Tensor total = at::from_blob(kernels[i].outer_total.data(), {c, cp}, unary.options());
+      const double alpha = blur_alpha(kernels[i].tables.d1 - 1);
+      grad_pairwise.push_back((total.narrow(1, 0, c).t() * -alpha).contiguous());
+    }
+  });
+  return {grad_unary, grad_pairwise};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(crfrnn, CPU, m) {
   m.impl("mean_field_inference", &mean_field_inference_cpu);
+  m.impl("mean_field_forward", &mean_field_forward_cpu);
+  m.impl("mean_field_backward", &mean_field_backward_cpu);
 }
 
 }  // namespace crfrnn
