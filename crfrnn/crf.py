@@ -152,10 +152,15 @@ def _wants_grad(unary, pairwise, lattices):
 
 
 def _can_fuse(unary, lattices):
-    """Whether the fused mean-field ops can run these iterations: the device has them and the
-    lattices are the compiled backend's (tensors the ops read directly)."""
+    """Whether the fused mean-field ops can run these iterations (the one place that decides):
+    the device has them, the lattices are the compiled backend's (tensors the ops read directly)
+    and none is differentiable in its features. The fused ops give gradients for the unary and
+    the C x C matrices only (so any parameter sharing that builds the matrices, e.g. mu @ W, is
+    covered by autograd around them); a lattice built for learned bandwidths
+    (``Lattice.differentiable``) needs the step-by-step loop, whose filters carry that gradient."""
     return (unary.device.type in ops.FUSED_MEAN_FIELD_DEVICE_TYPES and unary.dtype in (torch.float32, torch.float64)
-            and all(getattr(lat, "backend", None) == "native" for lat in lattices))
+            and all(getattr(lat, "backend", None) == "native" and not getattr(lat, "differentiable", False)
+                    for lat in lattices))
 
 
 def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint=False):

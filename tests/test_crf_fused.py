@@ -1,6 +1,7 @@
-"""The fused mean-field inference op (crfrnn::mean_field_inference, C++): it must give the
-step-by-step loop's logits, be chosen exactly when no gradient is wanted, give the same bits
-whatever the thread count and SIMD width, and reject bad arguments clearly."""
+"""The fused mean-field ops (crfrnn::mean_field_inference, mean_field_forward and
+mean_field_backward, C++): they must give the step-by-step loop's logits and gradients, be chosen
+whenever they apply, give the same bits whatever the thread count and SIMD width, and reject bad
+arguments clearly."""
 import os
 import subprocess
 import sys
@@ -30,14 +31,12 @@ def inputs(n=2, c=5, h=17, w=13, dtype=torch.float32, seed=0, scale=3.0):
 
 
 def loop(unary, lattices, pairwise, iterations, normalize):
-    """The step-by-step loop (the autograd path), forced."""
-    with torch.enable_grad():
-        u = unary.clone().requires_grad_()
-        return mean_field(u, lattices, pairwise, iterations, normalize).detach()
+    """The step-by-step loop (the oracle), forced."""
+    return mean_field(unary, lattices, pairwise, iterations, normalize, fused=False).detach()
 
 
 def fused(unary, lattices, pairwise, iterations, normalize):
-    assert crf_module._can_fuse(unary, lattices, pairwise)
+    assert crf_module._can_fuse(unary, lattices)
     return crf_module._fused_mean_field(unary, lattices, pairwise, iterations, normalize)
 
 
@@ -72,32 +71,43 @@ def test_fused_softmax_survives_extreme_logits():
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
 
 
-def test_layer_uses_the_fused_op_exactly_when_no_gradient_is_wanted(monkeypatch):
+def test_layer_picks_the_fused_op_for_the_job(monkeypatch):
+    """mean_field_forward when a gradient is wanted, mean_field_inference when none is or with
+    checkpoint=True; the reference backend and lattices differentiable in their features (learned
+    bandwidths) run the step-by-step loop."""
     calls = []
-    real = crf_module._fused_mean_field
 
-    def counting(*args):
-        calls.append(1)
-        return real(*args)
+    def counting(name):
+        real = getattr(torch.ops.crfrnn, name)
+        return lambda *args: calls.append(name) or real(*args)
 
-    monkeypatch.setattr(crf_module, "_fused_mean_field", counting)
+    for name in ("mean_field_inference", "mean_field_forward"):
+        monkeypatch.setattr(torch.ops.crfrnn, name, counting(name))
     crf = CRFRNNLayer(4, num_iterations=2, **KERNELS)
     unary = torch.randn(1, 4, 10, 12)
     image = torch.rand(1, 3, 10, 12) * 255
-    crf(unary, image).sum().backward()            # parameters want gradients: the loop
-    assert calls == []
+    crf(unary, image).sum().backward()            # parameters want gradients
+    assert calls == ["mean_field_forward"]
     with torch.no_grad():
-        a = crf(unary, image)                     # no gradient: fused
-    assert calls == [1]
+        a = crf(unary, image)                     # no gradient
     crf.requires_grad_(False)
-    b = crf(unary, image)                         # nothing requires grad: fused
-    assert calls == [1, 1]
+    b = crf(unary, image)                         # nothing requires grad
+    assert calls[1:] == ["mean_field_inference"] * 2
     torch.testing.assert_close(a, b)
+    crf.requires_grad_(True)
+    crf.checkpoint = True
+    crf(unary, image).sum().backward()            # recompute in the backward: save nothing
+    assert calls[3:] == ["mean_field_inference", "mean_field_forward"]  # the forward again in the backward
+    del calls[:]
     ref_crf = CRFRNNLayer(4, num_iterations=2, backend="reference", **KERNELS)
     with torch.no_grad():
         ref = ref_crf(unary, image)               # reference lattices: never fused
-    assert calls == [1, 1]
     torch.testing.assert_close(a, ref, atol=1e-4, rtol=1e-4)
+    unary, lattices, pairwise = inputs(n=1, c=3)
+    lattices[0].differentiable = True             # what a lattice for learned bandwidths says
+    assert not crf_module._can_fuse(unary, lattices)
+    mean_field(unary, lattices, pairwise, 2)
+    assert calls == []
 
 
 def test_fused_layer_matches_the_loop_on_a_batch_of_real_size():
@@ -119,18 +129,29 @@ import sys, torch, crfrnn
 torch.set_num_threads(int(sys.argv[1]))
 g = torch.Generator().manual_seed(0)
 # Sizes where the splat cuts the points into several ranges (see mean_field_kernels.inc).
-crf = crfrnn.CRFRNNLayer(21, num_eval_iterations=3, bilateral=(10.0, 30.0, 3.0), spatial=(5.0, 2.0)).eval()
+crf = crfrnn.CRFRNNLayer(21, num_iterations=3, num_eval_iterations=3, bilateral=(10.0, 30.0, 3.0),
+                         spatial=(5.0, 2.0))
+# Flat colour blocks: few bilateral vertices, so about 7 point ranges.
+image = torch.nn.functional.interpolate(torch.rand(2, 3, 6, 8, generator=g) * 255, size=(120, 160))
+unary = torch.randn(2, 21, 120, 160, generator=g) * 3
+grad_out = torch.randn(unary.shape, generator=g)
 with torch.no_grad():
-    # Flat colour blocks: few bilateral vertices, so about 7 point ranges.
-    image = torch.nn.functional.interpolate(torch.rand(2, 3, 6, 8, generator=g) * 255, size=(120, 160))
-    out = crf(torch.randn(2, 21, 120, 160, generator=g) * 3, image)
-torch.save(out, sys.argv[2])
+    results = [crf.eval()(unary, image)]
+crf.train()
+for _ in range(2):  # the training ops twice: the same bits
+    u = unary.clone().requires_grad_()
+    crf.zero_grad()
+    out = crf(u, image)
+    (out * grad_out).sum().backward()
+    results += [out.detach(), u.grad] + [p.grad.clone() for p in crf.parameters()]
+torch.save(results, sys.argv[2])
 """
 
 
 def test_same_bits_whatever_the_thread_count_and_simd_width(tmp_path):
-    """1 or 2 threads, AVX2 or the generic 4-lane code: the same bits (summation orders that
-    depend on the problem only, no fused multiply-add)."""
+    """1 or 2 threads, AVX2 or the generic 4-lane code: the same bits for the inference op and
+    for the training ops' values and gradients, each run twice (summation orders that depend on
+    the problem only, no fused multiply-add)."""
     outputs = []
     for threads, isa in ((1, ""), (2, ""), (2, "generic")):
         path = tmp_path / f"out_{threads}_{isa}.pt"
@@ -138,8 +159,13 @@ def test_same_bits_whatever_the_thread_count_and_simd_width(tmp_path):
         subprocess.run([sys.executable, "-c", _BITS_SCRIPT, str(threads), str(path)], env=env,
                        check=True, timeout=300)
         outputs.append(torch.load(path))
+    half = (len(outputs[0]) - 1) // 2
+    for run in outputs:
+        for first, second in zip(run[1:1 + half], run[1 + half:]):
+            assert torch.equal(first, second)
     for other in outputs[1:]:
-        assert torch.equal(outputs[0], other)
+        for a, b in zip(outputs[0], other):
+            assert torch.equal(a, b)
 
 
 def test_fused_keeps_the_unary_layout_and_reads_any_strides():
@@ -227,3 +253,205 @@ def test_opcheck(dtype, layout):
     # op, which has no autograd (the layer calls it only when no gradient is wanted).
     torch.library.opcheck(op, op_args(unary.clone().requires_grad_(), lattices, pairwise, 3),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ---- gradients --------------------------------------------------------------------------------
+
+def values_and_gradients(unary, lattices, pairwise, iterations, normalize, grad_out, **options):
+    """(logits, dL/dunary, [dL/dA_m]) of mean_field for the loss <logits, grad_out>."""
+    unary = unary.detach().requires_grad_()
+    pairwise = [m.detach().requires_grad_() for m in pairwise]
+    logits = mean_field(unary, lattices, pairwise, iterations, normalize, **options)
+    grads = torch.autograd.grad(logits, [unary, *pairwise], grad_out)
+    return logits.detach(), grads[0], list(grads[1:])
+
+
+def assert_close_to_rounding(got, expected, dtype):
+    """Equal up to the rounding of `dtype`, relative to the tensor's largest value (gradients of
+    the un-normalised kernel reach hundreds; each has a few near-zero entries)."""
+    tol = 2e-5 if dtype == torch.float32 else 1e-11
+    scale = expected.abs().max().item() + 1e-30
+    torch.testing.assert_close(got, expected, atol=tol * scale, rtol=tol)
+
+
+@pytest.mark.parametrize("normalize", ["symmetric", "after"])
+@pytest.mark.parametrize("iterations", [1, 5, 10])
+@pytest.mark.parametrize("c", [1, 2, 21, 60])
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_gradients_equal_the_step_by_step_loop(n, c, iterations, normalize):
+    """float32 values and gradients of the unary and both matrices: the fused forward+backward,
+    on a channels-last and a channels-first unary, and with checkpoint=True (recomputed forward),
+    all equal the loop's."""
+    unary, lattices, pairwise = inputs(n=n, c=c, h=11, w=9, seed=100 * n + c)
+    grad_out = torch.randn(unary.shape, generator=torch.Generator().manual_seed(iterations))
+    expected = values_and_gradients(unary, lattices, pairwise, iterations, normalize, grad_out, fused=False)
+    channels_first = unary.transpose(1, 2).contiguous().transpose(1, 2)  # the layer's memory
+    for u, checkpoint in ((unary, False), (channels_first, False), (channels_first, True)):
+        got = values_and_gradients(u, lattices, pairwise, iterations, normalize, grad_out, checkpoint=checkpoint)
+        assert_close_to_rounding(got[0], expected[0], torch.float32)
+        assert_close_to_rounding(got[1], expected[1], torch.float32)
+        assert got[1].stride() == u.stride()  # the gradient in the unary's layout
+        for g, e in zip(got[2], expected[2]):
+            assert_close_to_rounding(g, e, torch.float32)
+    assert expected[2][0].abs().max() > 0 and expected[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("normalize", ["symmetric", "after", "none"])
+def test_fused_gradients_equal_the_loop_in_float64(normalize):
+    unary, lattices, pairwise = inputs(n=2, c=7, dtype=torch.float64)
+    grad_out = torch.randn(unary.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = values_and_gradients(unary, lattices, pairwise, 4, normalize, grad_out, fused=False)
+    for checkpoint in (False, True):
+        got = values_and_gradients(unary, lattices, pairwise, 4, normalize, grad_out, checkpoint=checkpoint)
+        for g, e in zip([got[0], got[1], *got[2]], [expected[0], expected[1], *expected[2]]):
+            assert_close_to_rounding(g, e, torch.float64)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("normalize", ["symmetric", "after"])
+def test_fused_gradcheck_float64(normalize, checkpoint):
+    """Numeric against analytic gradients of the fused ops, for the unary and both matrices."""
+    unary, lattices, pairwise = inputs(n=2, c=3, h=5, w=4, dtype=torch.float64, scale=1.0)
+    assert crf_module._can_fuse(unary, lattices)
+
+    def run(u, a, b):
+        return mean_field(u, lattices, [a, b], 3, normalize, checkpoint=checkpoint)
+
+    args = [t.clone().requires_grad_() for t in (unary, *pairwise)]
+    assert torch.autograd.gradcheck(run, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_fused_gradient_of_the_matrices_alone():
+    """A unary that needs no gradient (a fixed coarse unary, learning the CRF only)."""
+    unary, lattices, pairwise = inputs(n=1, c=4)
+    grad_out = torch.randn(unary.shape)
+    for options in (dict(fused=False), dict()):
+        pw = [m.clone().requires_grad_() for m in pairwise]
+        (mean_field(unary, lattices, pw, 3, "symmetric", **options) * grad_out).sum().backward()
+        grads = [m.grad for m in pw] if options else grads
+    for g, e in zip([m.grad for m in pw], grads):
+        assert_close_to_rounding(g, e, torch.float32)
+
+
+def test_layer_gradients_equal_the_loop_on_a_batch_of_real_size():
+    """The layer (DeepLab's CRF parameters, 10 iterations) on an image of real structure: the
+    gradients of its unary and parameters through the fused ops equal the loop's."""
+    g = torch.Generator().manual_seed(4)
+    unary = torch.randn(2, 21, 60, 80, generator=g) * 3
+    image = torch.nn.functional.interpolate(torch.rand(2, 3, 6, 8, generator=g) * 255, size=(60, 80))
+    image = (image + torch.rand(2, 3, 60, 80, generator=g) * 4).clamp(max=255)
+    target = torch.randint(0, 21, (2, 60, 80), generator=g)
+    results = []
+    for fused_ops in (True, False):
+        crf = CRFRNNLayer.deeplab_largefov(21)
+        if not fused_ops:
+            crf.train()
+            crf_module_mean_field = crf_module.mean_field
+            forced = lambda *a, **k: crf_module_mean_field(*a, fused=False, **k)  # noqa: E731
+        u = unary.clone().requires_grad_()
+        with pytest.MonkeyPatch.context() as m:
+            if not fused_ops:
+                m.setattr(crf_module, "mean_field", forced)
+            loss = torch.nn.functional.cross_entropy(crf(u, image), target)
+        loss.backward()
+        results.append([u.grad] + [p.grad for p in crf.parameters()])
+    for got, expected in zip(*results):
+        assert_close_to_rounding(got, expected, torch.float32)
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd saves while fn() runs (distinct storages counted once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_fused_forward_saves_a_fraction_of_the_loops_memory():
+    """The fused forward keeps the inputs and the blurred grids (M x C per kernel and iteration),
+    the loop several Tensor[N, P, C] per iteration; checkpoint=True only the inputs."""
+    g = torch.Generator().manual_seed(5)
+    crf = CRFRNNLayer.deeplab_largefov(21)
+    unary = (torch.randn(1, 21, 90, 120, generator=g) * 3).requires_grad_()
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=g) * 255, size=(90, 120))
+    unary_bytes = unary.numel() * 4
+    loop_bytes = saved_bytes(lambda: mean_field(*crf_inputs(crf, unary, image), fused=False))
+    fused_bytes = saved_bytes(lambda: mean_field(*crf_inputs(crf, unary, image)))
+    checkpoint_bytes = saved_bytes(lambda: mean_field(*crf_inputs(crf, unary, image), checkpoint=True))
+    assert loop_bytes > 3 * crf.num_iterations * unary_bytes
+    assert fused_bytes < loop_bytes / 5
+    # Checkpoint: the op's inputs (unary, lattice tables, scales, matrices); without, the blurred
+    # grids besides.
+    grids = sum(crf.num_iterations * lat.num_vertices * 21 * 4 for lat in crf_inputs(crf, unary, image)[1])
+    assert fused_bytes - checkpoint_bytes == grids
+
+
+def crf_inputs(crf, unary, image):
+    """mean_field's first five arguments as the layer gives them (unary as [N, P, C])."""
+    lattices = build_crf_lattices(image, crf.bilateral, crf.spatial, "native")
+    u = unary.flatten(2).transpose(1, 2)
+    return u, lattices, crf.pairwise_matrices(), crf.num_iterations, crf.normalize
+
+
+@pytest.mark.parametrize("save_marginals", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_first"])
+def test_opcheck_training_ops(layout, save_marginals):
+    """Schema, fake kernels (shapes, dtypes and strides of the real outputs), autograd
+    registration and torch.compile's tracing of mean_field_forward (with its backward) and
+    mean_field_backward; the marginals are saved (CUDA's choice) or recomputed (the CPU's)."""
+    unary, lattices, pairwise = inputs(n=2, c=5, dtype=torch.float64)
+    if layout == "channels_first":
+        unary = unary.transpose(1, 2).contiguous().transpose(1, 2)
+    pairwise = [m.requires_grad_() for m in pairwise]
+    args = op_args(unary.requires_grad_(), lattices, pairwise, 3)
+    torch.library.opcheck(torch.ops.crfrnn.mean_field_forward.default, (*args, save_marginals))
+    _, blurred, marginals = torch.ops.crfrnn.mean_field_forward(*args, save_marginals)
+    grad = torch.randn(unary.shape, dtype=torch.float64)
+    backward_args = (grad, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]],
+                     [m.detach() for m in pairwise], blurred, marginals, 3)
+    torch.library.opcheck(torch.ops.crfrnn.mean_field_backward.default, backward_args)
+
+
+def test_opcheck_inference_op_with_its_recomputing_backward():
+    unary, lattices, pairwise = inputs(n=2, c=4, dtype=torch.float64)
+    pairwise = [m.requires_grad_() for m in pairwise]
+    torch.library.opcheck(torch.ops.crfrnn.mean_field_inference.default,
+                          op_args(unary.requires_grad_(), lattices, pairwise, 2))
+
+
+def test_fused_ops_refuse_lattice_weights_that_want_a_gradient():
+    """The fused ops give no gradient for the lattice's weights or the normalisation scales: one
+    that requires grad is refused, never silently left without one."""
+    unary, lattices, pairwise = inputs(n=1, c=3)
+    args = list(op_args(unary.requires_grad_(), lattices, pairwise, 2))
+    args[2] = [w.clone().requires_grad_() for w in args[2]]
+    with pytest.raises(RuntimeError, match="step by step"):
+        torch.ops.crfrnn.mean_field_forward(*args, False)
+    with pytest.raises(RuntimeError, match="step by step"):
+        torch.ops.crfrnn.mean_field_inference(*args)
+
+
+def test_backward_op_with_bad_saved_tensors_raises():
+    unary, lattices, pairwise = inputs(n=1, c=3)
+    args = op_args(unary, lattices, pairwise, 2)
+    _, blurred, marginals = torch.ops.crfrnn.mean_field_forward(*args, True)
+    grad = torch.randn(unary.shape)
+    op = torch.ops.crfrnn.mean_field_backward
+
+    def call(grad=grad, blurred=blurred, marginals=marginals):
+        return op(grad, *args[:7], blurred, marginals, 2)
+
+    call()
+    with pytest.raises(RuntimeError, match="grad_logits must be"):
+        call(grad=grad.double())
+    with pytest.raises(RuntimeError, match="one blurred grid tensor per kernel"):
+        call(blurred=blurred[:1])
+    with pytest.raises(RuntimeError, match="blurred must be"):
+        call(blurred=[blurred[0][:1], blurred[1]])
+    with pytest.raises(RuntimeError, match="marginals must be empty"):
+        call(marginals=marginals[:, :, :-1])
