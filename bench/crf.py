@@ -1,23 +1,32 @@
-"""Benchmark of the mean-field CRF layer against Krähenbühl's densecrf (pydensecrf2).
+"""Benchmark of the mean-field CRF layer against Krähenbühl's densecrf (pydensecrf2) and, for
+training, against the step-by-step autograd loop and sadeepj/crfasrnn_pytorch.
 
-A real VOC image resized to 500x375, C = 21 coarse-unary logits (bench/voc_protocol.py), 10
-mean-field iterations with DeepLab-LargeFOV's kernels (w1 4, sigma_alpha 121, sigma_beta 5, w2 3,
-sigma_gamma 3; --params to change). Times, median of --repeats, lattice builds included as below:
+Real VOC images (the first --images of val.txt) resized to 500x375, C = 21 coarse-unary logits
+(bench/voc_protocol.py), 10 mean-field iterations with DeepLab-LargeFOV's kernels (w1 4,
+sigma_alpha 121, sigma_beta 5, w2 3, sigma_gamma 3; --params to change). Times, median of
+--repeats, lattice builds included as below:
 
-- ours: forward (eval, no grad: the fused C++ op on the CPU), cold (both lattices built in the
+- ours: forward (eval, no grad: crfrnn::mean_field_inference), cold (both lattices built in the
   call, as densecrf builds its own in every call) and steady (the layer keeps the spatial
   lattice, which depends on the image shape only, from the previous call of the same shape), and
-  forward+backward (gradients to the unary and the C x C parameters, steady), with and without
-  --checkpoint-style recomputation, batch 1 and 4;
+  forward+backward (gradients to the unary and the C x C parameters, steady) three ways: the
+  fused training ops (crfrnn::mean_field_forward/backward), the same with checkpoint=True, and
+  the step-by-step autograd loop (mean_field(..., fused=False), what the fused ops replace);
+  batch 1 and 4;
 - densecrf: DenseCRF2D.inference on the same input (one image after the other for a batch;
   single-threaded C++, CPU only), and the ratio densecrf / ours;
-- memory: bytes saved for backward (all devices) and, on CUDA, the peak allocation, with and
-  without checkpointing; and how closely our marginals match densecrf's.
+- with --crfasrnn DIR (a checkout of sadeepj/crfasrnn_pytorch, extension built, see
+  bench/crfasrnn_peer.py): their layer's forward and forward+backward (batch 1 only: one image
+  after the other for a batch), and the ratio theirs / ours;
+- memory: bytes saved for backward by the fused ops, the step-by-step loop and checkpointing (and
+  on CUDA the peak allocation); and how closely our marginals match densecrf's.
 
     python bench/crf.py                                  # CPU, batch 1 and 4
+    python bench/crf.py --images 3 --iterations 5 --crfasrnn /tmp/crfasrnn
     python bench/crf.py --device cuda --json crf_gpu.json
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -26,7 +35,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import crfasrnn_peer  # noqa: E402
 import crfrnn  # noqa: E402
+import crfrnn.crf as crf_module  # noqa: E402
 import densecrf_peer  # noqa: E402
 import voc_protocol as vp  # noqa: E402
 from common import VOC_ROOT, add_json_option, environment, print_table, run_main, time_it, write_json  # noqa: E402
@@ -49,30 +60,48 @@ def get_args_parser():
                    help="kernel parameters: deeplab (121/5/4, 3/3), crfrnn (160/3/5, 3/3), "
                         "demo (80/13/10, 3/3) (default: deeplab)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions, median reported")
+    p.add_argument("--images", type=int, default=1,
+                   help="how many real images (the first of VOC val.txt; default: 1)")
     p.add_argument("--skip-densecrf", action="store_true", help="do not run pydensecrf2")
+    p.add_argument("--skip-step", action="store_true", help="do not time the step-by-step loop")
+    p.add_argument("--crfasrnn", metavar="DIR",
+                   help="a checkout of sadeepj/crfasrnn_pytorch with its extension built: time its "
+                        "layer on the same input (CPU, batch 1 per call)")
     return p
 
 
-def load_input(size, classes):
-    """(image uint8 [H, W, 3], logits float32 [C, H, W], source) at size (W, H)."""
+def load_input(size, classes, index=0):
+    """(image uint8 [H, W, 3], logits float32 [C, H, W], source) at size (W, H): image `index` of
+    VOC val.txt (the protocol's unary seed), or synthetic blocks without the shared data."""
     if VOC_ROOT.is_dir():
-        image_id = vp.image_ids(VOC_ROOT)[0]
+        image_id = vp.image_ids(VOC_ROOT)[index]
         image, label = vp.load_pair(VOC_ROOT, image_id)
         image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
         label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
         source = f"VOC {image_id}, coarse-unary protocol"
     else:  # no shared data: blocks of colour with matching labels
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(index)
         cells = rng.integers(0, vp.NUM_CLASSES, (size[1] // 50 + 1, size[0] // 50 + 1)).astype(np.uint8)
         label = np.asarray(Image.fromarray(cells).resize(size, Image.NEAREST))
         palette = rng.integers(0, 256, (256, 3)).astype(np.uint8)
         image = palette[label]
         source = "synthetic blocks (no ../shared/data), coarse-unary protocol"
-    logits = vp.coarse_logits(label, 0).numpy()
+    logits = vp.coarse_logits(label, index).numpy()
     if classes != logits.shape[0]:  # other C: pad with copies of the background score, or cut
         extra = np.repeat(logits[:1] - 2.0, max(0, classes - logits.shape[0]), 0)
         logits = np.concatenate([logits, extra])[:classes]
     return np.array(image), np.ascontiguousarray(logits), source  # a writable copy for torch
+
+
+@contextlib.contextmanager
+def step_by_step():
+    """The layer runs the step-by-step autograd loop (mean_field(..., fused=False)) inside."""
+    fused_mean_field = crf_module.mean_field
+    crf_module.mean_field = lambda *args, **kwargs: fused_mean_field(*args, **kwargs, fused=False)
+    try:
+        yield
+    finally:
+        crf_module.mean_field = fused_mean_field
 
 
 def saved_bytes(fn):
@@ -88,85 +117,134 @@ def saved_bytes(fn):
     return out, sum(seen.values())
 
 
+def time_layer(crf, crf_ckpt, unary, img, device, repeats, step):
+    """Our timings (ms) of one input: lattice build, forward cold and steady, forward+backward
+    fused, checkpointed and (if `step`) step by step."""
+    def forward():
+        with torch.no_grad():
+            return crf.eval()(unary, img)
+
+    def forward_cold():
+        crf.clear_lattice_cache()
+        return forward()
+
+    def build():
+        with torch.no_grad():
+            return crfrnn.crf.build_crf_lattices(img, crf.bilateral, crf.spatial)
+
+    def fwd_bwd(layer):
+        u = unary.clone().requires_grad_()
+        out = layer.train()(u, img)
+        out.logsumexp(1).sum().backward()
+
+    lat = build()
+    h, w = img.shape[2:]
+    row = {"vertices/px bil": lat[0].num_vertices / (img.shape[0] * h * w),
+           "build ms": time_it(build, device, repeats),
+           "fwd cold ms": time_it(forward_cold, device, repeats),
+           "fwd ms": time_it(forward, device, repeats),
+           "fwd+bwd ms": time_it(lambda: fwd_bwd(crf), device, repeats),
+           "fwd+bwd ckpt ms": time_it(lambda: fwd_bwd(crf_ckpt), device, repeats)}
+    if step:
+        with step_by_step():
+            row["fwd+bwd step ms"] = time_it(lambda: fwd_bwd(crf), device, repeats)
+    return row
+
+
+def time_crfasrnn(layer, image, logits, repeats):
+    """Their forward (no grad) and forward+backward (gradients to the unary and their matrices),
+    ms, one image."""
+    img = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    unary = torch.from_numpy(logits)[None]
+
+    def forward():
+        with torch.no_grad():
+            return layer(img, unary)
+
+    def fwd_bwd():
+        layer(img, unary.clone().requires_grad_()).logsumexp(1).sum().backward()
+
+    return time_it(forward, "cpu", repeats), time_it(fwd_bwd, "cpu", repeats)
+
+
+def memory_for_backward(crf, crf_ckpt, unary, img, device):
+    """Bytes autograd saves (MB) for the fused ops, the step-by-step loop and checkpointing; on
+    CUDA the peak allocation of a forward+backward too."""
+    mem = {}
+    runs = (("fused", crf, contextlib.nullcontext), ("step", crf, step_by_step),
+            ("checkpoint", crf_ckpt, contextlib.nullcontext))
+    for name, layer, context in runs:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        u = unary.clone().requires_grad_()
+        with context():
+            out, nbytes = saved_bytes(lambda: layer.train()(u, img))
+        mem[f"saved MB {name}"] = nbytes / 2**20
+        out.logsumexp(1).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            mem[f"peak MB {name}"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        del out, u
+    return mem
+
+
 def main(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but no CUDA GPU is visible")
+    if args.images < 1:
+        raise SystemExit(f"--images must be >= 1, got {args.images}")
     params = PARAMS[args.params]
-    image, logits, source = load_input(tuple(args.size), args.classes)
-    h, w = image.shape[:2]
+    peer = None
+    if args.crfasrnn:
+        try:
+            peer = crfasrnn_peer.load_layer(args.crfasrnn, args.classes, args.iterations, **params)
+        except FileNotFoundError as exc:
+            raise SystemExit(str(exc)) from None
     run_dense = not args.skip_densecrf and densecrf_peer.available()
-    print(f"input: {source}, {w}x{h}, C = {args.classes}, {args.iterations} iterations, "
-          f"params {args.params} {params}; {environment(device)}")
+    inputs = [load_input(tuple(args.size), args.classes, i) for i in range(args.images)]
+    h, w = inputs[0][0].shape[:2]
+    print(f"input: {', '.join(source for _, _, source in inputs)}; {w}x{h}, C = {args.classes}, "
+          f"{args.iterations} iterations, params {args.params} {params}; {environment(device)}")
     if not run_dense:
         print("densecrf: not run (pydensecrf2 missing or --skip-densecrf)")
 
-    dense_ms = None
-    if run_dense:
-        dense_ms = time_it(lambda: densecrf_peer.densecrf_probs(image, logits, args.iterations, **params),
-                           "cpu", max(1, args.repeats // 2 + 1))
-
     rows, ratios, memory = [], [], []
-    for batch in args.batch:
-        img = torch.from_numpy(image).permute(2, 0, 1)[None].float().repeat(batch, 1, 1, 1).to(device)
-        unary = torch.from_numpy(logits)[None].repeat(batch, 1, 1, 1).to(device)
-        crf = crfrnn.CRFRNNLayer(args.classes, num_iterations=args.iterations,
-                                 num_eval_iterations=args.iterations, **params).to(device)
-        crf_ckpt = crfrnn.CRFRNNLayer(args.classes, num_iterations=args.iterations,
-                                      num_eval_iterations=args.iterations, checkpoint=True,
-                                      **params).to(device)
-
-        def forward():
-            with torch.no_grad():
-                return crf.eval()(unary, img)
-
-        def forward_cold():
-            crf.clear_lattice_cache()
-            return forward()
-
-        def build():
-            with torch.no_grad():
-                return crfrnn.crf.build_crf_lattices(img, crf.bilateral, crf.spatial)
-
-        def fwd_bwd(layer):
-            u = unary.clone().requires_grad_()
-            out = layer.train()(u, img)
-            out.logsumexp(1).sum().backward()
-
-        lat = build()
-        row = {"N": batch, "device": device.type, "vertices/px bil": lat[0].num_vertices / (batch * h * w),
-               "build ms": time_it(build, device, args.repeats),
-               "fwd cold ms": time_it(forward_cold, device, args.repeats),
-               "fwd ms": time_it(forward, device, args.repeats),
-               "fwd+bwd ms": time_it(lambda: fwd_bwd(crf), device, args.repeats),
-               "fwd+bwd ckpt ms": time_it(lambda: fwd_bwd(crf_ckpt), device, args.repeats)}
-        if dense_ms is not None:
-            row["densecrf ms"] = dense_ms * batch
-        rows.append(row)
-        if dense_ms is not None:
-            ratios.append({"N": batch, "densecrf / ours fwd cold": dense_ms * batch / row["fwd cold ms"],
-                           "densecrf / ours fwd": dense_ms * batch / row["fwd ms"],
-                           "densecrf / ours fwd+bwd": dense_ms * batch / row["fwd+bwd ms"]})
-
-        mem = {"N": batch}
-        for name, layer in (("stored", crf), ("checkpoint", crf_ckpt)):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            u = unary.clone().requires_grad_()
-            out, nbytes = saved_bytes(lambda: layer.train()(u, img))
-            mem[f"saved MB {name}"] = nbytes / 2**20
-            out.logsumexp(1).sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                mem[f"peak MB {name}"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-            del out, u
-        mem["saved x"] = mem["saved MB stored"] / mem["saved MB checkpoint"]
-        memory.append(mem)
+    for index, (image, logits, source) in enumerate(inputs):
+        dense_ms = peer_ms = None
+        if run_dense:
+            dense_ms = time_it(lambda: densecrf_peer.densecrf_probs(image, logits, args.iterations, **params),
+                               "cpu", max(1, args.repeats // 2 + 1))
+        if peer is not None:
+            peer_ms = time_crfasrnn(peer, image, logits, max(1, args.repeats // 2 + 1))
+        for batch in args.batch:
+            img = torch.from_numpy(image).permute(2, 0, 1)[None].float().repeat(batch, 1, 1, 1).to(device)
+            unary = torch.from_numpy(logits)[None].repeat(batch, 1, 1, 1).to(device)
+            layer_args = dict(num_iterations=args.iterations, num_eval_iterations=args.iterations, **params)
+            crf = crfrnn.CRFRNNLayer(args.classes, **layer_args).to(device)
+            crf_ckpt = crfrnn.CRFRNNLayer(args.classes, checkpoint=True, **layer_args).to(device)
+            row = {"image": index, "N": batch, "device": device.type,
+                   **time_layer(crf, crf_ckpt, unary, img, device, args.repeats, not args.skip_step)}
+            ratio = {"image": index, "N": batch, "fwd+bwd / fwd": row["fwd+bwd ms"] / row["fwd ms"]}
+            if "fwd+bwd step ms" in row:
+                ratio["step / fused fwd+bwd"] = row["fwd+bwd step ms"] / row["fwd+bwd ms"]
+            if dense_ms is not None:
+                row["densecrf ms"] = dense_ms * batch
+                ratio["densecrf / ours fwd cold"] = dense_ms * batch / row["fwd cold ms"]
+                ratio["densecrf / ours fwd"] = dense_ms * batch / row["fwd ms"]
+            if peer_ms is not None:
+                row["crfasrnn fwd ms"], row["crfasrnn fwd+bwd ms"] = (t * batch for t in peer_ms)
+                ratio["crfasrnn / ours fwd"] = row["crfasrnn fwd ms"] / row["fwd ms"]
+                ratio["crfasrnn / ours fwd+bwd"] = row["crfasrnn fwd+bwd ms"] / row["fwd+bwd ms"]
+            rows.append(row)
+            ratios.append(ratio)
+            memory.append({"image": index, "N": batch, **memory_for_backward(crf, crf_ckpt, unary, img, device)})
 
     agreement = {}
     if run_dense:
+        image, logits, _ = inputs[0]
         qd = densecrf_peer.densecrf_probs(image, logits, args.iterations, **params)
         with torch.no_grad():
             out = crf.eval()(torch.from_numpy(logits)[None].to(device),
@@ -176,20 +254,21 @@ def main(args):
                      "mean |dQ|": float(np.abs(q - qd).mean()), "max |dQ|": float(np.abs(q - qd).max())}
 
     print_table(f"CRF layer, {args.iterations} iterations at {w}x{h}, C = {args.classes} "
-                "(median ms; fwd cold builds both lattices, fwd and fwd+bwd the bilateral one)", rows,
-                ["N", "device", "vertices/px bil", "build ms", "fwd cold ms", "fwd ms", "fwd+bwd ms",
-                 "fwd+bwd ckpt ms", "densecrf ms"])
-    if ratios:
-        print_table("densecrf time / our time (higher = ours faster; densecrf single-threaded on the CPU)",
-                    ratios, ["N", "densecrf / ours fwd cold", "densecrf / ours fwd", "densecrf / ours fwd+bwd"])
-    mem_cols = ["N", "saved MB stored", "saved MB checkpoint", "saved x"]
+                "(median ms; fwd cold builds both lattices, the others the bilateral one)", rows,
+                ["image", "N", "device", "vertices/px bil", "build ms", "fwd cold ms", "fwd ms", "fwd+bwd ms",
+                 "fwd+bwd ckpt ms", "fwd+bwd step ms", "densecrf ms", "crfasrnn fwd ms", "crfasrnn fwd+bwd ms"])
+    print_table("Ratios of times (fwd+bwd / fwd: the cost of training over inference; the others: higher = "
+                "ours/fused faster; densecrf and crfasrnn single-threaded on the CPU)", ratios,
+                ["image", "N", "fwd+bwd / fwd", "step / fused fwd+bwd", "densecrf / ours fwd cold",
+                 "densecrf / ours fwd", "crfasrnn / ours fwd", "crfasrnn / ours fwd+bwd"])
+    mem_cols = ["image", "N", "saved MB fused", "saved MB step", "saved MB checkpoint"]
     if device.type == "cuda":
-        mem_cols += ["peak MB stored", "peak MB checkpoint"]
-    print_table("Memory for backward: stored iterations vs checkpointing", memory, mem_cols)
+        mem_cols += ["peak MB fused", "peak MB step", "peak MB checkpoint"]
+    print_table("Memory for backward: fused ops, step-by-step loop, checkpointing", memory, mem_cols)
     if agreement:
-        print_table("Our marginals vs densecrf's (batch 1)", [agreement],
+        print_table("Our marginals vs densecrf's (image 0, batch 1)", [agreement],
                     ["label agreement", "mean |dQ|", "max |dQ|"])
-    write_json(args.json, {"environment": environment(device), "input": source,
+    write_json(args.json, {"environment": environment(device), "inputs": [source for _, _, source in inputs],
                            "params": {"name": args.params, **params}, "iterations": args.iterations,
                            "rows": rows, "ratios": ratios, "memory": memory, "agreement": agreement})
 

@@ -88,16 +88,21 @@ _TABLE_CASES = textwrap.dedent("""
                 lat.neighbors[0, 0, 0] = m
         return cases + [("Lattice.filter/neighbors", corrupted_lattice)]
 
-    def mean_field_cases(lattices):
+    def mean_field_cases(lattices, op_name):
         scales = [l.normalization_scales("symmetric", torch.float32) for l in lattices]
         unary = torch.randn(1, 42, 3, generator=g)
 
         def call(kernel, **bad):
             tables = {name: [bad[name] if i == kernel and name in bad else getattr(l, name)
                              for i, l in enumerate(lattices)] for name in ("vertex_index", "neighbors")}
-            return torch.ops.crfrnn.mean_field_inference(
-                unary, tables["vertex_index"], [l.weights for l in lattices], [s[0] for s in scales],
-                [s[1] for s in scales], tables["neighbors"], [torch.ones(3, 3)] * 2, 2)
+            args = (unary, tables["vertex_index"], [l.weights for l in lattices], [s[0] for s in scales],
+                    [s[1] for s in scales], tables["neighbors"], [torch.ones(3, 3)] * 2)
+            if op_name == "mean_field_inference":
+                return torch.ops.crfrnn.mean_field_inference(*args, 2)
+            if op_name == "mean_field_forward":
+                return torch.ops.crfrnn.mean_field_forward(*args, 2, False)
+            blurred = [torch.zeros(2, l.num_vertices, 3) for l in lattices]  # the saves' shapes
+            return torch.ops.crfrnn.mean_field_backward(torch.ones_like(unary), *args, blurred, torch.empty(0), 2)
 
         cases = []
         for kernel, l in enumerate(lattices):
@@ -112,7 +117,8 @@ _TABLE_CASES = textwrap.dedent("""
     for op_name in sys.argv[1:]:
         backend = "reference" if op_name == "lattice_filter_ref" else "native"
         lattices = build_crf_lattices(image, (5.0, 20.0, 3.0), (2.0, 1.0), backend)
-        op_cases = mean_field_cases(lattices) if op_name == "mean_field_inference" else filter_cases(op_name, lattices[0])
+        op_cases = (mean_field_cases(lattices, op_name) if op_name.startswith("mean_field_")
+                    else filter_cases(op_name, lattices[0]))
         cases += [(f"{op_name} {name}", call) for name, call in op_cases]
     for name, call in cases:
         print("case", name, flush=True)
@@ -124,7 +130,8 @@ _TABLE_CASES = textwrap.dedent("""
     cases[0][1]()
 """)
 
-_TABLE_OPS = ["lattice_filter", "lattice_filter_ref", "mean_field_inference"]
+_TABLE_OPS = ["lattice_filter", "lattice_filter_ref", "mean_field_inference", "mean_field_forward",
+              "mean_field_backward"]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +155,7 @@ def test_bad_index_tables_raise_a_clear_error_not_a_crash(table_run, op):
     cases = [case.split(" ", 1)[1] for case in started if case.startswith(op + " ")]
     results = {line.split(" ", 2)[2].split(":", 1)[0]: line for line in run.stdout.splitlines()
                if line.startswith((f"rejected {op} ", f"accepted {op} "))}
-    assert len(cases) >= (12 if op == "mean_field_inference" else 16) and set(results) == set(cases)
+    assert len(cases) >= (12 if op.startswith("mean_field_") else 16) and set(results) == set(cases)
     for case, line in results.items():
         assert line.startswith(f"rejected {op} {case}: ValueError: crfrnn::{op}: "), line
         table = re.fullmatch(r"(?:[\w.]+/)?(\w+)(=.*)?", case).group(1)
