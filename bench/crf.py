@@ -35,12 +35,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# common first: it puts the repository on sys.path (when crfrnn is not installed).
+from common import VOC_ROOT, add_json_option, environment, print_table, run_main, time_it, write_json  # noqa: E402
 import crfasrnn_peer  # noqa: E402
 import crfrnn  # noqa: E402
 import crfrnn.crf as crf_module  # noqa: E402
 import densecrf_peer  # noqa: E402
 import voc_protocol as vp  # noqa: E402
-from common import VOC_ROOT, add_json_option, environment, print_table, run_main, time_it, write_json  # noqa: E402
 from crfrnn.crf import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS  # noqa: E402
 
 PARAMS = {"deeplab": DEEPLAB_LARGEFOV_PARAMS, "crfrnn": CRFRNN_PARAMS,
