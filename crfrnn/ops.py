@@ -23,7 +23,8 @@ gradient, dotted with them at every simplex corner), and the build's backward ma
 features (``barycentric_weights_backward``, a per-point linear map). Both run only when the
 features require grad.
 
-And the fused mean-field ops of the extension (``csrc/cpu/mean_field_cpu.cpp``): all iterations
+And the fused mean-field ops of the extension (``csrc/cpu/mean_field_cpu.cpp``, and
+``csrc/cuda/mean_field_cuda.cpp`` in a CUDA build): all iterations
 of the CRF in one op each, on the unary, the lattices, their normalisation scales and the C x C
 matrices. ``crfrnn::mean_field_forward`` saves what ``crfrnn::mean_field_backward`` needs;
 ``crfrnn::mean_field_inference`` saves nothing, and its autograd recomputes the forward in the

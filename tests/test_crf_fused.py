@@ -19,14 +19,14 @@ pytestmark = pytest.mark.skipif("cpu" not in ops.FUSED_MEAN_FIELD_DEVICE_TYPES,
 KERNELS = dict(bilateral=(6.0, 30.0, 3.0), spatial=(2.0, 2.0))
 
 
-def inputs(n=2, c=5, h=17, w=13, dtype=torch.float32, seed=0, scale=3.0):
+def inputs(n=2, c=5, h=17, w=13, dtype=torch.float32, seed=0, scale=3.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    unary = (torch.randn(n, h * w, c, generator=g, dtype=torch.float64) * scale).to(dtype)
+    unary = (torch.randn(n, h * w, c, generator=g, dtype=torch.float64) * scale).to(device, dtype)
     image = torch.rand(n, 3, h, w, generator=g, dtype=torch.float64) * 255
     # Blocks of flat colour, so that the bilateral kernel has structure.
     image[:, :, : h // 2] = image[:, :, :1, :1]
-    lattices = build_crf_lattices(image.to(dtype), KERNELS["bilateral"], KERNELS["spatial"], "native")
-    pairwise = [torch.randn(c, c, generator=g, dtype=torch.float64).to(dtype) for _ in range(2)]
+    lattices = build_crf_lattices(image.to(device, dtype), KERNELS["bilateral"], KERNELS["spatial"], "native")
+    pairwise = [torch.randn(c, c, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(2)]
     return unary, lattices, pairwise
 
 
@@ -455,3 +455,45 @@ def test_backward_op_with_bad_saved_tensors_raises():
         call(blurred=[blurred[0][:1], blurred[1]])
     with pytest.raises(RuntimeError, match="marginals must be empty"):
         call(marginals=marginals[:, :, :-1])
+
+
+# ---- CUDA (run on a machine with a GPU; tests/test_cuda_logic_on_cpu.py runs the schedules here) -
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_first"])
+def test_cuda_fused_ops_equal_the_step_by_step_loop_and_the_cpu(layout, checkpoint):
+    """On the GPU: the fused ops' values and gradients equal the CUDA step-by-step loop's and the
+    CPU fused ops' to rounding, in the unary's layout; the same bits twice."""
+    if "cuda" not in ops.FUSED_MEAN_FIELD_DEVICE_TYPES:
+        pytest.skip("the extension was built without the CUDA fused ops")
+    unary, lattices, pairwise = inputs(n=2, c=21, h=23, w=19)
+    grad_out = torch.randn(unary.shape, generator=torch.Generator().manual_seed(2))
+    cpu = values_and_gradients(unary, lattices, pairwise, 5, "symmetric", grad_out, checkpoint=checkpoint)
+    cuda_unary, cuda_lattices, cuda_pairwise = inputs(n=2, c=21, h=23, w=19, device="cuda")
+    if layout == "channels_first":
+        cuda_unary = cuda_unary.transpose(1, 2).contiguous().transpose(1, 2)
+    assert crf_module._can_fuse(cuda_unary, cuda_lattices)
+    runs = [values_and_gradients(cuda_unary, cuda_lattices, cuda_pairwise, 5, "symmetric", grad_out.cuda(),
+                                 checkpoint=checkpoint) for _ in range(2)]
+    loop = values_and_gradients(cuda_unary, cuda_lattices, cuda_pairwise, 5, "symmetric", grad_out.cuda(),
+                                fused=False)
+    def flat(result):
+        return [result[0], result[1], *result[2]]
+
+    for got, again, expected, on_cpu in zip(flat(runs[0]), flat(runs[1]), flat(loop), flat(cpu)):
+        assert torch.equal(got, again)
+        assert_close_to_rounding(got, expected, torch.float32)
+        assert_close_to_rounding(got.cpu(), on_cpu, torch.float32)
+    assert runs[0][1].stride() == cuda_unary.stride()
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_training_ops():
+    if "cuda" not in ops.FUSED_MEAN_FIELD_DEVICE_TYPES:
+        pytest.skip("the extension was built without the CUDA fused ops")
+    unary, lattices, pairwise = inputs(n=2, c=5, dtype=torch.float64, device="cuda")
+    args = op_args(unary.requires_grad_(), lattices, [m.requires_grad_() for m in pairwise], 3)
+    for save_marginals in (True, False):
+        torch.library.opcheck(torch.ops.crfrnn.mean_field_forward.default, (*args, save_marginals))
+    torch.library.opcheck(torch.ops.crfrnn.mean_field_inference.default, args)

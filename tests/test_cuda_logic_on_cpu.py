@@ -10,6 +10,11 @@ equal the C++ CPU backend's bit for bit, as the real GPU's must (tests/test_latt
 marked `cuda`). See the harness's header for what this cannot check (the GPU's scale and memory
 model, its own float code generation).
 
+In its mean_field mode the harness runs the fused mean-field ops' CUDA schedules themselves
+(crfrnn/csrc/cuda/mean_field_device.cuh, the code the CUDA launcher runs, each launch's indices in
+a random order): forward and backward must equal the C++ ops to rounding (the GPU gathers its
+splat by vertex, the CPU scatters by point into partial grids) and give the same bits in any order.
+
 The harness is compiled once per session (a few seconds), with AddressSanitizer and UBSan when
 the compiler supports them, so an out-of-bounds index in a kernel body fails here too; and once
 with ThreadSanitizer for the concurrent runs, which fail on any report it makes (after checking,
@@ -335,3 +340,95 @@ def test_voc_crop_equals_cpu(harness, tmp_path, shared_data):
         points = features.flatten(2).transpose(1, 2).contiguous()
         n, p, _ = points.shape
         assert_matches_cpu(harness, tmp_path, points, randn(n, p, 3), seed=1)
+
+
+# ---- the fused mean-field ops ---------------------------------------------------------------------
+
+def mean_field_inputs(n, c, h, w, dtype, seed):
+    """(unary [N, P, C], lattices, pairwise, grad [N, P, C]) of a small CRF on an image with flat
+    colour blocks (shared bilateral vertices) and noise."""
+    from crfrnn.crf import build_crf_lattices
+    g = torch.Generator().manual_seed(seed)
+    image = torch.nn.functional.interpolate(torch.rand(n, 3, 3, 3, generator=g, dtype=torch.float64) * 255,
+                                            size=(h, w))
+    image = (image + torch.rand(n, 3, h, w, generator=g, dtype=torch.float64) * 8).clamp(max=255)
+    lattices = build_crf_lattices(image.to(dtype), (6.0, 30.0, 3.0), (2.0, 2.0), "native")
+    unary = (torch.randn(n, h * w, c, generator=g, dtype=torch.float64) * 3).to(dtype)
+    pairwise = [torch.randn(c, c, generator=g, dtype=torch.float64).to(dtype) for _ in lattices]
+    grad = torch.randn(n, h * w, c, generator=g, dtype=torch.float64).to(dtype)
+    return unary, lattices, pairwise, grad
+
+
+def run_mean_field_harness(binary, workdir, unary, lattices, pairwise, grad, iterations, normalize, save_marginals,
+                           seed):
+    """The harness's mean_field mode (the CUDA schedules on the host): (logits, blurred per kernel,
+    marginals or None, grad_unary, grad_pairwise per kernel), shaped as the ops return them."""
+    n, p, c = unary.shape
+    dtype = unary.dtype
+    src, dst = Path(workdir) / "mf_in.bin", Path(workdir) / "mf_out.bin"
+    with open(src, "wb") as f:
+        np.array([n * p, c, iterations, len(lattices), DTYPE_CODE[dtype], int(save_marginals)], np.int64).tofile(f)
+        for lat, matrix in zip(lattices, pairwise):
+            splat_scale, slice_scale = lat.normalization_scales(normalize, dtype)
+            np.array([lat.vertex_index.shape[1], lat.num_vertices], np.int64).tofile(f)
+            for t in (lat.vertex_index, lat.neighbors, lat.weights_as(dtype), splat_scale, slice_scale, matrix):
+                t.contiguous().numpy().tofile(f)
+        unary.contiguous().numpy().tofile(f)
+        grad.contiguous().numpy().tofile(f)
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1")
+    result = subprocess.run([str(binary), "mean_field", str(src), str(dst), str(seed)], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, f"harness failed (exit {result.returncode}):\n{result.stderr[-4000:]}"
+    raw = torch.from_numpy(np.frombuffer(dst.read_bytes(), np.float64 if dtype == torch.float64 else np.float32).copy())
+    sizes = ([n * p * c] + [iterations * lat.num_vertices * c for lat in lattices]
+             + [(iterations - 1) * n * p * c if save_marginals else 0, n * p * c] + [c * c] * len(lattices))
+    assert raw.numel() == sum(sizes), f"harness wrote {raw.numel()} values, expected {sum(sizes)}"
+    parts = list(raw.split(sizes))
+    k = len(lattices)
+    blurred = [b.reshape(iterations, lat.num_vertices, c) for b, lat in zip(parts[1:1 + k], lattices)]
+    marginals = parts[1 + k].reshape(iterations - 1, n, p, c) if save_marginals else None
+    return (parts[0].reshape(n, p, c), blurred, marginals, parts[2 + k].reshape(n, p, c),
+            [g.reshape(c, c) for g in parts[3 + k:]])
+
+
+@pytest.mark.parametrize("save_marginals", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("normalize", ["symmetric", "after"])
+def test_mean_field_schedules_equal_the_cpu_ops(harness, tmp_path, normalize, dtype, save_marginals):
+    """The CUDA forward and backward schedules (run_mean_field_forward/backward of
+    mean_field_device.cuh, every launch's indices in a random order) against the C++ ops: logits,
+    blurred grids, marginals and both gradients equal to rounding (the CPU splats by point into
+    partial grids, the GPU gathers by vertex: the same terms in another order)."""
+    unary, lattices, pairwise, grad = mean_field_inputs(2, 5, 9, 11, dtype, seed=3)
+    iterations = 4
+    splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, dtype) for lat in lattices))
+    args = (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(dtype) for lat in lattices],
+            list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices], pairwise, iterations)
+    logits, blurred, marginals = torch.ops.crfrnn.mean_field_forward(*args, True)
+    grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(grad, *args[:7], blurred, marginals, iterations)
+    got = run_mean_field_harness(harness, tmp_path, unary, lattices, pairwise, grad, iterations, normalize,
+                                 save_marginals, seed=7)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    expected = [logits, *blurred, grad_unary, *grad_pairwise] + ([marginals] if save_marginals else [])
+    results = [got[0], *got[1], got[3], *got[4]] + ([got[2]] if save_marginals else [])
+    for g, e in zip(results, expected):
+        torch.testing.assert_close(g, e, atol=tol * (e.abs().max().item() + 1), rtol=tol)
+    # Another random order of every launch: the same bits (gathers in a fixed order, no atomics).
+    again = run_mean_field_harness(harness, tmp_path, unary, lattices, pairwise, grad, iterations, normalize,
+                                   save_marginals, seed=8)
+    for a, b in zip([got[0], *got[1], got[3], *got[4]], [again[0], *again[1], again[3], *again[4]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("c,iterations", [(1, 1), (21, 3)])
+def test_mean_field_schedules_any_classes_and_iterations(harness, tmp_path, c, iterations):
+    unary, lattices, pairwise, grad = mean_field_inputs(1, c, 8, 7, torch.float64, seed=c)
+    splat_scales, slice_scales = zip(*(lat.normalization_scales("symmetric", torch.float64) for lat in lattices))
+    args = (unary, [lat.vertex_index for lat in lattices], [lat.weights for lat in lattices], list(splat_scales),
+            list(slice_scales), [lat.neighbors for lat in lattices], pairwise, iterations)
+    logits, blurred, marginals = torch.ops.crfrnn.mean_field_forward(*args, False)
+    grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(grad, *args[:7], blurred, marginals, iterations)
+    got = run_mean_field_harness(harness, tmp_path, unary, lattices, pairwise, grad, iterations, "symmetric",
+                                 False, seed=c)
+    for g, e in zip([got[0], got[3], *got[4]], [logits, grad_unary, *grad_pairwise]):
+        torch.testing.assert_close(g, e, atol=1e-12 * (e.abs().max().item() + 1), rtol=1e-12)

@@ -2,7 +2,7 @@
 
 Needs no GPU: it loads the shared library with `torch.ops.load_library` (which runs its
 TORCH_LIBRARY registrations) and asks the dispatcher which backends have a kernel, for every op
-of the extension (the fused mean-field ops are CPU-only: their CUDA column shows "-"). Exits 1 if an
+of the extension. Exits 1 if an
 expected kernel is missing, 2 if no library is found. For CI after a CUDA build, e.g.
 
     FORCE_CUDA=1 CRFRNN_STRICT_BUILD=1 python setup.py build_ext --build-lib /tmp/cuda-lib
@@ -22,7 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Every op of the extension (csrc/ops.cpp) and the dispatch keys it has kernels for.
 OPS = {"build_lattice": ("CPU", "CUDA"), "lattice_filter": ("CPU", "CUDA"),
        "lattice_filter_weights_backward": ("CPU", "CUDA"), "barycentric_weights_backward": ("CPU", "CUDA"),
-       "mean_field_inference": ("CPU",), "mean_field_forward": ("CPU",), "mean_field_backward": ("CPU",)}
+       "mean_field_inference": ("CPU", "CUDA"), "mean_field_forward": ("CPU", "CUDA"),
+       "mean_field_backward": ("CPU", "CUDA")}
 
 
 def dispatch_key(name: str) -> str:

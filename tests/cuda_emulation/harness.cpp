@@ -33,6 +33,12 @@
 //     honoured it, and device math functions (sqrt, rint, pow in lattice_math.h), are not checked;
 //   - the launcher itself (allocation, streams, grid-stride loops, launch error checks).
 //
+// The fused mean-field ops (crfrnn/csrc/cuda/mean_field_device.cuh): the harness runs their
+// schedules themselves (run_mean_field_forward, run_mean_field_backward) with an Exec whose every
+// launch runs the per-thread bodies one index at a time in a random order; the launcher's torch
+// steps (the vertex -> entries table, the scaled splat weights, the matrices) are done here with
+// the standard library. See run_mean_field below for its input and output.
+//
 // Usage: harness IN OUT SEED [--threads K] [--repeats R] [--schedule NAME] [--cas MODE]
 //   K = 0 (default): serial random order; K >= 1: K threads per launch, NAME one of interleaved,
 //   blocked, shuffled, mixed (default: a schedule drawn per launch); R >= 1 (default 1); MODE the
@@ -41,6 +47,8 @@
 //        harness --racy-toy
 //   Two threads increment a plain int: a ThreadSanitizer build must report it (a check that the
 //   race detector is alive, so that its silence means something).
+//        harness mean_field IN OUT SEED [--threads K] [--schedule NAME]
+//   The fused mean-field ops, forward and backward (see run_mean_field), launched as above.
 // IN (little-endian, as written by the test):
 //   int64 header[7] = {N, P, d, C, feature_dtype, value_dtype, capacity}
 //     dtypes: 0 = float64, 1 = float32; capacity: hash slots (a power of two), 0 = the launcher's
@@ -78,6 +86,7 @@ int cas(int* address, int expected, int desired);
 #define CRFRNN_HOST_CAS_HOOK ::harness_cas::cas
 
 #include "cuda/lattice_device.cuh"
+#include "cuda/mean_field_device.cuh"
 
 namespace harness_cas {
 int cas(int* address, int expected, int desired) {
@@ -425,9 +434,160 @@ int racy_toy() {
   return 0;
 }
 
+
+// ---- the fused mean-field ops -----------------------------------------------------------------------
+
+// The Exec of mean_field_device.cuh's schedules: each launch through the Launcher (serial random
+// order, or concurrent threads).
+struct LauncherExec {
+  Launcher& launch;
+
+  template <class Body>
+  void run(int64_t n, const Body& body) {
+    launch(n, body);
+  }
+};
+
+// One CRF kernel's inputs and the buffers the launcher (mean_field_cuda.cpp) makes for it.
+template <typename T>
+struct MeanFieldKernelData {
+  int64_t d1 = 0, m = 0;
+  std::vector<int> vertex_index, neighbors, offsets, entries;
+  std::vector<T> weights, splat_scale, slice_scale, pairwise, splat_weights, adjoint_weights, transform,
+      adjoint_transform, grid, next, mixed, blurred, outer_total;
+};
+
+// IN (after the mode): int64 header[6] = {P, C, T, kernels, dtype (0 float64, 1 float32),
+//   save_marginals}; per kernel int64 {d1, M}, int32 vertex_index [P, d1], int32 neighbors
+//   [d1, M, 2], then in dtype weights [P, d1], splat_scale [P], slice_scale [P], pairwise [C, C];
+//   then unary [P, C] and the logits' gradient [P, C].
+// OUT (dtype): logits [P, C]; per kernel blurred [T, M, C]; marginals [T-1, P, C] if saved;
+//   grad_unary [P, C]; per kernel grad_pairwise [C, C].
+template <typename T>
+void run_mean_field(std::FILE* in, std::FILE* out, const std::vector<int64_t>& h, Launcher& launch) {
+  const int64_t num_points = h[0], c = h[1], iterations = h[2], count = h[3];
+  const bool save_marginals = h[5] != 0;
+  std::vector<MeanFieldKernelData<T>> data(static_cast<size_t>(count));
+  device::MeanFieldView<T> mf{};
+  mf.num_points = num_points;
+  mf.c = c;
+  mf.iterations = iterations;
+  mf.kernels.count = static_cast<int>(count);
+  for (int64_t i = 0; i < count; ++i) {
+    MeanFieldKernelData<T>& k = data[i];
+    const std::vector<int64_t> sizes = read_array<int64_t>(in, 2);
+    k.d1 = sizes[0];
+    k.m = sizes[1];
+    const int64_t num_entries = num_points * k.d1;
+    k.vertex_index = read_array<int>(in, num_entries);
+    k.neighbors = read_array<int>(in, k.d1 * k.m * 2);
+    k.weights = read_array<T>(in, num_entries);
+    k.splat_scale = read_array<T>(in, num_points);
+    k.slice_scale = read_array<T>(in, num_points);
+    k.pairwise = read_array<T>(in, c * c);
+    // The vertex -> entries table (stable sort by vertex, then csr_offsets_one), as the launcher.
+    k.entries.resize(static_cast<size_t>(num_entries));
+    std::iota(k.entries.begin(), k.entries.end(), 0);
+    std::stable_sort(k.entries.begin(), k.entries.end(),
+                     [&](int a, int b) { return k.vertex_index[a] < k.vertex_index[b]; });
+    std::vector<int> sorted_vertex(static_cast<size_t>(num_entries));
+    for (int64_t e = 0; e < num_entries; ++e) sorted_vertex[e] = k.vertex_index[k.entries[e]];
+    k.offsets.assign(static_cast<size_t>(k.m + 1), -7);
+    launch(num_entries, [&](int64_t e) {
+      device::csr_offsets_one(e, sorted_vertex.data(), num_entries, k.m, k.offsets.data());
+    });
+    check_written(k.offsets, -7, "csr_offsets (mean field)");
+    k.splat_weights.resize(static_cast<size_t>(num_entries));
+    k.adjoint_weights.resize(static_cast<size_t>(num_entries));
+    for (int64_t e = 0; e < num_entries; ++e) {
+      k.splat_weights[e] = k.splat_scale[e / k.d1] * k.weights[e];
+      k.adjoint_weights[e] = k.slice_scale[e / k.d1] * k.weights[e];
+    }
+    const T alpha = static_cast<T>(blur_alpha(static_cast<int>(k.d1 - 1)));
+    k.transform.resize(static_cast<size_t>(c * c));
+    k.adjoint_transform.resize(static_cast<size_t>(c * c));
+    for (int64_t j = 0; j < c; ++j) {
+      for (int64_t l = 0; l < c; ++l) {
+        k.transform[j * c + l] = k.pairwise[l * c + j] * alpha;
+        k.adjoint_transform[j * c + l] = k.pairwise[j * c + l] * -alpha;
+      }
+    }
+    k.grid.assign(static_cast<size_t>((k.m + 1) * c), T(0));
+    k.next = k.grid;
+    k.mixed = k.grid;
+    k.blurred.assign(static_cast<size_t>(iterations * k.m * c), T(0));
+    k.outer_total.assign(static_cast<size_t>(c * c), T(0));
+    device::CrfKernelView<T>& v = mf.kernels.k[i];
+    v.tables = crfrnn::PointTables<T>{k.vertex_index.data(), k.weights.data(), k.splat_scale.data(),
+                                      k.slice_scale.data(), static_cast<int>(k.d1)};
+    v.neighbors = k.neighbors.data();
+    v.splat_offsets = k.offsets.data();
+    v.splat_entries = k.entries.data();
+    v.splat_weights = k.splat_weights.data();
+    v.adjoint_weights = k.adjoint_weights.data();
+    v.transform = k.transform.data();
+    v.adjoint_transform = k.adjoint_transform.data();
+    v.m = k.m;
+    v.grid = k.grid.data();
+    v.next = k.next.data();
+    v.mixed = k.mixed.data();
+    v.blurred = k.blurred.data();
+    v.outer_total = k.outer_total.data();
+  }
+  const std::vector<T> unary = read_array<T>(in, num_points * c);
+  const std::vector<T> grad_logits = read_array<T>(in, num_points * c);
+  const size_t rows = static_cast<size_t>(num_points * c);
+  std::vector<T> logits(rows), q0(rows), q1(rows), scratch(rows);
+  std::vector<T> marginals(save_marginals ? static_cast<size_t>((iterations - 1) * num_points * c) : 0);
+  mf.unary = unary.data();
+  mf.out = logits.data();
+  mf.marginals = save_marginals && iterations > 1 ? marginals.data() : nullptr;
+  mf.q_scratch[0] = q0.data();
+  mf.q_scratch[1] = q1.data();
+  mf.row_scratch = scratch.data();
+  LauncherExec exec{launch};
+  device::run_mean_field_forward(exec, mf);
+  std::vector<T> grad(rows), du(rows), grad_unary(rows), q(rows);
+  const device::MeanFieldGradientView<T> gv{grad_logits.data(), grad.data(), du.data(), grad_unary.data(), q.data()};
+  device::run_mean_field_backward(exec, mf, gv);
+  write_array(out, logits);
+  for (const auto& k : data) write_array(out, k.blurred);
+  write_array(out, marginals);
+  write_array(out, grad_unary);
+  for (const auto& k : data) {
+    const T alpha = static_cast<T>(blur_alpha(static_cast<int>(k.d1 - 1)));
+    std::vector<T> grad_pairwise(static_cast<size_t>(c * c));
+    for (int64_t j = 0; j < c; ++j) {
+      for (int64_t l = 0; l < c; ++l) grad_pairwise[j * c + l] = k.outer_total[l * c + j] * -alpha;
+    }
+    write_array(out, grad_pairwise);
+  }
+}
+
+// argv: "mean_field" IN OUT SEED [--threads K] [--schedule NAME]
+int mean_field_main(int argc, char** argv) {
+  if (argc < 5) fail(2, "usage: harness mean_field IN OUT SEED [--threads K] [--schedule NAME]");
+  const Options options = parse_options(argc - 1, argv + 1);
+  std::FILE* in = std::fopen(argv[2], "rb");
+  if (!in) fail(2, "cannot open the input file");
+  Launcher launch(options.schedule, options.threads, std::strtoull(argv[4], nullptr, 10));
+  const std::vector<int64_t> h = read_array<int64_t>(in, 6);
+  if (h[0] < 1 || h[1] < 1 || h[2] < 1 || h[3] < 1 || h[3] > device::kMaxCrfKernels || h[4] < 0 || h[4] > 1) {
+    fail(2, "bad mean_field header");
+  }
+  std::FILE* out = std::fopen(argv[3], "wb");
+  if (!out) fail(2, "cannot open the output file");
+  if (h[4] == 0) run_mean_field<double>(in, out, h, launch);
+  else run_mean_field<float>(in, out, h, launch);
+  if (std::fclose(out) != 0) fail(2, "write failed");
+  std::fclose(in);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "mean_field") return mean_field_main(argc, argv);
   if (argc == 2 && std::strcmp(argv[1], "--racy-toy") == 0) return racy_toy();
   if (argc < 4) fail(2, "usage: harness IN OUT SEED [--threads K] [--repeats R] [--schedule NAME] [--cas MODE]");
   const Options options = parse_options(argc, argv);

@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../mean_field_checks.h"
 #include "../lattice_math.h"
 #include "../mean_field_steps.h"
 #include "filter_loops.h"
@@ -270,85 +271,6 @@ int64_t choose_chunks(std::vector<CrfKernelState<T>>& kernels, int64_t num_point
   return chunks;
 }
 
-// The arguments of every fused op: the unary [N, P, C] and, per kernel, its lattice
-// (vertex_index, weights, neighbors), normalisation (splat_scale, slice_scale) and C x C matrix.
-struct MeanFieldArgs {
-  const at::Tensor& unary;
-  at::TensorList vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise;
-  int64_t iterations;
-};
-
-void check_mean_field_args(const char* op, const MeanFieldArgs& a) {
-  const at::Tensor& unary = a.unary;
-  TORCH_CHECK(unary.dim() == 3, op, ": unary must be [N, P, C], got ", unary.sizes());
-  TORCH_CHECK(unary.scalar_type() == at::kFloat || unary.scalar_type() == at::kDouble, op,
-              ": unary must be float32 or float64, got ", unary.scalar_type());
-  TORCH_CHECK(unary.device().is_cpu(), op, " (CPU kernel): unary on ", unary.device());
-  TORCH_CHECK(a.iterations >= 1, op, ": iterations must be >= 1, got ", a.iterations);
-  const size_t kernels = a.vertex_index.size();
-  TORCH_CHECK(kernels >= 1 && a.weights.size() == kernels && a.splat_scale.size() == kernels &&
-                  a.slice_scale.size() == kernels && a.neighbors.size() == kernels && a.pairwise.size() == kernels,
-              op, ": one vertex_index, weights, splat_scale, slice_scale, neighbors and pairwise per kernel, "
-              "got ", a.vertex_index.size(), ", ", a.weights.size(), ", ", a.splat_scale.size(), ", ",
-              a.slice_scale.size(), ", ", a.neighbors.size(), ", ", a.pairwise.size());
-  const int64_t p = unary.size(0) * unary.size(1), c = unary.size(2);
-  const auto dtype = unary.scalar_type();
-  for (size_t i = 0; i < kernels; ++i) {
-    const at::Tensor& vi = a.vertex_index[i];
-    TORCH_CHECK(vi.dim() == 2 && vi.size(0) == p && vi.scalar_type() == at::kInt, op, ": kernel ", i,
-                ": vertex_index must be int32 [N*P = ", p, ", d+1], got ", vi.scalar_type(), " ", vi.sizes());
-    TORCH_CHECK(a.weights[i].sizes() == vi.sizes() && a.weights[i].scalar_type() == dtype, op, ": kernel ", i,
-                ": weights must be ", dtype, " ", vi.sizes(), ", got ", a.weights[i].scalar_type(), " ",
-                a.weights[i].sizes());
-    for (const at::Tensor* scale : {&a.splat_scale[i], &a.slice_scale[i]}) {
-      TORCH_CHECK(scale->dim() == 1 && scale->size(0) == p && scale->scalar_type() == dtype, op, ": kernel ", i,
-                  ": splat_scale and slice_scale must be ", dtype, " [N*P = ", p, "], got ", scale->scalar_type(),
-                  " ", scale->sizes());
-    }
-    const at::Tensor& nb = a.neighbors[i];
-    TORCH_CHECK(nb.dim() == 3 && nb.size(0) == vi.size(1) && nb.size(2) == 2 && nb.scalar_type() == at::kInt,
-                op, ": kernel ", i, ": neighbors must be int32 [d+1=", vi.size(1), ", M, 2], got ",
-                nb.scalar_type(), " ", nb.sizes());
-    TORCH_CHECK(a.pairwise[i].dim() == 2 && a.pairwise[i].size(0) == c && a.pairwise[i].size(1) == c &&
-                    a.pairwise[i].scalar_type() == dtype,
-                op, ": kernel ", i, ": pairwise must be ", dtype, " [C, C] with C = ", c, ", got ",
-                a.pairwise[i].scalar_type(), " ", a.pairwise[i].sizes());
-    for (const at::Tensor* t : {&vi, &a.weights[i], &a.splat_scale[i], &a.slice_scale[i], &nb, &a.pairwise[i]}) {
-      TORCH_CHECK(t->device().is_cpu(), op, " (CPU kernel): kernel ", i, " tensor on ", t->device());
-    }
-    check_vertex_tables(std::string(op) + ": kernel " + std::to_string(i), vi, nb);
-  }
-}
-
-// The backward's own arguments: the logits' gradient (the unary's shape), and what the forward
-// saved: per kernel the blurred grids [T, M, C], and the marginals [T-1, N, P, C] or nothing.
-void check_backward_args(const char* op, const MeanFieldArgs& a, const at::Tensor& grad_logits,
-                         at::TensorList blurred, const at::Tensor& marginals) {
-  const auto dtype = a.unary.scalar_type();
-  TORCH_CHECK(grad_logits.sizes() == a.unary.sizes() && grad_logits.scalar_type() == dtype &&
-                  grad_logits.device().is_cpu(),
-              op, ": grad_logits must be ", dtype, " ", a.unary.sizes(), " on the CPU (the unary's), got ",
-              grad_logits.scalar_type(), " ", grad_logits.sizes(), " on ", grad_logits.device());
-  TORCH_CHECK(blurred.size() == a.vertex_index.size(), op, ": one blurred grid tensor per kernel (",
-              a.vertex_index.size(), "), got ", blurred.size());
-  const int64_t c = a.unary.size(2);
-  for (size_t i = 0; i < blurred.size(); ++i) {
-    const int64_t m = a.neighbors[i].size(1);
-    TORCH_CHECK(blurred[i].dim() == 3 && blurred[i].size(0) == a.iterations && blurred[i].size(1) == m &&
-                    blurred[i].size(2) == c && blurred[i].scalar_type() == dtype && blurred[i].device().is_cpu(),
-                op, ": kernel ", i, ": blurred must be ", dtype, " [iterations = ", a.iterations, ", M = ", m,
-                ", C = ", c, "] on the CPU (what crfrnn::mean_field_forward saved), got ", blurred[i].scalar_type(),
-                " ", blurred[i].sizes(), " on ", blurred[i].device());
-  }
-  if (marginals.numel() == 0) return;
-  const std::vector<int64_t> expected{a.iterations - 1, a.unary.size(0), a.unary.size(1), c};
-  TORCH_CHECK(marginals.sizes() == at::IntArrayRef(expected) && marginals.scalar_type() == dtype &&
-                  marginals.device().is_cpu(),
-              op, ": marginals must be empty (recompute them) or ", dtype, " ", at::IntArrayRef(expected),
-              " on the CPU (what crfrnn::mean_field_forward saved), got ", marginals.scalar_type(), " ",
-              marginals.sizes(), " on ", marginals.device());
-}
-
 // A contiguous copy of t (or t), kept alive in `held` while raw pointers point into it.
 const at::Tensor& keep_contiguous(std::vector<at::Tensor>& held, const at::Tensor& t) {
   held.push_back(t.contiguous());
@@ -444,7 +366,7 @@ at::Tensor mean_field_inference_cpu(const at::Tensor& unary, at::TensorList vert
                                     at::TensorList splat_scale, at::TensorList slice_scale,
                                     at::TensorList neighbors, at::TensorList pairwise, int64_t iterations) {
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
-  check_mean_field_args("crfrnn::mean_field_inference", a);
+  check_mean_field_args("crfrnn::mean_field_inference", a, at::kCPU);
   // The layout of `unary` (e.g. [N, C, P] memory behind an [N, P, C] view): no transposed copies
   // on the way in or out.
   at::Tensor out = at::empty_like(unary);
@@ -457,7 +379,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> mean_field_forward_c
     at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise, int64_t iterations,
     bool save_marginals) {
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
-  check_mean_field_args("crfrnn::mean_field_forward", a);
+  check_mean_field_args("crfrnn::mean_field_forward", a, at::kCPU);
   at::Tensor out = at::empty_like(unary);
   std::vector<at::Tensor> blurred;
   for (const at::Tensor& nb : neighbors) blurred.push_back(at::empty({iterations, nb.size(1), unary.size(2)}, unary.options()));
@@ -474,7 +396,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mean_field_backward_cpu(
     at::TensorList blurred, const at::Tensor& marginals, int64_t iterations) {
   const char* op = "crfrnn::mean_field_backward";
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
-  check_mean_field_args(op, a);
+  check_mean_field_args(op, a, at::kCPU);
   check_backward_args(op, a, grad_logits, blurred, marginals);
   at::Tensor grad_unary = at::empty_like(unary);
   const int64_t c = unary.size(2), cp = padded_width(c), num_points = unary.size(0) * unary.size(1);

@@ -1,0 +1,229 @@
+// The fused mean-field ops on CUDA: the launcher between the dispatcher and the schedules of
+// mean_field_device.cuh (launched by mean_field_kernels.cu). Checks the arguments (as the CPU
+// kernels, mean_field_checks.h), makes what the GPU's gather splat needs (each lattice's
+// vertex -> entries table, the splat weights times the normalisation scales), the matrices as the
+// schedules mix them, and every buffer, with torch; launches; checks the launches.
+//
+// Results equal the CPU op's to rounding (its splat adds the same terms in another order) and are
+// deterministic (gathers only, no float atomics). The forward can save the marginals Q_1..Q_{T-1}
+// (the layer asks for them on CUDA: the splat reads Q from memory anyway); without them the
+// backward recomputes each Q from the unary and the saved blurred grids, as on the CPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "../lattice_math.h"
+#include "../mean_field_checks.h"
+#include "lattice_kernels.cuh"
+#include "mean_field_kernels.cuh"
+
+namespace crfrnn {
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "crfrnn: CUDA launch of ", what, " failed: ", cudaGetErrorString(err));
+}
+
+// The tensors behind one kernel's CrfKernelView (kept alive while the schedules run).
+struct KernelTensors {
+  at::Tensor vertex_index, weights, splat_scale, slice_scale, neighbors, splat_offsets, splat_entries,
+      splat_weights, adjoint_weights, transform, adjoint_transform, grid, next, mixed, outer_total;
+};
+
+// The vertex -> entries table of a lattice in CSR form (as build_lattice_cuda makes it): entries
+// stably sorted by vertex, so in increasing order within a vertex.
+std::pair<at::Tensor, at::Tensor> splat_table(const at::Tensor& vertex_index, int64_t m, cudaStream_t stream) {
+  const auto sorted = at::sort(vertex_index.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor sorted_vertex = std::get<0>(sorted).contiguous();
+  at::Tensor entries = std::get<1>(sorted).to(at::kInt);
+  at::Tensor offsets = at::empty({m + 1}, vertex_index.options());
+  check_launch(cuda::launch_csr_offsets(sorted_vertex.const_data_ptr<int>(), vertex_index.numel(), m,
+                                        offsets.mutable_data_ptr<int>(), stream),
+               "csr_offsets");
+  return {offsets, entries};
+}
+
+// Kernel i's tensors and view. backward: the adjoint weights, matrix and the outer products' total.
+template <typename T>
+device::CrfKernelView<T> kernel_view(const MeanFieldArgs& a, size_t i, bool backward, at::Tensor blurred,
+                                     cudaStream_t stream, KernelTensors& h) {
+  const int64_t c = a.unary.size(2);
+  h.vertex_index = a.vertex_index[i].contiguous();
+  h.weights = a.weights[i].contiguous();
+  h.splat_scale = a.splat_scale[i].contiguous();
+  h.slice_scale = a.slice_scale[i].contiguous();
+  h.neighbors = a.neighbors[i].contiguous();
+  const int64_t m = h.neighbors.size(1);
+  std::tie(h.splat_offsets, h.splat_entries) = splat_table(h.vertex_index, m, stream);
+  // The C++ op scatters (scale * weight) * value: the same products.
+  h.splat_weights = (h.splat_scale.unsqueeze(1) * h.weights).contiguous();
+  const double alpha = blur_alpha(h.vertex_index.size(1) - 1);
+  h.transform = (a.pairwise[i].t() * alpha).contiguous();
+  h.grid = at::zeros({m + 1, c}, a.unary.options());
+  h.next = at::zeros({m + 1, c}, a.unary.options());
+  h.mixed = at::zeros({m + 1, c}, a.unary.options());
+  if (backward) {
+    h.adjoint_weights = (h.slice_scale.unsqueeze(1) * h.weights).contiguous();
+    h.adjoint_transform = (a.pairwise[i] * -alpha).contiguous();
+    h.outer_total = at::zeros({c, c}, a.unary.options());
+  }
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  device::CrfKernelView<T> k{};
+  k.tables = PointTables<T>{h.vertex_index.data_ptr<int>(), h.weights.data_ptr<T>(), h.splat_scale.data_ptr<T>(),
+                            h.slice_scale.data_ptr<T>(), static_cast<int>(h.vertex_index.size(1))};
+  k.neighbors = h.neighbors.data_ptr<int>();
+  k.splat_offsets = h.splat_offsets.data_ptr<int>();
+  k.splat_entries = h.splat_entries.data_ptr<int>();
+  k.splat_weights = h.splat_weights.data_ptr<T>();
+  k.adjoint_weights = ptr(h.adjoint_weights);
+  k.transform = h.transform.data_ptr<T>();
+  k.adjoint_transform = ptr(h.adjoint_transform);
+  k.m = m;
+  k.grid = h.grid.data_ptr<T>();
+  k.next = h.next.data_ptr<T>();
+  k.mixed = h.mixed.data_ptr<T>();
+  k.blurred = blurred.data_ptr<T>();
+  k.outer_total = ptr(h.outer_total);
+  return k;
+}
+
+// The problem's view: the unary as contiguous rows, the kernels, scratch rows; `out` and
+// `marginals` (a defined, non-empty [T-1, N, P, C] tensor, or recompute) as given.
+template <typename T>
+device::MeanFieldView<T> problem_view(const MeanFieldArgs& a, const at::Tensor& unary, std::vector<at::Tensor>& blurred,
+                                      bool backward, cudaStream_t stream, std::vector<KernelTensors>& held,
+                                      std::vector<at::Tensor>& scratch, const at::Tensor& out,
+                                      const at::Tensor& marginals) {
+  const int64_t num_points = unary.size(0) * unary.size(1), c = unary.size(2);
+  device::MeanFieldView<T> mf{};
+  mf.unary = unary.data_ptr<T>();
+  mf.num_points = num_points;
+  mf.c = c;
+  mf.iterations = a.iterations;
+  mf.kernels.count = static_cast<int>(a.vertex_index.size());
+  held.resize(a.vertex_index.size());
+  for (size_t i = 0; i < held.size(); ++i) {
+    mf.kernels.k[i] = kernel_view<T>(a, i, backward, blurred[i], stream, held[i]);
+  }
+  mf.out = out.defined() ? out.data_ptr<T>() : nullptr;
+  mf.marginals = marginals.defined() && marginals.numel() > 0 ? marginals.data_ptr<T>() : nullptr;
+  for (int j = 0; j < 3; ++j) scratch.push_back(at::empty({num_points, c}, unary.options()));
+  mf.q_scratch[0] = scratch[0].data_ptr<T>();
+  mf.q_scratch[1] = scratch[1].data_ptr<T>();
+  mf.row_scratch = scratch[2].data_ptr<T>();
+  return mf;
+}
+
+void check_cuda_args(const char* op, const MeanFieldArgs& a) {
+  check_mean_field_args(op, a, at::kCUDA);
+  TORCH_CHECK(a.vertex_index.size() <= static_cast<size_t>(device::kMaxCrfKernels), op, " (CUDA kernel): at most ",
+              device::kMaxCrfKernels, " CRF kernels, got ", a.vertex_index.size());
+}
+
+// The forward into `out` (the unary's layout, as on the CPU) with the saves.
+void run_forward_cuda(const MeanFieldArgs& a, at::Tensor& out, std::vector<at::Tensor>& blurred,
+                      const at::Tensor& marginals) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor unary = a.unary.contiguous();
+  const at::Tensor rows = out.is_contiguous() ? out : at::empty(unary.sizes(), unary.options());
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "crfrnn_mean_field_cuda", [&] {
+    std::vector<KernelTensors> held;
+    std::vector<at::Tensor> scratch;
+    const auto mf = problem_view<scalar_t>(a, unary, blurred, false, stream, held, scratch, rows, marginals);
+    check_launch(cuda::launch_mean_field_forward<scalar_t>(mf, stream), "mean_field_forward");
+  });
+  if (!rows.is_same(out)) out.copy_(rows);
+}
+
+std::vector<at::Tensor> empty_blurred(const MeanFieldArgs& a) {
+  std::vector<at::Tensor> blurred;
+  for (const at::Tensor& nb : a.neighbors) {
+    blurred.push_back(at::empty({a.iterations, nb.size(1), a.unary.size(2)}, a.unary.options()));
+  }
+  return blurred;
+}
+
+at::Tensor mean_field_inference_cuda(const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights,
+                                     at::TensorList splat_scale, at::TensorList slice_scale,
+                                     at::TensorList neighbors, at::TensorList pairwise, int64_t iterations) {
+  const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
+  check_cuda_args("crfrnn::mean_field_inference", a);
+  const c10::cuda::CUDAGuard guard(unary.device());
+  at::Tensor out = at::empty_like(unary);
+  std::vector<at::Tensor> blurred = empty_blurred(a);  // the schedule saves them; dropped here
+  if (unary.numel() > 0) run_forward_cuda(a, out, blurred, at::Tensor());
+  return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> mean_field_forward_cuda(
+    const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights, at::TensorList splat_scale,
+    at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise, int64_t iterations,
+    bool save_marginals) {
+  const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
+  check_cuda_args("crfrnn::mean_field_forward", a);
+  const c10::cuda::CUDAGuard guard(unary.device());
+  at::Tensor out = at::empty_like(unary);
+  std::vector<at::Tensor> blurred = empty_blurred(a);
+  at::Tensor marginals = save_marginals
+                             ? at::empty({iterations - 1, unary.size(0), unary.size(1), unary.size(2)}, unary.options())
+                             : at::empty({0}, unary.options());
+  if (unary.numel() > 0) run_forward_cuda(a, out, blurred, marginals);
+  return {out, blurred, marginals};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mean_field_backward_cuda(
+    const at::Tensor& grad_logits, const at::Tensor& unary_in, at::TensorList vertex_index, at::TensorList weights,
+    at::TensorList splat_scale, at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise,
+    at::TensorList blurred_in, const at::Tensor& marginals_in, int64_t iterations) {
+  const char* op = "crfrnn::mean_field_backward";
+  const MeanFieldArgs a{unary_in, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
+  check_cuda_args(op, a);
+  check_backward_args(op, a, grad_logits, blurred_in, marginals_in);
+  const c10::cuda::CUDAGuard guard(unary_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t c = unary_in.size(2);
+  at::Tensor grad_unary = at::empty_like(unary_in);  // the unary's layout, as on the CPU
+  std::vector<at::Tensor> grad_pairwise;
+  if (unary_in.numel() == 0) {
+    for (const at::Tensor& matrix : pairwise) grad_pairwise.push_back(at::zeros_like(matrix));
+    return {grad_unary, grad_pairwise};
+  }
+  const at::Tensor unary = unary_in.contiguous(), grad = grad_logits.contiguous();
+  const at::Tensor marginals = marginals_in.contiguous();
+  std::vector<at::Tensor> blurred;
+  for (const at::Tensor& b : blurred_in) blurred.push_back(b.contiguous());
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "crfrnn_mean_field_backward_cuda", [&] {
+    std::vector<KernelTensors> held;
+    std::vector<at::Tensor> scratch;
+    const auto mf = problem_view<scalar_t>(a, unary, blurred, true, stream, held, scratch, at::Tensor(), marginals);
+    std::vector<at::Tensor> rows;
+    for (int j = 0; j < 4; ++j) rows.push_back(at::empty({unary.size(0) * unary.size(1), c}, unary.options()));
+    const device::MeanFieldGradientView<scalar_t> gv{grad.data_ptr<scalar_t>(), rows[0].data_ptr<scalar_t>(),
+                                                     rows[1].data_ptr<scalar_t>(), rows[3].data_ptr<scalar_t>(),
+                                                     rows[2].data_ptr<scalar_t>()};
+    check_launch(cuda::launch_mean_field_backward<scalar_t>(mf, gv, stream), "mean_field_backward");
+    // dA_m = -alpha (sum over the iterations of B^T H)^T, as the C++ op.
+    for (size_t i = 0; i < held.size(); ++i) {
+      const double alpha = blur_alpha(held[i].vertex_index.size(1) - 1);
+      grad_pairwise.push_back((held[i].outer_total.t() * -alpha).contiguous());
+    }
+    grad_unary.copy_(rows[3].view(unary.sizes()));
+  });
+  return {grad_unary, grad_pairwise};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crfrnn, CUDA, m) {
+  m.impl("mean_field_inference", &mean_field_inference_cuda);
+  m.impl("mean_field_forward", &mean_field_forward_cuda);
+  m.impl("mean_field_backward", &mean_field_backward_cuda);
+}
+
+}  // namespace crfrnn
