@@ -1,10 +1,12 @@
-// Argument checks of the fused mean-field ops, shared by their CPU (cpu/mean_field_cpu.cpp) and
-// CUDA (cuda/mean_field_cuda.cpp) kernels. TORCH_CHECK errors name the op and what was expected.
+// Argument checks and output shapes of the fused mean-field ops, shared by their CPU
+// (cpu/mean_field_cpu.cpp) and CUDA (cuda/mean_field_cuda.cpp) kernels. TORCH_CHECK errors name the
+// op and what was expected.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -89,6 +91,19 @@ inline void check_backward_args(const char* op, const MeanFieldArgs& a, const at
               op, ": marginals must be empty (recompute them) or ", dtype, " ", at::IntArrayRef(expected),
               " on the unary's device (what crfrnn::mean_field_forward saved), got ", marginals.scalar_type(), " ",
               marginals.sizes(), " on ", marginals.device());
+}
+
+// The outputs of crfrnn::mean_field_forward, unwritten: the logits in the unary's layout, per
+// kernel the blurred grids [iterations, M, C], and the marginals [iterations - 1, N, P, C] if
+// save_marginals (else an empty tensor).
+inline std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> empty_forward_outputs(const MeanFieldArgs& a,
+                                                                                        bool save_marginals) {
+  const at::Tensor& u = a.unary;
+  std::vector<at::Tensor> blurred;
+  for (const at::Tensor& nb : a.neighbors) blurred.push_back(at::empty({a.iterations, nb.size(1), u.size(2)}, u.options()));
+  at::Tensor marginals = save_marginals ? at::empty({a.iterations - 1, u.size(0), u.size(1), u.size(2)}, u.options())
+                                        : at::empty({0}, u.options());
+  return {at::empty_like(u), blurred, marginals};
 }
 
 }  // namespace crfrnn

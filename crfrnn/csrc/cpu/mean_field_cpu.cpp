@@ -380,12 +380,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> mean_field_forward_c
     bool save_marginals) {
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_mean_field_args("crfrnn::mean_field_forward", a, at::kCPU);
-  at::Tensor out = at::empty_like(unary);
-  std::vector<at::Tensor> blurred;
-  for (const at::Tensor& nb : neighbors) blurred.push_back(at::empty({iterations, nb.size(1), unary.size(2)}, unary.options()));
-  at::Tensor marginals = save_marginals
-                             ? at::empty({iterations - 1, unary.size(0), unary.size(1), unary.size(2)}, unary.options())
-                             : at::empty({0}, unary.options());
+  auto [out, blurred, marginals] = empty_forward_outputs(a, save_marginals);
   if (unary.numel() > 0) run_forward(a, out, &blurred, &marginals);
   return {out, blurred, marginals};
 }

@@ -141,22 +141,13 @@ void run_forward_cuda(const MeanFieldArgs& a, at::Tensor& out, std::vector<at::T
   if (!rows.is_same(out)) out.copy_(rows);
 }
 
-std::vector<at::Tensor> empty_blurred(const MeanFieldArgs& a) {
-  std::vector<at::Tensor> blurred;
-  for (const at::Tensor& nb : a.neighbors) {
-    blurred.push_back(at::empty({a.iterations, nb.size(1), a.unary.size(2)}, a.unary.options()));
-  }
-  return blurred;
-}
-
 at::Tensor mean_field_inference_cuda(const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights,
                                      at::TensorList splat_scale, at::TensorList slice_scale,
                                      at::TensorList neighbors, at::TensorList pairwise, int64_t iterations) {
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_cuda_args("crfrnn::mean_field_inference", a);
   const c10::cuda::CUDAGuard guard(unary.device());
-  at::Tensor out = at::empty_like(unary);
-  std::vector<at::Tensor> blurred = empty_blurred(a);  // the schedule saves them; dropped here
+  [[maybe_unused]] auto [out, blurred, marginals] = empty_forward_outputs(a, false);  // grids written, dropped
   if (unary.numel() > 0) run_forward_cuda(a, out, blurred, at::Tensor());
   return out;
 }
@@ -168,11 +159,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> mean_field_forward_c
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_cuda_args("crfrnn::mean_field_forward", a);
   const c10::cuda::CUDAGuard guard(unary.device());
-  at::Tensor out = at::empty_like(unary);
-  std::vector<at::Tensor> blurred = empty_blurred(a);
-  at::Tensor marginals = save_marginals
-                             ? at::empty({iterations - 1, unary.size(0), unary.size(1), unary.size(2)}, unary.options())
-                             : at::empty({0}, unary.options());
+  auto [out, blurred, marginals] = empty_forward_outputs(a, save_marginals);
   if (unary.numel() > 0) run_forward_cuda(a, out, blurred, marginals);
   return {out, blurred, marginals};
 }
