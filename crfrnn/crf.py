@@ -170,8 +170,9 @@ def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, chec
     No gradient wanted, or `checkpoint`: crfrnn::mean_field_inference (whose autograd saves only
     its inputs and runs the forward again in the backward); else crfrnn::mean_field_forward,
     which saves the blurred grids of every iteration (a few percent of Tensor[N, P, C] each) and,
-    on CUDA, the marginals (its splat reads them from memory anyway; on the CPU, writing them
-    costs as much as recomputing them in the backward, bench/crf.py)."""
+    on CUDA, the marginals (its splat reads them from memory anyway). On the CPU the backward
+    recomputes each iteration's marginals from the unary and the saved grids, in the pass over
+    the points it makes anyway, instead of keeping a Tensor[N, P, C] per iteration."""
     splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, unary.dtype) for lat in lattices))
     args = (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(unary.dtype) for lat in lattices],
             list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices],
@@ -304,9 +305,10 @@ class CRFRNNLayer(nn.Module):
 
     Speed: with the compiled lattices (the default backend), all iterations run in one fused op
     and the backward in another (``crfrnn::mean_field_forward``/``mean_field_backward``, or
-    ``mean_field_inference`` when no gradient is wanted): a forward and backward costs about two
-    forwards (bench/crf.py). With the reference backend they run step by step, as separate
-    autograd ops. Both compute the same logits and gradients up to float rounding. The spatial lattice depends on the image shape only:
+    ``mean_field_inference`` when no gradient is wanted; see bench/crf.py for their times). With
+    the reference backend, or lattices differentiable in their features, they run step by step,
+    as separate autograd ops. Both compute the same logits and gradients up to float rounding.
+    The spatial lattice depends on the image shape only:
     the layer keeps the last one and reuses it for inputs of the same N, H and W
     (``clear_lattice_cache()`` frees it; pickling and ``copy.deepcopy`` leave it out), unless it
     has to be differentiable in a learned bandwidth. Learning the bandwidths costs about 2d + 1 filters more per kernel and iteration
