@@ -30,7 +30,7 @@
 //   blocks()                       blocks per row
 //   lane(Block, i), zero(), max_block(a, b), exp_nonpositive(Block)
 //   copy(Sum&, const T* row)       sum = its lanes of row
-//   subtract(Sum& x, const Sum& y) x = x - y;  accumulate(Sum& x, const Sum& y): x = x + y
+//   accumulate(Sum& x, const Sum& y) x = x + y
 //   mask_padding(Block& e, b)      padded lanes of block b set to 0 (none in a ChannelRow)
 // Sums over the channels run in 8 partial sums (channel k into partial k mod 8) added in a fixed
 // tree (RowSum8), so that rows of scalars, of 4-lane and of 8-lane vectors give the same bits.
@@ -101,9 +101,6 @@ struct ChannelRow : AllChannels<T> {
   CRFRNN_HD static T exp_nonpositive(T x) { return crfrnn::exp_nonpositive(x); }
   CRFRNN_HD void copy(T*& sum, const T* row) const {
     for (int64_t k = 0; k < this->channels; ++k) sum[k] = row[k];
-  }
-  CRFRNN_HD void subtract(T*& x, T* const& y) const {
-    for (int64_t k = 0; k < this->channels; ++k) x[k] = x[k] - y[k];
   }
   CRFRNN_HD void accumulate(T*& x, T* const& y) const {
     for (int64_t k = 0; k < this->channels; ++k) x[k] = x[k] + y[k];
@@ -179,27 +176,23 @@ struct PointTables {
   int d1;
 };
 
-// A kernel's message in the logits of point p: x = x - slice_scale[p] slice(mixed)[p], with
-// `sliced` as scratch. mixed: the kernel's mixed grid (alpha B A^T, rows `stride` apart).
+// A kernel's message in the logits of point p: x = x - slice_scale[p] slice(mixed)[p], the slice's
+// terms added straight into x (add_slice_point with minus the scale: the inference op's arithmetic
+// since before the backward, bit for bit). mixed: the kernel's mixed grid (alpha B A^T, rows
+// `stride` apart).
 template <class Lanes, typename T>
-CRFRNN_HD void subtract_message(const Lanes& lanes, typename Lanes::Sum& x, typename Lanes::Sum& sliced,
-                                int64_t p, const PointTables<T>& k, const T* mixed, int64_t stride) {
-  slice_point(lanes, sliced, p, k.vertex_index, k.weights, k.d1, mixed, stride, k.slice_scale[p]);
-  lanes.subtract(x, sliced);
+CRFRNN_HD void subtract_message(const Lanes& lanes, typename Lanes::Sum& x, int64_t p, const PointTables<T>& k,
+                                const T* mixed, int64_t stride) {
+  add_slice_point(lanes, x, p, k.vertex_index, k.weights, k.d1, mixed, stride, -k.slice_scale[p]);
 }
 
 // A kernel's share of dQ at point p: the adjoint of its splat (of splat_scale Q) is a slice times
-// splat_scale. first: g = that slice; else g = g + that slice (`sliced`: scratch).
+// splat_scale. first: g = that slice; else g = g + that slice.
 template <class Lanes, typename T>
-CRFRNN_HD void add_adjoint_message(const Lanes& lanes, typename Lanes::Sum& g, typename Lanes::Sum& sliced,
-                                   int64_t p, const PointTables<T>& k, const T* adjoint, int64_t stride,
-                                   bool first) {
-  if (first) {
-    slice_point(lanes, g, p, k.vertex_index, k.weights, k.d1, adjoint, stride, k.splat_scale[p]);
-    return;
-  }
-  slice_point(lanes, sliced, p, k.vertex_index, k.weights, k.d1, adjoint, stride, k.splat_scale[p]);
-  lanes.accumulate(g, sliced);
+CRFRNN_HD void add_adjoint_message(const Lanes& lanes, typename Lanes::Sum& g, int64_t p, const PointTables<T>& k,
+                                   const T* adjoint, int64_t stride, bool first) {
+  if (first) lanes.clear(g);
+  add_slice_point(lanes, g, p, k.vertex_index, k.weights, k.d1, adjoint, stride, k.splat_scale[p]);
 }
 
 // ---- per vertex -------------------------------------------------------------------------------------

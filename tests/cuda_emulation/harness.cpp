@@ -537,14 +537,13 @@ void run_mean_field(std::FILE* in, std::FILE* out, const std::vector<int64_t>& h
   const std::vector<T> unary = read_array<T>(in, num_points * c);
   const std::vector<T> grad_logits = read_array<T>(in, num_points * c);
   const size_t rows = static_cast<size_t>(num_points * c);
-  std::vector<T> logits(rows), q0(rows), q1(rows), scratch(rows);
+  std::vector<T> logits(rows), q0(rows), q1(rows);
   std::vector<T> marginals(save_marginals ? static_cast<size_t>((iterations - 1) * num_points * c) : 0);
   mf.unary = unary.data();
   mf.out = logits.data();
   mf.marginals = save_marginals && iterations > 1 ? marginals.data() : nullptr;
   mf.q_scratch[0] = q0.data();
   mf.q_scratch[1] = q1.data();
-  mf.row_scratch = scratch.data();
   LauncherExec exec{launch};
   device::run_mean_field_forward(exec, mf);
   std::vector<T> grad(rows), du(rows), grad_unary(rows), q(rows);

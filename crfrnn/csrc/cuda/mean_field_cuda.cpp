@@ -113,10 +113,9 @@ device::MeanFieldView<T> problem_view(const MeanFieldArgs& a, const at::Tensor& 
   }
   mf.out = out.defined() ? out.data_ptr<T>() : nullptr;
   mf.marginals = marginals.defined() && marginals.numel() > 0 ? marginals.data_ptr<T>() : nullptr;
-  for (int j = 0; j < 3; ++j) scratch.push_back(at::empty({num_points, c}, unary.options()));
+  for (int j = 0; j < 2; ++j) scratch.push_back(at::empty({num_points, c}, unary.options()));
   mf.q_scratch[0] = scratch[0].data_ptr<T>();
   mf.q_scratch[1] = scratch[1].data_ptr<T>();
-  mf.row_scratch = scratch[2].data_ptr<T>();
   return mf;
 }
 

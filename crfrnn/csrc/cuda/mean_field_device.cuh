@@ -66,7 +66,6 @@ struct MeanFieldView {
   T* out;                  // [P, C]: L_T
   T* marginals;            // [T-1, P, C]: Q_1..Q_{T-1}, or null (then recomputed in the backward)
   T* q_scratch[2];         // [P, C] each: Q_t when not saved (and Q_0 always)
-  T* row_scratch;          // [P, C]: one kernel's slice per point
 };
 
 // The backward's own buffers.
@@ -91,17 +90,13 @@ struct ForwardPoint {
   bool first, last;
   T* out;
   T* q;
-  T* scratch;
 
   CRFRNN_HD void operator()(int64_t p) const {
     const ChannelRow<T> lanes{{c}};
     T* x = (last ? out : q) + p * c;
-    T* sliced = scratch + p * c;
     lanes.copy(x, unary + p * c);
     if (!first) {
-      for (int i = 0; i < kernels.count; ++i) {
-        subtract_message(lanes, x, sliced, p, kernels.k[i].tables, kernels.k[i].mixed, c);
-      }
+      for (int i = 0; i < kernels.count; ++i) subtract_message(lanes, x, p, kernels.k[i].tables, kernels.k[i].mixed, c);
     }
     if (!last) softmax_in_place(lanes, x);
   }
@@ -204,16 +199,14 @@ struct BackwardPoint {
   bool end;           // t = 1
   T* g;
   T* q;
-  T* scratch;
   T* du;
   T* grad_unary;
 
   CRFRNN_HD void operator()(int64_t p) const {
     const ChannelRow<T> lanes{{c}};
     T* gp = g + p * c;
-    T* sliced = scratch + p * c;
     for (int i = 0; i < kernels.count; ++i) {
-      add_adjoint_message(lanes, gp, sliced, p, kernels.k[i].tables, kernels.k[i].adjoint, c, i == 0);
+      add_adjoint_message(lanes, gp, p, kernels.k[i].tables, kernels.k[i].adjoint, c, i == 0);
     }
     T* qp = q + p * c;
     if (q_saved) {
@@ -222,7 +215,7 @@ struct BackwardPoint {
       lanes.copy(qp, unary + p * c);
       if (recompute_messages) {
         for (int i = 0; i < kernels.count; ++i) {
-          subtract_message(lanes, qp, sliced, p, kernels.k[i].tables, kernels.k[i].mixed, c);
+          subtract_message(lanes, qp, p, kernels.k[i].tables, kernels.k[i].mixed, c);
         }
       }
       softmax_in_place(lanes, qp);
@@ -266,8 +259,7 @@ T* marginal_buffer(const MeanFieldView<T>& mf, int64_t t) {
 template <class Exec, typename T>
 void run_mean_field_forward(Exec& exec, const MeanFieldView<T>& mf) {
   const int64_t c = mf.c, points = mf.num_points;
-  exec.run(points, ForwardPoint<T>{mf.unary, c, mf.kernels, true, false, nullptr, marginal_buffer(mf, 0),
-                                   mf.row_scratch});
+  exec.run(points, ForwardPoint<T>{mf.unary, c, mf.kernels, true, false, nullptr, marginal_buffer(mf, 0)});
   for (int64_t t = 1; t <= mf.iterations; ++t) {
     const T* q = marginal_buffer(mf, t - 1);
     for (int i = 0; i < mf.kernels.count; ++i) {
@@ -280,7 +272,7 @@ void run_mean_field_forward(Exec& exec, const MeanFieldView<T>& mf) {
     }
     const bool last = t == mf.iterations;
     exec.run(points, ForwardPoint<T>{mf.unary, c, mf.kernels, false, last, mf.out,
-                                     last ? nullptr : marginal_buffer(mf, t), mf.row_scratch});
+                                     last ? nullptr : marginal_buffer(mf, t)});
   }
 }
 
@@ -308,7 +300,7 @@ void run_mean_field_backward(Exec& exec, const MeanFieldView<T>& mf, const MeanF
     }
     const T* q_saved = t >= 2 && mf.marginals ? mf.marginals + (t - 2) * points * c : nullptr;
     exec.run(points, BackwardPoint<T>{mf.unary, c, views, q_saved, t >= 2, t == 1, grad.grad, grad.q,
-                                      mf.row_scratch, grad.du, grad.grad_unary});
+                                      grad.du, grad.grad_unary});
   }
 }
 
