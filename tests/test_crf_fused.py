@@ -359,6 +359,36 @@ def test_layer_gradients_equal_the_loop_on_a_batch_of_real_size():
         assert_close_to_rounding(got, expected, torch.float32)
 
 
+@pytest.mark.parametrize("sharing", [dict(compatibility="symmetric", kernel_weights="scalar"),
+                                     dict(compatibility="potts", kernel_weights="diagonal"),
+                                     dict(learn_bandwidths=True)])
+def test_learned_crf_options_fuse_or_fall_back(monkeypatch, sharing):
+    """Parameter sharing builds the C x C matrices before the op: the fused ops run and their
+    gradients reach every parameter as the loop's do. Learned bandwidths make the lattices
+    differentiable in their features: the layer runs the step-by-step loop."""
+    g = torch.Generator().manual_seed(6)
+    unary = torch.randn(1, 5, 12, 10, generator=g) * 2
+    image = torch.rand(1, 3, 12, 10, generator=g) * 255
+    calls = []
+    real = torch.ops.crfrnn.mean_field_forward
+    monkeypatch.setattr(torch.ops.crfrnn, "mean_field_forward", lambda *a: calls.append(1) or real(*a))
+    grads = []
+    for fused_ops in (True, False):
+        crf = CRFRNNLayer(5, num_iterations=3, **KERNELS, **sharing)
+        with pytest.MonkeyPatch.context() as m:
+            if not fused_ops:
+                loop_only = crf_module.mean_field
+                m.setattr(crf_module, "mean_field", lambda *a, **k: loop_only(*a, **k, fused=False))
+            crf(unary, image).logsumexp(1).sum().backward()
+        grads.append({name: p.grad for name, p in crf.named_parameters()})
+        if fused_ops:
+            assert calls == ([] if sharing.get("learn_bandwidths") else [1])
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert grads[0][name] is not None, name
+        assert_close_to_rounding(grads[0][name], grads[1][name], torch.float32)
+
+
 def saved_bytes(fn):
     """Bytes of the tensors autograd saves while fn() runs (distinct storages counted once)."""
     storages = {}
