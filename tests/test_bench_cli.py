@@ -33,3 +33,22 @@ def test_json_is_never_written_over_a_file_without_overwrite(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(target.read_text())["benchmark"] == "model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]     # no temporary file left
+
+
+def test_crf_training_bench_times_every_job_and_reports_the_ratios(tmp_path):
+    """bench/crf_training.py at one iteration and one round: every job timed, the ratios those
+    times give, the JSON written; a bad option ends in one line."""
+    target = tmp_path / "training.json"
+    r = subprocess.run([sys.executable, "bench/crf_training.py", "--iterations", "1", "--rounds", "1",
+                        "--threads", "1", "--json", target], cwd=REPO, env=script_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(target.read_text())
+    cpu = {name: m["cpu_ms"] for name, m in out["medians"].items()}
+    assert sorted(cpu) == ["fused forward (no grad)", "fused forward+backward", "step-by-step forward+backward"]
+    assert all(len(t["wall_ms"]) == 1 and t["wall_ms"][0] > 0 for t in out["times"].values())
+    assert out["ratios_cpu_time"]["step-by-step / fused forward+backward"] == pytest.approx(
+        cpu["step-by-step forward+backward"] / cpu["fused forward+backward"])
+    r = subprocess.run([sys.executable, "bench/crf_training.py", "--rounds", "0"], cwd=REPO, env=script_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "--rounds")

@@ -1,0 +1,126 @@
+"""The CRF layer's training speed on a busy machine: the jobs of one training step timed in
+interleaved rounds, so that load from other processes falls on all of them alike.
+
+Jobs, on a real VOC image at 500x375 with the coarse-unary protocol's logits (bench/crf.py's input):
+- fused forward (eval, no grad: crfrnn::mean_field_inference), the reference of the ratios;
+- fused forward+backward (crfrnn::mean_field_forward / mean_field_backward);
+- the step-by-step autograd loop's forward+backward (mean_field(..., fused=False));
+- with --crfasrnn DIR: sadeepj/crfasrnn_pytorch's forward+backward (one image per call).
+
+Each round runs every job once, in this order; wall and process CPU time are recorded per call
+and the medians over rounds reported, with the ratios the fused backward is judged by. Process CPU
+time is the steadier measure when other jobs share the cores; at one thread (--threads 1) both
+should agree on an idle machine.
+
+    python bench/crf_training.py --threads 1 --iterations 10 --batch 1 --rounds 5
+    python bench/crf_training.py --threads 1 --iterations 5 --params crfrnn --crfasrnn /tmp/crfasrnn
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_json_option, environment, run_main, write_json  # noqa: E402  (puts the repo on sys.path)
+
+import torch  # noqa: E402
+
+import crfrnn  # noqa: E402
+import crf as bench_crf  # noqa: E402  (bench/crf.py: the input, the parameter sets, step_by_step)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_json_option(p)
+    p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
+    p.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, medians reported (default: 5)")
+    p.add_argument("--params", choices=sorted(bench_crf.PARAMS), default="deeplab",
+                   help="kernel parameters, as bench/crf.py's --params (default: deeplab)")
+    p.add_argument("--image", type=int, default=0, help="which VOC val.txt image (default: 0, the first)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's own choice)")
+    p.add_argument("--crfasrnn", metavar="DIR", help="a checkout of sadeepj/crfasrnn_pytorch with its "
+                   "extension built (bench/crfasrnn_peer.py): time its forward+backward too")
+    return p
+
+
+def make_jobs(args):
+    """{name: callable} of the jobs, on one input of batch --batch."""
+    classes = 21
+    try:
+        image, logits, source = bench_crf.load_input((500, 375), classes, args.image)
+    except IndexError:
+        raise ValueError(f"--image {args.image}: val.txt has no such line") from None
+    img = torch.from_numpy(image).permute(2, 0, 1)[None].float().repeat(args.batch, 1, 1, 1)
+    unary = torch.from_numpy(logits)[None].repeat(args.batch, 1, 1, 1)
+    params = bench_crf.PARAMS[args.params]
+    crf = crfrnn.CRFRNNLayer(classes, num_iterations=args.iterations, num_eval_iterations=args.iterations, **params)
+
+    def forward():
+        with torch.no_grad():
+            crf.eval()(unary, img)
+
+    def forward_backward():
+        crf.train()(unary.clone().requires_grad_(), img).logsumexp(1).sum().backward()
+
+    def step_by_step():
+        with bench_crf.step_by_step():
+            forward_backward()
+
+    jobs = {"fused forward (no grad)": forward, "fused forward+backward": forward_backward,
+            "step-by-step forward+backward": step_by_step}
+    if args.crfasrnn:
+        import crfasrnn_peer
+        peer = crfasrnn_peer.load_layer(args.crfasrnn, classes, args.iterations, **params)
+
+        def theirs():
+            for i in range(args.batch):
+                peer(img[i:i + 1], unary[i:i + 1].clone().requires_grad_()).logsumexp(1).sum().backward()
+        jobs["crfasrnn_pytorch forward+backward"] = theirs
+    return jobs, source
+
+
+def time_interleaved(jobs, rounds):
+    """{name: {"wall_ms": [...], "cpu_ms": [...]}}: each job once per round, after one warm-up each."""
+    times = {name: {"wall_ms": [], "cpu_ms": []} for name in jobs}
+    for job in jobs.values():
+        job()
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            job()
+            times[name]["wall_ms"].append((time.perf_counter() - wall) * 1e3)
+            times[name]["cpu_ms"].append((time.process_time() - cpu) * 1e3)
+    return times
+
+
+def main(args):
+    if args.iterations < 1 or args.batch < 1 or args.rounds < 1:
+        raise ValueError("--iterations, --batch and --rounds must be at least 1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    jobs, source = make_jobs(args)
+    times = time_interleaved(jobs, args.rounds)
+    print(f"input: {source}, 500x375, C = 21, {args.iterations} iterations, batch {args.batch}, "
+          f"--params {args.params}, {args.rounds} rounds, {torch.get_num_threads()} threads")
+    medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    for name, m in medians.items():
+        print(f"{name:36s} wall ms median {m['wall_ms']:8.0f}   cpu ms median {m['cpu_ms']:8.0f}")
+    cpu = {name: m["cpu_ms"] for name, m in medians.items()}
+    fused = cpu["fused forward+backward"]
+    ratios = {"fused forward+backward / fused forward": fused / cpu["fused forward (no grad)"],
+              "step-by-step / fused forward+backward": cpu["step-by-step forward+backward"] / fused}
+    if "crfasrnn_pytorch forward+backward" in cpu:
+        ratios["crfasrnn_pytorch / fused forward+backward"] = cpu["crfasrnn_pytorch forward+backward"] / fused
+    for name, r in ratios.items():
+        print(f"{name:44s} {r:5.2f}x  (CPU time)")
+    write_json(args.json, {"environment": environment("cpu"), "input": source, "iterations": args.iterations,
+                           "batch": args.batch, "params": args.params, "rounds": args.rounds,
+                           "times": times, "medians": medians, "ratios_cpu_time": ratios})
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())
