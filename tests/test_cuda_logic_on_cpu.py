@@ -309,7 +309,7 @@ def test_a_nonatomic_cas_changes_the_tables(harness, tmp_path, d):
     assert code in (0, EXIT_OVERFLOW, EXIT_UNWRITTEN, EXIT_REPEATS_DIFFER), f"exit {code}:\n{stderr[-3000:]}"
     if code == 0:
         assert got["m"] != lat.num_vertices or any(
-            not torch.equal(got[name], getattr(lat, name)) for name in TABLES), "the non-atomic CAS went unnoticed"
+            not torch.equal(got[name], getattr(lat, name)) for name in LATTICE_TABLES), "the non-atomic CAS went unnoticed"
 
 
 # Tight tables only where the lattice is small: each neighbour lookup in an almost full table
