@@ -5,10 +5,11 @@ tests/cuda_emulation/harness.cpp compiles the per-thread bodies of the CUDA kern
 host C++ compiler and replays the CUDA launcher's sequence, running each kernel's indices one at
 a time in a random order (every order the GPU's unordered threads could take), or on several
 std::threads at once with real atomics (the racing hash inserts and owner election truly
-interleaved). Its lattice tables, weights and float filter outputs (forward and adjoint) must
-equal the C++ CPU backend's bit for bit, as the real GPU's must (tests/test_lattice.py,
-marked `cuda`). See the harness's header for what this cannot check (the GPU's scale and memory
-model, its own float code generation).
+interleaved). Its lattice tables, weights, float filter outputs (forward and adjoint) and
+feature gradients (the weights' and the features', from weight_grad_one and feature_grad_one)
+must equal the C++ CPU backend's bit for bit, as the real GPU's lattice and filter must
+(tests/test_lattice.py, marked `cuda`). See the harness's header for what this cannot check (the
+GPU's scale and memory model, its own float code generation).
 
 In its mean_field mode the harness runs the fused mean-field ops' CUDA schedules themselves
 (crfrnn/csrc/cuda/mean_field_device.cuh, the code the CUDA launcher runs, each launch's indices in
@@ -119,7 +120,10 @@ def run_harness(binary, workdir, features, values, seed, capacity=0, threads=0, 
     plain read then write, a bug to catch). Returns (returncode, stderr, dict of tensors or
     None; None also after a ThreadSanitizer report): m, capacity, vertex_index [N*P, d+1] int32,
     bary [N*P, d+1] float64, neighbors [d+1, M, 2] int32, splat_offsets [M+1] int32,
-    splat_entries [N*P*(d+1)] int32, forward/reverse [N*P, C]."""
+    splat_entries [N*P*(d+1)] int32, forward/reverse [N*P, C], and the feature gradient of
+    <grad, filter(values)> with grad = the values' rows in reverse order: weights_grad_forward/
+    reverse [N*P, d+1] in the values' dtype (the weights', both blur orders) and features_grad
+    [N, P, d] float64 (the features', from the forward one)."""
     n, p, d = features.shape
     c = values.shape[-1]
     src, dst = Path(workdir) / "in.bin", Path(workdir) / "out.bin"
@@ -147,7 +151,10 @@ def run_harness(binary, workdir, features, values, seed, capacity=0, threads=0, 
     out = dict(m=m, capacity=cap, vertex_index=take(np.int32, k, (n * p, d + 1)),
                bary=take(np.float64, k, (n * p, d + 1)), neighbors=take(np.int32, (d + 1) * m * 2, (d + 1, m, 2)),
                splat_offsets=take(np.int32, m + 1, (m + 1,)), splat_entries=take(np.int32, k, (k,)),
-               forward=take(value_np, n * p * c, (n * p, c)), reverse=take(value_np, n * p * c, (n * p, c)))
+               forward=take(value_np, n * p * c, (n * p, c)), reverse=take(value_np, n * p * c, (n * p, c)),
+               weights_grad_forward=take(value_np, k, (n * p, d + 1)),
+               weights_grad_reverse=take(value_np, k, (n * p, d + 1)),
+               features_grad=take(np.float64, n * p * d, (n, p, d)))
     assert pos == len(raw), f"harness wrote {len(raw)} bytes, expected {pos}"
     return 0, result.stderr, out
 
@@ -155,7 +162,9 @@ def run_harness(binary, workdir, features, values, seed, capacity=0, threads=0, 
 def assert_matches_cpu(binary, workdir, features, values, seed, capacity=0, **launches):
     """The emulated CUDA build and filter (run as `launches` says: threads, repeats, schedule)
     equal crfrnn.Lattice(features, backend="native") on the CPU bit for bit: tables, weights (in
-    the lattice's dtype), forward and adjoint filter; and no sanitizer reported anything."""
+    the lattice's dtype), forward and adjoint filter, the feature gradient's two ops
+    (crfrnn::lattice_filter_weights_backward both ways, crfrnn::barycentric_weights_backward);
+    and no sanitizer reported anything."""
     lat = crfrnn.Lattice(features, backend="native")
     harness_features = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
     code, stderr, got = run_harness(binary, workdir, harness_features, values, seed, capacity, **launches)
@@ -173,7 +182,21 @@ def assert_matches_cpu(binary, workdir, features, values, seed, capacity=0, **la
         expected = torch.ops.crfrnn.lattice_filter(flat, *tables, reverse)
         assert torch.equal(got[name], expected), (
             f"{name} filter differs from the CPU's: max |diff| {(got[name] - expected).abs().max().item()}")
+    assert_feature_grad_matches_cpu(got, features, flat, tables)
     return lat, got
+
+
+def assert_feature_grad_matches_cpu(got, features, flat, tables):
+    """The harness's weights' gradients (both blur orders) and features' gradient equal the C++
+    ops' on the same tables, with the same upstream gradient (the values' rows reversed)."""
+    grad = flat.flip(0)
+    for name, reverse in (("weights_grad_forward", False), ("weights_grad_reverse", True)):
+        expected = torch.ops.crfrnn.lattice_filter_weights_backward(flat, grad, *tables, reverse)
+        assert torch.equal(got[name], expected), (
+            f"{name} differs from the CPU's: max |diff| {(got[name] - expected).abs().max().item()}")
+    expected = torch.ops.crfrnn.barycentric_weights_backward(features, got["weights_grad_forward"])
+    assert torch.equal(got["features_grad"].to(expected.dtype), expected), (
+        f"features_grad differs from the CPU's: max |diff| {(got['features_grad'] - expected).abs().max().item()}")
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -209,10 +232,11 @@ def test_float64_equals_cpu(harness, tmp_path, d, kind, n, p):
 
 
 @pytest.mark.parametrize("feature_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("d", [2, 5])
+@pytest.mark.parametrize("d", [1, 2, 5, 16])
 def test_low_precision_features_float32_filter_equal_cpu(harness, tmp_path, d, feature_dtype):
     """float32 (and half, converted to float32 as the launcher does) features: float32 weights;
-    the float32 filter's bits equal the CPU's too (the same adds in the same order, no FMA)."""
+    the float32 filter's and gradients' bits equal the CPU's too (the same adds in the same order,
+    no FMA)."""
     features = clustered_points(3, 120, d, seed=d).to(feature_dtype)
     assert_matches_cpu(harness, tmp_path, features, randn(3, 120, 4), seed=d)
 

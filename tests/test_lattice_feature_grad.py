@@ -142,7 +142,8 @@ def test_opcheck_feature_gradient_ops(backend):
 @pytest.mark.parametrize("d", [1, 2, 5, 16])
 def test_native_weight_gradient_ops_equal_reference(d, dtype):
     """reference = C++, op by op. (The CUDA kernels' bodies of these ops, weight_grad_one and
-    feature_grad_one, are not yet run by the CPU harness of tests/test_cuda_logic_on_cpu.py.)"""
+    feature_grad_one, are checked against the C++ ops bit for bit by the CPU harness of
+    tests/test_cuda_logic_on_cpu.py.)"""
     feats = random_points(3, 50, d, seed=d).to(dtype)
     lat = crfrnn.Lattice(feats, backend="native")
     gen = torch.Generator().manual_seed(6)

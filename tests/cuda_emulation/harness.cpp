@@ -15,11 +15,13 @@
 //     run instead of a few; --cas nonatomic makes the CAS a plain read then write, the bug this
 //     mode must catch (tests/test_cuda_logic_on_cpu.py shows it does).
 // The lock-free hash inserts, the owner (smallest entry) election, the vertex numbering, the
-// neighbour lookups, the CSR offsets and the gathers of splat/blur/slice must give the same tables
-// and the same bits whatever the order or interleaving; --repeats R runs it all R times and
-// fails unless every repetition equals the first. The steps the launcher does with torch (prefix
-// sum of the owner flags, stable sort of the entries by vertex, weights cast to the filter's
-// dtype) are done here with the standard library.
+// neighbour lookups, the CSR offsets, the gathers of splat/blur/slice and the feature gradient's
+// per-element bodies (weight_grad_one, feature_grad_one: each writes its own element only) must
+// give the same tables and the same bits whatever the order or interleaving; --repeats R runs it
+// all R times and fails unless every repetition equals the first. The steps the launcher does
+// with torch (prefix sum of the owner flags, stable sort of the entries by vertex, weights cast
+// to the filter's dtype, the weights' gradient cast to double) are done here with the standard
+// library.
 //
 // What it does NOT emulate (only a GPU run, tests/test_lattice_cuda.py, checks these):
 //   - the GPU's scale and memory model: K host threads on a few cores, not thousands in flight,
@@ -57,7 +59,10 @@
 // OUT (of the first repetition): int64 M, int64 capacity, int32 vertex_index [N*P*(d+1)],
 //   float64 bary [N*P*(d+1)], int32 neighbors [d+1, M, 2], int32 splat_offsets [M+1],
 //   int32 splat_entries [N*P*(d+1)], value_dtype filter outputs [2, N*P, C] (forward, then
-//   reverse = adjoint blur order).
+//   reverse = adjoint blur order), value_dtype weight gradients [2, N*P, d+1] of
+//   <grad, filter(values)> with grad = the values' rows in reverse order (forward, then reverse
+//   blur order: lattice_filter_weights_backward), float64 feature gradient [N*P, d] from the
+//   forward one (barycentric_weights_backward, before the launcher's cast to the features' dtype).
 // Exit status: 0 ok, 2 bad input, 3 hash table overflow reported by insert_one (the launcher's
 // error), 4 a kernel left an output element unwritten, 5 a repetition differs from the first.
 #include <algorithm>
@@ -66,6 +71,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -298,16 +304,15 @@ Lattice build(const std::vector<F>& features, int64_t num_images, int64_t per_im
   return lat;
 }
 
-// lattice_cuda.cpp's lattice_filter_cuda in dtype T, forward (reverse = false) or adjoint.
+// lattice_cuda.cpp's splat_and_blur in dtype T: the grid [M+1, C] of values [P, C], blur
+// directions in reverse order if `reverse`.
 template <typename T>
-std::vector<T> filter(const Lattice& lat, const std::vector<T>& values, int64_t num_points, int d1,
-                      int64_t channels, bool reverse, Launcher& launch) {
+std::vector<T> splat_and_blur(const Lattice& lat, const std::vector<T>& weights, const std::vector<T>& values,
+                              int d1, int64_t channels, bool reverse, Launcher& launch) {
   const int64_t m = lat.m;
-  std::vector<T> weights(lat.bary.begin(), lat.bary.end());  // bary.to(weight_dtype)
   // Two (M+1) x C buffers, zero-initialised (row M stays zero: missing neighbours point at it).
   std::vector<T> grid(static_cast<size_t>((m + 1) * channels), T(0));
   std::vector<T> next(grid.size(), T(0));
-  std::vector<T> out(static_cast<size_t>(num_points * channels), T(0));
   launch(m * channels, [&](int64_t t) {
     device::splat_one<T>(t, values.data(), weights.data(), d1, lat.offsets.data(), lat.entries.data(),
                          channels, grid.data());
@@ -318,6 +323,16 @@ std::vector<T> filter(const Lattice& lat, const std::vector<T>& values, int64_t 
     launch(m * channels, [&](int64_t t) { device::blur_one<T>(t, grid.data(), neighbors_j, channels, next.data()); });
     grid.swap(next);
   }
+  return grid;
+}
+
+// lattice_cuda.cpp's lattice_filter_cuda in dtype T, forward (reverse = false) or adjoint.
+template <typename T>
+std::vector<T> filter(const Lattice& lat, const std::vector<T>& values, int64_t num_points, int d1,
+                      int64_t channels, bool reverse, Launcher& launch) {
+  const std::vector<T> weights(lat.bary.begin(), lat.bary.end());  // bary.to(weight_dtype)
+  const std::vector<T> grid = splat_and_blur<T>(lat, weights, values, d1, channels, reverse, launch);
+  std::vector<T> out(static_cast<size_t>(num_points * channels), T(0));
   const T alpha = static_cast<T>(blur_alpha(d1 - 1));
   launch(num_points * channels, [&](int64_t t) {
     device::slice_one<T>(t, grid.data(), lat.vertex_index.data(), weights.data(), d1, channels, alpha,
@@ -326,20 +341,78 @@ std::vector<T> filter(const Lattice& lat, const std::vector<T>& values, int64_t 
   return out;
 }
 
-// What one repetition computes: the lattice, and the forward then adjoint filter outputs.
+// NaN, the initial value of the gradients' outputs: an element a kernel leaves unwritten stays
+// NaN (the GPU's at::empty would leave garbage) and fails the test's bit comparison.
+template <typename X>
+std::vector<X> unwritten(int64_t n) {
+  return std::vector<X>(static_cast<size_t>(n), std::numeric_limits<X>::quiet_NaN());
+}
+
+// lattice_cuda.cpp's lattice_filter_weights_backward_cuda in dtype T: the weights' gradient
+// [P, d1] of <grad, filter(values)> (filter in the blur order `reverse`), one body per simplex
+// corner, from the forward grid (values) and the adjoint grid (grad, the other blur order).
+template <typename T>
+std::vector<T> weight_grad(const Lattice& lat, const std::vector<T>& values, const std::vector<T>& grad,
+                           int64_t num_points, int d1, int64_t channels, bool reverse, Launcher& launch) {
+  const std::vector<T> weights(lat.bary.begin(), lat.bary.end());
+  const std::vector<T> forward_grid = splat_and_blur<T>(lat, weights, values, d1, channels, reverse, launch);
+  const std::vector<T> adjoint_grid = splat_and_blur<T>(lat, weights, grad, d1, channels, !reverse, launch);
+  const T alpha = static_cast<T>(blur_alpha(d1 - 1));
+  std::vector<T> out = unwritten<T>(num_points * d1);
+  launch(num_points * d1, [&](int64_t e) {
+    device::weight_grad_one<T>(e, d1, lat.vertex_index.data(), values.data(), grad.data(), forward_grid.data(),
+                               adjoint_grid.data(), channels, alpha, out.data());
+  });
+  return out;
+}
+
+// lattice_cuda.cpp's barycentric_weights_backward_cuda before its cast: the features' gradient
+// [P, d] in double from the weights' [P, d+1] (cast to double), one body per point.
+template <typename F, typename T>
+std::vector<double> feature_grad(const std::vector<F>& features, int64_t num_points, int d,
+                                 const std::vector<T>& weight_grads, Launcher& launch) {
+  const std::vector<double> grad_weights(weight_grads.begin(), weight_grads.end());  // .to(kDouble)
+  std::vector<double> out = unwritten<double>(num_points * d);
+  launch(num_points, [&](int64_t p) {
+    device::feature_grad_one<F>(p, features.data(), d, grad_weights.data(), out.data());
+  });
+  return out;
+}
+
+// What one repetition computes: the lattice, the forward then adjoint filter outputs, and the
+// feature gradient of <grad, filter(values)>: the weights' (forward, then reverse blur order) and
+// the features' (from the forward one).
 template <typename T>
 struct Outcome {
   Lattice lat;
-  std::vector<T> filtered;
+  std::vector<T> filtered, weight_grads;
+  std::vector<double> feature_grads;
 };
 
+// The upstream gradient of the feature-gradient check: the values' rows [P, C] in reverse order
+// (known to the test without another input).
+template <typename T>
+std::vector<T> reversed_rows(const std::vector<T>& values, int64_t num_points, int64_t c) {
+  std::vector<T> grad(values.size());
+  for (int64_t q = 0; q < num_points; ++q) {
+    std::copy_n(values.begin() + (num_points - 1 - q) * c, c, grad.begin() + q * c);
+  }
+  return grad;
+}
+
 template <typename F, typename T>
-Outcome<T> build_and_filter(const std::vector<F>& features, const std::vector<T>& values, int64_t n,
-                            int64_t p, int d, int64_t c, int64_t capacity, Launcher& launch) {
-  Outcome<T> o{build<F>(features, n, p, d, capacity, launch), {}};
-  o.filtered = filter<T>(o.lat, values, n * p, d + 1, c, false, launch);
-  const std::vector<T> adjoint = filter<T>(o.lat, values, n * p, d + 1, c, true, launch);
+Outcome<T> build_filter_and_differentiate(const std::vector<F>& features, const std::vector<T>& values, int64_t n,
+                                          int64_t p, int d, int64_t c, int64_t capacity, Launcher& launch) {
+  const int64_t num_points = n * p;
+  Outcome<T> o{build<F>(features, n, p, d, capacity, launch), {}, {}, {}};
+  o.filtered = filter<T>(o.lat, values, num_points, d + 1, c, false, launch);
+  const std::vector<T> adjoint = filter<T>(o.lat, values, num_points, d + 1, c, true, launch);
   o.filtered.insert(o.filtered.end(), adjoint.begin(), adjoint.end());
+  const std::vector<T> grad = reversed_rows(values, num_points, c);
+  o.weight_grads = weight_grad<T>(o.lat, values, grad, num_points, d + 1, c, false, launch);
+  o.feature_grads = feature_grad<F, T>(features, num_points, d, o.weight_grads, launch);
+  const std::vector<T> reverse = weight_grad<T>(o.lat, values, grad, num_points, d + 1, c, true, launch);
+  o.weight_grads.insert(o.weight_grads.end(), reverse.begin(), reverse.end());
   return o;
 }
 
@@ -358,6 +431,8 @@ const char* first_difference(const Outcome<T>& a, const Outcome<T>& b) {
   if (!same_bits(a.lat.offsets, b.lat.offsets)) return "splat_offsets";
   if (!same_bits(a.lat.entries, b.lat.entries)) return "splat_entries";
   if (!same_bits(a.filtered, b.filtered)) return "the filter outputs";
+  if (!same_bits(a.weight_grads, b.weight_grads)) return "the weights' gradients";
+  if (!same_bits(a.feature_grads, b.feature_grads)) return "the features' gradient";
   return nullptr;
 }
 
@@ -380,9 +455,9 @@ void run(std::FILE* in, std::FILE* out, int64_t n, int64_t p, int d, int64_t c, 
          int repeats, Launcher& launch) {
   const std::vector<F> features = read_array<F>(in, n * p * d);
   const std::vector<T> values = read_array<T>(in, n * p * c);
-  const Outcome<T> first = build_and_filter<F, T>(features, values, n, p, d, c, capacity, launch);
+  const Outcome<T> first = build_filter_and_differentiate<F, T>(features, values, n, p, d, c, capacity, launch);
   for (int r = 1; r < repeats; ++r) {
-    const Outcome<T> again = build_and_filter<F, T>(features, values, n, p, d, c, capacity, launch);
+    const Outcome<T> again = build_filter_and_differentiate<F, T>(features, values, n, p, d, c, capacity, launch);
     if (const char* what = first_difference(first, again)) {
       std::fprintf(stderr, "harness: repetition %d differs from the first in %s\n", r, what);
       std::exit(5);
@@ -396,6 +471,8 @@ void run(std::FILE* in, std::FILE* out, int64_t n, int64_t p, int d, int64_t c, 
   write_array(out, first.lat.offsets);
   write_array(out, first.lat.entries);
   write_array(out, first.filtered);
+  write_array(out, first.weight_grads);
+  write_array(out, first.feature_grads);
 }
 
 // --threads K --repeats R --schedule NAME --cas MODE, after IN OUT SEED.
