@@ -6,31 +6,18 @@
 // Built with --fmad=false (setup.py) so the shared arithmetic rounds as on the CPU.
 #include <assert.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 
 #include <cuda_runtime.h>
 
+#include "grid_stride.cuh"
 #include "lattice_device.cuh"
 #include "lattice_kernels.cuh"
 
 namespace crfrnn {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-// Grid-stride loops: this many blocks at most (16.7M threads), each thread looping as needed.
-constexpr int64_t kMaxBlocks = int64_t{1} << 16;
-
-unsigned int num_blocks(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::min(std::max<int64_t>(blocks, 1), kMaxBlocks));
-}
-
-#define CRFRNN_GRID_STRIDE_LOOP(i, n)                                                      \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 template <typename scalar_t>
 __global__ void embed_kernel(const scalar_t* __restrict__ features, int64_t num_points, int d,

@@ -1,32 +1,21 @@
 // CUDA kernels of the fused mean-field ops: one grid-stride launch template around the per-thread
 // functors of mean_field_device.cuh, and the schedules run on a stream. No ATen/torch includes
 // (nvcc compiles this file alone); built with --fmad=false (setup.py), as the lattice kernels.
-#include <algorithm>
 #include <cstdint>
 
 #include <cuda_runtime.h>
 
+#include "grid_stride.cuh"
 #include "mean_field_kernels.cuh"
 
 namespace crfrnn {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t{1} << 16;
-
-unsigned int num_blocks(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::min(std::max<int64_t>(blocks, 1), kMaxBlocks));
-}
-
 // body(i) for i in [0, n), a grid-stride loop.
 template <class Body>
 __global__ void for_each_index_kernel(int64_t n, Body body) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    body(i);
-  }
+  CRFRNN_GRID_STRIDE_LOOP(i, n) { body(i); }
 }
 
 // The Exec of the schedules: each run() one launch on the stream; after a failed launch the
