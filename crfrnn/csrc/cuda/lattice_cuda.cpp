@@ -18,14 +18,29 @@
 
 #include "../checks.h"
 #include "../lattice_math.h"
+#include "launch_utils.h"
 #include "lattice_kernels.cuh"
 
 namespace crfrnn {
-namespace {
 
 void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, "crfrnn: CUDA kernel '", kernel, "' failed: ", cudaGetErrorString(err));
 }
+
+// Phase 5 of the build, also the mean-field launcher's (launch_utils.h).
+std::pair<at::Tensor, at::Tensor> vertex_entries_table(const at::Tensor& vertex_index, int64_t m,
+                                                       cudaStream_t stream) {
+  const auto sorted = at::sort(vertex_index.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor sorted_vertex = std::get<0>(sorted).contiguous();
+  at::Tensor splat_entries = std::get<1>(sorted).to(at::kInt);
+  at::Tensor splat_offsets = at::empty({m + 1}, vertex_index.options());
+  check_launch(cuda::launch_csr_offsets(sorted_vertex.const_data_ptr<int>(), vertex_index.numel(), m,
+                                        splat_offsets.mutable_data_ptr<int>(), stream),
+               "csr_offsets");
+  return {splat_offsets, splat_entries};
+}
+
+namespace {
 
 // ---- build: its phases in order ---------------------------------------------------------------
 
@@ -127,21 +142,6 @@ at::Tensor blur_neighbors(const EmbeddedPoints& points, int d, int64_t per_image
                                       stream),
                "neighbors");
   return neighbors;
-}
-
-// Phase 5: the vertex -> entries table (splat_offsets [M+1], splat_entries [P (d+1)]): the
-// entries stably sorted by vertex, so in increasing order within a vertex, as the CPU's counting
-// sort leaves them.
-std::pair<at::Tensor, at::Tensor> vertex_entries_table(const at::Tensor& vertex_index, int64_t m,
-                                                       cudaStream_t stream) {
-  const auto sorted = at::sort(vertex_index.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor sorted_vertex = std::get<0>(sorted).contiguous();
-  at::Tensor splat_entries = std::get<1>(sorted).to(at::kInt);
-  at::Tensor splat_offsets = at::empty({m + 1}, vertex_index.options());
-  check_launch(cuda::launch_csr_offsets(sorted_vertex.const_data_ptr<int>(), vertex_index.numel(), m,
-                                        splat_offsets.mutable_data_ptr<int>(), stream),
-               "csr_offsets");
-  return {splat_offsets, splat_entries};
 }
 
 // The lattice of features [N, P, d], phase by phase (the kernels' bodies: lattice_device.cuh).

@@ -20,34 +20,17 @@
 
 #include "../lattice_math.h"
 #include "../mean_field_checks.h"
-#include "lattice_kernels.cuh"
+#include "launch_utils.h"
 #include "mean_field_kernels.cuh"
 
 namespace crfrnn {
 namespace {
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "crfrnn: CUDA launch of ", what, " failed: ", cudaGetErrorString(err));
-}
 
 // The tensors behind one kernel's CrfKernelView (kept alive while the schedules run).
 struct KernelTensors {
   at::Tensor vertex_index, weights, splat_scale, slice_scale, neighbors, splat_offsets, splat_entries,
       splat_weights, adjoint_weights, transform, adjoint_transform, grid, next, mixed, outer_total;
 };
-
-// The vertex -> entries table of a lattice in CSR form (as build_lattice_cuda makes it): entries
-// stably sorted by vertex, so in increasing order within a vertex.
-std::pair<at::Tensor, at::Tensor> splat_table(const at::Tensor& vertex_index, int64_t m, cudaStream_t stream) {
-  const auto sorted = at::sort(vertex_index.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor sorted_vertex = std::get<0>(sorted).contiguous();
-  at::Tensor entries = std::get<1>(sorted).to(at::kInt);
-  at::Tensor offsets = at::empty({m + 1}, vertex_index.options());
-  check_launch(cuda::launch_csr_offsets(sorted_vertex.const_data_ptr<int>(), vertex_index.numel(), m,
-                                        offsets.mutable_data_ptr<int>(), stream),
-               "csr_offsets");
-  return {offsets, entries};
-}
 
 // Kernel i's tensors and view. backward: the adjoint weights, matrix and the outer products' total.
 template <typename T>
@@ -60,7 +43,7 @@ device::CrfKernelView<T> kernel_view(const MeanFieldArgs& a, size_t i, bool back
   h.slice_scale = a.slice_scale[i].contiguous();
   h.neighbors = a.neighbors[i].contiguous();
   const int64_t m = h.neighbors.size(1);
-  std::tie(h.splat_offsets, h.splat_entries) = splat_table(h.vertex_index, m, stream);
+  std::tie(h.splat_offsets, h.splat_entries) = vertex_entries_table(h.vertex_index, m, stream);
   // The C++ op scatters (scale * weight) * value: the same products.
   h.splat_weights = (h.splat_scale.unsqueeze(1) * h.weights).contiguous();
   const double alpha = blur_alpha(h.vertex_index.size(1) - 1);
