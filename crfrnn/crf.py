@@ -493,6 +493,40 @@ class CRFRNNLayer(nn.Module):
         self.clear_lattice_cache()
         return self
 
+    def freeze_classes(self, classes):
+        """Keep the matrix entries that involve any of `classes` (ints in [0, C)) at their
+        present values while the rest learns: their gradients are zeroed (a hook on the
+        compatibility and kernel-weight parameters; shared values such as "scalar" weights,
+        which belong to every class, still learn). For classes the training data never shows:
+        with no evidence about them, learning could only move them by their interactions with
+        other classes, which over-fits (they keep the Potts start instead). An optimiser with
+        weight decay still moves the frozen entries. Calling it again replaces the classes;
+        ``freeze_classes([])`` frees them all. The hooks belong to this layer: a copy
+        (``copy.deepcopy``, pickling) learns every class. Returns self.
+        """
+        frozen = torch.zeros(self.num_classes, dtype=torch.bool)
+        for c in classes:
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.num_classes:
+                raise ValueError(f"freeze_classes: expected class indices in [0, {self.num_classes}), got {c!r}")
+            frozen[c] = True
+        for handle in getattr(self, "_freeze_hooks", []):
+            handle.remove()
+        self._freeze_hooks = []
+        learn = ~frozen
+        pair = learn[:, None] & learn[None, :]
+        masks = {"compatibility": {"symmetric": pair[tuple(torch.triu_indices(self.num_classes, self.num_classes))],
+                                   "full": pair},
+                 "kernel_weights": {"diagonal": learn, "full": pair}}
+        for name, option, sharing in (("compatibility", "compatibility", self.compatibility_sharing),
+                                      ("bilateral_weight", "kernel_weights", self.kernel_weight_sharing),
+                                      ("spatial_weight", "kernel_weights", self.kernel_weight_sharing)):
+            mask = masks[option].get(sharing)
+            param = getattr(self, name)
+            if mask is None or param is None or bool(mask.all()):
+                continue
+            self._freeze_hooks.append(param.register_hook(lambda g, m=mask: g * m.to(g.device, g.dtype)))
+        return self
+
     def _set_fixed_sigmas(self, sigmas):
         """Fixed bandwidths ((sxy, srgb), (sxy,)): the floats used, and their log in the buffers."""
         self._fixed_sigmas = (tuple(sigmas[0]), tuple(sigmas[1]))
@@ -627,6 +661,7 @@ class CRFRNNLayer(nn.Module):
         # out: it is a cache of about 50 bytes per pixel that the next forward rebuilds.
         state = super().__getstate__()  # a copy of __dict__
         state["_last_spatial"] = None
+        state.pop("_freeze_hooks", None)  # the copy's parameters carry no hooks
         return state
 
     def kernel_weight_matrices(self, dtype=torch.float32):

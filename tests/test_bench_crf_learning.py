@@ -44,6 +44,7 @@ def test_learning_benchmark_writes_the_specified_json(shared_data, tmp_path, cap
         assert len(result["per_class_iou"]) == 21
         assert result["per_class_iou"][0] is not None and None in result["per_class_iou"]
     assert out["seconds"] > 0 and len(out["grid"]) == 2
+    assert "background" not in out["unseen_classes"] and len(out["unseen_classes"]) >= 10  # 2 images
     assert set(out["phase_seconds"]) == {"grid", "learning", "test"}
     printed = capsys.readouterr().out
     assert "Grid search on the training folder" in printed and "Per-class IoU" in printed

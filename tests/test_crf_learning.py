@@ -227,6 +227,48 @@ def test_potts_compatibility_learns_the_weights_only():
     assert crf.bilateral_weight.grad.abs() > 0 and crf.spatial_weight.grad.abs() > 0
 
 
+@pytest.mark.parametrize("compatibility,kernel_weights", [("symmetric", "scalar"), ("full", "full"),
+                                                        ("symmetric", "diagonal")])
+def test_frozen_classes_keep_their_entries_while_the_rest_learns(compatibility, kernel_weights):
+    import copy
+    unary, image, labels = two_region_problem()
+    unary = torch.cat([unary, -unary, 0.5 * unary], 1)  # 6 classes, labels use 0 and 1 only
+    crf = CRFRNNLayer(6, num_iterations=2, compatibility=compatibility, kernel_weights=kernel_weights,
+                      learn_bandwidths=True, **KERNELS).double().freeze_classes([4, 5])
+    before = {name: p.detach().clone() for name, p in crf.named_parameters()}
+    opt = torch.optim.Adam(crf.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        layer_loss(crf, unary, image, labels).backward()
+        opt.step()
+    mu, before_mu = crf.compatibility_matrix(torch.float64), crf_module._compatibility_matrix(
+        before["compatibility"], compatibility, 6, torch.float64, None)
+    frozen = torch.zeros(6, 6, dtype=torch.bool)
+    frozen[4:, :] = frozen[:, 4:] = True
+    assert torch.equal(mu[frozen], before_mu[frozen])
+    assert not torch.equal(mu[~frozen], before_mu[~frozen])
+    for name in ("bilateral_weight", "spatial_weight"):  # scalar weights belong to every class
+        w, w0 = getattr(crf, name).detach(), before[name]
+        if kernel_weights == "scalar":
+            assert not torch.equal(w, w0)
+        else:
+            kept = frozen.diagonal() if kernel_weights == "diagonal" else frozen
+            assert torch.equal(w[kept], w0[kept]) and not torch.equal(w[~kept], w0[~kept])
+    assert not torch.equal(crf.bilateral_log_sigma.detach(), before["bilateral_log_sigma"])
+    copy.deepcopy(crf)  # the hooks do not stop copies
+    crf.freeze_classes([])
+    opt.zero_grad()
+    layer_loss(crf, unary, image, labels).backward()
+    assert crf.compatibility.grad.ne(0).all() if compatibility == "full" else crf.compatibility.grad.ne(0).any()
+
+
+def test_freeze_classes_rejects_bad_indices():
+    crf = CRFRNNLayer(3, compatibility="symmetric")
+    for bad in (3, -1, 1.0, True):
+        with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+            crf.freeze_classes([bad])
+
+
 # ------------------------------------------------------------------------------------------
 # The state dict
 
