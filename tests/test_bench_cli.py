@@ -2,6 +2,7 @@
 anything is measured; bad input ends in one line."""
 import argparse
 import json
+import platform
 import subprocess
 import sys
 
@@ -39,11 +40,16 @@ def test_crf_training_bench_times_every_job_and_reports_the_ratios(tmp_path):
     """bench/crf_training.py at one iteration and one round: every job timed, the ratios those
     times give, the JSON written; a bad option ends in one line."""
     target = tmp_path / "training.json"
+    glibc = platform.libc_ver()[0] == "glibc"
     r = subprocess.run([sys.executable, "bench/crf_training.py", "--iterations", "1", "--rounds", "1",
-                        "--threads", "1", "--json", target], cwd=REPO, env=script_env(),
-                       capture_output=True, text=True, timeout=300)
+                        "--threads", "1", "--json", target] + ["--keep-large-blocks"] * glibc, cwd=REPO,
+                       env=script_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(target.read_text())
+    assert out["keep_large_blocks"] == glibc
+    wall = {name: m["wall_ms"] for name, m in out["medians"].items()}
+    assert out["ratios_wall_time"]["fused forward+backward / fused forward"] == pytest.approx(
+        wall["fused forward+backward"] / wall["fused forward (no grad)"])
     cpu = {name: m["cpu_ms"] for name, m in out["medians"].items()}
     assert sorted(cpu) == ["fused forward (no grad)", "fused forward+backward", "step-by-step forward+backward"]
     assert all(len(t["wall_ms"]) == 1 and t["wall_ms"][0] > 0 for t in out["times"].values())

@@ -307,6 +307,27 @@ def test_fused_gradients_equal_the_loop_in_float64(normalize):
             assert_close_to_rounding(g, e, torch.float64)
 
 
+def test_saved_marginals_give_the_recomputed_bits(monkeypatch):
+    """crfrnn.crf.SAVE_MARGINALS_ON_CPU (set by the training scripts): the forward keeps Q, the
+    backward reads it instead of recomputing it, with the same arithmetic, so the same bits."""
+    unary, lattices, pairwise = inputs(n=2, c=21, h=23, w=19)
+    grad_out = torch.randn(unary.shape, generator=torch.Generator().manual_seed(2))
+    flags, forward = [], torch.ops.crfrnn.mean_field_forward
+
+    def spy(*args):
+        flags.append(args[-1])
+        return forward(*args)
+    monkeypatch.setattr(torch.ops.crfrnn, "mean_field_forward", spy)
+    results = []
+    for save in (False, True):
+        monkeypatch.setattr(crf_module, "SAVE_MARGINALS_ON_CPU", save)
+        results.append(values_and_gradients(unary, lattices, pairwise, 5, "symmetric", grad_out))
+    assert flags == [False, True]
+    recomputed, saved = results
+    for a, b in zip([recomputed[0], recomputed[1], *recomputed[2]], [saved[0], saved[1], *saved[2]]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("checkpoint", [False, True])
 @pytest.mark.parametrize("normalize", ["symmetric", "after"])
 def test_fused_gradcheck_float64(normalize, checkpoint):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+import crfrnn
 from . import distributed as dist_utils
 from .engine import NonFiniteLossError
 from .options import finalize
@@ -22,16 +23,22 @@ def keep_large_blocks_in_the_heap() -> bool:
     glibc serves every block over 32 MB with mmap and unmaps it on free, so on the CPU each
     [N, H*W, C] tensor of a CRF iteration (63 MB at N = 4, 500x375, C = 21) page-faults afresh
     at every step: batch-4 forward+backward ran about 1.8x slower per image than batch 1 (see
-    README, `MALLOC_MMAP_MAX_=0 python bench/crf.py`). Returns whether the setting took.
+    README, `MALLOC_MMAP_MAX_=0 python bench/crf.py`). When the setting takes, the fused CRF also
+    keeps its marginals for the backward (crfrnn.crf.SAVE_MARGINALS_ON_CPU). Returns whether the
+    setting took.
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+        took = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):  # not glibc (musl, ...): leave malloc alone
         return False
+    # Fresh blocks no longer page-fault, so the fused CRF forward may as well keep its marginals
+    # for the backward (crfrnn.crf.SAVE_MARGINALS_ON_CPU: about 10% off forward+backward).
+    crfrnn.crf.SAVE_MARGINALS_ON_CPU = took
+    return took
 
 
 def set_cpu_threads(threads: int, info: dist_utils.DistInfo):
