@@ -111,7 +111,7 @@ def get_args_parser():
                         "as CRF-RNN)")
     p.add_argument("--learn-unseen-classes", action="store_true",
                    help="let the matrix entries of classes absent from the training labels learn too "
-                        "(default: they keep the Potts start, CRFRNNLayer.freeze_classes)")
+                        "(default: they keep their start, CRFRNNLayer.freeze_classes)")
     p.add_argument("--grid-w1", type=float, nargs="+", default=[3.0, 6.0, 10.0], help="grid: w1 values")
     p.add_argument("--grid-sxy", type=float, nargs="+", default=[50.0, 80.0, 121.0],
                    help="grid: sigma_alpha values (px at full resolution)")
@@ -341,8 +341,7 @@ def main(args):
                            "seconds": seconds, "phase_seconds": phase_seconds, "environment": environment("cpu"),
                            "train_root": str(train_root), "test_root": str(test_root),
                            "train_images": len(train.ids), "test_images": len(test_ids), "grid": grid_rows,
-                           "unseen_classes": [CLASS_NAMES[c] for c in range(vp.NUM_CLASSES)
-                                              if c not in train.seen_classes],
+                           "unseen_classes": [CLASS_NAMES[c] for c in unseen],
                            "learned": {name: {**describe(crf), "final train loss": losses[name]}
                                        for name, crf in learned.items()},
                            "options": vars(args)})

@@ -61,8 +61,8 @@ KERNEL_WEIGHT_SHARING = ("scalar", "diagonal", "full")
 #: unary and the saved grids. Keeping them makes forward+backward about 10% faster, but only
 #: where freed large blocks stay in the heap: glibc maps every block over 32 MB afresh, and the
 #: page faults of a new [T - 1, N, P, C] block each step cost more than the recomputation
-#: saves. train.process.keep_large_blocks_in_the_heap sets both (the training scripts call
-#: it); on CUDA the marginals are always kept (the splat reads them from memory anyway).
+#: saves. train.process.keep_large_blocks_in_the_heap makes that malloc setting and sets this
+#: flag (the training scripts call it); on CUDA the marginals are always kept (the splat reads them from memory anyway).
 SAVE_MARGINALS_ON_CPU = False
 
 
@@ -511,7 +511,7 @@ class CRFRNNLayer(nn.Module):
         compatibility and kernel-weight parameters; shared values such as "scalar" weights,
         which belong to every class, still learn). For classes the training data never shows:
         with no evidence about them, learning could only move them by their interactions with
-        other classes, which over-fits (they keep the Potts start instead). An optimiser with
+        other classes, which over-fits (they keep their start instead). An optimiser with
         weight decay still moves the frozen entries. Calling it again replaces the classes;
         ``freeze_classes([])`` frees them all. The hooks belong to this layer: a copy
         (``copy.deepcopy``, pickling) learns every class. Returns self.
