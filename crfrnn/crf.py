@@ -31,6 +31,7 @@ Conventions, and how they relate to Krähenbühl's densecrf (the test oracle):
   in 0..255, as densecrf's addPairwiseBilateral; (x/sxy, y/sxy) for the spatial kernel.
 """
 import math
+import operator
 
 import torch
 import torch.nn as nn
@@ -517,10 +518,14 @@ class CRFRNNLayer(nn.Module):
         (``copy.deepcopy``, pickling) learns every class. Returns self.
         """
         frozen = torch.zeros(self.num_classes, dtype=torch.bool)
-        for c in classes:
-            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.num_classes:
+        for c in classes:  # ints, numpy or 0-d tensor integers
+            try:
+                index = None if isinstance(c, bool) else operator.index(c)
+            except TypeError:
+                index = None
+            if index is None or not 0 <= index < self.num_classes:
                 raise ValueError(f"freeze_classes: expected class indices in [0, {self.num_classes}), got {c!r}")
-            frozen[c] = True
+            frozen[index] = True
         for handle in getattr(self, "_freeze_hooks", []):
             handle.remove()
         self._freeze_hooks = []

@@ -267,6 +267,9 @@ def test_freeze_classes_rejects_bad_indices():
     for bad in (3, -1, 1.0, True):
         with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
             crf.freeze_classes([bad])
+    import numpy as np
+    crf.freeze_classes(np.array([0, 2]))          # numpy and tensor integers are indices too
+    crf.freeze_classes(torch.tensor([1]))
 
 
 # ------------------------------------------------------------------------------------------
