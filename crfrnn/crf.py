@@ -63,7 +63,8 @@ KERNEL_WEIGHT_SHARING = ("scalar", "diagonal", "full")
 #: where freed large blocks stay in the heap: glibc maps every block over 32 MB afresh, and the
 #: page faults of a new [T - 1, N, P, C] block each step cost more than the recomputation
 #: saves. train.process.keep_large_blocks_in_the_heap makes that malloc setting and sets this
-#: flag (the training scripts call it); on CUDA the marginals are always kept (the splat reads them from memory anyway).
+#: flag (the training scripts call it). On CUDA the marginals are always kept (the splat reads
+#: them from memory anyway).
 SAVE_MARGINALS_ON_CPU = False
 
 
@@ -324,8 +325,9 @@ class CRFRNNLayer(nn.Module):
     The spatial lattice depends on the image shape only:
     the layer keeps the last one and reuses it for inputs of the same N, H and W
     (``clear_lattice_cache()`` frees it; pickling and ``copy.deepcopy`` leave it out), unless it
-    has to be differentiable in a learned bandwidth. Learning the bandwidths costs about 2d + 1 filters more per kernel and iteration
-    in backward with "gaussian" (d = 5 and 2), about two with "lattice".
+    has to be differentiable in a learned bandwidth. Learning the bandwidths costs about 2d + 1
+    filters more per kernel and iteration in backward with "gaussian" (d = 5 and 2), about two
+    with "lattice".
 
     Shapes:
         unary (Tensor[N, C, H, W]): logits (e.g. a DCNN's scores upsampled to the image).
@@ -529,17 +531,11 @@ class CRFRNNLayer(nn.Module):
         for handle in getattr(self, "_freeze_hooks", []):
             handle.remove()
         self._freeze_hooks = []
-        learn = ~frozen
-        pair = learn[:, None] & learn[None, :]
-        masks = {"compatibility": {"symmetric": pair[tuple(torch.triu_indices(self.num_classes, self.num_classes))],
-                                   "full": pair},
-                 "kernel_weights": {"diagonal": learn, "full": pair}}
-        for name, option, sharing in (("compatibility", "compatibility", self.compatibility_sharing),
-                                      ("bilateral_weight", "kernel_weights", self.kernel_weight_sharing),
-                                      ("spatial_weight", "kernel_weights", self.kernel_weight_sharing)):
-            mask = masks[option].get(sharing)
+        learns = (~frozen)[:, None] & (~frozen)[None, :]  # entry (a, b): neither class frozen
+        for name, _, sharing, _ in self._matrix_parameters():
+            mask = _sharing_entries(learns, sharing)
             param = getattr(self, name)
-            if mask is None or param is None or bool(mask.all()):
+            if mask is None or bool(mask.all()):
                 continue
             self._freeze_hooks.append(param.register_hook(lambda g, m=mask: g * m.to(g.device, g.dtype)))
         return self
@@ -582,15 +578,19 @@ class CRFRNNLayer(nn.Module):
                                   tuple(self.spatial_log_sigma.double().exp().tolist()))
         self.clear_lattice_cache()
 
+    def _matrix_parameters(self):
+        """(name, constructor option, its value, the option's choices) of each parameter that
+        holds C x C matrix entries."""
+        return (("bilateral_weight", "kernel_weights", self.kernel_weight_sharing, KERNEL_WEIGHT_SHARING),
+                ("spatial_weight", "kernel_weights", self.kernel_weight_sharing, KERNEL_WEIGHT_SHARING),
+                ("compatibility", "compatibility", self.compatibility_sharing, COMPATIBILITY_SHARING))
+
     def _sharing_mismatch(self, state_dict, prefix):
         """A message when the state dict's parameter shapes are another sharing's or class
         count's, else None."""
         c = self.num_classes
-        for name, option, sharing, kinds in (
-                ("bilateral_weight", "kernel_weights", self.kernel_weight_sharing, KERNEL_WEIGHT_SHARING),
-                ("spatial_weight", "kernel_weights", self.kernel_weight_sharing, KERNEL_WEIGHT_SHARING),
-                ("compatibility", "compatibility", self.compatibility_sharing, COMPATIBILITY_SHARING)):
-            shapes = {kind: _sharing_shape(name, kind, c) for kind in kinds}
+        for name, option, sharing, kinds in self._matrix_parameters():
+            shapes = {kind: _sharing_shape(kind, c) for kind in kinds}
             value = state_dict.get(prefix + name)
             got = None if value is None else tuple(value.shape)
             if got == shapes[sharing]:
@@ -809,21 +809,34 @@ class CRFRNNLayer(nn.Module):
                              f"{out.dtype} arithmetic")
 
 
-def _sharing_shape(name, sharing, num_classes):
-    """Shape of parameter `name` under `sharing` (None: no parameter)."""
-    c = num_classes
-    if name == "compatibility":
-        return {"potts": None, "symmetric": (c * (c + 1) // 2,), "full": (c, c)}[sharing]
-    return {"scalar": (), "diagonal": (c,), "full": (c, c)}[sharing]
+def _sharing_entries(matrix, sharing):
+    """The entries of a C x C `matrix` that a parameter of `sharing` holds: all of them ("full",
+    Tensor[C, C]), its upper triangle ("symmetric", Tensor[C (C + 1) / 2], row by row) or its
+    diagonal ("diagonal", Tensor[C]); None for the sharings without per-class entries ("potts":
+    no parameter, "scalar": one value shared by every class)."""
+    if sharing in ("potts", "scalar"):
+        return None
+    if sharing == "symmetric":
+        rows, cols = torch.triu_indices(*matrix.shape, device=matrix.device)
+        return matrix[rows, cols]
+    if sharing == "diagonal":
+        return torch.diag(matrix)
+    return matrix
+
+
+def _sharing_shape(sharing, num_classes):
+    """Shape of a parameter of `sharing` (None: no parameter)."""
+    if sharing == "scalar":
+        return ()
+    entries = _sharing_entries(torch.empty(num_classes, num_classes), sharing)
+    return None if entries is None else tuple(entries.shape)
 
 
 def _initial_kernel_weight(sharing, weight, num_classes):
     """w I in the parametrisation of `sharing`: Tensor[] ("scalar"), [C] ("diagonal"), [C, C]."""
     if sharing == "scalar":
         return torch.tensor(float(weight))
-    if sharing == "diagonal":
-        return torch.full((num_classes,), float(weight))
-    return float(weight) * torch.eye(num_classes)
+    return _sharing_entries(float(weight) * torch.eye(num_classes), sharing)
 
 
 def _kernel_weight_matrix(param, sharing, num_classes):
@@ -836,13 +849,7 @@ def _kernel_weight_matrix(param, sharing, num_classes):
 
 def _initial_compatibility(sharing, num_classes):
     """The Potts start 1 - I in the parametrisation of `sharing` (None for "potts": fixed)."""
-    potts = 1.0 - torch.eye(num_classes)
-    if sharing == "potts":
-        return None
-    if sharing == "symmetric":
-        rows, cols = torch.triu_indices(num_classes, num_classes)
-        return potts[rows, cols].clone()
-    return potts
+    return _sharing_entries(1.0 - torch.eye(num_classes), sharing)
 
 
 def _compatibility_matrix(param, sharing, num_classes, dtype, device):
