@@ -49,23 +49,19 @@ except ImportError as exc:  # missing or broken build: the reference backend sti
         RuntimeWarning, stacklevel=2)
 
 
-def _has_kernels(op_names, dispatch_key) -> bool:
-    """Whether every op crfrnn::<name> has a kernel of its own for the dispatch key (e.g.
-    torch.DispatchKey.CPU), through the ops' public OpOverload.has_kernel_for_dispatch_key."""
-    return all(getattr(torch.ops.crfrnn, name).default.has_kernel_for_dispatch_key(dispatch_key)
-               for name in op_names)
-
-
-def _native_device_types():
+def _device_types_with_kernels(op_names) -> frozenset:
+    """The device types ("cpu", "cuda") for which every extension op crfrnn::<name> has a kernel
+    of its own (the ops' public OpOverload.has_kernel_for_dispatch_key); none without the
+    extension."""
     if EXTENSION_ERROR is not None:
         return frozenset()
     return frozenset(
         device_type for device_type, key in (("cpu", torch.DispatchKey.CPU), ("cuda", torch.DispatchKey.CUDA))
-        if _has_kernels(("build_lattice", "lattice_filter"), key))
+        if all(getattr(torch.ops.crfrnn, name).default.has_kernel_for_dispatch_key(key) for name in op_names))
 
 
 #: Device types with compiled kernels, fixed at import (a plain set, so torch.compile can read it).
-NATIVE_DEVICE_TYPES = _native_device_types()
+NATIVE_DEVICE_TYPES = _device_types_with_kernels(("build_lattice", "lattice_filter"))
 
 
 def has_native_kernel(device) -> bool:
@@ -293,20 +289,10 @@ if EXTENSION_ERROR is None:
                                     setup_context=_inference_setup_context)
 
 
-_FUSED_OPS = ("mean_field_inference", "mean_field_forward", "mean_field_backward")
-
-
-def _fused_device_types():
-    if EXTENSION_ERROR is not None:
-        return frozenset()
-    return frozenset(
-        device_type for device_type, key in (("cpu", torch.DispatchKey.CPU), ("cuda", torch.DispatchKey.CUDA))
-        if _has_kernels(_FUSED_OPS, key))
-
-
 #: Device types with the fused mean-field ops (``crfrnn::mean_field_inference``,
 #: ``mean_field_forward``, ``mean_field_backward``), fixed at import.
-FUSED_MEAN_FIELD_DEVICE_TYPES = _fused_device_types()
+FUSED_MEAN_FIELD_DEVICE_TYPES = _device_types_with_kernels(
+    ("mean_field_inference", "mean_field_forward", "mean_field_backward"))
 
 
 def ops_for(backend: str, device: torch.device):
