@@ -21,7 +21,7 @@ from crfrnn.crf import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS
 from .data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, SegmentationSet, build_dataset, eval_transform,
                    train_transform)
 from .checkpoint import RESUME_FREE, RESUME_WARN
-from .engine import LR_POLICIES, OPTIMIZERS
+from .engine import CRF_LOSSES, LR_POLICIES, OPTIMIZERS
 
 #: The defaults that depend on the dataset, for every script (a script may change a row for
 #: itself: :func:`set_presets`). ``None``: the option's help says what happens then.
@@ -170,7 +170,7 @@ def add_crf_args(p: argparse.ArgumentParser, training: bool = True):
                        help="lr multiplier of the CRF's kernel weights and compatibility matrix")
         g.add_argument("--crf-weight-decay", type=float, default=0.0,
                        help="weight decay of the CRF parameters (0: decay would shrink the Potts start)")
-        g.add_argument("--crf-loss", choices=("ce", "lovasz"), default="ce",
+        g.add_argument("--crf-loss", choices=tuple(CRF_LOSSES), default="ce",
                        help="loss of the CRF's output: ce (cross-entropy, CRF-RNN's) or lovasz (the "
                             "Lovász-softmax surrogate of the IoU; what learns the bandwidths towards a "
                             "better mIoU in bench/crf_learning.py)")
