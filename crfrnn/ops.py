@@ -260,10 +260,15 @@ if EXTENSION_ERROR is None:
         _refuse_lattice_gradients("crfrnn::mean_field_forward", *lattice[1:4])
         _, blurred, marginals = output
         ctx.mark_non_differentiable(*blurred, marginals)
+        # Autograd would otherwise hand the backward zero-filled gradients of the saved grids and
+        # marginals (tens of MB to fill at 500x375, a tenth of a training step), never read.
+        ctx.set_materialize_grads(False)
         _save_mean_field_inputs(ctx, unary, lattice, pairwise, iterations, extra=(*blurred, marginals))
 
     def _forward_backward(ctx, grad_logits, _grad_blurred, _grad_marginals):
         unary, lattice, pairwise, saved = _saved_mean_field_inputs(ctx)
+        if grad_logits is None:  # not materialised (see above): no gradient reached the logits
+            grad_logits = torch.zeros_like(unary)
         grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(
             grad_logits, unary, *lattice, pairwise, list(saved[:-1]), saved[-1], ctx.iterations)
         return _mean_field_gradients(ctx, grad_unary, grad_pairwise)

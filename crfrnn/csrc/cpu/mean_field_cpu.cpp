@@ -70,6 +70,18 @@ struct CacheAligned {
   CacheAligned(const CacheAligned<U>&) {}
   T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlignment)); }
   void deallocate(T* p, size_t) { ::operator delete(p, kAlignment); }
+  // A vector of n elements (or resize) leaves them uninitialised, as new T[n] does; an explicit
+  // value (assign(n, 0)) is still written. Every large buffer here is written in full before it
+  // is read, and zero-filling them (the unary, dU and the grids: tens of MB at 500x375) took a
+  // few percent of a call, on one thread.
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
   template <typename U>
   bool operator==(const CacheAligned<U>&) const { return true; }
   template <typename U>
@@ -310,10 +322,13 @@ int64_t setup_kernels(const MeanFieldArgs& a, int64_t cp, bool backward, std::ve
       k.adjoint_transform = padded_rows(a.pairwise[i] * -alpha);
       k.outer_total.assign(static_cast<size_t>(c * cp), T(0));
     }
+    // Rows [0, M) are written before they are read (merge, blur, mix); row M, the zero row that
+    // missing blur neighbours point to, is never written.
     const size_t size = static_cast<size_t>((k.m + 1) * cp);
-    k.grid.assign(size, T(0));
-    k.next.assign(size, T(0));
-    k.mixed.assign(size, T(0));
+    for (AlignedVector<T>* g : {&k.grid, &k.next, &k.mixed}) {
+      g->resize(size);
+      std::fill(g->end() - cp, g->end(), T(0));
+    }
   }
   return choose_chunks(kernels, num_points, cp);
 }
