@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -31,6 +32,19 @@ constexpr int64_t kPrefetch = 8;
 #define CRFRNN_PREFETCH(address) ((void)0)
 #endif
 
+// Calls f(std::integral_constant<int, d1>) for the usual lattice widths d1 = d + 1 (3: the
+// spatial kernel, 6: the bilateral one), else f(d1). A constant d1 turns the steps' divisions of
+// an entry index by d1 (its point) into multiplications: an integer division took a third of the
+// splat of the normalisation filters.
+template <typename F>
+void with_lattice_width(int d1, F&& f) {
+  switch (d1) {
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    default: return f(d1);
+  }
+}
+
 // The splat of values [P, C] into the M vertex rows of grid [M+1, C] (the zero row M is set too),
 // two ways with the same result bit for bit (the same sums in the same order):
 //   splat_by_vertex  splat_vertex, parallel over the vertices: a gather through the lattice's
@@ -45,12 +59,23 @@ constexpr int64_t kPrefetch = 8;
 template <typename T>
 void splat_by_vertex(const T* values, int64_t c, const T* weights, int d1, const int* splat_offsets,
                      const int* splat_entries, int64_t m, T* grid) {
-  const AllChannels<T> lanes{c};
-  at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
-    for (int64_t v = lo; v < hi; ++v) {
-      T* sum = grid + v * c;
-      splat_vertex(lanes, sum, v, splat_offsets, splat_entries, weights, d1, values, c);
-    }
+  with_lattice_width(d1, [&](auto width) {
+    at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
+      if (c == 1) {  // the normalisation filters: the sum in a register, not in the grid's memory
+        const OneChannel<T> lanes{0};
+        for (int64_t v = lo; v < hi; ++v) {
+          T sum;
+          splat_vertex(lanes, sum, v, splat_offsets, splat_entries, weights, width, values, c);
+          grid[v] = sum;
+        }
+        return;
+      }
+      const AllChannels<T> lanes{c};
+      for (int64_t v = lo; v < hi; ++v) {
+        T* sum = grid + v * c;
+        splat_vertex(lanes, sum, v, splat_offsets, splat_entries, weights, width, values, c);
+      }
+    });
   });
   std::fill(grid + m * c, grid + (m + 1) * c, T(0));
 }
@@ -105,8 +130,17 @@ T* blur_grid(T* grid, T* next, const int* neighbors, int64_t m, int64_t c, int d
 template <typename T>
 void slice_points(const T* grid, const int* vertex_index, const T* weights, int d1, int64_t num_points, int64_t c,
                   T alpha, T* out) {
-  const AllChannels<T> lanes{c};
   at::parallel_for(0, num_points, 1024, [&](int64_t lo, int64_t hi) {
+    if (c == 1) {  // the normalisation filters: the sum in a register, not in out's memory
+      const OneChannel<T> lanes{0};
+      for (int64_t p = lo; p < hi; ++p) {
+        T sum;
+        slice_point(lanes, sum, p, vertex_index, weights, d1, grid, c, alpha);
+        out[p] = sum;
+      }
+      return;
+    }
+    const AllChannels<T> lanes{c};
     for (int64_t p = lo; p < hi; ++p) {
       if (p + kPrefetch < hi) {  // the vertex rows are scattered: fetch them ahead
         for (int r = 0; r < d1; ++r) {

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -128,7 +129,8 @@ EmbeddedPoints embed_points(const at::Tensor& features) {
   std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_embed", [&] {
     const scalar_t* f = features.data_ptr<scalar_t>();
-    at::parallel_for(0, num_points, 2048, [&](int64_t lo, int64_t hi) {
+    // The points of [lo, hi), the dimension a constant (dim) for the CRF's kernels.
+    auto embed_range = [&](int64_t lo, int64_t hi, auto dim) {
       int64_t bad = 0;
       bool too_big = false;
       for (int64_t p = lo; p < hi; ++p) {
@@ -145,13 +147,20 @@ EmbeddedPoints embed_points(const at::Tensor& features) {
         int* key = points.simplex.data() + p * key_len;
         key[0] = static_cast<int>(p / per_image);
         double bary[kMaxDim + 1];
-        embed_point_scaled(fp, scale, d, key + 1, key + 1 + d1, bary);
+        embed_point_scaled(fp, scale, dim, key + 1, key + 1 + d1, bary);
         points.hash[p] = hash_key(key, key_len);
         if (weights_double) std::copy(bary, bary + d1, weights_double + p * d1);
         else std::copy(bary, bary + d1, weights_float + p * d1);
       }
       non_finite += bad;
       if (too_big) out_of_range = true;
+    };
+    at::parallel_for(0, num_points, 2048, [&](int64_t lo, int64_t hi) {
+      switch (d) {  // the bilateral (d = 5) and spatial (d = 2) kernels
+        case 5: return embed_range(lo, hi, std::integral_constant<int, 5>{});
+        case 2: return embed_range(lo, hi, std::integral_constant<int, 2>{});
+        default: return embed_range(lo, hi, d);
+      }
     });
   });
   TORCH_CHECK_VALUE(non_finite == 0, "features contain ", non_finite.load(), " NaN/Inf values");
