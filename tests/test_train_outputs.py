@@ -168,3 +168,24 @@ def test_overwrite_replaces_an_earlier_run_and_starts_its_log_afresh(tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert sum(",dcnn,2,loss," in r for r in rows) == 1               # one run's rows, not two
     assert json.loads((tmp_path / "metrics.json").read_text())["train"]["iterations"] == 2
+
+
+def test_a_training_run_never_replaces_the_checkpoint_it_reads_even_with_overwrite(tmp_path, checkpoint):
+    """--init (and --dcnn, --checkpoint, --vgg-weights) name inputs: an --out-dir that holds
+    them is refused before any work, --overwrite or not."""
+    from train import dcnn as dcnn_script
+    tmp_path.joinpath("model.pt").write_bytes(checkpoint.read_bytes())
+    before = _tree(tmp_path)
+    argv = TINY_RUN[:4] + ["--iters", "2", "--no-progress", "--overwrite", "--out-dir", str(tmp_path),
+                           "--init", str(tmp_path / "model.pt")]
+    with pytest.raises(FileExistsError, match="is an input of this run"):
+        dcnn_script.main(dcnn_script.get_args_parser().parse_args(argv))
+    assert _tree(tmp_path) == before
+
+
+def test_an_empty_out_dir_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch):
+    from train import dcnn as dcnn_script
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--out-dir is empty"):
+        dcnn_script.main(dcnn_script.get_args_parser().parse_args(TINY_RUN[:4] + ["--iters", "2", "--out-dir", ""]))
+    assert list(tmp_path.iterdir()) == []

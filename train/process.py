@@ -64,17 +64,27 @@ def setup(args) -> dist_utils.DistInfo:
     return info
 
 
+#: The options that name a file a run reads: never written by it, even with --overwrite. (A
+#: --resume checkpoint outside --out-dir cannot be written; one inside it continues that run.)
+INPUT_FILE_OPTIONS = ("init", "dcnn", "checkpoint", "vgg_weights")
+
+
 def open_output_dir(args, names, protect=()) -> OutputDir:
     """``--out-dir`` as an :class:`train.outputs.OutputDir` (``--overwrite``; ``protect``: the
-    run's inputs), after checking that the run may write every one of ``names`` (a
-    ``FileExistsError`` before any work otherwise). A ``--resume`` of a checkpoint in
-    ``--out-dir`` continues the run that wrote those files, so it may replace them.
+    run's inputs, besides the files its INPUT_FILE_OPTIONS name), after checking that the run may
+    write every one of ``names`` (a ``FileExistsError`` before any work otherwise). A
+    ``--resume`` of a checkpoint in ``--out-dir`` continues the run that wrote those files, so it
+    may replace them. An empty ``--out-dir`` is refused (it would mean the current folder).
 
     Rank 0 alone writes files, so it alone checks, and tells the other processes the verdict
     (they would otherwise see the files rank 0 has begun to write as someone else's)."""
+    if not str(args.out_dir).strip():
+        raise ValueError("--out-dir is empty: give the folder to write to")
     folder = Path(args.out_dir)
     resume = getattr(args, "resume", None)
     continues_here = bool(resume) and Path(resume).resolve().parent == folder.resolve()
+    inputs = [getattr(args, name, None) for name in INPUT_FILE_OPTIONS]
+    protect = [*protect, *(path for path in inputs if isinstance(path, (str, Path)) and str(path))]
     if not dist_utils.is_main_process():
         refusal = dist_utils.broadcast_object(None)
         if refusal:
