@@ -196,6 +196,29 @@ def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, chec
     return torch.ops.crfrnn.mean_field_forward(*args, save_marginals)[0]
 
 
+def _check_mean_field_args(unary, lattices, pairwise, num_iterations):
+    """ValueError/TypeError unless unary is Tensor[N, P, C] of every lattice's (N, P), with one
+    C x C matrix per lattice and an int T >= 0. (The fused ops check only N * P: a unary of
+    another batch layout would mix images silently.)"""
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
+        raise ValueError(f"num_iterations must be an int >= 0, got {num_iterations!r}")
+    if not isinstance(unary, torch.Tensor) or unary.dim() != 3:
+        got = tuple(unary.shape) if isinstance(unary, torch.Tensor) else type(unary).__name__
+        raise ValueError(f"unary must be Tensor[N, P, C], got {got}")
+    if not unary.is_floating_point():
+        raise TypeError(f"unary must be a floating-point tensor, got {unary.dtype}")
+    n, p, c = unary.shape
+    if len(lattices) != len(pairwise):
+        raise ValueError(f"one C x C matrix per lattice: got {len(lattices)} lattices and {len(pairwise)} matrices")
+    for i, (lat, mat) in enumerate(zip(lattices, pairwise)):
+        built_on = (getattr(lat, "batch_size", n), getattr(lat, "num_points", p))  # any object with filter()
+        if built_on != (n, p):
+            raise ValueError(f"unary is Tensor[N, P, C] with (N, P) = {(n, p)}, but lattice {i} was built on "
+                             f"(N, P) = {built_on}")
+        if tuple(mat.shape) != (c, c):
+            raise ValueError(f"pairwise matrix {i} must be [C, C] = [{c}, {c}], got {tuple(mat.shape)}")
+
+
 def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False, fused=True):
     """Run `num_iterations` mean-field iterations on prebuilt lattices (channels last).
 
@@ -223,6 +246,7 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     Returns:
         Tensor[N, P, C]: the logits L of the last iteration (Q = softmax(L)).
     """
+    _check_mean_field_args(unary, lattices, pairwise, num_iterations)
     if num_iterations == 0:
         return unary.clone()  # a new tensor, as for T > 0 (never an alias of the input)
     use_ckpt = checkpoint and _wants_grad(unary, pairwise, lattices)

@@ -466,3 +466,18 @@ def test_layer_reuses_the_spatial_lattice_for_the_same_shape():
     crf.clear_lattice_cache()
     loss = crf(unary, image).square().sum()
     torch.testing.assert_close(torch.autograd.grad(loss, crf.compatibility)[0], grad, rtol=0, atol=0)
+
+
+def test_mean_field_refuses_a_unary_of_another_batch_layout_on_both_paths():
+    """The fused ops see only N * P: a [2, 32, C] unary on a lattice of [1, 64] points would mix
+    images silently. Both paths refuse it, and bad matrices or iteration counts, by name."""
+    lat = crfrnn.Lattice(torch.rand(1, 64, 5) * 3)
+    for fused in (True, False):
+        with pytest.raises(ValueError, match=r"\(N, P\) = \(2, 32\), but lattice 0 was built on \(N, P\) = \(1, 64\)"):
+            crfrnn.mean_field(torch.randn(2, 32, 4), [lat], [torch.eye(4)], 2, fused=fused)
+        with pytest.raises(ValueError, match=r"pairwise matrix 0 must be \[C, C\] = \[4, 4\], got \(3, 3\)"):
+            crfrnn.mean_field(torch.randn(1, 64, 4), [lat], [torch.eye(3)], 2, fused=fused)
+        with pytest.raises(ValueError, match="num_iterations must be an int >= 0, got 2.5"):
+            crfrnn.mean_field(torch.randn(1, 64, 4), [lat], [torch.eye(4)], 2.5, fused=fused)
+        with pytest.raises(TypeError, match="floating-point"):
+            crfrnn.mean_field(torch.zeros(1, 64, 4, dtype=torch.long), [lat], [torch.eye(4)], 2, fused=fused)
