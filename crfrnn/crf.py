@@ -67,6 +67,11 @@ KERNEL_WEIGHT_SHARING = ("scalar", "diagonal", "full")
 #: them from memory anyway).
 SAVE_MARGINALS_ON_CPU = False
 
+#: The most mean-field iterations a layer runs per call. Mean field settles within tens (CRF-RNN
+#: trains with 5, DeepLab infers with 10); a count beyond this, e.g. from a damaged state dict,
+#: would make a forward run for hours, so it is refused.
+MAX_ITERATIONS = 1000
+
 
 def _positive(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -474,8 +479,8 @@ class CRFRNNLayer(nn.Module):
 
     def _set_iterations(self, value, slot):
         name = ("num_iterations", "num_eval_iterations")[slot]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ITERATIONS:
+            raise ValueError(f"{name} must be an int in 0..{MAX_ITERATIONS}, got {value!r}")
         counts = list(getattr(self, "_iterations", (0, 0)))
         counts[slot] = value
         self._iterations = tuple(counts)
@@ -582,14 +587,19 @@ class CRFRNNLayer(nn.Module):
         if problem:
             error_msgs.append(problem)
             return
+        stored = state_dict[prefix + "iterations"]
+        if isinstance(stored, torch.Tensor) and (stored.is_floating_point() or stored.is_complex()):
+            error_msgs.append(f"{prefix}iterations holds {stored.dtype} values {stored.tolist()}: expected integer "
+                              "counts (a damaged file?)")
+            return
         log_sigmas_before = [self.bilateral_log_sigma.detach().clone(), self.spatial_log_sigma.detach().clone()]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         counts = [int(v) for v in self.iterations.tolist()]
         norm = int(self.normalization)
-        if min(counts) < 0 or not 0 <= norm < len(NORMALIZATIONS):
-            error_msgs.append(f"{prefix}iterations {counts} / normalization {norm}: expected counts >= 0 "
-                              f"and an index into {NORMALIZATIONS}")
+        if not all(0 <= n <= MAX_ITERATIONS for n in counts) or not 0 <= norm < len(NORMALIZATIONS):
+            error_msgs.append(f"{prefix}iterations {counts} / normalization {norm}: expected counts in "
+                              f"0..{MAX_ITERATIONS} and an index into {NORMALIZATIONS}")
             return
         self._iterations = tuple(counts)
         self._normalize = NORMALIZATIONS[norm]
@@ -747,8 +757,14 @@ class CRFRNNLayer(nn.Module):
             try:
                 lattices = self._lattices(rgb)
             except ValueError as exc:  # NaN/Inf or huge values: features the lattice rejects
+                for name in ("bilateral_log_sigma", "spatial_log_sigma"):  # a diverged bandwidth, not the image
+                    if not bool(torch.isfinite(getattr(self, name)).all()):
+                        raise ValueError(f"CRFRNNLayer.{name} has NaN/Inf values: the layer's bandwidths must "
+                                         "be finite (a diverged training run or a damaged checkpoint?)") from exc
+                bilateral, spatial = self.sigmas()
                 raise ValueError(f"image gives bilateral features (colours / sigma_rgb) the lattice "
-                                 f"rejects: {exc}") from exc
+                                 f"rejects: {exc} (bandwidths: bilateral sigma_xy, sigma_rgb = "
+                                 f"{bilateral[0]:.4g}, {bilateral[1]:.4g}; spatial {spatial[0]:.4g})") from exc
             pairwise = self.pairwise_matrices(dtype)
             # [N, P, C], a view of the channels-first memory: the fused op reads and writes that
             # layout directly (the loop makes it contiguous).

@@ -481,3 +481,17 @@ def test_mean_field_refuses_a_unary_of_another_batch_layout_on_both_paths():
             crfrnn.mean_field(torch.randn(1, 64, 4), [lat], [torch.eye(4)], 2.5, fused=fused)
         with pytest.raises(TypeError, match="floating-point"):
             crfrnn.mean_field(torch.zeros(1, 64, 4, dtype=torch.long), [lat], [torch.eye(4)], 2, fused=fused)
+
+
+def test_a_diverged_learned_bandwidth_is_named_not_blamed_on_the_image():
+    crf = CRFRNNLayer(4, learn_bandwidths=True)
+    unary, image = torch.randn(1, 4, 12, 16), torch.rand(1, 3, 12, 16) * 255
+    with torch.no_grad():
+        crf.spatial_log_sigma[0] = float("nan")
+    with pytest.raises(ValueError, match="CRFRNNLayer.spatial_log_sigma has NaN/Inf values"):
+        crf(unary, image)
+    with torch.no_grad():
+        crf.spatial_log_sigma[0] = 1.0
+        crf.bilateral_log_sigma[1] = -100.0  # sigma_rgb ~ 4e-44: colours / sigma overflow the lattice
+    with pytest.raises(ValueError, match=r"sigma_rgb = .*, 3.7\d*e-44"):
+        crf(unary, image)

@@ -337,8 +337,14 @@ def test_iteration_and_normalisation_attributes_write_the_buffers():
     state = crf.state_dict()
     assert state["iterations"].tolist() == [2, 3]
     assert crfrnn.NORMALIZATIONS[int(state["normalization"])] == "after"
-    with pytest.raises(ValueError, match="num_iterations must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"num_iterations must be an int in 0\.\.1000, got -1"):
         crf.num_iterations = -1
+    with pytest.raises(ValueError, match="num_eval_iterations must be an int in 0..1000, got 1000000000000"):
+        CRFRNNLayer(3, num_eval_iterations=10**12)
+    # A damaged state dict: absurd or fractional counts are refused, not run (or truncated).
+    for counts in (torch.tensor([5, 10**12]), torch.tensor([5.7, 2.2])):
+        with pytest.raises(RuntimeError, match="iterations"):
+            CRFRNNLayer(3).load_state_dict({**state, "iterations": counts})
     with pytest.raises(ValueError, match="normalize must be one of"):
         crf.normalize = "before"
     state["normalization"] = torch.tensor(7)
