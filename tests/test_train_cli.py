@@ -129,3 +129,21 @@ def test_scripts_run_as_modules_from_the_repo_root():
     r = subprocess.run([sys.executable, "-m", "train.joint", "--help"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and re.search(r"--iters ITERS", r.stdout), r.stderr
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--crf-lr-mult", "-1"], "--crf-lr-mult must be a finite number >= 0"),
+    (["--crop-size", "-1"], "--crop-size must be a finite number >= 0"),
+    (["--threads", "-2"], "--threads must be a finite number >= 0"),
+    (["--stop-at", "-1"], "--stop-at must be >= 1"),
+    (["--bands", "-1", "0"], "--bands widths must be finite and >= 0, got -1.0"),
+    (["--crf-iters", "-1"], "bad CRF options .*num_iterations must be an int in 0..1000, got -1"),
+    (["--bilateral", "nan", "3", "5"], "bad CRF options .*bilateral sigma_xy must be a positive finite number"),
+])
+def test_bad_numbers_are_refused_when_the_options_are_read(bad, message):
+    """Before any work: such values used to surface after the DCNN stage (or as torch's
+    'Invalid learning rate'), or were taken silently (a negative crop size, thread count)."""
+    with pytest.raises(ValueError, match=message):
+        options.finalize(joint_script.get_args_parser().parse_args(bad))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import math
 import os
 
 import crfrnn
@@ -286,10 +287,38 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
             args.bilateral = list(preset["bilateral"])
         if args.spatial is None:
             args.spatial = list(preset["spatial"])
-    for k in ("iters", "batch_size", "num_classes"):
+    for k in ("iters", "batch_size", "num_classes", "eval_batch_size", "ckpt_every", "log_every", "stop_at"):
         if getattr(args, k, None) is not None and getattr(args, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    _check_numbers(args)
+    if getattr(args, "bilateral", None) is not None and getattr(args, "spatial", None) is not None:
+        try:  # the layer's own checks, now rather than after a DCNN stage
+            crf_layer(args.num_classes, args.bilateral, args.spatial, getattr(args, "crf_iters", 1),
+                      args.crf_eval_iters)
+        except ValueError as e:
+            raise ValueError(f"bad CRF options (--bilateral, --spatial, --crf-iters, --crf-eval-iters): {e}") from None
     return args
+
+
+# Options whose values must be finite and positive, or finite and >= 0 (checked when present).
+_POSITIVE = ("lr", "pretrain_lr")
+_NON_NEGATIVE = ("crf_lr_mult", "classifier_lr_mult", "weight_decay", "crf_weight_decay", "momentum",
+                 "pretrain_iters", "threads", "examples", "workers", "eval_every", "crop_size")
+
+
+def _check_numbers(args):
+    """ValueError, naming the option, for a NaN/Inf, zero or negative learning rate, a negative
+    multiplier, count or size, and a negative or NaN --bands width."""
+    for k in _POSITIVE + _NON_NEGATIVE:
+        value = getattr(args, k, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (k in _POSITIVE and value == 0):
+            needs = "a finite number > 0" if k in _POSITIVE else "a finite number >= 0"
+            raise ValueError(f"--{k.replace('_', '-')} must be {needs}, got {value}")
+    for width in getattr(args, "bands", None) or ():
+        if not math.isfinite(width) or width < 0:
+            raise ValueError(f"--bands widths must be finite and >= 0, got {width}")
 
 
 def make_sets(args, train: bool = True):
