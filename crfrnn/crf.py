@@ -31,6 +31,7 @@ Conventions, and how they relate to Krähenbühl's densecrf (the test oracle):
   in 0..255, as densecrf's addPairwiseBilateral; (x/sxy, y/sxy) for the spatial kernel.
 """
 import math
+import numbers
 import operator
 
 import torch
@@ -74,14 +75,14 @@ MAX_ITERATIONS = 1000
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def _finite(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
@@ -377,8 +378,9 @@ class CRFRNNLayer(nn.Module):
                  backend="auto", learn_bandwidths=False, compatibility="full", kernel_weights="full",
                  bandwidth_grad="gaussian"):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = int(num_classes)  # numpy integers too
         if num_eval_iterations is None:
             num_eval_iterations = num_iterations
         if backend not in ("auto", "reference", "native"):
@@ -479,8 +481,9 @@ class CRFRNNLayer(nn.Module):
 
     def _set_iterations(self, value, slot):
         name = ("num_iterations", "num_eval_iterations")[slot]
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ITERATIONS:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_ITERATIONS:
             raise ValueError(f"{name} must be an int in 0..{MAX_ITERATIONS}, got {value!r}")
+        value = int(value)  # numpy integers too
         counts = list(getattr(self, "_iterations", (0, 0)))
         counts[slot] = value
         self._iterations = tuple(counts)

@@ -155,11 +155,15 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> Tupl
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path!r} is not a checkpoint of models.save_checkpoint (format {FORMAT!r} expected, got "
                          f"{got!r}); for VGG-16 ImageNet weights use models.load_vgg16_imagenet")
-    check_finite(payload["state_dict"], path)
+    state_dict = payload.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path!r}: a checkpoint without a state_dict of weights (got "
+                         f"{type(state_dict).__name__}): a damaged file?")
+    check_finite(state_dict, path)
     try:
         model = build_model(payload)
-        model.load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, RuntimeError) as e:
+        model.load_state_dict(state_dict)
+    except (KeyError, TypeError, RuntimeError, AttributeError, ImportError) as e:  # ImportError: a CRF class that is gone
         raise ValueError(f"{path!r}: a checkpoint whose model cannot be rebuilt "
                          f"({' '.join(str(e).split())})") from e
     return model, payload.get("extra", {})

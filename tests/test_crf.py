@@ -495,3 +495,11 @@ def test_a_diverged_learned_bandwidth_is_named_not_blamed_on_the_image():
         crf.bilateral_log_sigma[1] = -100.0  # sigma_rgb ~ 4e-44: colours / sigma overflow the lattice
     with pytest.raises(ValueError, match=r"sigma_rgb = .*, 3.7\d*e-44"):
         crf(unary, image)
+
+
+def test_numpy_numbers_are_taken_as_their_python_values():
+    crf = CRFRNNLayer(np.int64(4), num_iterations=np.int64(2), bilateral=(np.float32(80), 13.0, 10.0))
+    assert (crf.num_classes, crf.num_iterations) == (4, 2) and type(crf.num_classes) is int
+    assert crf.bilateral[0] == 80.0
+    with pytest.raises(ValueError, match="num_iterations must be an int"):
+        CRFRNNLayer(4, num_iterations=np.float64(2))

@@ -190,3 +190,20 @@ def test_bad_files(tmp_path):
         models.load_checkpoint(tmp_path / "sd.pt")
     with pytest.raises(TypeError, match="DeepLab"):
         models.save_checkpoint(tmp_path / "x.pt", torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.pop("state_dict"), "without a state_dict of weights"),
+    (lambda p: p.update(state_dict=[1, 2]), "without a state_dict of weights"),
+    (lambda p: p.update(crf={**p["crf"], "class": "crfrnn.Nope"}), "cannot be rebuilt .*Nope"),
+    (lambda p: p.update(crf={**p["crf"], "class": "crfrnn.gone.X"}), "cannot be rebuilt .*crfrnn.gone"),
+])
+def test_a_checkpoint_with_a_damaged_payload_is_named_in_one_message(tmp_path, damage, message):
+    path = tmp_path / "model.pt"
+    models.save_checkpoint(path, models.DeepLabCRF(models.deeplab("largefov", num_classes=4, width=0.03125),
+                                                    crfrnn.CRFRNNLayer(4)))
+    payload = torch.load(path, weights_only=True)
+    damage(payload)
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=re.escape(repr(str(path))) + ".*" + message):
+        models.load_checkpoint(path)
