@@ -272,6 +272,12 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     return logits
 
 
+#: Image dtypes the layer reads (what torch's CPU and CUDA reductions cover: no uint16/32/64,
+#: float8, bool or complex).
+_IMAGE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+                 torch.float32, torch.float64)
+
+
 def _check_unary_image(unary, image, num_classes=None):
     """Shape/dtype/device checks of (unary Tensor[N, C, H, W], image Tensor[N, 3, H, W])."""
     if not isinstance(unary, torch.Tensor):
@@ -292,8 +298,10 @@ def _check_unary_image(unary, image, num_classes=None):
                          "and W (upsample the unary to the image size first)")
     if image.device != unary.device:
         raise ValueError(f"image is on {image.device} but unary is on {unary.device}")
-    if image.dtype == torch.bool or image.is_complex():
-        raise TypeError(f"image must be a real (uint8 or float) tensor, got {image.dtype}")
+    if image.dtype not in _IMAGE_DTYPES:
+        hint = " (a 16-bit image? scale it to 0..255 first: image.float() / 257)" if image.dtype == torch.uint16 else ""
+        raise TypeError(f"image must be uint8, a signed integer or float16/bfloat16/32/64 tensor, got "
+                        f"{image.dtype}{hint}")
     # Before anything of the image's size is allocated: the bilateral lattice (d = 5) is the larger.
     check_lattice_size(image.shape[0] * image.shape[2] * image.shape[3], 5, f"image {tuple(image.shape)}")
 

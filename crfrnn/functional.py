@@ -15,7 +15,7 @@ on the permutohedral lattice of this package (C++ or CUDA when built, any device
 import numpy as np
 import torch
 
-from .crf import CRFRNN_PARAMS, _parse_kernels, build_crf_lattices, mean_field, potts_matrices
+from .crf import _IMAGE_DTYPES, CRFRNN_PARAMS, _parse_kernels, build_crf_lattices, mean_field, potts_matrices
 from .lattice import NORMALIZATIONS, check_lattice_size
 
 __all__ = ["dense_crf"]
@@ -72,8 +72,9 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
     if tuple(img.shape[:2]) != tuple(p.shape[1:]):
         raise ValueError(f"image {tuple(img.shape)} and probs {tuple(p.shape)} sizes differ: image "
                          "must be [H, W, 3] for probs [C, H, W]")
-    if img.dtype == torch.bool or img.is_complex():
-        raise TypeError(f"image must be real RGB (uint8, or float in 0..255), got {img.dtype}")
+    if img.dtype not in _IMAGE_DTYPES:
+        raise TypeError(f"image must be real RGB in 0..255 (uint8, a signed integer or float16/bfloat16/32/64), "
+                        f"got {img.dtype}")
     if p.device.type == "meta":
         raise ValueError("dense_crf needs probabilities with values, got meta tensors")
     check_lattice_size(img.shape[0] * img.shape[1], 5, f"image {tuple(img.shape)}")

@@ -559,9 +559,11 @@ def test_bool_and_complex_tensors_raise_type_errors():
     for bad in (unary > 0, unary.to(torch.complex64)):
         with pytest.raises(TypeError, match="unary must be floating point"):
             crf(bad, image)
-    for bad in (image > 100, image.to(torch.complex64)):
-        with pytest.raises(TypeError, match="image must be a real"):
+    for bad in (image > 100, image.to(torch.complex64), image.to(torch.uint16)):  # uint16: no reductions in torch
+        with pytest.raises(TypeError, match=f"image must be uint8, a signed integer .* got {bad.dtype}"):
             crf(unary, bad)
+    with pytest.raises(TypeError, match="image must be real RGB .* got torch.uint16"):
+        crfrnn.dense_crf(np.zeros((4, 5, 3), np.uint16), np.full((2, 4, 5), 0.5, np.float32))
     for bad in (torch.ones(1, 5, 2, dtype=torch.bool), torch.ones(1, 5, 2, dtype=torch.complex64)):
         with pytest.raises(TypeError, match="features must be a floating-point"):
             crfrnn.Lattice(bad)
