@@ -47,7 +47,7 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
         clip (float): probabilities are clipped to [clip, 1] before the log, as pydensecrf's
             unary_from_softmax does (default 1e-5, the same).
         backend (str): lattice backend, "auto" | "reference" | "native".
-    Raises ValueError for probabilities that are negative or not finite, an image outside 0..255,
+    Raises ValueError for probabilities that are negative, above 1 or not finite, an image outside 0..255,
     and a non-finite result (kernel weights too large for the arithmetic).
 
     Returns:
@@ -89,6 +89,9 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
     p = p.to(dtype)
     if not torch.isfinite(p).all() or (p < 0).any():
         raise ValueError("probs must be finite and non-negative")
+    if p.numel() and float(p.max()) > 1.001:  # the clip to [clip, 1] would flatten them silently
+        raise ValueError(f"probs must be probabilities in 0..1 (e.g. a softmax over C), got values up to "
+                         f"{float(p.max()):g}: scores or logits? pass their softmax")
     if img.dtype != torch.uint8 and img.numel() and (img.amin() < 0 or img.amax() > 255):
         raise ValueError(f"image must be RGB in 0..255 (uint8, or another dtype in that range), got "
                          f"{img.dtype} values in [{img.amin().item():g}, {img.amax().item():g}]")

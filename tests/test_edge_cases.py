@@ -599,3 +599,11 @@ def test_build_ops_check_their_features_on_direct_calls(op):
         build(torch.zeros(1, 1, 2).expand(1, 2 ** 30, 2))
     with pytest.raises(ValueError, match="d must be in 1..31, got 32"):
         crfrnn.Lattice(torch.rand(1, 4, 32), backend="reference")
+
+
+def test_dense_crf_refuses_scores_passed_as_probabilities():
+    """Values above 1 would be clipped to 1 before the log, flattening the unary silently."""
+    image = np.zeros((4, 5, 3), np.uint8)
+    with pytest.raises(ValueError, match="probabilities in 0..1 .* got values up to 50"):
+        crfrnn.dense_crf(image, np.full((2, 4, 5), 50.0, np.float32))
+    crfrnn.dense_crf(image, np.full((2, 4, 5), 0.5, np.float32))  # probabilities pass
