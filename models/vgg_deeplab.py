@@ -291,6 +291,14 @@ class DeepLab(nn.Module):
                              f"{tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] > 0 and min(x.shape[2:]) < 1:
+            raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")
+        weight = getattr(self, self._conv_names[0][0]).weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model is on {weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the model's weights are {weight.dtype}: convert one to the "
+                            "other, or run under torch.autocast for mixed precision")
 
     def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
         """x (Tensor[N, 3, H, W]) -> scores (Tensor[N, C, ceil(H/8), ceil(W/8)]), or

@@ -241,3 +241,13 @@ def test_torch_compile_inductor():
     x = torch.randn(1, 3, 64, 64)
     compiled = torch.compile(net, fullgraph=True)
     torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_deeplab_names_an_input_of_another_dtype_or_an_empty_image():
+    net = models.deeplab("largefov", num_classes=4, width=0.03125)
+    with pytest.raises(TypeError, match="x is torch.float16 but the model's weights are torch.float32"):
+        net(torch.randn(1, 3, 16, 16).half())
+    with pytest.raises(ValueError, match=r"H, W >= 1, got shape \(1, 3, 0, 8\)"):
+        net(torch.randn(1, 3, 0, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: float32 input, bf16 compute
+        assert net(torch.randn(1, 3, 16, 16)).dtype == torch.bfloat16
