@@ -74,6 +74,15 @@ SAVE_MARGINALS_ON_CPU = False
 MAX_ITERATIONS = 1000
 
 
+def _iteration_count(value, name="num_iterations"):
+    """`value` as a Python int, if it is an integer (numpy ones too, not bool) in
+    0..MAX_ITERATIONS; else ValueError naming `name`. Every iteration count the library takes
+    (the layer's, mean_field's, dense_crf's) passes here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_ITERATIONS:
+        raise ValueError(f"{name} must be an int in 0..{MAX_ITERATIONS}, got {value!r}")
+    return int(value)
+
+
 def _positive(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value <= 0:
@@ -204,10 +213,9 @@ def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, chec
 
 def _check_mean_field_args(unary, lattices, pairwise, num_iterations):
     """ValueError/TypeError unless unary is Tensor[N, P, C] of every lattice's (N, P), with one
-    C x C matrix per lattice and an int T >= 0. (The fused ops check only N * P: a unary of
-    another batch layout would mix images silently.)"""
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
-        raise ValueError(f"num_iterations must be an int >= 0, got {num_iterations!r}")
+    C x C matrix per lattice and an int T in 0..MAX_ITERATIONS (see _iteration_count). (The fused
+    ops check only N * P: a unary of another batch layout would mix images silently.)"""
+    _iteration_count(num_iterations)
     if not isinstance(unary, torch.Tensor) or unary.dim() != 3:
         got = tuple(unary.shape) if isinstance(unary, torch.Tensor) else type(unary).__name__
         raise ValueError(f"unary must be Tensor[N, P, C], got {got}")
@@ -233,7 +241,7 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
             keeps a channels-first layout, [N, C, P] memory, in its output).
         lattices (sequence of Lattice): one per kernel, built on per-point features [N, P, d].
         pairwise (sequence of Tensor[C, C]): mu W_m per kernel (same dtype as `unary`).
-        num_iterations (int): T >= 0 (T = 0 returns a copy of the unary).
+        num_iterations (int): T in 0..MAX_ITERATIONS (T = 0 returns a copy of the unary).
         normalize (str): kernel normalisation, see `Lattice.filter`.
         checkpoint (bool): save only the inputs for the backward and compute the iterations again
             there (the step-by-step loop: each iteration's, keeping one Tensor[N, P, C] per
@@ -253,6 +261,7 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
         Tensor[N, P, C]: the logits L of the last iteration (Q = softmax(L)).
     """
     _check_mean_field_args(unary, lattices, pairwise, num_iterations)
+    num_iterations = int(num_iterations)  # a numpy integer to the ops' int
     if num_iterations == 0:
         return unary.clone()  # a new tensor, as for T > 0 (never an alias of the input)
     use_ckpt = checkpoint and _wants_grad(unary, pairwise, lattices)
@@ -488,10 +497,7 @@ class CRFRNNLayer(nn.Module):
         self._set_iterations(value, 1)
 
     def _set_iterations(self, value, slot):
-        name = ("num_iterations", "num_eval_iterations")[slot]
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_ITERATIONS:
-            raise ValueError(f"{name} must be an int in 0..{MAX_ITERATIONS}, got {value!r}")
-        value = int(value)  # numpy integers too
+        value = _iteration_count(value, ("num_iterations", "num_eval_iterations")[slot])
         counts = list(getattr(self, "_iterations", (0, 0)))
         counts[slot] = value
         self._iterations = tuple(counts)
@@ -632,16 +638,19 @@ class CRFRNNLayer(nn.Module):
 
     def _sharing_mismatch(self, state_dict, prefix):
         """A message when the state dict's parameter shapes are another sharing's or class
-        count's, else None."""
+        count's, else None. A missing entry is left to load_state_dict: strict, it names the
+        missing key; strict=False keeps the layer's own value (PyTorch does not tell a module
+        which of the two it is)."""
         c = self.num_classes
         for name, option, sharing, kinds in self._matrix_parameters():
             shapes = {kind: _sharing_shape(kind, c) for kind in kinds}
-            value = state_dict.get(prefix + name)
-            got = None if value is None else tuple(value.shape)
+            if prefix + name not in state_dict:
+                continue
+            got = tuple(state_dict[prefix + name].shape)
             if got == shapes[sharing]:
                 continue
             guess = [kind for kind, shape in shapes.items() if shape == got]
-            found = "no entry" if got is None else f"shape {list(got)}"
+            found = f"shape {list(got)}"
             found += f" ({option}='{guess[0]}')" if guess else " (another number of classes?)"
             needed = "no entry" if shapes[sharing] is None else f"shape {list(shapes[sharing])}"
             return (f"{prefix}{name}: the state dict has {found}, but this layer was built with "
@@ -755,8 +764,8 @@ class CRFRNNLayer(nn.Module):
         self._check_layer_matches(unary, image)
         if num_iterations is None:
             num_iterations = self.num_iterations if self.training else self.num_eval_iterations
-        elif isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
-            raise ValueError(f"num_iterations must be an int >= 0, got {num_iterations!r}")
+        else:
+            num_iterations = _iteration_count(num_iterations)
         dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
         n, c, h, w = unary.shape
         if unary.numel() == 0:

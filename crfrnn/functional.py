@@ -15,7 +15,7 @@ on the permutohedral lattice of this package (C++ or CUDA when built, any device
 import numpy as np
 import torch
 
-from .crf import _IMAGE_DTYPES, CRFRNN_PARAMS, _parse_kernels, build_crf_lattices, mean_field, potts_matrices
+from .crf import _IMAGE_DTYPES, CRFRNN_PARAMS, _iteration_count, _parse_kernels, build_crf_lattices, mean_field, potts_matrices
 from .lattice import NORMALIZATIONS, check_lattice_size
 
 __all__ = ["dense_crf"]
@@ -37,7 +37,7 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
         image (ndarray or Tensor [H, W, 3]): RGB, uint8 (or float or another integer type, in
             0..255).
         probs (ndarray or Tensor [C, H, W]): class probabilities per pixel (e.g. a softmax).
-        num_iterations (int): mean-field iterations (default 10).
+        num_iterations (int): mean-field iterations, 0..crfrnn.crf.MAX_ITERATIONS (default 10).
         bilateral ((sigma_xy, sigma_rgb, weight)): appearance kernel, as pydensecrf's
             addPairwiseBilateral(sxy, srgb, rgbim, compat); default CRF-RNN's (160, 3, 5).
             DeepLab-LargeFOV's is (121, 5, 4); densecrf's demo uses (80, 13, 10).
@@ -78,8 +78,7 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
     if p.device.type == "meta":
         raise ValueError("dense_crf needs probabilities with values, got meta tensors")
     check_lattice_size(img.shape[0] * img.shape[1], 5, f"image {tuple(img.shape)}")
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
-        raise ValueError(f"num_iterations must be an int >= 0, got {num_iterations!r}")
+    num_iterations = _iteration_count(num_iterations)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if not (isinstance(clip, (int, float)) and 0 < clip < 1):

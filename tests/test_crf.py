@@ -477,7 +477,7 @@ def test_mean_field_refuses_a_unary_of_another_batch_layout_on_both_paths():
             crfrnn.mean_field(torch.randn(2, 32, 4), [lat], [torch.eye(4)], 2, fused=fused)
         with pytest.raises(ValueError, match=r"pairwise matrix 0 must be \[C, C\] = \[4, 4\], got \(3, 3\)"):
             crfrnn.mean_field(torch.randn(1, 64, 4), [lat], [torch.eye(3)], 2, fused=fused)
-        with pytest.raises(ValueError, match="num_iterations must be an int >= 0, got 2.5"):
+        with pytest.raises(ValueError, match=r"num_iterations must be an int in 0\.\.1000, got 2.5"):
             crfrnn.mean_field(torch.randn(1, 64, 4), [lat], [torch.eye(4)], 2.5, fused=fused)
         with pytest.raises(TypeError, match="floating-point"):
             crfrnn.mean_field(torch.zeros(1, 64, 4, dtype=torch.long), [lat], [torch.eye(4)], 2, fused=fused)
@@ -503,3 +503,21 @@ def test_numpy_numbers_are_taken_as_their_python_values():
     assert crf.bilateral[0] == 80.0
     with pytest.raises(ValueError, match="num_iterations must be an int"):
         CRFRNNLayer(4, num_iterations=np.float64(2))
+
+
+@pytest.mark.parametrize("count", [-1, 1001, 2.0, True, "3"])
+def test_every_iteration_count_follows_one_rule(count):
+    """The layer's counts, forward's override, mean_field and dense_crf all take an integer
+    (numpy ones too) in 0..MAX_ITERATIONS, and refuse anything else with the same message."""
+    from crfrnn.functional import dense_crf
+    message = r"num_iterations must be an int in 0\.\.1000, got "
+    crf = CRFRNNLayer(3, num_iterations=1)
+    unary, image = torch.randn(1, 3, 6, 5), torch.rand(1, 3, 6, 5) * 255
+    lat = crfrnn.Lattice(torch.rand(1, 30, 5) * 3)
+    calls = [lambda n: CRFRNNLayer(3, num_iterations=n), lambda n: crf(unary, image, num_iterations=n),
+             lambda n: crfrnn.mean_field(torch.randn(1, 30, 3), [lat], [torch.eye(3)], n),
+             lambda n: dense_crf(np.zeros((6, 5, 3), np.uint8), np.full((3, 6, 5), 1 / 3, np.float32), n)]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call(count)
+        call(np.int32(2))  # numpy integers are counts too

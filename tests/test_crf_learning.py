@@ -316,8 +316,7 @@ def test_state_dict_without_the_new_entries_still_loads():
 @pytest.mark.parametrize("saved,loading,match", [
     (dict(compatibility="full"), dict(compatibility="potts"),
      r"compatibility: the state dict has shape \[3, 3\] \(compatibility='full'\).*compatibility='potts'.*no entry"),
-    (dict(compatibility="potts"), dict(compatibility="symmetric"),
-     r"compatibility: the state dict has no entry \(compatibility='potts'\).*needs shape \[6\]"),
+    (dict(compatibility="potts"), dict(compatibility="symmetric"), r'Missing key\(s\) in state_dict: "compatibility"'),
     (dict(kernel_weights="full"), dict(kernel_weights="scalar"),
      r"bilateral_weight: the state dict has shape \[3, 3\] \(kernel_weights='full'\).*needs shape \[\]"),
     (dict(kernel_weights="diagonal", num_classes=4), dict(kernel_weights="diagonal"),
@@ -329,6 +328,23 @@ def test_loading_another_sharing_fails_clearly(saved, loading, match):
     target = CRFRNNLayer(3, **loading, **KERNELS)
     with pytest.raises(RuntimeError, match=match):
         target.load_state_dict(source.state_dict())
+
+
+def test_non_strict_loading_keeps_the_layers_own_values_for_missing_entries():
+    """load_state_dict(strict=False): missing matrices keep their values (PyTorch's meaning of
+    it: e.g. a DCNN-only checkpoint into DCNN + CRF); strict loading names them."""
+    source = CRFRNNLayer(3, compatibility="symmetric", **KERNELS)
+    target = CRFRNNLayer(3, compatibility="symmetric", **KERNELS)
+    with torch.no_grad():
+        source.bilateral_weight.fill_(7.0)
+        target.compatibility.fill_(0.25)
+    partial = {k: v for k, v in source.state_dict().items() if k != "compatibility"}
+    result = target.load_state_dict(partial, strict=False)
+    assert result.missing_keys == ["compatibility"]
+    assert torch.equal(target.bilateral_weight, source.bilateral_weight)
+    assert bool((target.compatibility == 0.25).all())
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "compatibility"'):
+        target.load_state_dict(partial)
 
 
 def test_iteration_and_normalisation_attributes_write_the_buffers():
