@@ -33,6 +33,7 @@ Conventions, and how they relate to Krähenbühl's densecrf (the test oracle):
 import math
 import numbers
 import operator
+import warnings
 
 import torch
 import torch.nn as nn
@@ -67,6 +68,10 @@ KERNEL_WEIGHT_SHARING = ("scalar", "diagonal", "full")
 #: flag (the training scripts call it). On CUDA the marginals are always kept (the splat reads
 #: them from memory anyway).
 SAVE_MARGINALS_ON_CPU = False
+
+#: How far (in 0..255 units) de-normalised colours may stray outside 0..255 before the layer
+#: warns that the image seems not normalised as declared (rounding and augmentations stray a bit).
+_COLOUR_SLACK = 64.0
 
 #: The most mean-field iterations a layer runs per call. Mean field settles within tens (CRF-RNN
 #: trains with 5, DeepLab infers with 10); a count beyond this, e.g. from a damaged state dict,
@@ -791,7 +796,7 @@ class CRFRNNLayer(nn.Module):
             u = unary.to(dtype).flatten(2).transpose(1, 2)
             logits = mean_field(u, lattices, pairwise, num_iterations, self.normalize, self.checkpoint)
             out = logits.transpose(1, 2).reshape(n, c, h, w)
-        self._check_values(unary, image, pairwise, out)
+        self._check_values(unary, image, rgb, pairwise, out)
         return out
 
     def _check_layer_matches(self, unary, image):
@@ -804,10 +809,13 @@ class CRFRNNLayer(nn.Module):
             raise TypeError(f"image_mean/image_std were given, so image must be a normalised float tensor, "
                             f"got {image.dtype} (pass RGB 0..255 to a layer built without them)")
 
-    def _check_values(self, unary, image, pairwise, out):
+    def _check_values(self, unary, image, rgb, pairwise, out):
         """ValueError, most specific cause first, for: NaN/Inf in a parameter or in the unary, an
         image outside 0..255 (when no normalisation was declared), pairwise matrices mu W_m or an
-        output that overflow (finite but huge parameters or logits).
+        output that overflow (finite but huge parameters or logits). A UserWarning for colours
+        (`rgb`: the image in 0..255 units, normalisation undone) that look like another
+        convention's: all in 0..1 (an image from ToTensor() given as 0..255), or far outside
+        0..255 once the declared normalisation is undone (an image not normalised that way).
 
         One device sync for all of them, after the work (errors are rare: a failing call wastes
         its work, a passing one waits once). The unary and the output are checked through their
@@ -816,7 +824,7 @@ class CRFRNNLayer(nn.Module):
         torch.compile the checks are exact and asynchronous (torch._assert_async: no graph break,
         no sync; the message then gives no counts).
         """
-        unary, image, out = unary.detach(), image.detach(), out.detach()
+        unary, image, rgb, out = unary.detach(), image.detach(), rgb.detach(), out.detach()
         params = {name: p.detach() for name, p in self.named_parameters()}
         compiling = torch.compiler.is_compiling()
 
@@ -826,21 +834,33 @@ class CRFRNNLayer(nn.Module):
         checks = {f"parameter {name}": (~torch.isfinite(p).all(), f"CRFRNNLayer.{name} has NaN/Inf values")
                   for name, p in params.items()}
         checks["unary"] = (maybe_not_finite(unary), "unary contains NaN/Inf values; the CRF needs finite logits")
-        if self.image_mean is None and image.dtype != torch.uint8:
-            low, high = torch.aminmax(image)
-            checks["image"] = ((low < 0) | (high > 255), "image is outside 0..255 but no normalisation was "
-                               "declared: pass RGB in 0..255, or build the layer with image_mean/image_std")
+        if self.image_mean is not None or image.dtype != torch.uint8:
+            low, high = torch.aminmax(rgb)
+            if self.image_mean is None:
+                checks["image"] = ((low < 0) | (high > 255), "image is outside 0..255 but no normalisation "
+                                   "was declared: pass RGB in 0..255, or build the layer with image_mean/image_std")
+            else:  # de-normalised colours far outside 0..255: an image normalised otherwise, or not at all
+                checks["colour range"] = ((low < -_COLOUR_SLACK) | (high > 255 + _COLOUR_SLACK), None)
+            checks["colours in 0..1"] = ((low >= 0) & (high > 0) & (high <= 1), None)
         checks["pairwise"] = (~torch.isfinite(torch.stack([m.detach() for m in pairwise])).all(),
                               "the pairwise matrices compatibility @ weight overflow: the CRF parameters "
                               "are too large")
         checks["output"] = (maybe_not_finite(out), "the CRF output has NaN/Inf values: its parameters or "
                             "logits are too large for the arithmetic")
         flags = torch.stack([flag for flag, _ in checks.values()])
-        if compiling:
+        if compiling:  # the errors only: warnings need the values
             for flag, (_, message) in zip(flags.unbind(), checks.values()):
-                torch._assert_async(~flag, message)
+                if message is not None:
+                    torch._assert_async(~flag, message)
             return
         raised = dict(zip(checks, flags.tolist()))  # the sync
+        if raised.pop("colours in 0..1", False):
+            _warn_colours_in_0_to_1(low.item(), high.item(), " once image_mean/image_std are undone"
+                                    if self.image_mean is not None else "")
+        if raised.pop("colour range", False):
+            warnings.warn(f"the image, with the declared image_mean/image_std undone, spans colours "
+                          f"[{low.item():g}, {high.item():g}] instead of 0..255: was it normalised as declared, "
+                          "(rgb / 255 - image_mean) / image_std?", stacklevel=2)
         if not any(raised.values()):
             return
         # Something may be wrong: find what, exactly (slow is fine here).
@@ -867,6 +887,15 @@ class CRFRNNLayer(nn.Module):
                              f"parameters are finite: the parameters (largest |value| {largest:g}) or the "
                              f"logits (largest |value| {float(unary.abs().max()):g}) are too large for "
                              f"{out.dtype} arithmetic")
+
+
+def _warn_colours_in_0_to_1(low, high, how=""):
+    """The UserWarning for an image whose colours all lie in [low, high], within 0..1 (`how`: how
+    they were read, e.g. " once image_mean/image_std are undone")."""
+    warnings.warn(f"the image's colours all lie in [{low:g}, {high:g}]{how}, but the CRF takes RGB in 0..255 "
+                  "(sigma_rgb is in those units): an image in 0..1 (e.g. from ToTensor()) makes every colour "
+                  "alike and the bilateral kernel merely spatial. Multiply it by 255 (or, for CRFRNNLayer, "
+                  "declare image_mean/image_std).", stacklevel=3)
 
 
 def _sharing_entries(matrix, sharing):

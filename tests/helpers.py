@@ -72,3 +72,11 @@ def voc_rgb(shared_data, image_id, shrink=1):
     if shrink != 1:
         image = image.resize((image.width // shrink, image.height // shrink), Image.BILINEAR)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float()
+
+
+def normalised_image(*shape, dtype=torch.float32):
+    """A random RGB image [N, 3, H, W] normalised as DeepLabCRF's layer declares (ImageNet mean and
+    std over 0..1 colours): what the models take, whose colours come back in 0..255."""
+    mean = torch.tensor((0.485, 0.456, 0.406), dtype=dtype)[:, None, None]
+    std = torch.tensor((0.229, 0.224, 0.225), dtype=dtype)[:, None, None]
+    return (torch.rand(*shape, dtype=dtype) - mean) / std

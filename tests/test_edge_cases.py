@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -438,6 +439,40 @@ def test_images_outside_0_255_raise(dtype, low, high):
         crf(unary, image)
     with pytest.raises(ValueError, match=rf"image must be RGB in 0..255.*\[{low:g}, {high:g}\]"):
         crfrnn.dense_crf(image[0].permute(1, 2, 0), torch.full((3, 4, 5), 1 / 3))
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _warnings_of(crf, image):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        crf(torch.randn(1, 3, 10, 12), image)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_an_image_in_0_to_1_given_as_0_to_255_is_warned_about():
+    """ToTensor()'s 0..1 image to a layer that takes 0..255 would make every colour alike (the
+    bilateral kernel merely spatial): the layer says so instead of smoothing silently."""
+    crf = CRFRNNLayer(3, num_iterations=1)
+    rgb01 = torch.rand(1, 3, 10, 12)
+    messages = _warnings_of(crf, rgb01)
+    assert len(messages) == 1 and "colours all lie in [" in messages[0] and "Multiply it by 255" in messages[0]
+    assert _warnings_of(crf, rgb01 * 255) == []
+    assert _warnings_of(crf, (rgb01 * 255).to(torch.uint8)) == []
+    assert _warnings_of(crf, torch.zeros(1, 3, 10, 12)) == []  # black: nothing to tell
+    probs = torch.full((3, 10, 12), 1 / 3)
+    with pytest.warns(UserWarning, match=r"colours all lie in \[.*Multiply it by 255"):
+        crfrnn.dense_crf(rgb01[0].permute(1, 2, 0), probs)
+
+
+def test_an_image_not_normalised_as_declared_is_warned_about():
+    crf = CRFRNNLayer(3, num_iterations=1, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    rgb01 = torch.rand(1, 3, 10, 12)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    assert _warnings_of(crf, (rgb01 - mean) / std) == []
+    messages = _warnings_of(crf, rgb01 * 255)  # not normalised at all
+    assert len(messages) == 1 and "was it normalised as declared" in messages[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64, torch.float16, torch.float64])

@@ -5,6 +5,7 @@ from torch import nn
 
 import crfrnn
 import models
+from helpers import normalised_image
 
 CRFRNNLayer = getattr(crfrnn, "CRFRNNLayer", None)
 if CRFRNNLayer is None:                       # exported from crfrnn/__init__ by the lead
@@ -41,7 +42,7 @@ class ScaleCRF(nn.Module):
 def test_output_dict_and_wiring_with_real_crf():
     net, crf = tiny_net(), real_crf()
     joint = models.DeepLabCRF(net, crf).eval()
-    x = torch.randn(2, 3, 37, 29)                  # odd size: coarse 5 x 4
+    x = normalised_image(2, 3, 37, 29)  # odd size: coarse 5 x 4
     with torch.no_grad():
         out = joint(x)
         coarse = net(x)
@@ -58,7 +59,7 @@ def test_output_dict_and_wiring_with_real_crf():
 
 def test_use_crf_switch_and_no_crf():
     joint = models.DeepLabCRF(tiny_net(), real_crf()).eval()
-    x = torch.randn(1, 3, 24, 24)
+    x = normalised_image(1, 3, 24, 24)
     joint.use_crf = False
     out = joint(x)
     assert out["crf"] is None and out["unary"].shape == (1, C, 24, 24)
@@ -72,7 +73,7 @@ def test_use_crf_switch_and_no_crf():
 
 def test_explicit_image_goes_to_the_crf():
     joint = models.DeepLabCRF(tiny_net(), ScaleCRF()).eval()
-    x = torch.randn(1, 3, 16, 16)
+    x = normalised_image(1, 3, 16, 16)
     image = torch.rand(1, 3, 16, 16) * 255
     out = joint(x, image=image)
     torch.testing.assert_close(out["crf"], out["unary"] * 2 + image.mean(1, keepdim=True))
@@ -84,7 +85,7 @@ def test_freeze_crf_keeps_gradient_to_the_net():
     joint = models.DeepLabCRF(tiny_net(), real_crf()).train()
     joint.freeze_crf()
     assert joint.crf_frozen and all(not p.requires_grad for p in joint.crf.parameters())
-    out = joint(torch.randn(1, 3, 24, 24))
+    out = joint(normalised_image(1, 3, 24, 24))
     out["crf"].logsumexp(1).sum().backward()
     assert all(p.grad is None for p in joint.crf.parameters())
     assert joint.net.conv1_1.weight.grad is not None and joint.net.conv1_1.weight.grad.abs().sum() > 0
@@ -97,7 +98,7 @@ def test_crf_gradient_reaches_vgg_weights_exactly():
     random direction of all DCNN weights, in float64 (dropout off, lattices fixed by the image)."""
     torch.manual_seed(1)
     joint = models.DeepLabCRF(tiny_net(), real_crf(num_eval_iterations=3)).double().eval()
-    x = torch.randn(1, 3, 24, 32, dtype=torch.float64)
+    x = normalised_image(1, 3, 24, 32, dtype=torch.float64)
     r = torch.randn(1, C, 24, 32, dtype=torch.float64)
 
     def loss():
@@ -137,7 +138,7 @@ def test_torch_compile_joint_matches_eager():
     """DeepLabCRF under torch.compile (the CRF's data-dependent lattice build and finite check
     break the graph there; the DCNN compiles whole): same output and DCNN gradient as eager."""
     joint = models.DeepLabCRF(tiny_net(), real_crf()).eval()
-    x = torch.randn(1, 3, 24, 32)
+    x = normalised_image(1, 3, 24, 32)
     compiled = torch.compile(joint, backend="aot_eager")
     a, b = compiled(x), joint(x)
     torch.testing.assert_close(a["crf"], b["crf"], rtol=1e-4, atol=1e-5)
