@@ -438,6 +438,7 @@ class CRFRNNLayer(nn.Module):
                 self.register_buffer(name, value)
         # Bandwidths as Python floats, read when they are fixed (no device sync per call).
         self._fixed_sigmas = (bilateral[:2], spatial[:1])
+        self._follow_bandwidth_buffers()  # their logs as the buffers hold them now
 
         self.bilateral_weight = nn.Parameter(_initial_kernel_weight(kernel_weights, bilateral[2], num_classes))
         self.spatial_weight = nn.Parameter(_initial_kernel_weight(kernel_weights, spatial[1], num_classes))
@@ -526,9 +527,34 @@ class CRFRNNLayer(nn.Module):
     def sigmas(self):
         """Current bandwidths as floats: ((bilateral sigma_xy, sigma_rgb), (spatial sigma_xy,))."""
         if not self.learn_bandwidths:
+            if not torch.compiler.is_compiling():  # no Python-side state inside a traced graph
+                self._follow_bandwidth_buffers()
             return self._fixed_sigmas
         return (tuple(self.bilateral_log_sigma.detach().double().exp().tolist()),
                 tuple(self.spatial_log_sigma.detach().double().exp().tolist()))
+
+    def _follow_bandwidth_buffers(self):
+        """Fixed bandwidths are used as the floats `_fixed_sigmas` (exact: 121.0, not the exp of
+        its float32 log) and stored as their logs in the bandwidth buffers (the state dict). When
+        the buffers' values change other than through `_set_fixed_sigmas` (load_state_dict of
+        other bandwidths, an in-place edit), the floats follow them; a move to another dtype or
+        device keeps them. A change is seen by the buffers' version counters and storage, with
+        no device sync; only then are the buffers read. (Edits through ``.data`` bypass the
+        version counter: edit the buffers themselves, under ``torch.no_grad()``.)"""
+        buffers = (self.bilateral_log_sigma, self.spatial_log_sigma)
+        if any(b.device.type == "meta" for b in buffers):
+            return
+        stamp = tuple((b.data_ptr(), b._version, b.dtype) for b in buffers)
+        seen = getattr(self, "_bandwidths_seen", None)  # (stamp, logs as float64): absent on old pickles
+        if seen is not None and seen[0] == stamp:
+            return
+        logs = [b.detach().double().cpu() for b in buffers]
+        # Values as last seen, cast to the buffers' dtype: a move (.half(), .double(), .to(device))
+        # changes nothing else.
+        if seen is not None and not all(torch.equal(log, before.to(b.dtype).double())
+                                        for log, before, b in zip(logs, seen[1], buffers)):
+            self._fixed_sigmas = tuple(tuple(log.exp().tolist()) for log in logs)
+        self._bandwidths_seen = (stamp, logs)
 
     @property
     def bilateral(self):
@@ -597,6 +623,8 @@ class CRFRNNLayer(nn.Module):
         with torch.no_grad():
             self.bilateral_log_sigma.copy_(torch.tensor(sigmas[0], dtype=torch.float64).log())
             self.spatial_log_sigma.copy_(torch.tensor(sigmas[1], dtype=torch.float64).log())
+        self._bandwidths_seen = None
+        self._follow_bandwidth_buffers()  # the new logs: the floats' own
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -614,7 +642,6 @@ class CRFRNNLayer(nn.Module):
             error_msgs.append(f"{prefix}iterations holds {stored.dtype} values {stored.tolist()}: expected integer "
                               "counts (a damaged file?)")
             return
-        log_sigmas_before = [self.bilateral_log_sigma.detach().clone(), self.spatial_log_sigma.detach().clone()]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         counts = [int(v) for v in self.iterations.tolist()]
@@ -625,14 +652,7 @@ class CRFRNNLayer(nn.Module):
             return
         self._iterations = tuple(counts)
         self._normalize = NORMALIZATIONS[norm]
-        if not self.learn_bandwidths and not all(
-                torch.equal(before, now) for before, now in
-                zip(log_sigmas_before, (self.bilateral_log_sigma, self.spatial_log_sigma))):
-            # Other bandwidths than this layer's: take the state dict's. (The same ones keep
-            # the exact floats the layer was built with: float32 logs round them.)
-            self._fixed_sigmas = (tuple(self.bilateral_log_sigma.double().exp().tolist()),
-                                  tuple(self.spatial_log_sigma.double().exp().tolist()))
-        self.clear_lattice_cache()
+        self.clear_lattice_cache()  # (fixed bandwidths: sigmas() follows the loaded buffers)
 
     def _matrix_parameters(self):
         """(name, constructor option, its value, the option's choices) of each parameter that

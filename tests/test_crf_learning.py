@@ -304,6 +304,22 @@ def test_same_bandwidths_round_trip_exactly():
     assert again.bilateral == (121.0, 5.0, 4.0) and again.spatial == (3.0, 3.0)
 
 
+def test_fixed_bandwidths_follow_their_buffers():
+    """The fixed bandwidths are used as exact floats and stored as logs in buffers: an in-place
+    edit of a buffer (or a load into it) changes what the layer computes, and a move to another
+    dtype keeps the exact floats."""
+    unary, image = torch.randn(1, 3, 9, 11), torch.rand(1, 3, 9, 11) * 255
+    crf = CRFRNNLayer(3, num_iterations=2, bilateral=(30.0, 7.0, 4.0), spatial=(2.0, 1.5))
+    crf(unary, image)  # keeps a spatial lattice of sigma 2
+    with torch.no_grad():
+        crf.bilateral_log_sigma[1] = math.log(20.0)
+        crf.spatial_log_sigma.fill_(math.log(3.0))
+    assert crf.bilateral[:2] == pytest.approx((30.0, 20.0)) and crf.spatial[0] == pytest.approx(3.0)
+    fresh = CRFRNNLayer(3, num_iterations=2, bilateral=(30.0, 20.0, 4.0), spatial=(3.0, 1.5))
+    torch.testing.assert_close(crf(unary, image), fresh(unary, image))
+    assert fresh.double().bilateral == (30.0, 20.0, 4.0) and fresh.spatial == (3.0, 1.5)
+
+
 def test_state_dict_without_the_new_entries_still_loads():
     """Checkpoints written before the bandwidths were in the state dict: the layer keeps its own."""
     crf = CRFRNNLayer(3, num_iterations=2, **KERNELS)
