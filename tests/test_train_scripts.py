@@ -117,6 +117,27 @@ def test_crf_script_gradient_and_search(joint_run, tmp_path):
     assert tuple(model.crf.bilateral) == (best["sxy"], best["srgb"], best["w1"])
 
 
+def test_crf_script_refines_the_searched_best_by_gradient(joint_run, tmp_path):
+    dcnn = str(joint_run[0] / "dcnn.pt")
+    search = ["--dcnn", dcnn, "--search", "--search-w1", "2", "6", "--search-sxy", "8", "--search-srgb", "10",
+              "--search-samples", "3"]
+    refine = TINY + search + ["--refine", "--iters", "2", "--learn-bandwidths"]
+    rep = run(crf_script, refine + ["--out-dir", str(tmp_path / "r")])
+    # interrupted and resumed: the same CRF (the resumed run searches again, from the same options)
+    assert run(crf_script, refine + ["--out-dir", str(tmp_path / "b"), "--stop-at", "1"]) is None
+    run(crf_script, refine + ["--out-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "checkpoint.pt")])
+    _assert_same_weights(tmp_path / "r" / "model.pt", tmp_path / "b" / "model.pt")
+    best = max(rep["search"]["points"], key=lambda p: p["miou"])
+    assert {"crf_searched", "train", "crf_final"} <= set(rep) and rep["train"]["iterations"] == 2
+    crf = models.load_checkpoint(tmp_path / "r" / "model.pt")[0].crf
+    # learning started at the searched point and moved it
+    assert crf.learn_bandwidths and tuple(crf.bilateral) != (best["sxy"], best["srgb"], best["w1"])
+    assert crf.bilateral[0] == pytest.approx(best["sxy"], rel=0.2) and crf.bilateral[2] == best["w1"]
+    with pytest.raises(ValueError, match="--refine refines the best point of a grid search: give --search too"):
+        run(crf_script, TINY + ["--dcnn", dcnn, "--refine", "--out-dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("script", [crf_script, joint_script])
 def test_scripts_learn_the_bandwidths_with_the_chosen_sharing(joint_run, tmp_path, script):
     dcnn = str(joint_run[0] / "dcnn.pt")

@@ -5,6 +5,8 @@ DCNN fixed) or by DeepLab's grid search of w1, σα, σβ on a validation subset
     python train/crf.py --dcnn runs/dcnn/model.pt --search
     python train/crf.py --dataset voc --data-root DATA --dcnn runs/dcnn/model.pt --search \
         --search-samples 100                             # DeepLab: w1 5..10, σα 50..100, σβ 3..10
+    python train/crf.py --dcnn runs/dcnn/model.pt --search --refine --learn-bandwidths \
+        --compatibility symmetric                        # the grid's best, then learnt from there
 
 Gradient mode trains the CRF layer's kernel weights and compatibility matrix (C×C each, or
 shared: ``--kernel-weights``, ``--compatibility``), and with ``--learn-bandwidths`` its three
@@ -12,10 +14,12 @@ bandwidths, through ``--crf-iters`` mean-field iterations with the loss (``--crf
 cross-entropy, or the Lovász-softmax IoU surrogate) on its full-resolution output; the DCNN
 runs in eval mode with frozen weights. Search mode keeps the Potts model and, for each
 (w1, σα, σβ) with w2 = σγ = 3 fixed, runs the CRF on the DCNN's unaries of the first
-``--search-samples`` validation images (computed once) and keeps the best mIoU.
+``--search-samples`` validation images (computed once) and keeps the best mIoU; with ``--refine``
+gradient training then starts from that best (the search finds the basin, the gradient the
+parameters a grid has no axis for: per-class weights and compatibilities, finer bandwidths).
 
 Writes OUT/model.pt (DCNN + CRF, for evaluate.py, segment.py, joint.py --init), OUT/metrics.json
-(DCNN alone, with the initial CRF, with the learnt/searched CRF; the search grid),
+(DCNN alone, with the initial CRF, with the searched and/or learnt CRF; the search grid),
 OUT/bands.png, OUT/examples.png, OUT/metrics.csv, OUT/checkpoint.pt (for --resume; not written by a
 search without a DCNN stage) and, when it trains the DCNN first, OUT/dcnn.pt. A file there from an
 earlier run is replaced only with --overwrite.
@@ -23,6 +27,7 @@ earlier run is replaced only with --overwrite.
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
+import argparse
 import itertools
 
 import torch
@@ -62,6 +67,9 @@ def get_args_parser(add_help=True):
     s.add_argument("--search-sxy", type=float, nargs="+", help="σα values (px) to try")
     s.add_argument("--search-srgb", type=float, nargs="+", help="σβ values (0..255) to try")
     s.add_argument("--search-samples", type=int, help="validation images to search on")
+    s.add_argument("--refine", action="store_true",
+                   help="after --search, learn the CRF by gradient starting from the best point found "
+                        "(the gradient-mode options apply: --iters, --lr, --learn-bandwidths, ...)")
     options.add_data_args(p)
     options.add_model_args(p)
     options.add_crf_args(p)
@@ -77,6 +85,8 @@ def outputs(args) -> list:
 
 
 def main(args):
+    if args.refine and not args.search:
+        raise ValueError("--refine refines the best point of a grid search: give --search too")
     run = start_training(args, outputs)
     info, out, resumed = run.info, run.out, run.resumed
 
@@ -105,13 +115,20 @@ def main(args):
     if args.search:
         best, grid = grid_search(args, info, net, run.val_set)
         report["search"] = grid
-        args.bilateral = [best["sxy"], best["srgb"], best["w1"]]
-        crf = options.build_crf(args)
+        # (args keep the given --bilateral: a --refine run's checkpoint records the options as given,
+        # and its --resume searches again)
+        crf = options.build_crf(argparse.Namespace(**{**vars(args), "bilateral": [best["sxy"], best["srgb"],
+                                                                                  best["w1"]]}))
         joint = models.DeepLabCRF(net, crf).to(info.device)
         log(f"best on {grid['samples']} images: w1 {best['w1']:g}, σα {best['sxy']:g}, "
             f"σβ {best['srgb']:g} (mIoU {100 * best['miou']:.2f})")
         label = "DCNN + CRF (grid search)"
-    else:
+    if args.refine:  # the searched CRF on the whole validation set, before the gradient moves it
+        searched, _ = engine.evaluate(joint, run.val_loader, args.num_classes, info.device, bands=args.bands,
+                                      class_names=run.class_names, amp=args.amp,
+                                      progress=not args.no_progress, desc="eval (searched CRF)")
+        report["crf_searched"] = searched["crf"]
+    if not args.search or args.refine:
         opt = engine.build_optimizer(joint, name=args.optimizer, lr=args.lr, momentum=args.momentum,
                                      weight_decay=args.weight_decay, crf_lr_mult=args.crf_lr_mult,
                                      crf_weight_decay=args.crf_weight_decay)
@@ -119,7 +136,7 @@ def main(args):
         report["train"] = train_stage(args, run, joint, opt, lambda m, x, y: crf_loss(m, x, y, args.crf_loss),
                                       "crf", args.iters,
                                       resume=resumed is not None, stop_at=args.stop_at)
-        label = "DCNN + CRF (learnt)"
+        label = "DCNN + CRF (searched, then learnt)" if args.search else "DCNN + CRF (learnt)"
         if report["train"]["stopped"]:
             log(f"stopped after iteration {args.stop_at}; continue with --resume {run.checkpoint}")
             return None
@@ -132,8 +149,10 @@ def main(args):
     # The layer's own: learned bandwidths (--learn-bandwidths) or the searched ones.
     report["crf_final_params"] = {"bilateral": list(joint.crf.bilateral), "spatial": list(joint.crf.spatial)}
     report["seconds"] = run.seconds()
-    rows = [("DCNN alone", initial["dcnn"]), ("DCNN + CRF (initial parameters)", initial["crf"]),
-            (label, final["crf"])]
+    rows = [("DCNN alone", initial["dcnn"]), ("DCNN + CRF (initial parameters)", initial["crf"])]
+    if args.refine:
+        rows.append(("DCNN + CRF (grid search)", report["crf_searched"]))
+    rows.append((label, final["crf"]))
     if info.is_main:
         models.save_checkpoint(out.claim("model.pt"), joint, data=run.data)
         reports.write_json(out.claim("metrics.json"), report)
