@@ -72,6 +72,10 @@ SAVE_MARGINALS_ON_CPU = False
 #: How far (in 0..255 units) de-normalised colours may stray outside 0..255 before the layer
 #: warns that the image seems not normalised as declared (rounding and augmentations stray a bit).
 _COLOUR_SLACK = 64.0
+#: An image whose colours all lie in 0..1 is warned about only if its brightest is above this: a
+#: (nearly) black image is the same in either convention, and rounding leaves a normalised black
+#: one a hair above 0.
+_DARKEST_0_TO_1_MAX = 0.01
 
 #: The most mean-field iterations a layer runs per call. Mean field settles within tens (CRF-RNN
 #: trains with 5, DeepLab infers with 10); a count beyond this, e.g. from a damaged state dict,
@@ -83,9 +87,14 @@ def _iteration_count(value, name="num_iterations"):
     """`value` as a Python int, if it is an integer (numpy ones too, not bool) in
     0..MAX_ITERATIONS; else ValueError naming `name`. Every iteration count the library takes
     (the layer's, mean_field's, dense_crf's) passes here."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_ITERATIONS:
+    if not isinstance(value, bool):
+        try:
+            value = operator.index(value)  # numpy integers (also as torch.compile passes them)
+        except TypeError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ITERATIONS:
         raise ValueError(f"{name} must be an int in 0..{MAX_ITERATIONS}, got {value!r}")
-    return int(value)
+    return value
 
 
 def _positive(name, value):
@@ -366,8 +375,10 @@ class CRFRNNLayer(nn.Module):
     The state dict holds everything that defines the computation: the parameters, and as
     buffers the bandwidths (when not learned), ``iterations`` (training, evaluation) and
     ``normalization``. Loading one carries them into the layer; loading one of another sharing
-    or class count fails with a message that says so. `scale_spatial_bandwidths(factor)` adapts
-    the spatial bandwidths to images `factor` times larger.
+    or class count fails with a message that says so (a Potts one has no ``compatibility``
+    entry: a missing key, kept at the layer's own value with ``strict=False``).
+    `scale_spatial_bandwidths(factor)` adapts the spatial bandwidths to images `factor` times
+    larger.
 
     Speed: with the compiled lattices (the default backend), all iterations run in one fused op
     and the backward in another (``crfrnn::mean_field_forward``/``mean_field_backward``, or
@@ -535,26 +546,37 @@ class CRFRNNLayer(nn.Module):
 
     def _follow_bandwidth_buffers(self):
         """Fixed bandwidths are used as the floats `_fixed_sigmas` (exact: 121.0, not the exp of
-        its float32 log) and stored as their logs in the bandwidth buffers (the state dict). When
-        the buffers' values change other than through `_set_fixed_sigmas` (load_state_dict of
-        other bandwidths, an in-place edit), the floats follow them; a move to another dtype or
-        device keeps them. A change is seen by the buffers' version counters and storage, with
-        no device sync; only then are the buffers read. (Edits through ``.data`` bypass the
-        version counter: edit the buffers themselves, under ``torch.no_grad()``.)"""
+        its float32 log) and stored as their logs in the bandwidth buffers (the state dict).
+        load_state_dict and `_set_fixed_sigmas` keep the two in step; this catches the other
+        way the buffers change, an in-place edit: the floats then follow the buffers, while a
+        move to another dtype or device keeps them. A change is seen by the buffers' version
+        counters and storage, with no device sync; only then are the buffers read. Not seen:
+        edits through ``.data`` (which bypass the version counter), edits of inference tensors
+        (which have none), and, under torch.compile, edits since the last eager call."""
         buffers = (self.bilateral_log_sigma, self.spatial_log_sigma)
-        if any(b.device.type == "meta" for b in buffers):
+        if any(b.device.type == "meta" or b.is_inference() for b in buffers):
             return
         stamp = tuple((b.data_ptr(), b._version, b.dtype) for b in buffers)
-        seen = getattr(self, "_bandwidths_seen", None)  # (stamp, logs as float64): absent on old pickles
+        seen = getattr(self, "_bandwidths_seen", None)  # (stamp, logs in float64): absent on old pickles
         if seen is not None and seen[0] == stamp:
             return
-        logs = [b.detach().double().cpu() for b in buffers]
-        # Values as last seen, cast to the buffers' dtype: a move (.half(), .double(), .to(device))
-        # changes nothing else.
-        if seen is not None and not all(torch.equal(log, before.to(b.dtype).double())
-                                        for log, before, b in zip(logs, seen[1], buffers)):
-            self._fixed_sigmas = tuple(tuple(log.exp().tolist()) for log in logs)
+        logs = [b.detach().to("cpu", torch.float64, copy=True) for b in buffers]
+        if seen is not None:  # the values last seen, cast to the buffers' dtype: what a move gives
+            self._take_changed_bandwidths([before.to(b.dtype).double() for before, b in zip(seen[1], buffers)], logs)
         self._bandwidths_seen = (stamp, logs)
+
+    def _take_changed_bandwidths(self, before, after):
+        """Fixed bandwidths whose log changed from `before` to `after` (per buffer, Tensor[2] and
+        Tensor[1]) become exp(after); the others keep their exact floats."""
+        changed = False
+        sigmas = []
+        for floats, old, new in zip(self._fixed_sigmas, before, after):
+            old, new = old.detach().double().cpu().tolist(), new.detach().double().cpu().tolist()
+            changed |= old != new
+            sigmas.append(tuple(f if o == n else math.exp(n) for f, o, n in zip(floats, old, new)))
+        if changed:
+            self._fixed_sigmas = tuple(sigmas)
+            self.clear_lattice_cache()
 
     @property
     def bilateral(self):
@@ -580,7 +602,7 @@ class CRFRNNLayer(nn.Module):
             self.bilateral_log_sigma[0] += math.log(factor)
             self.spatial_log_sigma[0] += math.log(factor)
         else:  # the floats stay exact (121 * 0.5 is 60.5, not exp(log(121) + log(0.5)))
-            (bxy, brgb), (sxy,) = self._fixed_sigmas
+            (bxy, brgb), (sxy,) = self.sigmas()
             self._set_fixed_sigmas(((bxy * factor, brgb), (sxy * factor,)))
         self.clear_lattice_cache()
         return self
@@ -642,6 +664,9 @@ class CRFRNNLayer(nn.Module):
             error_msgs.append(f"{prefix}iterations holds {stored.dtype} values {stored.tolist()}: expected integer "
                               "counts (a damaged file?)")
             return
+        if not self.learn_bandwidths:
+            self._follow_bandwidth_buffers()  # an in-place edit since the last call counts first
+        log_sigmas_before = [self.bilateral_log_sigma.detach().clone(), self.spatial_log_sigma.detach().clone()]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         counts = [int(v) for v in self.iterations.tolist()]
@@ -652,7 +677,13 @@ class CRFRNNLayer(nn.Module):
             return
         self._iterations = tuple(counts)
         self._normalize = NORMALIZATIONS[norm]
-        self.clear_lattice_cache()  # (fixed bandwidths: sigmas() follows the loaded buffers)
+        if not self.learn_bandwidths:
+            # Other bandwidths than this layer's: take the state dict's. (The same ones keep the
+            # exact floats the layer was built with: float32 logs round them.)
+            self._take_changed_bandwidths(log_sigmas_before, (self.bilateral_log_sigma, self.spatial_log_sigma))
+            self._bandwidths_seen = None
+            self._follow_bandwidth_buffers()  # the loaded logs: the floats' own
+        self.clear_lattice_cache()
 
     def _matrix_parameters(self):
         """(name, constructor option, its value, the option's choices) of each parameter that
@@ -859,9 +890,9 @@ class CRFRNNLayer(nn.Module):
             if self.image_mean is None:
                 checks["image"] = ((low < 0) | (high > 255), "image is outside 0..255 but no normalisation "
                                    "was declared: pass RGB in 0..255, or build the layer with image_mean/image_std")
+                checks["colours in 0..1"] = ((low >= 0) & (high > _DARKEST_0_TO_1_MAX) & (high <= 1), None)
             else:  # de-normalised colours far outside 0..255: an image normalised otherwise, or not at all
                 checks["colour range"] = ((low < -_COLOUR_SLACK) | (high > 255 + _COLOUR_SLACK), None)
-            checks["colours in 0..1"] = ((low >= 0) & (high > 0) & (high <= 1), None)
         checks["pairwise"] = (~torch.isfinite(torch.stack([m.detach() for m in pairwise])).all(),
                               "the pairwise matrices compatibility @ weight overflow: the CRF parameters "
                               "are too large")
@@ -874,13 +905,14 @@ class CRFRNNLayer(nn.Module):
                     torch._assert_async(~flag, message)
             return
         raised = dict(zip(checks, flags.tolist()))  # the sync
+        # (The messages are the same every call, so that Python's default filter shows each once;
+        # stacklevel: at the line that called the layer, through nn.Module.__call__.)
         if raised.pop("colours in 0..1", False):
-            _warn_colours_in_0_to_1(low.item(), high.item(), " once image_mean/image_std are undone"
-                                    if self.image_mean is not None else "")
+            _warn_colours_in_0_to_1(stacklevel=6)
         if raised.pop("colour range", False):
-            warnings.warn(f"the image, with the declared image_mean/image_std undone, spans colours "
-                          f"[{low.item():g}, {high.item():g}] instead of 0..255: was it normalised as declared, "
-                          "(rgb / 255 - image_mean) / image_std?", stacklevel=2)
+            warnings.warn(f"the image, with the declared image_mean/image_std undone, has colours more than "
+                          f"{_COLOUR_SLACK:g} outside 0..255: was it normalised as declared, "
+                          "(rgb / 255 - image_mean) / image_std?", stacklevel=5)
         if not any(raised.values()):
             return
         # Something may be wrong: find what, exactly (slow is fine here).
@@ -909,13 +941,12 @@ class CRFRNNLayer(nn.Module):
                              f"{out.dtype} arithmetic")
 
 
-def _warn_colours_in_0_to_1(low, high, how=""):
-    """The UserWarning for an image whose colours all lie in [low, high], within 0..1 (`how`: how
-    they were read, e.g. " once image_mean/image_std are undone")."""
-    warnings.warn(f"the image's colours all lie in [{low:g}, {high:g}]{how}, but the CRF takes RGB in 0..255 "
-                  "(sigma_rgb is in those units): an image in 0..1 (e.g. from ToTensor()) makes every colour "
-                  "alike and the bilateral kernel merely spatial. Multiply it by 255 (or, for CRFRNNLayer, "
-                  "declare image_mean/image_std).", stacklevel=3)
+def _warn_colours_in_0_to_1(stacklevel):
+    """The UserWarning for an image whose colours all lie within 0..1 (and not all near 0)."""
+    warnings.warn("the image's colours all lie within 0..1, but the CRF takes RGB in 0..255 (sigma_rgb is in "
+                  "those units): an image in 0..1 (e.g. from ToTensor()) makes every colour alike and the "
+                  "bilateral kernel merely spatial. Multiply it by 255 (or, for CRFRNNLayer, declare "
+                  "image_mean/image_std).", stacklevel=stacklevel)
 
 
 def _sharing_entries(matrix, sharing):

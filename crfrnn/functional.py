@@ -15,8 +15,8 @@ on the permutohedral lattice of this package (C++ or CUDA when built, any device
 import numpy as np
 import torch
 
-from .crf import (_IMAGE_DTYPES, CRFRNN_PARAMS, _iteration_count, _parse_kernels, _warn_colours_in_0_to_1,
-                  build_crf_lattices, mean_field, potts_matrices)
+from .crf import (_DARKEST_0_TO_1_MAX, _IMAGE_DTYPES, CRFRNN_PARAMS, _iteration_count, _parse_kernels,
+                  _warn_colours_in_0_to_1, build_crf_lattices, mean_field, potts_matrices)
 from .lattice import NORMALIZATIONS, check_lattice_size
 
 __all__ = ["dense_crf"]
@@ -95,8 +95,8 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
     if img.dtype != torch.uint8 and img.numel() and (img.amin() < 0 or img.amax() > 255):
         raise ValueError(f"image must be RGB in 0..255 (uint8, or another dtype in that range), got "
                          f"{img.dtype} values in [{img.amin().item():g}, {img.amax().item():g}]")
-    if img.is_floating_point() and img.numel() and 0 < float(img.amax()) <= 1:
-        _warn_colours_in_0_to_1(img.amin().item(), img.amax().item())
+    if img.is_floating_point() and img.numel() and _DARKEST_0_TO_1_MAX < float(img.amax()) <= 1:
+        _warn_colours_in_0_to_1(stacklevel=3)  # at the caller of dense_crf
 
     c, h, w = p.shape
     unary = torch.log(p.clamp(min=clip, max=1.0)).flatten(1).t().unsqueeze(0)  # [1, P, C]

@@ -318,6 +318,42 @@ def test_fixed_bandwidths_follow_their_buffers():
     fresh = CRFRNNLayer(3, num_iterations=2, bilateral=(30.0, 20.0, 4.0), spatial=(3.0, 1.5))
     torch.testing.assert_close(crf(unary, image), fresh(unary, image))
     assert fresh.double().bilateral == (30.0, 20.0, 4.0) and fresh.spatial == (3.0, 1.5)
+    with torch.no_grad():  # a float64 layer's buffers too; only the edited entry moves
+        fresh.bilateral_log_sigma[0] = math.log(50.0)
+    assert fresh.bilateral == (pytest.approx(50.0), 20.0, 4.0)
+
+
+def test_fixed_bandwidths_follow_loads_in_every_state():
+    """A load of other bandwidths reaches the floats the layer uses whatever happened before: a
+    float64 layer, an old pickle (without the bookkeeping attribute), a layer built on the meta
+    device, and a scale right after the load."""
+    source = CRFRNNLayer(3, bilateral=(50.0, 7.0, 4.0), spatial=(5.0, 3.0))
+    double = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0)).double()
+    double.load_state_dict(source.double().state_dict())
+    assert double.bilateral[:2] == pytest.approx((50.0, 7.0)) and double.spatial[0] == pytest.approx(5.0)
+    old = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0))
+    del old._bandwidths_seen
+    old.load_state_dict(source.float().state_dict())
+    assert old.bilateral[:2] == pytest.approx((50.0, 7.0))
+    with torch.device("meta"):
+        meta = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0))
+    meta = meta.to_empty(device="cpu")
+    meta.load_state_dict(source.state_dict())
+    assert meta.bilateral[:2] == pytest.approx((50.0, 7.0))
+    scaled = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0))
+    scaled.load_state_dict(source.state_dict())
+    scaled.scale_spatial_bandwidths(2.0)
+    assert scaled.bilateral[:2] == pytest.approx((100.0, 7.0)) and scaled.spatial[0] == pytest.approx(10.0)
+
+
+def test_layers_made_and_moved_under_inference_mode_work():
+    """Inference tensors have no version counter: the bandwidth bookkeeping leaves them alone."""
+    unary, image = torch.randn(1, 3, 9, 11), torch.rand(1, 3, 9, 11) * 255
+    with torch.inference_mode():
+        made = CRFRNNLayer(3, num_iterations=2).double()
+        inside = made(unary, image)
+    torch.testing.assert_close(made(unary, image), inside)
+    assert made.bilateral == CRFRNNLayer(3).bilateral
 
 
 def test_state_dict_without_the_new_entries_still_loads():

@@ -457,12 +457,17 @@ def test_an_image_in_0_to_1_given_as_0_to_255_is_warned_about():
     crf = CRFRNNLayer(3, num_iterations=1)
     rgb01 = torch.rand(1, 3, 10, 12)
     messages = _warnings_of(crf, rgb01)
-    assert len(messages) == 1 and "colours all lie in [" in messages[0] and "Multiply it by 255" in messages[0]
+    assert len(messages) == 1 and "colours all lie within 0..1" in messages[0] and "Multiply it by 255" in messages[0]
     assert _warnings_of(crf, rgb01 * 255) == []
     assert _warnings_of(crf, (rgb01 * 255).to(torch.uint8)) == []
     assert _warnings_of(crf, torch.zeros(1, 3, 10, 12)) == []  # black: nothing to tell
+    with warnings.catch_warnings(record=True) as caught:  # Python's default filter: once per call site
+        warnings.simplefilter("default")
+        for _ in range(3):
+            crf(torch.randn(1, 3, 10, 12), torch.rand(1, 3, 10, 12))
+    assert len(caught) == 1 and caught[0].filename == __file__
     probs = torch.full((3, 10, 12), 1 / 3)
-    with pytest.warns(UserWarning, match=r"colours all lie in \[.*Multiply it by 255"):
+    with pytest.warns(UserWarning, match=r"colours all lie within 0\.\.1.*Multiply it by 255"):
         crfrnn.dense_crf(rgb01[0].permute(1, 2, 0), probs)
 
 
@@ -471,6 +476,7 @@ def test_an_image_not_normalised_as_declared_is_warned_about():
     rgb01 = torch.rand(1, 3, 10, 12)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     assert _warnings_of(crf, (rgb01 - mean) / std) == []
+    assert _warnings_of(crf, (torch.zeros(1, 3, 10, 12) - mean) / std) == []  # black: 0..7.6e-6 once undone
     messages = _warnings_of(crf, rgb01 * 255)  # not normalised at all
     assert len(messages) == 1 and "was it normalised as declared" in messages[0]
 

@@ -146,4 +146,6 @@ def test_torch_compile_joint_matches_eager():
     g = joint.net.conv1_1.weight.grad.clone()
     joint.zero_grad()
     b["crf"].square().sum().backward()
-    torch.testing.assert_close(g, joint.net.conv1_1.weight.grad, rtol=1e-4, atol=1e-5)
+    eager = joint.net.conv1_1.weight.grad
+    # float32 rounding relative to the gradient's scale (entries up to ~100 here)
+    torch.testing.assert_close(g, eager, rtol=1e-4, atol=1e-6 * float(eager.abs().max()))

@@ -16,10 +16,12 @@ def test_the_readme_has_its_examples():
     assert any("Lattice(" in b for b in PYTHON_BLOCKS) and any("dense_crf(" in b for b in PYTHON_BLOCKS)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
 @pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.slow) if "resnet" in b else i
                                    for i, b in enumerate(PYTHON_BLOCKS)])          # a ResNet-50: ~10 s
 def test_each_python_example_runs_on_its_own(index):
-    """Each block in a namespace of its own: it must define (or import) every name it uses."""
+    """Each block in a namespace of its own: it must define (or import) every name it uses; and
+    feed the library what it expects (no warning, e.g. about an image's colour range)."""
     torch.manual_seed(0)
     exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "readme"})
 

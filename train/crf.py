@@ -21,7 +21,7 @@ parameters a grid has no axis for: per-class weights and compatibilities, finer 
 Writes OUT/model.pt (DCNN + CRF, for evaluate.py, segment.py, joint.py --init), OUT/metrics.json
 (DCNN alone, with the initial CRF, with the searched and/or learnt CRF; the search grid),
 OUT/bands.png, OUT/examples.png, OUT/metrics.csv, OUT/checkpoint.pt (for --resume; not written by a
-search without a DCNN stage) and, when it trains the DCNN first, OUT/dcnn.pt. A file there from an
+search without --refine or a DCNN stage) and, when it trains the DCNN first, OUT/dcnn.pt. A file there from an
 earlier run is replaced only with --overwrite.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
@@ -62,7 +62,8 @@ def get_args_parser(add_help=True):
                         "(--pretrain-iters)")
     options.add_pretrain_args(p)
     s = p.add_argument_group("grid search (--search)")
-    s.add_argument("--search", action="store_true", help="grid-search w1, σα, σβ instead of gradient training")
+    s.add_argument("--search", action="store_true",
+                   help="grid-search w1, σα, σβ instead of gradient training (or before it: --refine)")
     s.add_argument("--search-w1", type=float, nargs="+", help="bilateral weights to try")
     s.add_argument("--search-sxy", type=float, nargs="+", help="σα values (px) to try")
     s.add_argument("--search-srgb", type=float, nargs="+", help="σβ values (0..255) to try")
