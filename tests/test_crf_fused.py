@@ -52,6 +52,25 @@ def test_fused_equals_the_step_by_step_loop(normalize, dtype):
     assert not torch.allclose(expected, unary, atol=1e-2), "the CRF had no effect"
 
 
+def test_calls_of_every_size_in_turn_give_the_same_bits():
+    """The op keeps its buffers for the thread's next call: calls that grow, shrink and change
+    the class count in turn each give the bits of the same call made first (its own memory)."""
+    problems = [inputs(n=2, c=21, h=30, w=25, seed=1), inputs(n=1, c=3, h=9, w=7, seed=2),
+                inputs(n=3, c=40, h=20, w=18, seed=3), inputs(n=1, c=21, h=5, w=4, seed=4)]
+
+    def forward_and_backward(unary, lattices, pairwise):
+        u = unary.clone().requires_grad_()
+        out = crf_module._fused_mean_field(u, lattices, pairwise, 3, "symmetric")
+        out.square().sum().backward()
+        return out.detach(), u.grad
+
+    first = [forward_and_backward(*p) for p in problems]
+    for p, (out, grad) in reversed(list(zip(problems, first))):
+        again_out, again_grad = forward_and_backward(*p)
+        assert torch.equal(again_out, out) and torch.equal(again_grad, grad)
+        torch.testing.assert_close(out, loop(p[0], p[1], p[2], 3, "symmetric"), atol=1e-4, rtol=1e-4)
+
+
 # Row widths: compiled ones (C padded to 8, 16, 24, 32 lanes) and the generic fallback (> 32),
 # with padded lanes in every case but C = 8, 16, 32.
 @pytest.mark.parametrize("c", [1, 2, 7, 8, 13, 21, 32, 33, 50])
