@@ -541,8 +541,10 @@ class CRFRNNLayer(nn.Module):
             if not torch.compiler.is_compiling():  # no Python-side state inside a traced graph
                 self._follow_bandwidth_buffers()
             return self._fixed_sigmas
-        return (tuple(self.bilateral_log_sigma.detach().double().exp().tolist()),
-                tuple(self.spatial_log_sigma.detach().double().exp().tolist()))
+        # math.exp, as _take_changed_bandwidths uses: torch's exp may differ from it in the last
+        # bit on some CPUs, and a fixed layer loaded from this one must report the same floats.
+        return tuple(tuple(math.exp(v) for v in logs.detach().double().cpu().tolist())
+                     for logs in (self.bilateral_log_sigma, self.spatial_log_sigma))
 
     def _follow_bandwidth_buffers(self):
         """Fixed bandwidths are used as the floats `_fixed_sigmas` (exact: 121.0, not the exp of
