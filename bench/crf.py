@@ -19,11 +19,14 @@ sigma_alpha 121, sigma_beta 5, w2 3, sigma_gamma 3; --params to change). Times, 
   bench/crfasrnn_peer.py): their layer's forward and forward+backward (batch 1 only: one image
   after the other for a batch), and the ratio theirs / ours;
 - memory: bytes saved for backward by the fused ops, the step-by-step loop and checkpointing (and
-  on CUDA the peak allocation); and how closely our marginals match densecrf's.
+  on CUDA the peak allocation); and how closely our marginals match densecrf's;
+- with --images > 1: each ratio's median, min and max over the images, and on how many it meets
+  the performance issue's target (TARGETS): the ratios depend on the image's lattice size.
 
     python bench/crf.py                                  # CPU, batch 1 and 4
     python bench/crf.py --images 3 --iterations 5 --crfasrnn /tmp/crfasrnn
     python bench/crf.py --device cuda --json crf_gpu.json
+    python bench/crf.py --batch 1 --images 46 --skip-step --repeats 3   # all 46 VOC images
 """
 import argparse
 import contextlib
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # common first: it puts the repository on sys.path (when crfrnn is not installed).
@@ -62,7 +66,9 @@ def get_args_parser():
                         "demo (80/13/10, 3/3) (default: deeplab)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions, median reported")
     p.add_argument("--images", type=int, default=1,
-                   help="how many real images (the first of VOC val.txt; default: 1)")
+                   help="how many real images (the first of VOC val.txt, 46 at hand; default: 1); "
+                        "with more than one, a table of each ratio over the images and against the "
+                        "issue's targets")
     p.add_argument("--skip-densecrf", action="store_true", help="do not run pydensecrf2")
     p.add_argument("--skip-step", action="store_true", help="do not time the step-by-step loop")
     p.add_argument("--crfasrnn", metavar="DIR",
@@ -191,12 +197,37 @@ def memory_for_backward(crf, crf_ckpt, unary, img, device):
     return mem
 
 
+# The performance issue's targets for each ratio (issue "a fused mean-field backward").
+TARGETS = {"fwd+bwd / fwd": ("<=", 1.6), "step / fused fwd+bwd": (">=", 2.5), "densecrf / ours fwd cold": (">=", 3.0),
+           "densecrf / ours fwd": (">=", 3.0), "crfasrnn / ours fwd+bwd": (">=", 8.0)}
+
+
+def summarise(ratios):
+    """Per batch size and ratio: median, min and max over the images, and on how many images the
+    ratio meets its target (TARGETS), since the ratios depend on the image's lattice size."""
+    out = []
+    for batch in sorted({r["N"] for r in ratios}):
+        of_batch = [r for r in ratios if r["N"] == batch]
+        for name in [k for k in of_batch[0] if k not in ("image", "N")]:
+            values = [r[name] for r in of_batch]
+            row = {"N": batch, "ratio": name, "median": float(np.median(values)), "min": min(values), "max": max(values)}
+            if name in TARGETS:
+                sense, bound = TARGETS[name]
+                met = sum(v <= bound if sense == "<=" else v >= bound for v in values)
+                row.update({"target": f"{sense} {bound:g}", "images meeting it": f"{met}/{len(values)}"})
+            out.append(row)
+    return out
+
+
 def main(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but no CUDA GPU is visible")
     if args.images < 1:
-        raise SystemExit(f"--images must be >= 1, got {args.images}")
+        raise ValueError(f"--images must be >= 1, got {args.images}")
+    if VOC_ROOT.is_dir() and args.images > len(vp.image_ids(VOC_ROOT)):
+        raise ValueError(f"--images must be <= {len(vp.image_ids(VOC_ROOT))} (the VOC val images at hand), "
+                         f"got {args.images}")
     params = PARAMS[args.params]
     peer = None
     if args.crfasrnn:
@@ -213,7 +244,7 @@ def main(args):
         print("densecrf: not run (pydensecrf2 missing or --skip-densecrf)")
 
     rows, ratios, memory = [], [], []
-    for index, (image, logits, source) in enumerate(inputs):
+    for index, (image, logits, source) in enumerate(tqdm(inputs, desc="images", disable=len(inputs) == 1)):
         dense_ms = peer_ms = None
         if run_dense:
             dense_ms = time_it(lambda: densecrf_peer.densecrf_probs(image, logits, args.iterations, **params),
@@ -262,6 +293,10 @@ def main(args):
                 "ours/fused faster; densecrf and crfasrnn single-threaded on the CPU)", ratios,
                 ["image", "N", "fwd+bwd / fwd", "step / fused fwd+bwd", "densecrf / ours fwd cold",
                  "densecrf / ours fwd", "crfasrnn / ours fwd", "crfasrnn / ours fwd+bwd"])
+    summary = summarise(ratios)
+    if args.images > 1:
+        print_table("Over the images: each ratio's median, min and max, and the images where it meets its target", summary,
+                    ["N", "ratio", "median", "min", "max", "target", "images meeting it"])
     mem_cols = ["image", "N", "saved MB fused", "saved MB step", "saved MB checkpoint"]
     if device.type == "cuda":
         mem_cols += ["peak MB fused", "peak MB step", "peak MB checkpoint"]
@@ -271,7 +306,8 @@ def main(args):
                     ["label agreement", "mean |dQ|", "max |dQ|"])
     write_json(args.json, {"environment": environment(device), "inputs": [source for _, _, source in inputs],
                            "params": {"name": args.params, **params}, "iterations": args.iterations,
-                           "rows": rows, "ratios": ratios, "memory": memory, "agreement": agreement})
+                           "rows": rows, "ratios": ratios, "summary": summary, "memory": memory,
+                           "agreement": agreement})
 
 
 if __name__ == "__main__":

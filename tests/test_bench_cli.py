@@ -11,7 +11,9 @@ import pytest
 from script_helpers import REPO, assert_one_line_error, script_env
 
 sys.path.insert(0, str(REPO / "bench"))
-from common import check_json_target  # noqa: E402
+from common import VOC_ROOT, check_json_target  # noqa: E402
+
+VOC_AT_HAND = VOC_ROOT.is_dir()
 
 TINY = ["--sizes", "32", "--batch", "1", "--modes", "infer", "--crf-iterations", "--repeats", "1",
         "--warmup", "0", "--width", "0.03125", "--num-classes", "3"]
@@ -58,3 +60,27 @@ def test_crf_training_bench_times_every_job_and_reports_the_ratios(tmp_path):
     r = subprocess.run([sys.executable, "bench/crf_training.py", "--rounds", "0"], cwd=REPO, env=script_env(),
                        capture_output=True, text=True, timeout=300)
     assert_one_line_error(r, "--rounds")
+
+
+def test_crf_bench_sums_up_each_ratio_over_the_images(tmp_path):
+    """bench/crf.py on two small images: the summary's median, range and count of images meeting
+    each target are those of the per-image ratios; --images beyond the data at hand is refused."""
+    target = tmp_path / "crf.json"
+    r = subprocess.run([sys.executable, "bench/crf.py", "--size", "64", "48", "--images", "2", "--batch", "1",
+                        "--iterations", "1", "--repeats", "1", "--skip-step", "--json", target],
+                       cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(target.read_text())
+    assert "Over the images" in r.stdout
+    summary = {row["ratio"]: row for row in out["summary"]}
+    assert "fwd+bwd / fwd" in summary
+    for name, row in summary.items():
+        values = [ratio[name] for ratio in out["ratios"]]
+        assert len(values) == 2 and row["median"] == pytest.approx(sum(values) / 2)
+        assert (row["min"], row["max"]) == (min(values), max(values))
+    fwd_bwd = [ratio["fwd+bwd / fwd"] for ratio in out["ratios"]]
+    assert summary["fwd+bwd / fwd"]["images meeting it"] == f"{sum(v <= 1.6 for v in fwd_bwd)}/2"
+    for images, message in [(0, "--images must be >= 1")] + [(1000, "--images must be <=")] * VOC_AT_HAND:
+        r = subprocess.run([sys.executable, "bench/crf.py", "--images", str(images)], cwd=REPO, env=script_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert_one_line_error(r, message)
