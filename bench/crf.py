@@ -225,9 +225,9 @@ def main(args):
         raise SystemExit("--device cuda asked for, but no CUDA GPU is visible")
     if args.images < 1:
         raise ValueError(f"--images must be >= 1, got {args.images}")
-    if VOC_ROOT.is_dir() and args.images > len(vp.image_ids(VOC_ROOT)):
-        raise ValueError(f"--images must be <= {len(vp.image_ids(VOC_ROOT))} (the VOC val images at hand), "
-                         f"got {args.images}")
+    at_hand = len(vp.image_ids(VOC_ROOT)) if VOC_ROOT.is_dir() else None  # None: synthetic, any number
+    if at_hand is not None and args.images > at_hand:
+        raise ValueError(f"--images must be <= {at_hand} (the VOC val images at hand), got {args.images}")
     params = PARAMS[args.params]
     peer = None
     if args.crfasrnn:
