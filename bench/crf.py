@@ -43,10 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import VOC_ROOT, add_json_option, environment, print_table, run_main, time_it, write_json  # noqa: E402
 import crfasrnn_peer  # noqa: E402
 import crfrnn  # noqa: E402
-import crfrnn.crf as crf_module  # noqa: E402
 import densecrf_peer  # noqa: E402
 import voc_protocol as vp  # noqa: E402
-from crfrnn.crf import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS  # noqa: E402
+from crfrnn import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS  # noqa: E402
 
 PARAMS = {"deeplab": DEEPLAB_LARGEFOV_PARAMS, "crfrnn": CRFRNN_PARAMS,
           "demo": {"bilateral": (80.0, 13.0, 10.0), "spatial": (3.0, 3.0)}}
@@ -101,14 +100,13 @@ def load_input(size, classes, index=0):
 
 
 @contextlib.contextmanager
-def step_by_step():
-    """The layer runs the step-by-step autograd loop (mean_field(..., fused=False)) inside."""
-    fused_mean_field = crf_module.mean_field
-    crf_module.mean_field = lambda *args, **kwargs: fused_mean_field(*args, **kwargs, fused=False)
+def step_by_step(crf):
+    """The layer `crf` runs the step-by-step autograd loop (CRFRNNLayer(fused=False)) inside."""
+    fused, crf.fused = crf.fused, False
     try:
         yield
     finally:
-        crf_module.mean_field = fused_mean_field
+        crf.fused = fused
 
 
 def saved_bytes(fn):
@@ -137,7 +135,7 @@ def time_layer(crf, crf_ckpt, unary, img, device, repeats, step):
 
     def build():
         with torch.no_grad():
-            return crfrnn.crf.build_crf_lattices(img, crf.bilateral, crf.spatial)
+            return crfrnn.build_crf_lattices(img, crf.bilateral, crf.spatial)
 
     def fwd_bwd(layer):
         u = unary.clone().requires_grad_()
@@ -153,7 +151,7 @@ def time_layer(crf, crf_ckpt, unary, img, device, repeats, step):
            "fwd+bwd ms": time_it(lambda: fwd_bwd(crf), device, repeats),
            "fwd+bwd ckpt ms": time_it(lambda: fwd_bwd(crf_ckpt), device, repeats)}
     if step:
-        with step_by_step():
+        with step_by_step(crf):
             row["fwd+bwd step ms"] = time_it(lambda: fwd_bwd(crf), device, repeats)
     return row
 
@@ -178,7 +176,7 @@ def memory_for_backward(crf, crf_ckpt, unary, img, device):
     """Bytes autograd saves (MB) for the fused ops, the step-by-step loop and checkpointing; on
     CUDA the peak allocation of a forward+backward too."""
     mem = {}
-    runs = (("fused", crf, contextlib.nullcontext), ("step", crf, step_by_step),
+    runs = (("fused", crf, contextlib.nullcontext), ("step", crf, lambda: step_by_step(crf)),
             ("checkpoint", crf_ckpt, contextlib.nullcontext))
     for name, layer, context in runs:
         if device.type == "cuda":

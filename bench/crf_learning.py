@@ -93,10 +93,10 @@ def get_args_parser():
                    help="mean-field iterations while learning (CRF-RNN: 5; default: 5)")
     p.add_argument("--test-iterations", type=int, default=10,
                    help="mean-field iterations of every CRF at test (DeepLab, CRF-RNN: 10; default: 10)")
-    p.add_argument("--compatibility", default="potts", choices=crfrnn.crf.COMPATIBILITY_SHARING,
+    p.add_argument("--compatibility", default="potts", choices=crfrnn.COMPATIBILITY_SHARING,
                    help="learned_full's compatibility sharing (default: potts; 'symmetric' and 'full' "
                         "learn class pairs, which over-fitted rare classes)")
-    p.add_argument("--kernel-weights", default="diagonal", choices=crfrnn.crf.KERNEL_WEIGHT_SHARING,
+    p.add_argument("--kernel-weights", default="diagonal", choices=crfrnn.KERNEL_WEIGHT_SHARING,
                    help="learned_full's kernel-weight sharing (default: diagonal, one weight per class)")
     p.add_argument("--bandwidth-grad", default=None, choices=crfrnn.FEATURE_GRADIENTS,
                    help="learned_full's bandwidth gradient (default: CRFRNNLayer's)")
@@ -352,11 +352,11 @@ def parse_variant(spec):
     """"COMPATIBILITY:KERNEL_WEIGHTS[:BANDWIDTHS]" -> (result name, CRFRNNLayer options);
     BANDWIDTHS is a bandwidth_grad, or "fixed" for matrices only with that sharing."""
     parts = spec.split(":")
-    if not 2 <= len(parts) <= 3 or parts[0] not in crfrnn.crf.COMPATIBILITY_SHARING \
-            or parts[1] not in crfrnn.crf.KERNEL_WEIGHT_SHARING \
+    if not 2 <= len(parts) <= 3 or parts[0] not in crfrnn.COMPATIBILITY_SHARING \
+            or parts[1] not in crfrnn.KERNEL_WEIGHT_SHARING \
             or (len(parts) == 3 and parts[2] not in (*crfrnn.FEATURE_GRADIENTS, "fixed")):
         raise ValueError(f"--also {spec!r}: expected COMPATIBILITY:KERNEL_WEIGHTS[:BANDWIDTHS] with "
-                         f"{crfrnn.crf.COMPATIBILITY_SHARING}, {crfrnn.crf.KERNEL_WEIGHT_SHARING} and "
+                         f"{crfrnn.COMPATIBILITY_SHARING}, {crfrnn.KERNEL_WEIGHT_SHARING} and "
                          f"{(*crfrnn.FEATURE_GRADIENTS, 'fixed')}")
     options = {"compatibility": parts[0], "kernel_weights": parts[1]}
     if len(parts) == 3:

@@ -45,7 +45,7 @@ def get_args_parser():
     p.add_argument("--keep-large-blocks", action="store_true",
                    help="first call train.process.keep_large_blocks_in_the_heap(), as the training "
                         "scripts do: malloc keeps freed large blocks for every job, and the fused "
-                        "forward keeps its marginals for the backward (crfrnn.crf.SAVE_MARGINALS_ON_CPU)")
+                        "forward keeps its marginals for the backward (CRFRNNLayer(keep_marginals=True))")
     p.add_argument("--crfasrnn", metavar="DIR", help="a checkout of sadeepj/crfasrnn_pytorch with its "
                    "extension built (bench/crfasrnn_peer.py): time its forward+backward too")
     return p
@@ -61,7 +61,8 @@ def make_jobs(args):
     img = torch.from_numpy(image).permute(2, 0, 1)[None].float().repeat(args.batch, 1, 1, 1)
     unary = torch.from_numpy(logits)[None].repeat(args.batch, 1, 1, 1)
     params = bench_crf.PARAMS[args.params]
-    crf = crfrnn.CRFRNNLayer(classes, num_iterations=args.iterations, num_eval_iterations=args.iterations, **params)
+    crf = crfrnn.CRFRNNLayer(classes, num_iterations=args.iterations, num_eval_iterations=args.iterations,
+                             keep_marginals=args.keep_large_blocks, **params)
 
     def forward():
         with torch.no_grad():
@@ -71,7 +72,7 @@ def make_jobs(args):
         crf.train()(unary.clone().requires_grad_(), img).logsumexp(1).sum().backward()
 
     def step_by_step():
-        with bench_crf.step_by_step():
+        with bench_crf.step_by_step(crf):
             forward_backward()
 
     jobs = {"fused forward (no grad)": forward, "fused forward+backward": forward_backward,

@@ -8,7 +8,8 @@ Public API:
 from .lattice import (FEATURE_GRADIENTS, MAX_FEATURE_DIM, NORMALIZATIONS, Lattice, bilateral_features,
                       exact_gaussian_filter, max_lattice_points, spatial_features)
 from .ops import EXTENSION_ERROR, has_native_kernel
-from .crf import CRFRNNLayer, mean_field
+from .crf import (COMPATIBILITY_SHARING, CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, KERNEL_WEIGHT_SHARING,
+                  MAX_ITERATIONS, CRFRNNLayer, build_crf_lattices, mean_field, potts_matrices)
 from .functional import dense_crf
 
 __version__ = "0.1.0"

@@ -59,15 +59,6 @@ COMPATIBILITY_SHARING = ("potts", "symmetric", "full")
 KERNEL_WEIGHT_SHARING = ("scalar", "diagonal", "full")
 
 
-#: Whether the fused training forward keeps each iteration's marginals (Tensor[N, P, C] each,
-#: T - 1 of them) for the backward on the CPU, instead of the backward recomputing them from the
-#: unary and the saved grids. Keeping them makes forward+backward about 10% faster, but only
-#: where freed large blocks stay in the heap: glibc maps every block over 32 MB afresh, and the
-#: page faults of a new [T - 1, N, P, C] block each step cost more than the recomputation
-#: saves. train.process.keep_large_blocks_in_the_heap makes that malloc setting and sets this
-#: flag (the training scripts call it). On CUDA the marginals are always kept (the splat reads
-#: them from memory anyway).
-SAVE_MARGINALS_ON_CPU = False
 
 #: How far (in 0..255 units) de-normalised colours may stray outside 0..255 before the layer
 #: warns that the image seems not normalised as declared (rounding and augmentations stray a bit).
@@ -204,7 +195,8 @@ def _can_fuse(unary, lattices):
                     for lat in lattices))
 
 
-def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint=False):
+def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint=False,
+                      keep_marginals=False):
     """All iterations in one fused op (see csrc/cpu/mean_field_cpu.cpp). The result has `unary`'s
     memory layout (a channels-first unary stays channels first).
 
@@ -214,14 +206,14 @@ def _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, chec
     on CUDA, the marginals (its splat reads them from memory anyway). On the CPU the backward
     recomputes each iteration's marginals from the unary and the saved grids, in the pass over
     the points it makes anyway, instead of keeping a Tensor[N, P, C] per iteration, unless
-    SAVE_MARGINALS_ON_CPU is set."""
+    `keep_marginals`."""
     splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, unary.dtype) for lat in lattices))
     args = (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(unary.dtype) for lat in lattices],
             list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices],
             [m.to(unary.dtype) for m in pairwise], num_iterations)
     if checkpoint or not _wants_grad(unary, pairwise, lattices):
         return torch.ops.crfrnn.mean_field_inference(*args)
-    save_marginals = unary.device.type == "cuda" or SAVE_MARGINALS_ON_CPU
+    save_marginals = unary.device.type == "cuda" or bool(keep_marginals)
     return torch.ops.crfrnn.mean_field_forward(*args, save_marginals)[0]
 
 
@@ -247,7 +239,8 @@ def _check_mean_field_args(unary, lattices, pairwise, num_iterations):
             raise ValueError(f"pairwise matrix {i} must be [C, C] = [{c}, {c}], got {tuple(mat.shape)}")
 
 
-def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False, fused=True):
+def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False, fused=True,
+               keep_marginals=False):
     """Run `num_iterations` mean-field iterations on prebuilt lattices (channels last).
 
     Args:
@@ -262,6 +255,13 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
             iteration; the fused ops: all of them).
         fused (bool): run the fused ops when they apply (default); False forces the step-by-step
             loop (the oracle the fused ops are tested against).
+        keep_marginals (bool): on the CPU, the fused training forward keeps each iteration's
+            marginals (T - 1 Tensor[N, P, C]) for the backward instead of the backward
+            recomputing them from the unary and the saved grids (the same bits either way).
+            About 10% off forward+backward, but only where freed large blocks stay in the heap:
+            glibc maps every block over 32 MB afresh, and the page faults of a new
+            [T - 1, N, P, C] block each step then cost more than the recomputation saves (the
+            training scripts set both). On CUDA the marginals are always kept.
 
     When the lattices are the compiled backend's on a device with the fused ops (CPU; CUDA when
     built with it), all iterations run in one op, which applies the C x C matrices on the lattice
@@ -282,7 +282,7 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if fused and _can_fuse(unary, lattices):
-        return _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint)
+        return _fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint, keep_marginals)
     unary = unary.contiguous()
     q = torch.softmax(unary, dim=-1)
     logits = unary
@@ -361,6 +361,13 @@ class CRFRNNLayer(nn.Module):
             "gaussian" (default; the Gaussian's derivative formula evaluated with the lattice) or
             "lattice" (the lattice's own gradient; cheaper, but its colour-bandwidth derivative
             can have the wrong sign on real images: bench/bandwidth_gradient.py). See `Lattice`.
+        fused (bool): run all iterations in the fused ops where they apply (default); False runs
+            the step-by-step autograd loop (the same results to float rounding; the oracle the
+            fused ops are tested against, and a baseline to time them against).
+        keep_marginals (bool): see `mean_field`: the CPU's fused training forward keeps each
+            iteration's marginals for the backward (faster only where the process keeps freed
+            large blocks in its heap, as the training scripts make it). A setting of the
+            process, not of the model: `config()` leaves it out.
 
     Learnable parameters (initial values from `bilateral`/`spatial`): ``bilateral_weight`` and
     ``spatial_weight`` (W_m: Tensor[] for "scalar", Tensor[C] for "diagonal", Tensor[C, C] for
@@ -409,7 +416,7 @@ class CRFRNNLayer(nn.Module):
                  bilateral=CRFRNN_PARAMS["bilateral"], spatial=CRFRNN_PARAMS["spatial"],
                  image_mean=None, image_std=None, normalize="symmetric", checkpoint=False,
                  backend="auto", learn_bandwidths=False, compatibility="full", kernel_weights="full",
-                 bandwidth_grad="gaussian"):
+                 bandwidth_grad="gaussian", fused=True, keep_marginals=False):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -426,6 +433,8 @@ class CRFRNNLayer(nn.Module):
         self.num_classes = num_classes
         bilateral, spatial = _parse_kernels(bilateral, spatial)
         self.checkpoint = bool(checkpoint)
+        self.fused = bool(fused)
+        self.keep_marginals = bool(keep_marginals)
         self.backend = backend
         self.learn_bandwidths = bool(learn_bandwidths)
         self.compatibility_sharing = compatibility
@@ -726,7 +735,8 @@ class CRFRNNLayer(nn.Module):
                 "image_std": plain(self.image_std), "normalize": self.normalize,
                 "checkpoint": self.checkpoint, "backend": self.backend,
                 "learn_bandwidths": self.learn_bandwidths, "compatibility": self.compatibility_sharing,
-                "kernel_weights": self.kernel_weight_sharing, "bandwidth_grad": self.bandwidth_grad}
+                "kernel_weights": self.kernel_weight_sharing, "bandwidth_grad": self.bandwidth_grad,
+                "fused": self.fused}
 
     def extra_repr(self):
         (bxy, brgb), (sxy,) = self.sigmas()
@@ -740,6 +750,8 @@ class CRFRNNLayer(nn.Module):
             s += f", image_mean={self.image_mean.flatten().tolist()}, image_std={self.image_std.flatten().tolist()}"
         if self.checkpoint:
             s += ", checkpoint=True"
+        if not self.fused:
+            s += ", fused=False"
         return s
 
     # -- forward ---------------------------------------------------------------------------------
@@ -792,6 +804,11 @@ class CRFRNNLayer(nn.Module):
         state["_last_spatial"] = None
         state.pop("_freeze_hooks", None)  # the copy's parameters carry no hooks
         return state
+
+    def __setstate__(self, state):
+        # (Layers pickled before these settings existed ran fused, recomputing the marginals.)
+        self.__dict__.update({"fused": True, "keep_marginals": False})
+        super().__setstate__(state)
 
     def kernel_weight_matrices(self, dtype=torch.float32):
         """[W_bilateral, W_spatial]: each kernel's C x C weight matrix, whatever the sharing."""
@@ -847,7 +864,8 @@ class CRFRNNLayer(nn.Module):
             # [N, P, C], a view of the channels-first memory: the fused op reads and writes that
             # layout directly (the loop makes it contiguous).
             u = unary.to(dtype).flatten(2).transpose(1, 2)
-            logits = mean_field(u, lattices, pairwise, num_iterations, self.normalize, self.checkpoint)
+            logits = mean_field(u, lattices, pairwise, num_iterations, self.normalize, self.checkpoint,
+                                fused=self.fused, keep_marginals=self.keep_marginals)
             out = logits.transpose(1, 2).reshape(n, c, h, w)
         self._check_values(unary, image, rgb, pairwise, out)
         return out

@@ -327,8 +327,8 @@ def test_fused_gradients_equal_the_loop_in_float64(normalize):
 
 
 def test_saved_marginals_give_the_recomputed_bits(monkeypatch):
-    """crfrnn.crf.SAVE_MARGINALS_ON_CPU (set by the training scripts): the forward keeps Q, the
-    backward reads it instead of recomputing it, with the same arithmetic, so the same bits."""
+    """mean_field(..., keep_marginals=True) (what the training scripts ask for): the forward keeps
+    Q, the backward reads it instead of recomputing it, with the same arithmetic, so the same bits."""
     unary, lattices, pairwise = inputs(n=2, c=21, h=23, w=19)
     grad_out = torch.randn(unary.shape, generator=torch.Generator().manual_seed(2))
     flags, forward = [], torch.ops.crfrnn.mean_field_forward
@@ -339,8 +339,8 @@ def test_saved_marginals_give_the_recomputed_bits(monkeypatch):
     monkeypatch.setattr(torch.ops.crfrnn, "mean_field_forward", spy)
     results = []
     for save in (False, True):
-        monkeypatch.setattr(crf_module, "SAVE_MARGINALS_ON_CPU", save)
-        results.append(values_and_gradients(unary, lattices, pairwise, 5, "symmetric", grad_out))
+        results.append(values_and_gradients(unary, lattices, pairwise, 5, "symmetric", grad_out,
+                                            keep_marginals=save))
     assert flags == [False, True]
     recomputed, saved = results
     for a, b in zip([recomputed[0], recomputed[1], *recomputed[2]], [saved[0], saved[1], *saved[2]]):
@@ -383,16 +383,9 @@ def test_layer_gradients_equal_the_loop_on_a_batch_of_real_size():
     target = torch.randint(0, 21, (2, 60, 80), generator=g)
     results = []
     for fused_ops in (True, False):
-        crf = CRFRNNLayer.deeplab_largefov(21)
-        if not fused_ops:
-            crf.train()
-            crf_module_mean_field = crf_module.mean_field
-            forced = lambda *a, **k: crf_module_mean_field(*a, fused=False, **k)  # noqa: E731
+        crf = CRFRNNLayer.deeplab_largefov(21, fused=fused_ops)
         u = unary.clone().requires_grad_()
-        with pytest.MonkeyPatch.context() as m:
-            if not fused_ops:
-                m.setattr(crf_module, "mean_field", forced)
-            loss = torch.nn.functional.cross_entropy(crf(u, image), target)
+        loss = torch.nn.functional.cross_entropy(crf(u, image), target)
         loss.backward()
         results.append([u.grad] + [p.grad for p in crf.parameters()])
     for got, expected in zip(*results):
@@ -414,12 +407,8 @@ def test_learned_crf_options_fuse_or_fall_back(monkeypatch, sharing):
     monkeypatch.setattr(torch.ops.crfrnn, "mean_field_forward", lambda *a: calls.append(1) or real(*a))
     grads = []
     for fused_ops in (True, False):
-        crf = CRFRNNLayer(5, num_iterations=3, **KERNELS, **sharing)
-        with pytest.MonkeyPatch.context() as m:
-            if not fused_ops:
-                loop_only = crf_module.mean_field
-                m.setattr(crf_module, "mean_field", lambda *a, **k: loop_only(*a, **k, fused=False))
-            crf(unary, image).logsumexp(1).sum().backward()
+        crf = CRFRNNLayer(5, num_iterations=3, **KERNELS, **sharing, fused=fused_ops)
+        crf(unary, image).logsumexp(1).sum().backward()
         grads.append({name: p.grad for name, p in crf.named_parameters()})
         if fused_ops:
             assert calls == ([] if sharing.get("learn_bandwidths") else [1])

@@ -105,6 +105,7 @@ def main(args):
     net.eval()
 
     crf = options.build_crf(args)
+    crf.keep_marginals = info.keep_marginals
     joint = models.DeepLabCRF(net, crf).to(info.device)
     initial, init_examples = engine.evaluate(joint, run.val_loader, args.num_classes, info.device,
                                              bands=args.bands, class_names=run.class_names, amp=args.amp,
@@ -120,6 +121,7 @@ def main(args):
         # and its --resume searches again)
         crf = options.build_crf(argparse.Namespace(**{**vars(args), "bilateral": [best["sxy"], best["srgb"],
                                                                                   best["w1"]]}))
+        crf.keep_marginals = info.keep_marginals
         joint = models.DeepLabCRF(net, crf).to(info.device)
         log(f"best on {grid['samples']} images: w1 {best['w1']:g}, σα {best['sxy']:g}, "
             f"σβ {best['srgb']:g} (mIoU {100 * best['miou']:.2f})")

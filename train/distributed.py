@@ -24,6 +24,9 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    #: whether a CRF trained in this process keeps its marginals for the backward (see
+    #: train.process.keep_large_blocks_in_the_heap)
+    keep_marginals: bool = False
 
     @property
     def is_main(self) -> bool:

@@ -90,6 +90,7 @@ def main(args):
     if crf is None:
         crf = options.build_crf(args)
     joint = models.DeepLabCRF(net, crf).to(info.device)
+    joint.crf.keep_marginals = info.keep_marginals
     if args.freeze_crf:
         joint.freeze_crf()
     if resumed is not None:   # the "before" evaluation is kept in the checkpoint

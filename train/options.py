@@ -17,7 +17,7 @@ import os
 
 import crfrnn
 import models
-from crfrnn.crf import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS
+from crfrnn import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS
 
 from .data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, SegmentationSet, build_dataset, eval_transform,
                    train_transform)
@@ -177,11 +177,11 @@ def add_crf_args(p: argparse.ArgumentParser, training: bool = True):
                             "better mIoU in bench/crf_learning.py)")
         g.add_argument("--learn-bandwidths", action="store_true",
                        help="learn the CRF's bandwidths (σα, σβ, σγ) by gradient too, as log-parameters")
-        g.add_argument("--compatibility", choices=crfrnn.crf.COMPATIBILITY_SHARING,
+        g.add_argument("--compatibility", choices=crfrnn.COMPATIBILITY_SHARING,
                        default=_LAYER_DEFAULTS["compatibility"],
                        help="sharing of the CRF's compatibility matrix: potts (fixed 1 - I), symmetric or "
                             "full (CRF-RNN's)")
-        g.add_argument("--kernel-weights", choices=crfrnn.crf.KERNEL_WEIGHT_SHARING,
+        g.add_argument("--kernel-weights", choices=crfrnn.KERNEL_WEIGHT_SHARING,
                        default=_LAYER_DEFAULTS["kernel_weights"],
                        help="sharing of each kernel's weight matrix: scalar, diagonal or full (CRF-RNN's)")
         g.add_argument("--bandwidth-grad", choices=crfrnn.FEATURE_GRADIENTS,

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-import crfrnn
 from . import distributed as dist_utils
 from .engine import NonFiniteLossError
 from .options import finalize
@@ -23,9 +22,9 @@ def keep_large_blocks_in_the_heap() -> bool:
     glibc serves every block over 32 MB with mmap and unmaps it on free, so on the CPU each
     [N, H*W, C] tensor of a CRF iteration (63 MB at N = 4, 500x375, C = 21) page-faults afresh
     at every step: batch-4 forward+backward ran about 1.8x slower per image than batch 1 (see
-    README, `MALLOC_MMAP_MAX_=0 python bench/crf.py`). When the setting takes, the fused CRF also
-    keeps its marginals for the backward (crfrnn.crf.SAVE_MARGINALS_ON_CPU). Returns whether the
-    setting took.
+    README, `MALLOC_MMAP_MAX_=0 python bench/crf.py`). When the setting takes, the fused CRF may
+    as well keep its marginals for the backward (``CRFRNNLayer(keep_marginals=True)``: about 10%
+    off forward+backward). Returns whether the setting took.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -35,9 +34,6 @@ def keep_large_blocks_in_the_heap() -> bool:
         took = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):  # not glibc (musl, ...): leave malloc alone
         return False
-    # Fresh blocks no longer page-fault, so the fused CRF forward may as well keep its marginals
-    # for the backward (crfrnn.crf.SAVE_MARGINALS_ON_CPU: about 10% off forward+backward).
-    crfrnn.crf.SAVE_MARGINALS_ON_CPU = took
     return took
 
 
@@ -54,13 +50,13 @@ def set_cpu_threads(threads: int, info: dist_utils.DistInfo):
 def setup(args) -> dist_utils.DistInfo:
     """Finish the options (:func:`train.options.finalize`), join the process group, set the CPU
     threads (``--threads``), on the CPU keep large freed blocks in the heap
-    (:func:`keep_large_blocks_in_the_heap`). Returns this process's
-    :class:`train.distributed.DistInfo`."""
+    (:func:`keep_large_blocks_in_the_heap`; ``info.keep_marginals`` says whether the CRF should
+    then keep its marginals). Returns this process's :class:`train.distributed.DistInfo`."""
     finalize(args)
     info = dist_utils.init_distributed(args.device)
     set_cpu_threads(args.threads, info)
     if info.device.type == "cpu":
-        keep_large_blocks_in_the_heap()
+        info.keep_marginals = keep_large_blocks_in_the_heap()
     return info
 
 
