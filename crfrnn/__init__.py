@@ -2,14 +2,22 @@
 
 Public API:
     Lattice, exact_gaussian_filter, bilateral_features, spatial_features, max_lattice_points
-        (the lattice engine)
-    CRFRNNLayer, mean_field, dense_crf  (the mean-field CRF layer and one-call post-processing)
+        (the lattice engine: crfrnn.lattice, crfrnn.features)
+    mean_field, build_crf_lattices, potts_matrices, CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS
+        (the functional mean field: crfrnn.inference)
+    CRFRNNLayer (the trainable layer: crfrnn.layer), dense_crf (one-call post-processing:
+        crfrnn.functional)
+    COMPATIBILITY_SHARING, KERNEL_WEIGHT_SHARING (parameter sharing: crfrnn.sharing),
+        MAX_ITERATIONS (crfrnn.checks)
 """
-from .lattice import (FEATURE_GRADIENTS, MAX_FEATURE_DIM, NORMALIZATIONS, Lattice, bilateral_features,
-                      exact_gaussian_filter, max_lattice_points, spatial_features)
+from .lattice import (FEATURE_GRADIENTS, MAX_FEATURE_DIM, NORMALIZATIONS, Lattice, exact_gaussian_filter,
+                      max_lattice_points)
+from .features import bilateral_features, spatial_features
 from .ops import EXTENSION_ERROR, has_native_kernel
-from .crf import (COMPATIBILITY_SHARING, CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, KERNEL_WEIGHT_SHARING,
-                  MAX_ITERATIONS, CRFRNNLayer, build_crf_lattices, mean_field, potts_matrices)
+from .checks import MAX_ITERATIONS
+from .sharing import COMPATIBILITY_SHARING, KERNEL_WEIGHT_SHARING
+from .inference import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, build_crf_lattices, mean_field, potts_matrices
+from .layer import CRFRNNLayer
 from .functional import dense_crf
 
 __version__ = "0.1.0"

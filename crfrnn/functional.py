@@ -15,9 +15,9 @@ on the permutohedral lattice of this package (C++ or CUDA when built, any device
 import numpy as np
 import torch
 
-from .crf import (_DARKEST_0_TO_1_MAX, _IMAGE_DTYPES, CRFRNN_PARAMS, _iteration_count, _parse_kernels,
-                  _warn_colours_in_0_to_1, build_crf_lattices, mean_field, potts_matrices)
+from . import checks
 from .lattice import NORMALIZATIONS, check_lattice_size
+from .inference import CRFRNN_PARAMS, build_crf_lattices, mean_field, potts_matrices
 
 __all__ = ["dense_crf"]
 
@@ -38,7 +38,7 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
         image (ndarray or Tensor [H, W, 3]): RGB, uint8 (or float or another integer type, in
             0..255).
         probs (ndarray or Tensor [C, H, W]): class probabilities per pixel (e.g. a softmax).
-        num_iterations (int): mean-field iterations, 0..crfrnn.crf.MAX_ITERATIONS (default 10).
+        num_iterations (int): mean-field iterations, 0..crfrnn.MAX_ITERATIONS (default 10).
         bilateral ((sigma_xy, sigma_rgb, weight)): appearance kernel, as pydensecrf's
             addPairwiseBilateral(sxy, srgb, rgbim, compat); default CRF-RNN's (160, 3, 5).
             DeepLab-LargeFOV's is (121, 5, 4); densecrf's demo uses (80, 13, 10).
@@ -73,18 +73,15 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
     if tuple(img.shape[:2]) != tuple(p.shape[1:]):
         raise ValueError(f"image {tuple(img.shape)} and probs {tuple(p.shape)} sizes differ: image "
                          "must be [H, W, 3] for probs [C, H, W]")
-    if img.dtype not in _IMAGE_DTYPES:
-        raise TypeError(f"image must be real RGB in 0..255 (uint8, a signed integer or float16/bfloat16/32/64), "
-                        f"got {img.dtype}")
+    checks.image_dtype(img, "[H, W, 3]")
     if p.device.type == "meta":
         raise ValueError("dense_crf needs probabilities with values, got meta tensors")
     check_lattice_size(img.shape[0] * img.shape[1], 5, f"image {tuple(img.shape)}")
-    num_iterations = _iteration_count(num_iterations)
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    num_iterations = checks.iteration_count(num_iterations)
+    checks.choice("normalize", normalize, NORMALIZATIONS)
     if not (isinstance(clip, (int, float)) and 0 < clip < 1):
         raise ValueError(f"clip must be in (0, 1), got {clip!r}")
-    bil, spa = _parse_kernels(bilateral, spatial)
+    bil, spa = checks.kernel_parameters(bilateral, spatial)
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
     p = p.to(dtype)
     if not torch.isfinite(p).all() or (p < 0).any():
@@ -95,8 +92,8 @@ def dense_crf(image, probs, num_iterations=10, bilateral=CRFRNN_PARAMS["bilatera
     if img.dtype != torch.uint8 and img.numel() and (img.amin() < 0 or img.amax() > 255):
         raise ValueError(f"image must be RGB in 0..255 (uint8, or another dtype in that range), got "
                          f"{img.dtype} values in [{img.amin().item():g}, {img.amax().item():g}]")
-    if img.is_floating_point() and img.numel() and _DARKEST_0_TO_1_MAX < float(img.amax()) <= 1:
-        _warn_colours_in_0_to_1(stacklevel=3)  # at the caller of dense_crf
+    if img.is_floating_point() and img.numel() and checks.DARKEST_0_TO_1_MAX < float(img.amax()) <= 1:
+        checks.warn_colours_in_0_to_1(stacklevel=2)  # at the caller of dense_crf
 
     c, h, w = p.shape
     unary = torch.log(p.clamp(min=clip, max=1.0)).flatten(1).t().unsqueeze(0)  # [1, P, C]

@@ -222,7 +222,7 @@ def _refuse_lattice_gradients(op_name, weights, splat_scale, slice_scale):
         raise RuntimeError(
             f"{op_name} gives gradients for the unary and the pairwise matrices only, but a lattice "
             "weight or normalisation scale requires grad (learned bandwidths?): run the iterations "
-            "step by step (crfrnn.crf.mean_field(..., fused=False)), or detach them")
+            "step by step (crfrnn.mean_field(..., fused=False)), or detach them")
 
 
 def _save_mean_field_inputs(ctx, unary, lattice, pairwise, iterations, extra=()):

@@ -20,6 +20,8 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import nn
 
+import crfrnn
+
 from .files import atomic_write, load_torch_file
 from .joint import DeepLabCRF
 from .vgg_deeplab import DeepLab
@@ -74,7 +76,10 @@ def _crf_config(crf: nn.Module) -> Dict[str, Any]:
     if not isinstance(config, dict):
         raise TypeError(f"{cls.__name__}.config must be a dict of constructor arguments, got "
                         f"{type(config).__name__}")
-    return {"class": f"{cls.__module__}.{cls.__qualname__}",
+    # The package's own name for its classes ("crfrnn.CRFRNNLayer"), which survives a move
+    # between its modules.
+    module = "crfrnn" if getattr(crfrnn, cls.__qualname__, None) is cls else cls.__module__
+    return {"class": f"{module}.{cls.__qualname__}",
             "config": {k: _plain(v) for k, v in config.items()}}
 
 
@@ -95,6 +100,8 @@ def model_config(model: nn.Module) -> Dict[str, Any]:
 
 def _build_crf(entry: Dict[str, Any]) -> nn.Module:
     module_name, _, qualname = entry["class"].rpartition(".")
+    if module_name == "crfrnn.crf":  # checkpoints written when the layer lived in crfrnn/crf.py
+        module_name = "crfrnn"
     if not (module_name == "crfrnn" or module_name.startswith("crfrnn.")):
         raise ValueError(f"refusing to rebuild CRF class {entry['class']!r}: only crfrnn classes are "
                          f"rebuilt from checkpoints")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import crfrnn
-from crfrnn.crf import CRFRNNLayer, build_crf_lattices, mean_field, potts_matrices
+from crfrnn import CRFRNNLayer, build_crf_lattices, mean_field, potts_matrices
 
 NATIVE = crfrnn.has_native_kernel("cpu")
 BACKENDS = ["reference"] + (["native"] if NATIVE else [])
@@ -369,13 +369,13 @@ def test_cuda_autocast_float16():
 def test_lattices_are_built_once_per_forward_and_reused_in_backward(monkeypatch):
     """Two lattices per forward, none rebuilt by the iterations, backward or checkpoint recompute."""
     built = []
-    real = crfrnn.crf.Lattice
+    real = crfrnn.inference.Lattice
 
     def counting(*args, **kwargs):
         built.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(crfrnn.crf, "Lattice", counting)
+    monkeypatch.setattr(crfrnn.inference, "Lattice", counting)
     unary, image = make_inputs(n=2, c=3, h=8, w=7)
     for ckpt in (False, True):
         built.clear()

@@ -16,7 +16,7 @@ dcrf = pytest.importorskip("pydensecrf.densecrf")
 from pydensecrf.utils import unary_from_labels, unary_from_softmax  # noqa: E402
 
 import crfrnn  # noqa: E402
-from crfrnn.crf import CRFRNNLayer  # noqa: E402
+from crfrnn import CRFRNNLayer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import densecrf_peer  # noqa: E402

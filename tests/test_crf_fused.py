@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import crfrnn.crf as crf_module
+import crfrnn.inference as inference
 from crfrnn import ops
-from crfrnn.crf import CRFRNNLayer, build_crf_lattices, mean_field
+from crfrnn import CRFRNNLayer, build_crf_lattices, mean_field
 
 pytestmark = pytest.mark.skipif("cpu" not in ops.FUSED_MEAN_FIELD_DEVICE_TYPES,
                                 reason="the C++ extension (fused op) is not built")
@@ -36,8 +36,8 @@ def loop(unary, lattices, pairwise, iterations, normalize):
 
 
 def fused(unary, lattices, pairwise, iterations, normalize):
-    assert crf_module._can_fuse(unary, lattices)
-    return crf_module._fused_mean_field(unary, lattices, pairwise, iterations, normalize)
+    assert inference.can_fuse(unary, lattices)
+    return inference.fused_mean_field(unary, lattices, pairwise, iterations, normalize)
 
 
 @pytest.mark.parametrize("normalize", ["symmetric", "after", "none"])
@@ -60,7 +60,7 @@ def test_calls_of_every_size_in_turn_give_the_same_bits():
 
     def forward_and_backward(unary, lattices, pairwise):
         u = unary.clone().requires_grad_()
-        out = crf_module._fused_mean_field(u, lattices, pairwise, 3, "symmetric")
+        out = inference.fused_mean_field(u, lattices, pairwise, 3, "symmetric")
         out.square().sum().backward()
         return out.detach(), u.grad
 
@@ -124,7 +124,7 @@ def test_layer_picks_the_fused_op_for_the_job(monkeypatch):
     torch.testing.assert_close(a, ref, atol=1e-4, rtol=1e-4)
     unary, lattices, pairwise = inputs(n=1, c=3)
     lattices[0].differentiable = True             # what a lattice for learned bandwidths says
-    assert not crf_module._can_fuse(unary, lattices)
+    assert not inference.can_fuse(unary, lattices)
     mean_field(unary, lattices, pairwise, 2)
     assert calls == []
 
@@ -251,7 +251,7 @@ def test_direct_op_calls_with_bad_arguments_raise():
 
 
 def op_args(unary, lattices, pairwise, iterations, normalize="symmetric"):
-    """The arguments of crfrnn::mean_field_inference, as crfrnn.crf._fused_mean_field gives them."""
+    """The arguments of crfrnn::mean_field_inference, as crfrnn.inference.fused_mean_field gives them."""
     splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, unary.dtype) for lat in lattices))
     return (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(unary.dtype) for lat in lattices],
             list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices], pairwise, iterations)
@@ -352,7 +352,7 @@ def test_saved_marginals_give_the_recomputed_bits(monkeypatch):
 def test_fused_gradcheck_float64(normalize, checkpoint):
     """Numeric against analytic gradients of the fused ops, for the unary and both matrices."""
     unary, lattices, pairwise = inputs(n=2, c=3, h=5, w=4, dtype=torch.float64, scale=1.0)
-    assert crf_module._can_fuse(unary, lattices)
+    assert inference.can_fuse(unary, lattices)
 
     def run(u, a, b):
         return mean_field(u, lattices, [a, b], 3, normalize, checkpoint=checkpoint)
@@ -532,7 +532,7 @@ def test_cuda_fused_ops_equal_the_step_by_step_loop_and_the_cpu(layout, checkpoi
     cuda_unary, cuda_lattices, cuda_pairwise = inputs(n=2, c=21, h=23, w=19, device="cuda")
     if layout == "channels_first":
         cuda_unary = cuda_unary.transpose(1, 2).contiguous().transpose(1, 2)
-    assert crf_module._can_fuse(cuda_unary, cuda_lattices)
+    assert inference.can_fuse(cuda_unary, cuda_lattices)
     runs = [values_and_gradients(cuda_unary, cuda_lattices, cuda_pairwise, 5, "symmetric", grad_out.cuda(),
                                  checkpoint=checkpoint) for _ in range(2)]
     loop = values_and_gradients(cuda_unary, cuda_lattices, cuda_pairwise, 5, "symmetric", grad_out.cuda(),

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import crfrnn
-from crfrnn import crf as crf_module
-from crfrnn.crf import CRFRNNLayer, mean_field
+from crfrnn import inference
+from crfrnn import sharing
+from crfrnn import CRFRNNLayer, mean_field
 
 NATIVE = crfrnn.has_native_kernel("cpu")
 KERNELS = dict(bilateral=(4.0, 30.0, 3.0), spatial=(2.0, 1.0))
@@ -79,8 +80,8 @@ def test_learned_bandwidths_are_parameters_with_gradients():
 @pytest.mark.skipif(not NATIVE, reason="the fused op and the C++ backend are needed")
 def test_learned_bandwidths_at_inference_use_the_fused_op_and_the_kept_lattice(monkeypatch):
     calls = []
-    real = crf_module._fused_mean_field
-    monkeypatch.setattr(crf_module, "_fused_mean_field", lambda *a: calls.append(1) or real(*a))
+    real = inference.fused_mean_field
+    monkeypatch.setattr(inference, "fused_mean_field", lambda *a: calls.append(1) or real(*a))
     unary, image, labels = two_region_problem()
     crf = CRFRNNLayer(2, num_iterations=2, learn_bandwidths=True, **KERNELS)
     layer_loss(crf, unary.float(), image, labels).backward()  # training: step by step
@@ -127,7 +128,7 @@ def test_lattice_bandwidth_gradient_is_the_derivative_of_the_layer():
             crf.bilateral_log_sigma.copy_(bil.detach())
             crf.spatial_log_sigma.copy_(spa.detach())
         bil_t, spa_t = bil.exp(), spa.exp()
-        lattices = crf_module.build_crf_lattices(image, (bil_t[0], bil_t[1]), (spa_t[0],), "reference")
+        lattices = inference.build_crf_lattices(image, (bil_t[0], bil_t[1]), (spa_t[0],), "reference")
         u = unary.flatten(2).transpose(1, 2)
         return mean_field(u, lattices, crf.pairwise_matrices(torch.float64), 2, crf.normalize)
 
@@ -189,8 +190,8 @@ def test_learning_moves_the_bandwidths_the_right_way():
 # ------------------------------------------------------------------------------------------
 # Parameter sharing
 
-@pytest.mark.parametrize("compatibility", crfrnn.crf.COMPATIBILITY_SHARING)
-@pytest.mark.parametrize("kernel_weights", crfrnn.crf.KERNEL_WEIGHT_SHARING)
+@pytest.mark.parametrize("compatibility", crfrnn.COMPATIBILITY_SHARING)
+@pytest.mark.parametrize("kernel_weights", crfrnn.KERNEL_WEIGHT_SHARING)
 def test_sharing_modes_are_their_full_matrices(compatibility, kernel_weights):
     """Every sharing computes what the full layer computes with its effective matrices; the
     parameter shapes are the documented ones; symmetric stays symmetric."""
@@ -241,7 +242,7 @@ def test_frozen_classes_keep_their_entries_while_the_rest_learns(compatibility, 
         opt.zero_grad()
         layer_loss(crf, unary, image, labels).backward()
         opt.step()
-    mu, before_mu = crf.compatibility_matrix(torch.float64), crf_module._compatibility_matrix(
+    mu, before_mu = crf.compatibility_matrix(torch.float64), sharing.compatibility_matrix(
         before["compatibility"], compatibility, 6, torch.float64, None)
     frozen = torch.zeros(6, 6, dtype=torch.bool)
     frozen[4:, :] = frozen[:, 4:] = True
@@ -331,8 +332,13 @@ def test_fixed_bandwidths_follow_loads_in_every_state():
     double = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0)).double()
     double.load_state_dict(source.double().state_dict())
     assert double.bilateral[:2] == pytest.approx((50.0, 7.0)) and double.spatial[0] == pytest.approx(5.0)
-    old = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0))
-    del old._bandwidths_seen
+    # An old pickle: the fixed floats in `_fixed_sigmas`, before their bookkeeping object existed.
+    state = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0)).__getstate__()
+    del state["_bandwidths"]
+    state["_fixed_sigmas"] = ((80.0, 13.0), (3.0,))
+    old = CRFRNNLayer.__new__(CRFRNNLayer)
+    old.__setstate__(state)
+    assert old.bilateral[:2] == (80.0, 13.0)
     old.load_state_dict(source.float().state_dict())
     assert old.bilateral[:2] == pytest.approx((50.0, 7.0))
     with torch.device("meta"):

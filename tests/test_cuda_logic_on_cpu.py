@@ -371,7 +371,7 @@ def test_voc_crop_equals_cpu(harness, tmp_path, shared_data):
 def mean_field_inputs(n, c, h, w, dtype, seed):
     """(unary [N, P, C], lattices, pairwise, grad [N, P, C]) of a small CRF on an image with flat
     colour blocks (shared bilateral vertices) and noise."""
-    from crfrnn.crf import build_crf_lattices
+    from crfrnn import build_crf_lattices
     g = torch.Generator().manual_seed(seed)
     image = torch.nn.functional.interpolate(torch.rand(n, 3, 3, 3, generator=g, dtype=torch.float64) * 255,
                                             size=(h, w))

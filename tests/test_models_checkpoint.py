@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 CRFRNNLayer = getattr(crfrnn, "CRFRNNLayer", None)
 if CRFRNNLayer is None:
-    from crfrnn.crf import CRFRNNLayer
+    from crfrnn import CRFRNNLayer
 
 
 def _perturb(model):

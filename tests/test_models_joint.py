@@ -9,7 +9,7 @@ from helpers import normalised_image
 
 CRFRNNLayer = getattr(crfrnn, "CRFRNNLayer", None)
 if CRFRNNLayer is None:                       # exported from crfrnn/__init__ by the lead
-    from crfrnn.crf import CRFRNNLayer
+    from crfrnn import CRFRNNLayer
 
 C = 4
 

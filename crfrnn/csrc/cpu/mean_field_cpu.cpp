@@ -7,7 +7,7 @@
 //   crfrnn::mean_field_backward   the gradients of the unary and of every C x C matrix from the
 //                                 logits' gradient, running the iterations backwards.
 //
-// The autograd path (crfrnn/crf.py) runs each iteration as separate ops: two lattice filters,
+// The autograd path (crfrnn/inference.py) runs each iteration as separate ops: two lattice filters,
 // two C x C matmuls on the P pixels, the unary addition and a softmax, each a pass over
 // P x C values. Here one iteration is
 //

@@ -1,0 +1,203 @@
+"""Mean-field inference of a fully connected CRF on prebuilt lattices: the functional core that
+`CRFRNNLayer` and `dense_crf` run.
+
+One iteration (Zheng et al. 2015, Sec. 4), for kernels m (e.g. bilateral: position + colour,
+spatial: position), on channels-last tensors [N, P, C]:
+
+    message passing   Q~_m = K_m(Q)                   normalised Gaussian filter (lattice)
+    weighting and
+    compatibility     A_m = mu W_m                    one C x C matrix per kernel
+    unary addition    L   = U - sum_m A_m Q~_m        U: the unary logits
+    normalisation     Q   = softmax(L)
+
+starting from Q = softmax(U); `mean_field` returns the last L.
+
+Conventions, and how they relate to Krähenbühl's densecrf (the test oracle):
+
+- densecrf's energy is E = -U; its iteration is Q = softmax(-E + sum_m w_m Kn_m(Q)) (Potts
+  compatibility w applied as -w x). With mu = 1 - I and W_m = w_m I our logits are
+  L(l) = U(l) - sum_m w_m (S_m - Kn_m(Q)(l)), with S_m = sum_l' Kn_m(Q)(l'): S_m depends on the
+  point but not on the label, so softmax(L) is exactly densecrf's Q. (CRF-RNN's Caffe code
+  starts mu at -I, which is the same up to the same per-point shift; 1 - I is the Potts model of
+  the paper and keeps L on the scale of U.)
+- The kernels include the self term j = i, as densecrf and CRF-RNN's code do (the lattice
+  cannot exclude it, and the paper's sum over j != i is only notation there).
+- Normalisation: "symmetric", n K(n Q) with n = 1/sqrt(K 1), is densecrf's default
+  (NORMALIZE_SYMMETRIC) and therefore ours; "after", K Q / K 1, is CRF-RNN's.
+- Features: (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) with x the column and y the row and colours
+  in 0..255, as densecrf's addPairwiseBilateral; (x/sxy, y/sxy) for the spatial kernel.
+"""
+import torch
+import torch.utils.checkpoint as torch_checkpoint
+
+from . import checks, ops
+from .features import bilateral_features, spatial_features
+from .lattice import NORMALIZATIONS, Lattice
+
+__all__ = ["mean_field", "build_crf_lattices", "potts_matrices", "CRFRNN_PARAMS", "DEEPLAB_LARGEFOV_PARAMS"]
+
+#: CRF-RNN's kernel parameters: bilateral (sigma_xy, sigma_rgb, weight), spatial (sigma_xy, weight).
+CRFRNN_PARAMS = {"bilateral": (160.0, 3.0, 5.0), "spatial": (3.0, 3.0)}
+#: DeepLab-LargeFOV's cross-validated parameters (w1 4, sigma_alpha 121, sigma_beta 5, w2 3,
+#: sigma_gamma 3).
+DEEPLAB_LARGEFOV_PARAMS = {"bilateral": (121.0, 5.0, 4.0), "spatial": (3.0, 3.0)}
+
+
+def potts_matrices(num_classes, weights, dtype=torch.float32, device=None):
+    """Per-kernel pairwise matrices mu W_m of densecrf's Potts model: w_m (1 - I).
+
+    Args:
+        num_classes (int): C.
+        weights (sequence of float): w_m per kernel.
+    Returns:
+        list of Tensor[C, C].
+    """
+    potts = 1.0 - torch.eye(num_classes, dtype=dtype, device=device)
+    return [w * potts for w in weights]
+
+
+def build_crf_lattices(image, bilateral, spatial, backend="auto", spatial_lattice=None,
+                       feature_grad="lattice"):
+    """The bilateral and spatial lattices of a batch of images.
+
+    Args:
+        image (Tensor[N, 3, H, W]): RGB in 0..255 (float or uint8).
+        bilateral ((sigma_xy, sigma_rgb, ...)), spatial ((sigma_xy, ...)): bandwidths (numbers,
+            or 0-dim tensors: the lattices are then differentiable in them); extra entries
+            (weights) are ignored.
+        backend (str): Lattice backend ("auto", "reference", "native").
+        feature_grad (str): how the lattices differentiate their features ("lattice" or
+            "gaussian", see `Lattice`), when the bandwidths require grad.
+        spatial_lattice (Lattice or None): a spatial lattice built before for images of the same
+            N, H, W, dtype, device and sigma_xy, returned instead of a new one (the spatial
+            features are the pixel positions: they depend on the shape only).
+    Returns:
+        (Lattice, Lattice) over per-point features Tensor[N, H*W, 5] and Tensor[N, H*W, 2]:
+        per-point so that the mean-field loop runs channels-last (N, H*W, C) without copies.
+    """
+    if not image.is_floating_point():
+        image = image.float()
+    f_bil = bilateral_features(image, bilateral[0], bilateral[1])
+    lat_bil = Lattice(f_bil.flatten(2).transpose(1, 2), backend=backend, feature_grad=feature_grad)
+    lat_spa = spatial_lattice
+    if lat_spa is None:
+        lat_spa = Lattice(spatial_features(image, spatial[0]).flatten(2).transpose(1, 2), backend=backend,
+                          feature_grad=feature_grad)
+    return lat_bil, lat_spa
+
+
+def _message_logits(q, unary, lattices, pairwise, normalize):
+    """L = U - sum_m (mu W_m) K_m(Q), on Tensor[N, P, C] (channels last)."""
+    n, p, c = q.shape
+    logits = None
+    for lat, mat in zip(lattices, pairwise):
+        msg = lat.filter(q, normalize=normalize).reshape(n * p, c)
+        # 1x1 convolution as a matmul: out[i, l] -= sum_l' mat[l, l'] msg[i, l']. The first
+        # kernel's addmm makes the output (one copy of U), the others accumulate into it in place.
+        if logits is None:
+            logits = torch.addmm(unary.reshape(n * p, c), msg, mat.t(), alpha=-1)
+        else:
+            logits.addmm_(msg, mat.t(), alpha=-1)
+    return logits.reshape(n, p, c)
+
+
+def _iteration(q, unary, lattices, pairwise, normalize):
+    logits = _message_logits(q, unary, lattices, pairwise, normalize)
+    return logits, torch.softmax(logits, dim=-1)
+
+
+def wants_grad(unary, pairwise, lattices):
+    """Whether autograd will record the iterations (a gradient to the unary, the matrices or the
+    lattices' features)."""
+    return torch.is_grad_enabled() and (unary.requires_grad or any(m.requires_grad for m in pairwise)
+                                        or any(getattr(lat, "differentiable", False) for lat in lattices))
+
+
+def can_fuse(unary, lattices):
+    """Whether the fused mean-field ops can run these iterations (the one place that decides):
+    the device has them, the lattices are the compiled backend's (tensors the ops read directly)
+    and none is differentiable in its features. The fused ops give gradients for the unary and
+    the C x C matrices only (so any parameter sharing that builds the matrices, e.g. mu @ W, is
+    covered by autograd around them); a lattice built for learned bandwidths
+    (``Lattice.differentiable``) needs the step-by-step loop, whose filters carry that gradient."""
+    return (unary.device.type in ops.FUSED_MEAN_FIELD_DEVICE_TYPES and unary.dtype in (torch.float32, torch.float64)
+            and all(getattr(lat, "backend", None) == "native" and not getattr(lat, "differentiable", False)
+                    for lat in lattices))
+
+
+def fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint=False,
+                     keep_marginals=False):
+    """All iterations in one fused op (see csrc/cpu/mean_field_cpu.cpp), where `can_fuse` says
+    they apply. The result has `unary`'s memory layout (a channels-first unary stays channels
+    first).
+
+    No gradient wanted, or `checkpoint`: crfrnn::mean_field_inference (whose autograd saves only
+    its inputs and runs the forward again in the backward); else crfrnn::mean_field_forward,
+    which saves the blurred grids of every iteration (a few percent of Tensor[N, P, C] each) and,
+    on CUDA, the marginals (its splat reads them from memory anyway). On the CPU the backward
+    recomputes each iteration's marginals from the unary and the saved grids, in the pass over
+    the points it makes anyway, instead of keeping a Tensor[N, P, C] per iteration, unless
+    `keep_marginals`."""
+    splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, unary.dtype) for lat in lattices))
+    args = (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(unary.dtype) for lat in lattices],
+            list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices],
+            [m.to(unary.dtype) for m in pairwise], num_iterations)
+    if checkpoint or not wants_grad(unary, pairwise, lattices):
+        return torch.ops.crfrnn.mean_field_inference(*args)
+    save_marginals = unary.device.type == "cuda" or bool(keep_marginals)
+    return torch.ops.crfrnn.mean_field_forward(*args, save_marginals)[0]
+
+
+def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False, fused=True,
+               keep_marginals=False):
+    """Run `num_iterations` mean-field iterations on prebuilt lattices (channels last).
+
+    Args:
+        unary (Tensor[N, P, C]): unary logits, float32 or float64, any strides (the fused op
+            keeps a channels-first layout, [N, C, P] memory, in its output).
+        lattices (sequence of Lattice): one per kernel, built on per-point features [N, P, d].
+        pairwise (sequence of Tensor[C, C]): mu W_m per kernel (same dtype as `unary`).
+        num_iterations (int): T in 0..MAX_ITERATIONS (T = 0 returns a copy of the unary).
+        normalize (str): kernel normalisation, see `Lattice.filter`.
+        checkpoint (bool): save only the inputs for the backward and compute the iterations again
+            there (the step-by-step loop: each iteration's, keeping one Tensor[N, P, C] per
+            iteration; the fused ops: all of them).
+        fused (bool): run the fused ops when they apply (default); False forces the step-by-step
+            loop (the oracle the fused ops are tested against).
+        keep_marginals (bool): on the CPU, the fused training forward keeps each iteration's
+            marginals (T - 1 Tensor[N, P, C]) for the backward instead of the backward
+            recomputing them from the unary and the saved grids (the same bits either way).
+            About 10% off forward+backward, but only where freed large blocks stay in the heap:
+            glibc maps every block over 32 MB afresh, and the page faults of a new
+            [T - 1, N, P, C] block each step then cost more than the recomputation saves (the
+            training scripts set both). On CUDA the marginals are always kept.
+
+    When the lattices are the compiled backend's on a device with the fused ops (CPU; CUDA when
+    built with it), all iterations run in one op, which applies the C x C matrices on the lattice
+    vertices before the slice, and the backward in one more (``crfrnn::mean_field_forward`` and
+    ``crfrnn::mean_field_backward``; ``crfrnn::mean_field_inference`` when no gradient is
+    wanted). Their results and gradients (for the unary and the matrices) equal the step-by-step
+    loop's up to float rounding. Otherwise (the reference backend) the iterations run step by
+    step, as separate autograd ops.
+
+    Returns:
+        Tensor[N, P, C]: the logits L of the last iteration (Q = softmax(L)).
+    """
+    checks.mean_field_args(unary, lattices, pairwise, num_iterations)
+    num_iterations = int(num_iterations)  # a numpy integer to the ops' int
+    if num_iterations == 0:
+        return unary.clone()  # a new tensor, as for T > 0 (never an alias of the input)
+    checks.choice("normalize", normalize, NORMALIZATIONS)
+    if fused and can_fuse(unary, lattices):
+        return fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint, keep_marginals)
+    use_checkpoint = checkpoint and wants_grad(unary, pairwise, lattices)
+    unary = unary.contiguous()
+    q = torch.softmax(unary, dim=-1)
+    logits = unary
+    for _ in range(num_iterations):
+        if use_checkpoint:
+            logits, q = torch_checkpoint.checkpoint(_iteration, q, unary, lattices, pairwise,
+                                                    normalize, use_reentrant=False)
+        else:
+            logits, q = _iteration(q, unary, lattices, pairwise, normalize)
+    return logits
