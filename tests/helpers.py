@@ -8,6 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+import crfrnn
+
+#: Whether the C++ extension's CPU kernels are built (the native backend, the fused ops).
+NATIVE = crfrnn.has_native_kernel("cpu")
+#: Marks a test that needs them.
+needs_native = pytest.mark.skipif(not NATIVE, reason=f"C++ extension not built: {crfrnn.EXTENSION_ERROR}")
+#: The lattice backends to run a test on.
+BACKENDS = ["reference"] + (["native"] if NATIVE else [])
+
 #: The integer tables of a crfrnn.Lattice (besides its float `weights`).
 LATTICE_TABLES = ("vertex_index", "neighbors", "splat_offsets", "splat_entries")
 
@@ -62,6 +71,26 @@ def randn(*shape, dtype=torch.float32, seed=0, device="cpu"):
 def rand(*shape, dtype=torch.float32, seed=0, device="cpu"):
     """Tensor[shape] uniform in [0, 1) from `seed`."""
     return torch.rand(*shape, generator=_generator(seed), dtype=torch.float64).to(device, dtype)
+
+
+def crf_inputs(n=1, c=3, h=6, w=5, dtype=torch.float64, seed=0, scale=2.0, device="cpu"):
+    """(unary Tensor[n, c, h, w], standard normal times `scale`; image Tensor[n, 3, h, w],
+    uniform RGB in 0..255), both in `dtype`: the CRF layer's two inputs."""
+    g = _generator(seed)
+    unary = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * scale
+    image = torch.rand(n, 3, h, w, generator=g, dtype=torch.float64) * 255
+    return unary.to(device, dtype), image.to(device, dtype)
+
+
+class ExactLattice:
+    """Stand-in for crfrnn.Lattice with the exact O(P^2) Gaussian filter (the same `filter`
+    signature; differentiable in its features): the oracle for the lattice's approximation."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def filter(self, values, normalize="none"):
+        return crfrnn.exact_gaussian_filter(self.features, values, normalize=normalize)
 
 
 def voc_rgb(shared_data, image_id, shrink=1):

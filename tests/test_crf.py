@@ -6,28 +6,11 @@ import torch
 
 import crfrnn
 from crfrnn import CRFRNNLayer, build_crf_lattices, mean_field, potts_matrices
+from helpers import BACKENDS, ExactLattice
+from helpers import crf_inputs as make_inputs
 
-NATIVE = crfrnn.has_native_kernel("cpu")
-BACKENDS = ["reference"] + (["native"] if NATIVE else [])
 # Small kernels so that a 6x5 image has real structure in both of them.
 SMALL = dict(bilateral=(2.0, 40.0, 3.0), spatial=(1.5, 2.0))
-
-
-def make_inputs(n=1, c=3, h=6, w=5, dtype=torch.float64, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    unary = (torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * 2).to(device, dtype)
-    image = (torch.rand(n, 3, h, w, generator=g, dtype=torch.float64) * 255).to(device)
-    return unary, image
-
-
-class ExactLattice:
-    """Stand-in for Lattice with the exact O(P^2) Gaussian filter (same `filter` signature)."""
-
-    def __init__(self, features):
-        self.features = features
-
-    def filter(self, values, normalize="none"):
-        return crfrnn.exact_gaussian_filter(self.features, values, normalize=normalize)
 
 
 def densecrf_loop_numpy(unary, feats, weights, iterations, normalize):

@@ -365,12 +365,13 @@ def test_fused_gradient_of_the_matrices_alone():
     """A unary that needs no gradient (a fixed coarse unary, learning the CRF only)."""
     unary, lattices, pairwise = inputs(n=1, c=4)
     grad_out = torch.randn(unary.shape)
-    for options in (dict(fused=False), dict()):
+
+    def matrix_gradients(fused):
         pw = [m.clone().requires_grad_() for m in pairwise]
-        (mean_field(unary, lattices, pw, 3, "symmetric", **options) * grad_out).sum().backward()
-        grads = [m.grad for m in pw] if options else grads
-    for g, e in zip([m.grad for m in pw], grads):
-        assert_close_to_rounding(g, e, torch.float32)
+        (mean_field(unary, lattices, pw, 3, "symmetric", fused=fused) * grad_out).sum().backward()
+        return [m.grad for m in pw]
+    for got, expected in zip(matrix_gradients(fused=True), matrix_gradients(fused=False)):
+        assert_close_to_rounding(got, expected, torch.float32)
 
 
 def test_layer_gradients_equal_the_loop_on_a_batch_of_real_size():

@@ -9,19 +9,9 @@ import crfrnn
 from crfrnn import inference
 from crfrnn import sharing
 from crfrnn import CRFRNNLayer, mean_field
+from helpers import NATIVE, ExactLattice
 
-NATIVE = crfrnn.has_native_kernel("cpu")
 KERNELS = dict(bilateral=(4.0, 30.0, 3.0), spatial=(2.0, 1.0))
-
-
-class ExactLattice:
-    """Stand-in for Lattice with the exact O(P^2) Gaussian filter: differentiable in its features."""
-
-    def __init__(self, features):
-        self.features = features
-
-    def filter(self, values, normalize="none"):
-        return crfrnn.exact_gaussian_filter(self.features, values, normalize=normalize)
 
 
 def two_region_problem(h=14, w=16, seed=0):

@@ -19,12 +19,9 @@ import torch
 
 import crfrnn
 from crfrnn import reference
-from helpers import (LATTICE_TABLES, POINTS, clustered_points, cpu_and_cuda, rand, randn, random_points,
-                     voc_rgb)
+from helpers import (BACKENDS, LATTICE_TABLES, NATIVE, POINTS, clustered_points, cpu_and_cuda, needs_native, rand,
+                     randn, random_points, voc_rgb)
 
-NATIVE = crfrnn.has_native_kernel("cpu")
-BACKENDS = ["reference"] + (["native"] if NATIVE else [])
-needs_native = pytest.mark.skipif(not NATIVE, reason=f"C++ extension not built: {crfrnn.EXTENSION_ERROR}")
 VOC_IDS = ["2007_000123", "2007_001311", "2009_000032"]
 
 

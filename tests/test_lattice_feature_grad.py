@@ -17,10 +17,8 @@ import torch.nn.functional as F
 import crfrnn
 from crfrnn import lattice as lattice_module
 from crfrnn import reference
+from helpers import BACKENDS, needs_native
 
-NATIVE = crfrnn.has_native_kernel("cpu")
-BACKENDS = ["reference"] + (["native"] if NATIVE else [])
-needs_native = pytest.mark.skipif(not NATIVE, reason=f"C++ extension not built: {crfrnn.EXTENSION_ERROR}")
 STEP = 1e-6
 
 
