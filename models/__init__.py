@@ -7,9 +7,10 @@ Public API:
     DeepLabCRF(net, crf): joint(x) -> {"coarse", "unary", "crf"}; use_crf, freeze_crf()
     load_vgg16_imagenet(net, state_dict_or_path=None): torchvision VGG-16 ImageNet weights
     save_checkpoint(path, model, **extra) / load_checkpoint(path) -> (model, extra)
+    unwrap(model): the plain module behind DDP / DataParallel / torch.compile wrappers
     output_size(H, W), upsample_scores(scores, size), receptive_field(net)
 """
-from .checkpoint import build_model, load_checkpoint, model_config, save_checkpoint
+from .checkpoint import build_model, load_checkpoint, model_config, save_checkpoint, unwrap
 from .imagenet_init import fetch_torchvision_vgg16, load_vgg16_imagenet
 from .joint import IMAGENET_MEAN, IMAGENET_STD, DeepLabCRF
 from .vgg_deeplab import (MSC_SOURCES, OUTPUT_STRIDE, VARIANTS, DeepLab, DeepLabConfig, deeplab,
@@ -18,4 +19,4 @@ from .vgg_deeplab import (MSC_SOURCES, OUTPUT_STRIDE, VARIANTS, DeepLab, DeepLab
 __all__ = ["deeplab", "DeepLab", "DeepLabConfig", "DeepLabCRF", "VARIANTS", "MSC_SOURCES",
            "OUTPUT_STRIDE", "load_vgg16_imagenet", "fetch_torchvision_vgg16", "save_checkpoint",
            "load_checkpoint", "build_model", "model_config", "output_size", "upsample_scores",
-           "receptive_field", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "receptive_field", "IMAGENET_MEAN", "IMAGENET_STD", "unwrap"]

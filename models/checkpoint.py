@@ -26,12 +26,12 @@ from .files import atomic_write, load_torch_file
 from .joint import DeepLabCRF
 from .vgg_deeplab import DeepLab
 
-__all__ = ["save_checkpoint", "load_checkpoint", "build_model", "model_config", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "build_model", "model_config", "unwrap", "FORMAT"]
 
 FORMAT = "crfrnn.models/1"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The plain module behind torch.compile / DataParallel / DistributedDataParallel wrappers."""
     while True:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
@@ -85,13 +85,13 @@ def _crf_config(crf: nn.Module) -> Dict[str, Any]:
 
 def model_config(model: nn.Module) -> Dict[str, Any]:
     """What ``build_model`` needs to rebuild ``model`` (a DeepLab or a DeepLabCRF)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if isinstance(model, DeepLabCRF):
-        net = _unwrap(model.net)
+        net = unwrap(model.net)
         if not isinstance(net, DeepLab):
             raise TypeError(f"DeepLabCRF.net must be a models.DeepLab to be checkpointed, got "
                             f"{type(net).__name__}")
-        crf = None if model.crf is None else _crf_config(_unwrap(model.crf))
+        crf = None if model.crf is None else _crf_config(unwrap(model.crf))
         return {"arch": "deeplab_crf", "config": net.config, "crf": crf, "use_crf": model.use_crf}
     if isinstance(model, DeepLab):
         return {"arch": "deeplab", "config": model.config, "crf": None, "use_crf": False}
@@ -133,7 +133,7 @@ def save_checkpoint(path, model: nn.Module, **extra) -> str:
     Returns:
         the path written.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     meta = model_config(model)
     payload = {"format": FORMAT, **meta, "state_dict": model.state_dict(), "extra": dict(extra)}
     path = os.fspath(path)

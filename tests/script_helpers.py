@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import models
-from train import options
+from train import engine, options
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_NAMES = ["background", "ellipse", "rectangle", "triangle"]
@@ -46,7 +46,7 @@ def tiny_model(num_classes=4, crf=True):
     if not crf:
         return net
     preset = options.CRF_PRESETS["synthetic"]
-    return models.DeepLabCRF(net, options.crf_layer(num_classes, preset["bilateral"], preset["spatial"], 2, 2))
+    return models.DeepLabCRF(net, engine.crf_layer(num_classes, preset["bilateral"], preset["spatial"], 2, 2))
 
 
 def save_tiny_checkpoint(path, num_classes=4, crf=True, data="synthetic", image_size=32):

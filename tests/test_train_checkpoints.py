@@ -18,7 +18,8 @@ from train import crf as crf_script
 from train import dcnn as dcnn_script
 from train import joint as joint_script
 from train import segment as segment_script
-from train.checkpoint import RESUME_FREE, RESUME_WARN, load_model
+from train.checkpoint import load_model
+from train.options import RESUME_FREE, RESUME_WARN
 from train.data import SyntheticShapes
 
 EVAL = ["--image-size", "32", "--val-samples", "2", "--crf-eval-iters", "2"]
@@ -132,13 +133,13 @@ def test_resume_takes_free_options_silently_and_warns_for_the_others(stopped_joi
 def test_every_checkpoint_of_a_run_says_what_it_was_trained_on(stopped_joint_run):
     out, _ = stopped_joint_run
     for name in ("dcnn.pt", "checkpoint.pt"):
-        data = load_model(out / name).data
+        data = load_model(out / name, None).data
         assert data == {"dataset": "synthetic", "class_names": SYNTHETIC_NAMES, "image_size": 32, "data_seed": 0}
 
 
 def test_a_checkpoint_without_its_data_still_loads(tmp_path):
     save_tiny_checkpoint(tmp_path / "old.pt", data=None)
-    net, crf, data = load_model(tmp_path / "old.pt")
+    net, crf, data = load_model(tmp_path / "old.pt", None)
     assert data is None and net.config["num_classes"] == 4 and crf is not None
 
 
@@ -177,7 +178,7 @@ def test_scripts_say_when_a_checkpoint_was_trained_on_other_data(tmp_path, capsy
 
 def test_crf_and_dcnn_scripts_record_their_data_too(tmp_path):
     _run(dcnn_script, DCNN_RUN + ["--iters", "1", "--out-dir", tmp_path / "d"])
-    assert load_model(tmp_path / "d" / "model.pt").data["class_names"] == SYNTHETIC_NAMES
+    assert load_model(tmp_path / "d" / "model.pt", None).data["class_names"] == SYNTHETIC_NAMES
     _run(crf_script, DCNN_RUN + ["--dcnn", tmp_path / "d" / "model.pt", "--iters", "1", "--crf-iters", "1",
                                  "--crf-eval-iters", "1", "--out-dir", tmp_path / "c"])
-    assert load_model(tmp_path / "c" / "model.pt").data["dataset"] == "synthetic"
+    assert load_model(tmp_path / "c" / "model.pt", None).data["dataset"] == "synthetic"

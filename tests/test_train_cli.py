@@ -12,8 +12,8 @@ import pytest
 
 from train import crf as crf_script
 from train import dcnn as dcnn_script
+from train import engine, options
 from train import joint as joint_script
-from train import options
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(str(p.relative_to(REPO)) for folder in ("train", "bench") for p in (REPO / folder).glob("*.py")
@@ -99,20 +99,36 @@ def test_help_shows_the_value_each_dataset_runs_with(module):
         assert f"(default: {' '.join(str(shown).split())})" in text, k
 
 
-def test_script_rows_override_the_dataset_presets():
+def test_a_preset_may_depend_on_the_script():
     syn, voc = _finalized(joint_script, "synthetic"), _finalized(joint_script, "voc")
-    assert (syn["iters"], syn["lr"], voc["iters"]) == (300, 1e-4, options.DATASET_PRESETS["voc"]["iters"])
+    assert (syn["iters"], syn["lr"], voc["iters"]) == (300, 1e-4, options.PRESETS["voc"]["iters"]["joint"])
+    assert _finalized(dcnn_script, "synthetic")["iters"] == 1500
     syn = _finalized(crf_script, "synthetic")
     assert syn["iters"] == 60 and syn["search_w1"] == [3, 5, 10]
     assert (syn["bilateral"], syn["spatial"]) == ([40.0, 24.0, 10.0], [3.0, 3.0])   # the synthetic preset
     assert _finalized(crf_script, "voc")["bilateral"] == [121.0, 5.0, 4.0]           # DeepLab's
 
 
-def test_a_preset_row_must_cover_every_dataset():
+def test_a_preset_row_must_cover_every_dataset_and_script():
     p = options.parser("test")
     p.add_argument("--only-here", type=int, help="an option the presets know for one dataset only")
     with pytest.raises(KeyError, match="--only-here"):
-        options.set_presets(p, {"synthetic": {"only_here": 1}})
+        options.set_presets(p, "joint", {"synthetic": {"only_here": 1}, "voc": {}})
+    with pytest.raises(KeyError, match="--only-here has no value for joint"):
+        options.set_presets(p, "joint", {"synthetic": {"only_here": {"dcnn": 1}}, "voc": {"only_here": 2}})
+
+
+def test_an_option_has_one_default():
+    """An option with a row in PRESETS has none in its declaration: two would disagree some day."""
+    p = options.parser("test")
+    p.add_argument("--iters", type=int, default=10, help="a second default")
+    with pytest.raises(ValueError, match="--iters has a default in its declaration and in PRESETS"):
+        options.set_presets(p, "joint")
+
+
+def test_choices_match_what_the_engine_does():
+    help_text = " ".join(joint_script.get_args_parser().format_help().split())
+    assert "--crf-loss {" + ",".join(engine.CRF_LOSSES) + "}" in help_text
 
 
 def test_choices_come_from_the_library():
@@ -139,11 +155,22 @@ def test_scripts_run_as_modules_from_the_repo_root():
     (["--threads", "-2"], "--threads must be a finite number >= 0"),
     (["--stop-at", "-1"], "--stop-at must be >= 1"),
     (["--bands", "-1", "0"], "--bands widths must be finite and >= 0, got -1.0"),
-    (["--crf-iters", "-1"], "bad CRF options .*num_iterations must be an int in 0..1000, got -1"),
-    (["--bilateral", "nan", "3", "5"], "bad CRF options .*bilateral sigma_xy must be a positive finite number"),
 ])
 def test_bad_numbers_are_refused_when_the_options_are_read(bad, message):
     """Before any work: such values used to surface after the DCNN stage (or as torch's
     'Invalid learning rate'), or were taken silently (a negative crop size, thread count)."""
     with pytest.raises(ValueError, match=message):
         options.finalize(joint_script.get_args_parser().parse_args(bad))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--crf-iters", "-1"], "bad CRF options .*num_iterations must be an int in 0..1000, got -1"),
+    (["--bilateral", "nan", "3", "5"], "bad CRF options .*bilateral sigma_xy must be a positive finite number"),
+])
+def test_bad_crf_options_are_refused_when_the_crf_is_built_before_any_work(bad, message, tmp_path):
+    """The layer checks its own arguments; crf.py and joint.py build it first thing."""
+    with pytest.raises(ValueError, match=message):
+        engine.build_crf(options.finalize(joint_script.get_args_parser().parse_args(bad)))
+    with pytest.raises(ValueError, match=message):
+        joint_script.main(joint_script.get_args_parser().parse_args(bad + ["--out-dir", str(tmp_path / "j")]))
+    assert not (tmp_path / "j").exists()

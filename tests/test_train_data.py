@@ -9,7 +9,7 @@ from train.data import (SBDSegmentation, SegmentationSet, ShardSampler, StreamBa
                         pad_collate, train_transform)
 from train.data.transforms import (IMAGENET_MEAN, Compose, Normalize, RandomCrop,
                                    RandomHorizontalFlip, RandomScale, to_tensors)
-from train.visualize import PALETTE
+from train.reports import PALETTE
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -46,15 +46,17 @@ def test_synthetic_objects_have_sharp_colour_edges():
 
 
 def test_synthetic_void_band_and_bad_args():
-    img, lab = SyntheticShapes(4, size=48, num_classes=4, void_width=3)[1]
+    img, lab = SyntheticShapes(4, size=48, num_classes=4, seed=0, void_width=3)[1]
     assert (lab == 255).any()
-    clean = SyntheticShapes(4, size=48, num_classes=4, void_width=0)[1][1]
+    clean = SyntheticShapes(4, size=48, num_classes=4, seed=0, void_width=0)[1][1]
     np.testing.assert_array_equal(lab[lab != 255], clean[lab != 255])
-    for kw in (dict(size=8), dict(num_classes=1), dict(split="nope"), dict(void_width=-1)):
-        with pytest.raises(ValueError):
-            SyntheticShapes(4, **kw)
+    good = dict(size=48, num_classes=4, seed=0)
+    for kw, message in ((dict(size=8), "size must be"), (dict(num_classes=1), "num_classes must be >= 2"),
+                        (dict(split="nope"), "split must be one of"), (dict(void_width=-1), "void_width must be")):
+        with pytest.raises(ValueError, match=message):
+            SyntheticShapes(4, **{**good, **kw})
     with pytest.raises(IndexError):
-        SyntheticShapes(4)[4]
+        SyntheticShapes(4, **good)[4]
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -89,7 +91,7 @@ def test_random_scale_uses_nearest_for_labels():
 
 def test_train_transform_is_deterministic_given_rng_and_normalises():
     img, lab = _coded_pair(50, 60)
-    t = train_transform(crop_size=32)
+    t = train_transform(32, 0.5, 1.5, True)
     a = t(*to_tensors(img, lab), np.random.default_rng(5))
     b = t(*to_tensors(img, lab), np.random.default_rng(5))
     torch.testing.assert_close(a[0], b[0])
@@ -143,16 +145,17 @@ def test_voc_reader_on_written_folder(tmp_path):
         assert img.shape == (20, 30, 3) and img.dtype == np.uint8
         np.testing.assert_array_equal(lab, labels["a2"])
     assert len(VOCSegmentation(tmp_path, "val")) == 2
-    ds = build_dataset("voc", "val", data_root=tmp_path, num_samples=1)
+    ds = build_dataset("voc", "val", data_root=tmp_path, sbd_root=None, seed=0, num_samples=1,
+                       image_size=0, num_classes=21)
     assert len(ds) == 1 and ds.ids == ["b1"]
 
 
 def test_voc_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        VOCSegmentation(tmp_path / "nowhere")
+        VOCSegmentation(tmp_path / "nowhere", "train")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="VOCdevkit"):
-        VOCSegmentation(tmp_path / "empty")
+        VOCSegmentation(tmp_path / "empty", "train")
     voc, _ = make_voc(tmp_path / "v")
     with pytest.raises(FileNotFoundError, match="split 'trainval' not found"):
         VOCSegmentation(tmp_path / "v", "trainval")
@@ -164,7 +167,7 @@ def test_voc_errors_are_clear(tmp_path):
     import shutil
     shutil.rmtree(voc2 / "SegmentationClass")
     with pytest.raises(FileNotFoundError, match="malformed VOC folder"):
-        VOCSegmentation(tmp_path / "w")
+        VOCSegmentation(tmp_path / "w", "train")
 
 
 def test_voc_rejects_rgb_labels_and_size_mismatch(tmp_path):
@@ -183,7 +186,7 @@ def test_segmentation_set_rejects_out_of_range_labels(tmp_path):
     lab = labels["a1"].copy()
     lab[5, 5] = 40
     _save_label(voc / "SegmentationClass" / "a1.png", lab)
-    ds = SegmentationSet(VOCSegmentation(tmp_path, "train"), None, 21)
+    ds = SegmentationSet(VOCSegmentation(tmp_path, "train"), None, 21, seed=0)
     with pytest.raises(ValueError, match=r"a1: label values \[40\]"):
         ds[0]
 
@@ -220,14 +223,14 @@ def test_sbd_and_train_aug(tmp_path):
     assert aug[3][1].shape == (20, 30)
     np.testing.assert_array_equal(aug[4][1], labels["s2"])
     with pytest.raises(FileNotFoundError, match="SBD"):
-        SBDSegmentation(tmp_path / "voc")
+        SBDSegmentation(tmp_path / "voc", "train")
 
 
 @pytest.mark.data
 def test_shared_voc_val_images(shared_data):
     ds = VOCSegmentation(shared_data, "val")
     assert len(ds) == 46
-    wrapped = SegmentationSet(ds, train_transform(crop_size=321), 21)
+    wrapped = SegmentationSet(ds, train_transform(321, 0.5, 1.5, True), 21, seed=0)
     for i in (0, 45):
         img, lab = ds[i]
         assert img.shape[:2] == lab.shape
@@ -274,6 +277,7 @@ def test_pad_collate_pads_with_void_and_reports_sizes():
 
 
 def test_segmentation_set_augmentation_depends_only_on_key():
-    ds = SegmentationSet(SyntheticShapes(4, size=40), train_transform(crop_size=32), 6)
+    ds = SegmentationSet(SyntheticShapes(4, size=40, num_classes=6, seed=0), train_transform(32, 0.5, 1.5, True), 6,
+                         seed=0)
     a, b = ds[(2, 0, 17)], ds[(2, 0, 17)]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

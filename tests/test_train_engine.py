@@ -1,26 +1,44 @@
-"""train.engine / train.checkpoint: schedules, parameter groups, NaN guard, exact resume."""
+"""train.engine / train.checkpoint: schedules, parameter groups, NaN guard, exact resume, the
+metrics log, evaluation."""
+import functools
 import random
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import models
-from train import engine
+from train import dcnn as dcnn_script
+from train import engine, options
+from train import joint as joint_script
 from train.checkpoint import capture_rng, load_training_state, restore_rng, save_training_checkpoint
-from train.data import SegmentationSet, SyntheticShapes, train_transform
-from train.distributed import DistInfo
-from train.options import CRF_PRESETS, crf_layer
+from train.data import SegmentationSet, SyntheticShapes, eval_transform
+from train.process import DistInfo
+
+pytestmark = pytest.mark.usefixtures("keep_thread_count")   # a training run sets the thread count
 
 
 def test_lr_factor_step_and_poly():
-    assert [engine.lr_factor(i, "step", step_size=2000) for i in (0, 1999, 2000, 4001)] == \
-        pytest.approx([1, 1, 0.1, 0.01])
-    assert engine.lr_factor(0, "poly", max_iter=100) == 1
-    assert engine.lr_factor(50, "poly", max_iter=100, power=0.9) == pytest.approx(0.5 ** 0.9)
-    assert engine.lr_factor(100, "poly", max_iter=100) == 0
-    with pytest.raises(ValueError):
-        engine.lr_factor(0, "cosine")
+    step = functools.partial(engine.lr_factor, policy="step", max_iter=6000, step_size=2000, gamma=0.1, power=0.9)
+    assert [step(i) for i in (0, 1999, 2000, 4001)] == pytest.approx([1, 1, 0.1, 0.01])
+    poly = functools.partial(engine.lr_factor, policy="poly", max_iter=100, step_size=2000, gamma=0.1, power=0.9)
+    assert poly(0) == 1
+    assert poly(50) == pytest.approx(0.5 ** 0.9)
+    assert poly(100) == 0
+    with pytest.raises(ValueError, match="unknown lr policy 'cosine'"):
+        engine.lr_factor(0, "cosine", 100, 2000, 0.1, 0.9)
+
+
+def _args(script, out, *more):
+    """The finished options of ``script`` for a tiny run on 24-px synthetic images in ``out``."""
+    argv = ["--image-size", "24", "--num-classes", "4", "--train-samples", "12", "--val-samples", "2",
+            "--data-seed", "1", "--crop-size", "20", "--min-scale", "0.8", "--max-scale", "1.2", "--width", "0.03125",
+            "--dropout", "0.5", "--batch-size", "2", "--eval-batch-size", "2", "--lr", "0.01", "--optimizer", "sgd",
+            "--lr-policy", "poly", "--ckpt-every", "1", "--no-progress", "--out-dir", str(out), *map(str, more)]
+    if script is joint_script:
+        argv += ["--crf-iters", "2", "--crf-eval-iters", "3"]
+    return options.finalize(script.get_args_parser().parse_args(argv))
 
 
 def _tiny_net(classes=4):
@@ -28,25 +46,35 @@ def _tiny_net(classes=4):
 
 
 def _tiny_crf(classes=4):
-    p = CRF_PRESETS["synthetic"]
-    return crf_layer(classes, p["bilateral"], p["spatial"], num_iterations=2, num_eval_iterations=3)
+    p = options.CRF_PRESETS["synthetic"]
+    return engine.crf_layer(classes, p["bilateral"], p["spatial"], 2, 3)
 
 
-def test_parameter_groups_and_lr_multipliers():
+def test_parameter_groups_and_the_learning_rate_schedule(tmp_path):
+    """Each group starts at --lr × its multiplier (classifier ×--classifier-lr-mult, CRF
+    ×--crf-lr-mult); one LambdaLR multiplies all of them by the schedule's factor."""
     joint = models.DeepLabCRF(_tiny_net(), _tiny_crf())
-    opt = engine.build_optimizer(joint, lr=1e-3, classifier_lr_mult=10, crf_lr_mult=2, weight_decay=5e-4)
+    args = _args(joint_script, tmp_path, "--classifier-lr-mult", "10", "--crf-lr-mult", "2", "--weight-decay", "5e-4",
+                 "--lr-policy", "step", "--lr-step", "2")
+    opt = engine.make_optimizer(joint, args, 1e-3)
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(groups) == {"backbone", "classifier", "crf"}
     assert {id(p) for p in groups["classifier"]["params"]} == {id(p) for p in joint.net.fc8.parameters()}
     assert {id(p) for p in groups["crf"]["params"]} == {id(p) for p in joint.crf.parameters()}
     assert groups["crf"]["weight_decay"] == 0 and groups["backbone"]["weight_decay"] == 5e-4
-    engine.set_lr(opt, 1e-3, 0.1)
-    assert groups["backbone"]["lr"] == pytest.approx(1e-4)
+    schedule = engine.lr_schedule(opt, args, 10, 0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-2, 2e-3])
+    for _ in range(2):
+        opt.step()
+        schedule.step()
+    assert groups["backbone"]["lr"] == pytest.approx(1e-4)            # ×0.1 from iteration 2 on
     assert groups["classifier"]["lr"] == pytest.approx(1e-3)
     assert groups["crf"]["lr"] == pytest.approx(2e-4)
+    resumed = engine.make_optimizer(joint, args, 1e-3)                  # a schedule resumed at iteration 2
+    engine.lr_schedule(resumed, args, 10, 2)
+    assert [g["lr"] for g in resumed.param_groups] == [g["lr"] for g in opt.param_groups]
     joint.net.requires_grad_(False)                      # frozen DCNN: only the CRF is optimised
-    opt = engine.build_optimizer(joint, lr=1e-3)
-    assert [g["name"] for g in opt.param_groups] == ["crf"]
+    assert [g["name"] for g in engine.make_optimizer(joint, args, 1e-3).param_groups] == ["crf"]
 
 
 def test_downsample_labels_is_nearest():
@@ -94,23 +122,17 @@ def test_rng_capture_restore_roundtrip():
     assert a[2] == b[2]
 
 
-def _train(tmp_path, max_iter, start_iter=0, stop_at=None, resume=None, crf=False, seed=0, loss_fn=None):
-    """Train a tiny (optionally joint) model on tiny synthetic data; returns (model, summary)."""
-    torch.manual_seed(seed)
-    net = _tiny_net()
-    model = models.DeepLabCRF(net, _tiny_crf()) if crf else net
-    opt = engine.build_optimizer(model, name="sgd", lr=0.01)
-    start = 0
-    if resume is not None:
-        state = load_training_state(resume, model, optimizer=opt)
-        start = state["iteration"]
-    ds = SegmentationSet(SyntheticShapes(12, size=24, num_classes=4, seed=1),
-                         train_transform(crop_size=20, min_scale=0.8, max_scale=1.2), 4, seed=seed)
-    cfg = engine.LoopConfig(max_iter=max_iter, batch_size=2, lr=0.01, lr_policy="poly", seed=seed,
-                            ckpt_path=str(tmp_path / "ckpt.pt"), ckpt_every=1, progress=False,
-                            stop_at=stop_at, stage="test")
-    loss = loss_fn or (engine.joint_loss if crf else engine.dcnn_loss)
-    summary = engine.train_loop(model, ds, loss, opt, cfg, DistInfo(), start_iter=start)
+def _train(out, max_iter, stop_at=None, resume=None, crf=False, seed=0, loss_fn=None):
+    """Train a tiny (optionally joint) model on tiny synthetic data in a run of its own (``out``);
+    returns (model, summary)."""
+    script = joint_script if crf else dcnn_script
+    more = ["--iters", max_iter, "--seed", seed] + (["--resume", resume] if resume else [])
+    args = _args(script, out, *more)
+    run = engine.TrainingRun(args, [])
+    model = models.DeepLabCRF(engine.build_net(args), engine.build_crf(args)) if crf else engine.build_net(args)
+    loss = loss_fn or (functools.partial(engine.joint_loss, unary_weight=0.0, loss="ce") if crf
+                       else functools.partial(engine.dcnn_loss, full_resolution=False))
+    summary = run.train(model, loss, "test", max_iter, args.lr, resume=resume is not None, stop_at=stop_at)
     return model, summary
 
 
@@ -121,13 +143,13 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, crf):
     _, s1 = _train(tmp_path / "b", 6, stop_at=3, crf=crf)
     assert s1["stopped"] and s1["iterations"] == 3
     torch.manual_seed(123)                               # a different RNG state before resuming
-    resumed, s2 = _train(tmp_path / "b", 6, resume=tmp_path / "b" / "ckpt.pt", crf=crf, seed=0)
+    resumed, s2 = _train(tmp_path / "b", 6, resume=tmp_path / "b" / "checkpoint.pt", crf=crf, seed=0)
     assert s2["iterations"] == 3
     for (n, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
     # and the weights did change during training (the comparison is not vacuous)
     torch.manual_seed(0)
-    fresh = _tiny_net()
+    fresh = models.deeplab("largefov", num_classes=4, width=1 / 32, dropout=0.5)
     assert not torch.allclose(fresh.fc8.weight, (straight.net if crf else straight).fc8.weight)
 
 
@@ -136,36 +158,61 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
     def loss_fn(m, x, y):
         calls["n"] += 1
-        loss = engine.dcnn_loss(m, x, y)
+        loss = engine.dcnn_loss(m, x, y, full_resolution=False)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    with pytest.raises(engine.NonFiniteLossError, match=r"nan at iteration 3.*ckpt.pt \(iteration 3\)"):
+    with pytest.raises(engine.NonFiniteLossError, match=r"nan at iteration 3.*checkpoint.pt \(iteration 3\)"):
         _train(tmp_path, 6, loss_fn=loss_fn)
-    _, extra = models.load_checkpoint(tmp_path / "ckpt.pt")
+    _, extra = models.load_checkpoint(tmp_path / "checkpoint.pt")
     assert extra["train"]["iteration"] == 3
-    for p in models.load_checkpoint(tmp_path / "ckpt.pt")[0].parameters():
+    for p in models.load_checkpoint(tmp_path / "checkpoint.pt")[0].parameters():
         assert torch.isfinite(p).all()
 
 
+def test_a_crf_refusing_broken_scores_is_a_non_finite_loss_and_other_errors_pass(tmp_path):
+    """The CRF refuses NaN scores with a ValueError before any loss exists: with NaN in the
+    DCNN's parameters, that is the run's non-finite loss; a ValueError of another cause is not."""
+    calls = {"n": 0}
+
+    def loss_fn(m, x, y):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                models.unwrap(m).net.fc8.bias[0] = float("nan")
+        return engine.joint_loss(m, x, y, unary_weight=0.0, loss="ce")
+
+    with pytest.raises(engine.NonFiniteLossError, match=r"nan at iteration 2.*checkpoint.pt \(iteration 2\)"):
+        _train(tmp_path / "a", 6, crf=True, loss_fn=loss_fn)
+
+    def bad_input(m, x, y):
+        raise ValueError("labels of another shape")
+
+    with pytest.raises(ValueError, match="labels of another shape"):
+        _train(tmp_path / "b", 6, crf=True, loss_fn=bad_input)
+
+
 def test_checkpoint_is_loadable_by_models_and_atomic(tmp_path):
+    args = _args(dcnn_script, tmp_path / "run")
     net = _tiny_net()
-    opt = engine.build_optimizer(net, lr=0.1)
+    opt = engine.make_optimizer(net, args, 0.1)
     path = tmp_path / "c.pt"
-    save_training_checkpoint(path, net, optimizer=opt, iteration=7, args={"x": tmp_path}, stage="s")
+    save_training_checkpoint(path, net, optimizer=opt, iteration=7, scaler=None, rngs=[capture_rng()],
+                             args={"x": tmp_path}, stage="s")
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]     # no temporary left behind
     model, extra = models.load_checkpoint(path)                  # weights_only loading works
     assert extra["train"]["iteration"] == 7 and extra["train"]["args"]["x"] == str(tmp_path)
     other = _tiny_net()
-    state = load_training_state(path, other, optimizer=engine.build_optimizer(other, lr=0.1))
+    state = load_training_state(path, other, engine.make_optimizer(other, args, 0.1), None, rank=0, world_size=1)
     assert state["stage"] == "s"
     for p, q in zip(net.parameters(), other.parameters()):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="do not fit"):
-        load_training_state(path, models.deeplab("largefov", num_classes=5, width=1 / 32))
+        load_training_state(path, models.deeplab("largefov", num_classes=5, width=1 / 32), None, None,
+                            rank=0, world_size=1)
 
 
 def test_metric_logger_truncates_on_resume(tmp_path):
-    log = engine.MetricLogger(tmp_path / "metrics.csv")
+    log = engine.MetricLogger(tmp_path / "metrics.csv", tensorboard=False, enabled=True, resume=False)
     for it in (10, 20, 30):
         log.log("joint", it, loss=1.0 / it)
     log.log("dcnn", 50, loss=0.5)
@@ -173,22 +220,35 @@ def test_metric_logger_truncates_on_resume(tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 3
     assert not any(",joint,30," in r for r in rows)
-    with pytest.raises(ImportError, match="tensorboard"):
-        try:
-            import tensorboard  # noqa: F401
-            pytest.skip("tensorboard is installed")
-        except ImportError:
-            engine.MetricLogger(tmp_path / "metrics.csv", tensorboard=True)
+
+
+def test_metric_logger_without_tensorboard_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)      # as if not installed
+    with pytest.raises(ImportError, match="--log tensorboard needs the tensorboard package"):
+        engine.MetricLogger(tmp_path / "metrics.csv", tensorboard=True, enabled=True, resume=False)
+
+
+def test_metric_logger_writes_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = engine.MetricLogger(tmp_path / "metrics.csv", tensorboard=True, enabled=True, resume=False)
+    for it in (1, 2):
+        log.log("joint", it, loss=1.0 / it)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("joint/loss")] == [(1, 1.0), (2, 0.5)]
+    assert "joint,2,loss,0.5" in (tmp_path / "metrics.csv").read_text()
 
 
 def test_evaluate_matches_a_direct_confusion_matrix():
     torch.manual_seed(0)
     joint = models.DeepLabCRF(_tiny_net(), _tiny_crf())
-    ds = SegmentationSet(SyntheticShapes(5, size=24, num_classes=4, split="val"), None, 4)
-    from train.data import eval_transform
-    ds.transform = eval_transform()
-    loader = engine.make_eval_loader(ds, DistInfo(), batch_size=2)
-    res, ex = engine.evaluate(joint, loader, 4, torch.device("cpu"), bands=(1, 3), num_examples=2)
+    ds = SegmentationSet(SyntheticShapes(5, size=24, num_classes=4, seed=0, split="val"), eval_transform(), 4, seed=0)
+    loader = engine.eval_loader(ds, DistInfo(), 2, 0)
+    res, ex = engine.evaluate(joint, loader, torch.device("cpu"), 4, (1, 3), amp=False, progress=False,
+                              num_examples=2)
     assert set(res) == {"dcnn", "crf"} and len(ex) == 2 and joint.training
     conf = np.zeros((4, 4), np.int64)
     joint.eval()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from script_helpers import assert_one_line_error, run_script, save_tiny_checkpoint
 from train import segment as segment_script
-from train.outputs import OutputDir
+from train.process import OutputDir
 
 TINY_RUN = ["--image-size", "32", "--width", "0.03125", "--num-classes", "4", "--train-samples", "8",
             "--val-samples", "2", "--batch-size", "2", "--eval-batch-size", "2", "--bands", "1", "3",
@@ -40,7 +40,7 @@ def _picture(path, seed, size=(20, 24)):
 
 # ----------------------------------------------------------------------------- OutputDir
 def test_output_dir_keeps_inside_its_folder(tmp_path):
-    out = OutputDir(tmp_path / "out")
+    out = OutputDir(tmp_path / "out", overwrite=False)
     for bad in ("../x.png", "/etc/x.png", "a/../../x.png", "", ".", "a/.."):
         with pytest.raises(ValueError, match="inside"):
             out.claim(bad)
@@ -52,7 +52,7 @@ def test_output_dir_keeps_inside_its_folder(tmp_path):
 def test_output_dir_replaces_only_its_own_files(tmp_path):
     (tmp_path / "old.json").write_text("earlier run")
     (tmp_path / "input.png").write_text("input")
-    out = OutputDir(tmp_path, protect=[tmp_path / "input.png"])
+    out = OutputDir(tmp_path, overwrite=False, protect=[tmp_path / "input.png"])
     with pytest.raises(FileExistsError, match="old.json exists.*--overwrite"):
         out.check_free(["new.json", "old.json"])
     new = out.claim("new.json")
@@ -66,7 +66,7 @@ def test_output_dir_replaces_only_its_own_files(tmp_path):
     with pytest.raises(FileExistsError, match="is a folder"):
         (tmp_path / "d").mkdir()
         again.claim("d")
-    kept = OutputDir(tmp_path, keep=["old.json"])                   # a resumed run's own file
+    kept = OutputDir(tmp_path, overwrite=False, keep=["old.json"])                   # a resumed run's own file
     assert kept.claim("old.json") == tmp_path / "old.json"
 
 

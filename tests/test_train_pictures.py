@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from train import reports
-from train.visualize import PALETTE, draw_legend, legend_entries, line_plot
+from train.reports import PALETTE, draw_legend, legend_entries, line_plot
 
 NAMES = ["background", "ellipse", "rectangle", "triangle"]
 

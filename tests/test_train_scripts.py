@@ -183,7 +183,7 @@ def test_cpu_runs_keep_large_blocks_in_the_heap():
     """mallopt accepts the setting (in a subprocess: it changes the process's malloc), and a CPU
     run's setup then tells the CRF to keep its marginals for the backward."""
     code = ("import sys, argparse; sys.path.insert(0, '.'); "
-            "from train.process import keep_large_blocks_in_the_heap as k; from train.distributed import DistInfo; "
+            "from train.process import keep_large_blocks_in_the_heap as k; from train.process import DistInfo; "
             "print(DistInfo().keep_marginals, k())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False True", out.stderr

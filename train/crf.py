@@ -21,37 +21,20 @@ parameters a grid has no axis for: per-class weights and compatibilities, finer 
 Writes OUT/model.pt (DCNN + CRF, for evaluate.py, segment.py, joint.py --init), OUT/metrics.json
 (DCNN alone, with the initial CRF, with the searched and/or learnt CRF; the search grid),
 OUT/bands.png, OUT/examples.png, OUT/metrics.csv, OUT/checkpoint.pt (for --resume; not written by a
-search without --refine or a DCNN stage) and, when it trains the DCNN first, OUT/dcnn.pt. A file there from an
-earlier run is replaced only with --overwrite.
+search without --refine or a DCNN stage) and, when it trains the DCNN first, OUT/dcnn.pt.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
-import argparse
 import itertools
 
 import torch
 
 import models
-from train import distributed as dist_utils
 from train import engine, options, reports
 from train.checkpoint import load_model
-from train.distributed import log
 from train.metrics import ConfusionMatrix
-from train.process import run_main
-from train.stages import pretrain_dcnn, start_training, train_stage
-
-# This script's own defaults, over train/options.py's DATASET_PRESETS.
-PRESETS = {
-    # DeepLab's search ranges (paper, section 4.1): w1 in [5, 10], sigma_alpha in [50:10:100],
-    # sigma_beta in [3:1:10]; w2 = sigma_gamma = 3.
-    "voc": dict(iters=2000, lr=1e-3, batch_size=10, crf_lr_mult=1.0, search_w1=[5, 6, 7, 8, 9, 10],
-                search_sxy=[50, 60, 70, 80, 90, 100], search_srgb=[3, 4, 5, 6, 7, 8, 9, 10],
-                search_samples=100),
-    # The same idea on the small synthetic images.
-    "synthetic": dict(iters=60, lr=1e-2, crf_lr_mult=1.0, search_w1=[3, 5, 10], search_sxy=[10, 20, 40],
-                      search_srgb=[6, 12, 24], search_samples=24),
-}
+from train.process import all_reduce_sum, log, progress_bar, run_main
 
 
 def get_args_parser(add_help=True):
@@ -76,78 +59,55 @@ def get_args_parser(add_help=True):
     options.add_crf_args(p)
     options.add_optim_args(p)
     options.add_run_args(p, "runs/crf")
-    return options.set_presets(p, PRESETS)
-
-
-def outputs(args) -> list:
-    """The files a run writes in --out-dir (besides checkpoint.pt and metrics.csv)."""
-    return (["dcnn.pt"] if not args.dcnn and args.pretrain_iters > 0 else []) + \
-        ["model.pt", "metrics.json", "bands.png", "examples.png"]
+    return options.set_presets(p, "crf")
 
 
 def main(args):
     if args.refine and not args.search:
         raise ValueError("--refine refines the best point of a grid search: give --search too")
-    run = start_training(args, outputs)
+    options.finalize(args)
+    crf = engine.build_crf(args)              # (bad CRF options end the run here, before any work)
+    pretrains = not args.dcnn and args.pretrain_iters > 0
+    run = engine.TrainingRun(args, ["dcnn.pt"] * pretrains + ["model.pt", "metrics.json", "bands.png", "examples.png"])
     info, out, resumed = run.info, run.out, run.resumed
 
     # ---- the frozen DCNN
     if args.dcnn:
         net = load_model(args.dcnn, args.num_classes).net.to(info.device)
     elif resumed is not None and resumed["stage"] == "crf":
-        net = load_model(args.resume).net.to(info.device)   # the DCNN this run trained first
-    elif args.pretrain_iters > 0:
-        net = options.build_net(args).to(info.device)
-        resumed = pretrain_dcnn(args, run, net, resumed)
+        net = load_model(args.resume, None).net.to(info.device)   # the DCNN this run trained first
+    elif pretrains:
+        net = engine.build_net(args).to(info.device)
+        resumed = run.pretrain_dcnn(net)
     else:
         raise ValueError("give the DCNN to build on with --dcnn CKPT (train/dcnn.py's model.pt)")
     net.requires_grad_(False)
     net.eval()
 
-    crf = options.build_crf(args)
-    crf.keep_marginals = info.keep_marginals
     joint = models.DeepLabCRF(net, crf).to(info.device)
-    initial, init_examples = engine.evaluate(joint, run.val_loader, args.num_classes, info.device,
-                                             bands=args.bands, class_names=run.class_names, amp=args.amp,
-                                             num_examples=6, progress=not args.no_progress,
-                                             desc="eval (initial CRF)")
+    initial, init_examples = run.evaluate(joint, 6, "eval (initial CRF)")
     report = {"dcnn": initial["dcnn"], "crf_initial": initial["crf"],
               "crf_initial_params": {"bilateral": list(args.bilateral), "spatial": list(args.spatial)}}
-
     if args.search:
-        best, grid = grid_search(args, info, net, run.val_set)
-        report["search"] = grid
+        best, report["search"] = grid_search(args, run, net)
         # (args keep the given --bilateral: a --refine run's checkpoint records the options as given,
         # and its --resume searches again)
-        crf = options.build_crf(argparse.Namespace(**{**vars(args), "bilateral": [best["sxy"], best["srgb"],
-                                                                                  best["w1"]]}))
-        crf.keep_marginals = info.keep_marginals
-        joint = models.DeepLabCRF(net, crf).to(info.device)
-        log(f"best on {grid['samples']} images: w1 {best['w1']:g}, σα {best['sxy']:g}, "
+        joint = models.DeepLabCRF(net, engine.build_crf(args, [best["sxy"], best["srgb"], best["w1"]])).to(info.device)
+        log(f"best on {report['search']['samples']} images: w1 {best['w1']:g}, σα {best['sxy']:g}, "
             f"σβ {best['srgb']:g} (mIoU {100 * best['miou']:.2f})")
         label = "DCNN + CRF (grid search)"
     if args.refine:  # the searched CRF on the whole validation set, before the gradient moves it
-        searched, _ = engine.evaluate(joint, run.val_loader, args.num_classes, info.device, bands=args.bands,
-                                      class_names=run.class_names, amp=args.amp,
-                                      progress=not args.no_progress, desc="eval (searched CRF)")
-        report["crf_searched"] = searched["crf"]
+        report["crf_searched"] = run.evaluate(joint, 0, "eval (searched CRF)")[0]["crf"]
     if not args.search or args.refine:
-        opt = engine.build_optimizer(joint, name=args.optimizer, lr=args.lr, momentum=args.momentum,
-                                     weight_decay=args.weight_decay, crf_lr_mult=args.crf_lr_mult,
-                                     crf_weight_decay=args.crf_weight_decay)
         log(f"learning the CRF by gradient on the frozen DCNN, {args.iters} iterations")
-        report["train"] = train_stage(args, run, joint, opt, lambda m, x, y: crf_loss(m, x, y, args.crf_loss),
-                                      "crf", args.iters,
-                                      resume=resumed is not None, stop_at=args.stop_at)
+        report["train"] = run.train(joint, lambda m, x, y: crf_loss(m, x, y, args.crf_loss), "crf", args.iters,
+                                    args.lr, resume=resumed is not None, stop_at=args.stop_at)
         label = "DCNN + CRF (searched, then learnt)" if args.search else "DCNN + CRF (learnt)"
         if report["train"]["stopped"]:
             log(f"stopped after iteration {args.stop_at}; continue with --resume {run.checkpoint}")
             return None
 
-    final, final_examples = engine.evaluate(joint, run.val_loader, args.num_classes, info.device,
-                                            bands=args.bands, class_names=run.class_names, amp=args.amp,
-                                            num_examples=6, progress=not args.no_progress,
-                                            desc="eval (final CRF)")
+    final, final_examples = run.evaluate(joint, 6, "eval (final CRF)")
     report["crf_final"] = final["crf"]
     # The layer's own: learned bandwidths (--learn-bandwidths) or the searched ones.
     report["crf_final_params"] = {"bilateral": list(joint.crf.bilateral), "spatial": list(joint.crf.spatial)}
@@ -168,44 +128,39 @@ def main(args):
     return report
 
 
-def crf_loss(model, images, labels, loss="ce"):
+def crf_loss(model, images, labels, loss):
     """The loss of the CRF's output (--crf-loss) with the DCNN kept in eval mode (frozen weights,
     no dropout)."""
-    dist_utils.unwrap(model).net.eval()
-    return engine.joint_loss(model, images, labels, loss=loss)
+    models.unwrap(model).net.eval()
+    return engine.joint_loss(model, images, labels, unary_weight=0.0, loss=loss)
 
 
 @torch.no_grad()
-def grid_search(args, info, net, val_set):
-    """DeepLab's search: mIoU of the CRF for every (w1, σα, σβ) on the first validation images.
-
-    The DCNN's unaries are computed once; each grid point then costs only the CRF. Every rank
-    evaluates its share of the images; confusion matrices are summed. Returns the best point and
-    ``{"samples", "points": [{"w1", "sxy", "srgb", "miou"}, ...]}``.
-    """
-    n = min(len(val_set), args.search_samples)
-    subset = torch.utils.data.Subset(val_set, list(range(n)))
-    loader = engine.make_eval_loader(subset, info, args.eval_batch_size, args.workers)
+def grid_search(args, run, net):
+    """DeepLab's search: mIoU of the CRF for every (w1, σα, σβ) of --search-* on the first
+    --search-samples validation images. The DCNN's unaries are computed once; each grid point then
+    costs only the CRF. Every process evaluates its share of the images. Returns the best point
+    and ``{"samples", "points": [{"w1", "sxy", "srgb", "miou"}, ...]}``."""
+    n = min(len(run.val_set), args.search_samples)
+    subset = torch.utils.data.Subset(run.val_set, list(range(n)))
     cached = []
-    for images, labels, sizes, _ in loader:
-        images = images.to(info.device)
+    for images, labels, sizes, _ in engine.eval_loader(subset, run.info, args.eval_batch_size, args.workers):
+        images = images.to(run.info.device)
         cached.append((images, net(images, upsample=True).float(), labels, sizes))
     points = []
     combos = list(itertools.product(args.search_w1, args.search_sxy, args.search_srgb))
-    for w1, sxy, srgb in engine.progress_bar(combos, desc="grid search",
-                                             enabled=not args.no_progress and info.is_main):
-        crf = options.crf_layer(args.num_classes, (sxy, srgb, w1), args.spatial, args.crf_eval_iters,
-                                args.crf_eval_iters).to(info.device).eval()
+    for w1, sxy, srgb in progress_bar(combos, desc="grid search", enabled=not args.no_progress and run.info.is_main):
+        crf = engine.crf_layer(args.num_classes, (sxy, srgb, w1), args.spatial, args.crf_eval_iters,
+                               args.crf_eval_iters).to(run.info.device).eval()
         cm = ConfusionMatrix(args.num_classes)
         for images, unary, labels, sizes in cached:
             pred = crf(unary, images).argmax(1).cpu()
             for k in range(pred.shape[0]):
                 h, w = int(sizes[k, 0]), int(sizes[k, 1])
                 cm.update(pred[k, :h, :w], labels[k, :h, :w])
-        cm.all_reduce()
+        cm.all_reduce(all_reduce_sum)
         points.append({"w1": float(w1), "sxy": float(sxy), "srgb": float(srgb), "miou": cm.miou()})
-    best = max(points, key=lambda p: p["miou"])
-    return best, {"samples": n, "points": points}
+    return max(points, key=lambda p: p["miou"]), {"samples": n, "points": points}
 
 
 if __name__ == "__main__":

@@ -6,11 +6,9 @@
     torchrun --nproc_per_node=4 train/dcnn.py --dataset voc ...
 
 Loss: per-position cross-entropy of the stride-8 scores against the ground truth subsampled by 8
-(void ignored; ``--dcnn-loss full`` compares the upsampled scores with the full labels). VOC defaults: SGD momentum 0.9, weight decay 5e-4, lr 1e-3 (×10 on fc8),
-×0.1 every 2000 iterations, batch 20, 6000 iterations, 321×321 crops of randomly scaled,
-flipped images. Writes OUT/model.pt (for train/crf.py, train/joint.py --init, evaluate.py,
-segment.py), OUT/checkpoint.pt (for --resume), OUT/metrics.json, OUT/metrics.csv, OUT/examples.png
-(a file there from an earlier run is replaced only with --overwrite).
+(void ignored; ``--dcnn-loss full`` compares the upsampled scores with the full labels). Writes
+OUT/model.pt (for train/crf.py, train/joint.py --init, evaluate.py, segment.py), OUT/checkpoint.pt
+(for --resume), OUT/metrics.json, OUT/metrics.csv and OUT/examples.png.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
@@ -18,9 +16,7 @@ if __package__ in (None, ""):  # run as a file: put the repository root first on
 import models
 from train import engine, options, reports
 from train.checkpoint import load_model
-from train.distributed import log
-from train.process import run_main
-from train.stages import start_training, train_dcnn
+from train.process import log, run_main
 
 
 def get_args_parser(add_help=True):
@@ -32,33 +28,26 @@ def get_args_parser(add_help=True):
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="start from the DCNN of this model checkpoint (fine-tuning; none: a fresh net)")
     options.add_run_args(p, "runs/dcnn")
-    return options.set_presets(p)
-
-
-def outputs(args) -> list:
-    """The files a run writes in --out-dir (besides checkpoint.pt and metrics.csv)."""
-    return ["model.pt", "metrics.json", "examples.png"]
+    return options.set_presets(p, "dcnn")
 
 
 def main(args):
-    run = start_training(args, outputs)
-    out = run.out
-    net = load_model(args.init, args.num_classes).net if args.init else options.build_net(args)
+    options.finalize(args)
+    run = engine.TrainingRun(args, ["model.pt", "metrics.json", "examples.png"])
+    net = load_model(args.init, args.num_classes).net if args.init else engine.build_net(args)
     net.to(run.info.device)
-    summary = train_dcnn(args, run, net, args.iters, resume=run.resumed is not None, stop_at=args.stop_at)
+    summary = run.train_dcnn(net, args.iters, args.lr, resume=run.resumed is not None, stop_at=args.stop_at)
     if summary["stopped"]:
         log(f"stopped after iteration {args.stop_at}; continue with --resume {run.checkpoint}")
         return None
-    res, examples = engine.evaluate(net, run.val_loader, args.num_classes, run.info.device, bands=args.bands,
-                                    class_names=run.class_names, amp=args.amp, num_examples=6,
-                                    progress=not args.no_progress)
+    res, examples = run.evaluate(net, num_examples=6)
     if run.info.is_main:
-        models.save_checkpoint(out.claim("model.pt"), net, data=run.data)
-        reports.write_json(out.claim("metrics.json"), {"dcnn": res["dcnn"], "train": summary,
-                                                       "seconds": run.seconds()})
-        reports.examples_png(out.claim("examples.png"), {"DCNN": (examples, "dcnn")}, run.class_names)
+        models.save_checkpoint(run.out.claim("model.pt"), net, data=run.data)
+        reports.write_json(run.out.claim("metrics.json"), {"dcnn": res["dcnn"], "train": summary,
+                                                           "seconds": run.seconds()})
+        reports.examples_png(run.out.claim("examples.png"), {"DCNN": (examples, "dcnn")}, run.class_names)
         print(reports.format_table([("DCNN", res["dcnn"])]))
-        print(f"wrote {out.listing()}")
+        print(f"wrote {run.out.listing()}")
     return res
 
 

@@ -1,125 +1,138 @@
-"""The training and evaluation loops and their parts: learning-rate schedules, parameter groups,
-losses, the non-finite-loss guard, and a metrics log.
+"""What the scripts are made of: the models and data of the options, a training run and its
+stages, and evaluation.
 
-The schedule is a pure function of the iteration (``lr = base · mult · factor(it)``), so an
-exact ``--resume`` needs only the iteration, the optimiser state and the RNG states
-(:mod:`train.checkpoint`).
+- Building: :func:`make_sets`, :func:`build_net`, :func:`build_crf`, and for evaluate.py and
+  segment.py :func:`load_for_inference` (a trained model, with a CRF added when it has none).
+- Training: :class:`TrainingRun` opens a run (process, output folder, data, log, ``--resume``);
+  :meth:`TrainingRun.train` runs a stage: SGD or Adam over parameter groups whose initial
+  learning rates are ``--lr`` × the group's multiplier, one ``LambdaLR`` multiplying them by the
+  step/poly factor of the iteration, checkpoints, exact resume, the non-finite-loss guard.
+- Evaluation: :func:`evaluate` (confusion matrices and boundary bands, summed over processes).
 """
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
+import os
+import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+import crfrnn
+import models
 from models.files import atomic_write
 
-from . import distributed as dist_utils
-from .checkpoint import largest_parameter, save_training_checkpoint
-from .data import VOID, ShardSampler, StreamBatchSampler, pad_collate
-from .data.transforms import denormalize
+from .checkpoint import (capture_rng, check_resume_args, data_description, largest_parameter, load_model,
+                         load_training_state, resume_info, save_training_checkpoint)
+from .data import (IMAGENET_MEAN, IMAGENET_STD, VOID, SegmentationSet, ShardSampler, StreamBatchSampler,
+                   build_dataset, denormalize, eval_transform, pad_collate, train_transform)
 from .metrics import BandAccuracy, ConfusionMatrix
-
-LR_POLICIES = ("step", "poly")
-OPTIMIZERS = ("sgd", "adam")
-
-
-# ----------------------------------------------------------------------------- schedule
-def lr_factor(it: int, policy: str = "step", max_iter: int = 6000, step_size: int = 2000,
-              gamma: float = 0.1, power: float = 0.9) -> float:
-    """Multiplier of the base learning rate at iteration ``it`` (0-based).
-
-    ``"step"``: ``gamma ** (it // step_size)`` (DeepLab: ×0.1 every 2000 iterations).
-    ``"poly"``: ``(1 - it / max_iter) ** power``.
-    """
-    if policy == "step":
-        if step_size <= 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
-        return gamma ** (it // step_size)
-    if policy == "poly":
-        return max(0.0, 1.0 - it / max(1, max_iter)) ** power
-    raise ValueError(f"unknown lr policy {policy!r}; expected one of {LR_POLICIES}")
+from .options import CRF_PRESETS, PRESETS, RESUME_FREE, RESUME_WARN
+from .process import (DistInfo, all_gather_object, all_reduce_sum, any_true, barrier, is_main_process, log,
+                      open_output_dir, progress_bar, setup, wrap_ddp)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float):
-    """Set every group's lr to ``base_lr * group['lr_mult'] * factor``."""
-    for g in optimizer.param_groups:
-        g["lr"] = base_lr * g.get("lr_mult", 1.0) * factor
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stops, keeping the last good checkpoint."""
 
 
-# ----------------------------------------------------------------------------- optimiser
-def parameter_groups(model, *, classifier_lr_mult: float = 10.0, crf_lr_mult: float = 1.0,
-                     weight_decay: float = 5e-4, crf_weight_decay: float = 0.0) -> list:
-    """Optimiser groups for a DeepLab or DeepLabCRF (only parameters with ``requires_grad``).
+class NonFiniteOutputError(ValueError):
+    """The model computed NaN or infinite scores: its parameters are broken (a checkpoint of a run
+    that diverged, a damaged file), and every label it gives would be garbage."""
 
-    - ``backbone``: conv1_1..fc7, lr ×1, weight decay;
-    - ``classifier``: fc8 (and MSc heads), lr ×``classifier_lr_mult`` (10 in the paper);
-    - ``crf``: the CRF-RNN layer's kernel weights and compatibility, lr ×``crf_lr_mult``,
-      ``crf_weight_decay`` (0 by default: decay would pull the Potts compatibility to zero).
 
-    Empty groups are left out. Each group carries ``name`` and ``lr_mult``.
-    """
-    m = dist_utils.unwrap(model)
-    net = getattr(m, "net", m)
-    crf = getattr(m, "crf", None)
-    groups = net.parameter_groups() if hasattr(net, "parameter_groups") else {"backbone": list(net.parameters()), "classifier": []}
-    spec = [("backbone", groups["backbone"], 1.0, weight_decay),
-            ("classifier", groups["classifier"], classifier_lr_mult, weight_decay)]
+# ----------------------------------------------------------------------------- building
+def make_sets(args, train: bool = True):
+    """``(train_set or None, val_set, class_names)``: :class:`train.data.SegmentationSet` s of the options."""
+    if args.dataset == "voc" and args.num_classes != 21:
+        raise ValueError(f"PASCAL VOC has 21 classes, got --num-classes {args.num_classes}")
+    synthetic = args.dataset == "synthetic"
+    kw = dict(data_root=args.data_root, seed=args.data_seed, image_size=args.image_size, num_classes=args.num_classes)
+    val_raw = build_dataset(args.dataset, "val" if synthetic else args.val_split, sbd_root=None,
+                            num_samples=args.val_samples, **kw)
+    val = SegmentationSet(val_raw, eval_transform(), args.num_classes, seed=0)
+    tr = None
+    if train:
+        tr_raw = build_dataset(args.dataset, "train" if synthetic else args.train_split, sbd_root=args.sbd_root,
+                               num_samples=args.train_samples, **kw)
+        tr = SegmentationSet(tr_raw, train_transform(args.crop_size, args.min_scale, args.max_scale, not args.no_flip),
+                             args.num_classes, seed=args.seed)
+    return tr, val, list(val_raw.class_names)
+
+
+def build_net(args):
+    """A fresh ``models.DeepLab`` of the options (ImageNet VGG-16 backbone with --vgg-weights)."""
+    net = models.deeplab(args.variant, num_classes=args.num_classes, msc=args.msc, width=args.width,
+                         dropout=args.dropout)
+    if args.vgg_weights:
+        models.load_vgg16_imagenet(net, args.vgg_weights)
+    return net
+
+
+def crf_layer(num_classes: int, bilateral, spatial, iterations: int, eval_iterations: int, **layer_options):
+    """A ``crfrnn.CRFRNNLayer`` for ImageNet-normalised images (the DCNN's input): ``bilateral`` =
+    (sigma_xy, sigma_rgb, w1), ``spatial`` = (sigma_xy, w2); ``layer_options`` go to the layer."""
+    return crfrnn.CRFRNNLayer(num_classes=int(num_classes), num_iterations=int(iterations),
+                              num_eval_iterations=int(eval_iterations), bilateral=[float(x) for x in bilateral],
+                              spatial=[float(x) for x in spatial], image_mean=list(IMAGENET_MEAN),
+                              image_std=list(IMAGENET_STD), **layer_options)
+
+
+def build_crf(args, bilateral=None):
+    """The CRF layer of a training run's options (``bilateral``: instead of ``--bilateral``); a bad
+    value is a ``ValueError`` naming the options, so scripts build it before any work."""
+    try:
+        return crf_layer(args.num_classes, bilateral or args.bilateral, args.spatial, args.crf_iters,
+                         args.crf_eval_iters, learn_bandwidths=args.learn_bandwidths,
+                         compatibility=args.compatibility, kernel_weights=args.kernel_weights,
+                         bandwidth_grad=args.bandwidth_grad)
+    except ValueError as e:
+        raise ValueError(f"bad CRF options (--bilateral, --spatial, --crf-iters, --crf-eval-iters): {e}") from None
+
+
+def load_for_inference(args, num_classes: int | None):
+    """``(model, trained_on)``: ``--checkpoint``'s model as a ``models.DeepLabCRF`` whose CRF runs
+    ``--crf-eval-iters`` iterations, and the data it was trained on (None: unrecorded). A
+    checkpoint without a CRF gets one (unless ``--no-crf``; DeepLab's post-processing) of
+    ``--bilateral`` / ``--spatial``, or where those are none of ``--crf-preset``, or where that is
+    none of the preset of the data it was trained on. ``num_classes``: see :func:`load_model`."""
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found (train one first, e.g. "
+                                "python train/joint.py, or pass --checkpoint)")
+    net, crf, trained_on = load_model(args.checkpoint, num_classes)
+    if crf is None and not args.no_crf:
+        preset = CRF_PRESETS[args.crf_preset or PRESETS[(trained_on or {}).get("dataset", "synthetic")]["crf_preset"]]
+        bilateral, spatial = list(args.bilateral or preset["bilateral"]), list(args.spatial or preset["spatial"])
+        crf = crf_layer(net.config["num_classes"], bilateral, spatial, args.crf_eval_iters, args.crf_eval_iters)
+        log(f"the checkpoint has no CRF: adding one with bilateral {bilateral}, spatial {spatial}")
     if crf is not None:
-        spec.append(("crf", list(crf.parameters()), crf_lr_mult, crf_weight_decay))
-    out = []
-    for name, params, mult, wd in spec:
-        params = [p for p in params if p.requires_grad]
-        if params:
-            out.append({"params": params, "name": name, "lr_mult": float(mult), "weight_decay": float(wd)})
-    if not out:
-        raise ValueError("the model has no trainable parameters")
-    return out
-
-
-def build_optimizer(model, *, name: str = "sgd", lr: float = 1e-3, momentum: float = 0.9,
-                    weight_decay: float = 5e-4, classifier_lr_mult: float = 10.0,
-                    crf_lr_mult: float = 1.0, crf_weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's) or Adam, over :func:`parameter_groups`."""
-    groups = parameter_groups(model, classifier_lr_mult=classifier_lr_mult, crf_lr_mult=crf_lr_mult,
-                              weight_decay=weight_decay, crf_weight_decay=crf_weight_decay)
-    for g in groups:
-        g["lr"] = lr * g["lr_mult"]
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == "adam":
-        # Adam's weight decay is L2 as in SGD (added to the gradient).
-        return torch.optim.Adam(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+        crf.num_eval_iterations = args.crf_eval_iters
+    return models.DeepLabCRF(net, crf), trained_on
 
 
 # ----------------------------------------------------------------------------- losses
 def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
     """Nearest-neighbour subsampling of ``labels`` (Tensor[N, H, W] int64) to ``size`` (h, w),
-    as DeepLab's training compares the stride-8 scores with the ground truth subsampled by 8."""
+    as DeepLab compares the stride-8 scores with the ground truth subsampled by 8."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
     return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
-def dcnn_loss(model, images: torch.Tensor, labels: torch.Tensor, full_resolution: bool = False):
-    """Cross-entropy of a DeepLab's scores (void ignored): on the stride-8 map against the
-    subsampled labels (the paper), or, with ``full_resolution``, on the upsampled scores.
-
-    ``model``: DeepLab (possibly DDP-wrapped); ``images`` Tensor[N, 3, H, W]; ``labels`` Tensor[N, H, W].
-    """
+def dcnn_loss(model, images: torch.Tensor, labels: torch.Tensor, *, full_resolution: bool):
+    """Cross-entropy (void ignored) of a DeepLab's (possibly DDP-wrapped) scores of ``images``
+    (Tensor[N, 3, H, W]): on the stride-8 map against the subsampled ``labels`` (Tensor[N, H, W];
+    the paper), or, with ``full_resolution``, on the upsampled scores."""
     scores = model(images).float()
     if full_resolution:
         scores = F.interpolate(scores, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    target = downsample_labels(labels, scores.shape[-2:])
-    return F.cross_entropy(scores, target, ignore_index=VOID)
+    return F.cross_entropy(scores, downsample_labels(labels, scores.shape[-2:]), ignore_index=VOID)
 
 
 def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = VOID) -> torch.Tensor:
@@ -153,16 +166,14 @@ def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return torch.stack(per_image).mean()
 
 
-#: Losses of the CRF's refined logits (logits [N, C, H, W], labels [N, H, W]) -> scalar.
+#: Losses of the CRF's refined logits (Tensor[N, C, H, W]) against labels (Tensor[N, H, W]), by --crf-loss.
 CRF_LOSSES = {"ce": lambda logits, labels: F.cross_entropy(logits, labels, ignore_index=VOID),
               "lovasz": lovasz_softmax}
 
 
-def joint_loss(model, images: torch.Tensor, labels: torch.Tensor, unary_weight: float = 0.0,
-               loss: str = "ce"):
-    """`loss` (CRF_LOSSES: "ce", CRF-RNN's cross-entropy, or "lovasz") of a DeepLabCRF's refined
-    logits at full resolution, plus ``unary_weight`` × the DCNN's own stride-8 cross-entropy (0
-    by default, as in CRF-RNN)."""
+def joint_loss(model, images: torch.Tensor, labels: torch.Tensor, *, unary_weight: float, loss: str):
+    """``loss`` (a key of :data:`CRF_LOSSES`) of a DeepLabCRF's refined logits at full resolution,
+    plus ``unary_weight`` × the DCNN's own stride-8 cross-entropy (CRF-RNN: 0)."""
     out = model(images)
     if out["crf"] is None:
         raise ValueError("joint_loss needs a DeepLabCRF with a CRF and use_crf=True")
@@ -174,31 +185,82 @@ def joint_loss(model, images: torch.Tensor, labels: torch.Tensor, unary_weight: 
     return total
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops, keeping the last good checkpoint."""
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision: float16 on CUDA, bfloat16 on CPU."""
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                          enabled=enabled)
 
 
-# ----------------------------------------------------------------------------- logging
+def _broken(model, images: torch.Tensor, amp: bool) -> bool:
+    """Whether ``model`` can no longer give a finite loss: a parameter, a CRF pairwise matrix or
+    the DCNN's scores of ``images`` hold NaN/Inf (the CRF refuses such input with a ValueError
+    before any loss exists)."""
+    m = models.unwrap(model)
+    net, crf = getattr(m, "net", m), getattr(m, "crf", None)
+    with torch.no_grad(), autocast(images.device, amp):
+        tensors = [*m.parameters(), net(images)]
+        tensors += list(crf.pairwise_matrices()) if hasattr(crf, "pairwise_matrices") else []
+        return not all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# ----------------------------------------------------------------------------- optimisation
+def lr_factor(it: int, policy: str, max_iter: int, step_size: int, gamma: float, power: float) -> float:
+    """Multiplier of the base learning rate at iteration ``it`` (0-based): ``"step"``:
+    ``gamma ** (it // step_size)`` (DeepLab: ×0.1 every 2000); ``"poly"``: ``(1 - it/max_iter) ** power``."""
+    if policy == "step":
+        if step_size <= 0:
+            raise ValueError(f"--lr-step must be > 0, got {step_size}")
+        return gamma ** (it // step_size)
+    if policy == "poly":
+        return max(0.0, 1.0 - it / max(1, max_iter)) ** power
+    raise ValueError(f"unknown lr policy {policy!r}; expected step or poly")
+
+
+def make_optimizer(model, args, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's) or Adam (``--optimizer``) over the trainable parameters of a
+    DeepLab or DeepLabCRF, in groups whose initial learning rate (``lr`` and ``initial_lr``) is
+    ``lr`` × a multiplier:
+    ``backbone`` (conv1_1..fc7, ×1), ``classifier`` (fc8 and MSc heads, ×--classifier-lr-mult)
+    and ``crf`` (×--crf-lr-mult, --crf-weight-decay: 0 keeps decay from pulling the Potts
+    compatibility to zero). Empty groups are left out; each carries its ``name``."""
+    m = models.unwrap(model)
+    net, crf = getattr(m, "net", m), getattr(m, "crf", None)
+    parts = net.parameter_groups()
+    spec = [("backbone", parts["backbone"], 1.0, args.weight_decay),
+            ("classifier", parts["classifier"], args.classifier_lr_mult, args.weight_decay)]
+    if crf is not None:
+        spec.append(("crf", list(crf.parameters()), args.crf_lr_mult, args.crf_weight_decay))
+    groups = [{"params": trainable, "name": name, "lr": lr * float(mult), "initial_lr": lr * float(mult),
+               "weight_decay": float(decay)}
+              for name, params, mult, decay in spec if (trainable := [p for p in params if p.requires_grad])]
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
+    return torch.optim.Adam(groups, lr=lr)         # its weight decay is L2 as SGD's (added to the gradient)
+
+
+def lr_schedule(optimizer, args, iters: int, start: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate, at iteration ``start`` of ``iters``: each group's ``initial_lr`` ×
+    :func:`lr_factor` of the iteration (``--lr-policy``, ``--lr-step``, ``--lr-gamma``,
+    ``--poly-power``). Step it after each iteration."""
+    factor = functools.partial(lr_factor, policy=args.lr_policy, max_iter=iters, step_size=args.lr_step,
+                               gamma=args.lr_gamma, power=args.poly_power)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start - 1)
+
+
 class MetricLogger:
     """Scalars to a CSV file (columns: time, stage, iteration, name, value) and, with
-    ``tensorboard=True``, to TensorBoard event files in a ``tensorboard`` folder beside it. Only
-    rank 0 writes.
-
-    ``path``: the CSV file (``OUT/metrics.csv``). A new run (``resume=False``) starts it afresh,
-    so the rows of an earlier run in the same file (replaced with ``--overwrite``) are not mixed
-    with this run's; a resumed run keeps it and drops what follows its checkpoint
-    (:meth:`truncate`).
-    """
+    ``tensorboard``, to TensorBoard event files in a ``tensorboard`` folder beside it (only where
+    ``enabled``: rank 0). A new run starts the file afresh; a resumed one (``resume``) keeps it
+    and drops what follows its checkpoint (:meth:`truncate`)."""
 
     FIELDS = ("time", "stage", "iteration", "name", "value")
 
-    def __init__(self, path, tensorboard: bool = False, enabled: bool = True, resume: bool = False):
-        self.enabled = enabled
-        self.path = Path(path)
-        self.tb = None
+    def __init__(self, path, *, tensorboard: bool, enabled: bool, resume: bool):
+        self.enabled, self.path, self.tb = enabled, Path(path), None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume or not self.path.is_file():
             self._write_rows([])
         if tensorboard:
@@ -217,214 +279,218 @@ class MetricLogger:
         atomic_write(self.path, text.getvalue().encode())
 
     def truncate(self, stage: str, iteration: int):
-        """Drop rows of ``stage`` logged after ``iteration`` (a resumed run logs them again)."""
-        if not self.enabled or not self.path.is_file():
-            return
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        self._write_rows([r for r in rows if not (r["stage"] == stage and int(r["iteration"]) > iteration)])
+        """Drop the rows of ``stage`` after ``iteration`` (a resumed run logs them again)."""
+        if self.enabled and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            self._write_rows([r for r in rows if not (r["stage"] == stage and int(r["iteration"]) > iteration)])
 
     def log(self, stage: str, iteration: int, **scalars):
         if not self.enabled:
             return
         with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, self.FIELDS)
             now = f"{time.time():.3f}"
-            for k, v in scalars.items():
-                w.writerow({"time": now, "stage": stage, "iteration": iteration, "name": k, "value": v})
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"{stage}/{k}", v, iteration)
+            csv.DictWriter(f, self.FIELDS).writerows(
+                {"time": now, "stage": stage, "iteration": iteration, "name": k, "value": v} for k, v in scalars.items())
+        for k, v in scalars.items() if self.tb is not None else ():
+            self.tb.add_scalar(f"{stage}/{k}", v, iteration)
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
 
 
-# ----------------------------------------------------------------------------- training loop
-def progress_bar(iterable=None, *, enabled: bool = True, **kwargs) -> tqdm:
-    """A tqdm progress bar, drawn only when ``enabled`` and stderr is a terminal (tqdm's
-    ``disable=None``): a log redirected to a file gets no bar redraws. ``bar.disable`` says
-    whether it is hidden."""
-    return tqdm(iterable, disable=None if enabled else True, dynamic_ncols=True, **kwargs)
+# ----------------------------------------------------------------------------- a training run
+class TrainingRun:
+    """What every training script opens with, once its options are finished: the process
+    (:func:`train.process.setup`), ``--out-dir`` (refused before any work when one of the files
+    ``checkpoint.pt``, ``metrics.csv`` and ``outputs`` is there from an earlier run), what
+    ``--resume`` continues (its options checked against the checkpoint's), the seeds (``--seed``
+    + rank), the train and val sets and the metric log."""
 
+    def __init__(self, args, outputs):
+        self.args, self.info = args, setup(args)
+        self.out = open_output_dir(args, ["checkpoint.pt", "metrics.csv", *outputs])
+        self.resumed = None      # --resume's training state (checkpoint.resume_info)
+        if args.resume:
+            self.resumed = resume_info(args.resume)
+            warning = check_resume_args(self.resumed.get("args", {}), args, RESUME_FREE, RESUME_WARN)
+            if warning:
+                log(warning)
+            log(f"resuming {args.resume}: stage {self.resumed['stage']}, iteration {self.resumed['iteration']}")
+        seed = args.seed + self.info.rank         # processes drop out differently
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        random.seed(seed)
+        self.started = time.perf_counter()
+        self.train_set, self.val_set, self.class_names = make_sets(args)
+        self.val_loader = eval_loader(self.val_set, self.info, args.eval_batch_size, args.workers)
+        self.logger = MetricLogger(self.out.claim("metrics.csv"), tensorboard=args.log == "tensorboard",
+                                   enabled=self.info.is_main, resume=self.resumed is not None)
+        self.data = data_description(args, self.class_names)   # stored in every checkpoint
 
-@dataclass
-class LoopConfig:
-    """What :func:`train_loop` needs besides the model, data and optimiser.
+    @property
+    def checkpoint(self) -> Path:
+        """The resumable checkpoint every stage writes (``--resume`` reads it)."""
+        return self.out.path("checkpoint.pt")
 
-    ``batch_size`` is the global batch (split evenly over processes); ``lr`` the base rate;
-    ``ckpt_every``/``eval_every``/``log_every`` in iterations (0 = never, except a final
-    checkpoint that is always written when ``ckpt_path`` is set). ``stop_at``: end the run after
-    that iteration, checkpointed, as if it had been killed there (for time-limited jobs: continue
-    with ``--resume``)."""
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
-    max_iter: int
-    batch_size: int
-    lr: float
-    lr_policy: str = "step"
-    lr_step: int = 2000
-    lr_gamma: float = 0.1
-    poly_power: float = 0.9
-    seed: int = 0
-    amp: bool = False
-    workers: int = 0
-    ckpt_path: str | None = None
-    ckpt_every: int = 0
-    eval_every: int = 0
-    log_every: int = 10
-    stage: str = "train"
-    progress: bool = True
-    stop_at: int | None = None
+    def evaluate(self, model, num_examples: int = 0, desc: str = "eval", progress: bool = True):
+        """:func:`evaluate` on the run's validation set with its options."""
+        a = self.args
+        return evaluate(model, self.val_loader, self.info.device, a.num_classes, a.bands, amp=a.amp,
+                        progress=progress and not a.no_progress, class_names=self.class_names,
+                        num_examples=num_examples, desc=desc)
 
+    def train(self, model, loss_fn, stage: str, iters: int, lr: float, *, resume: bool,
+              stop_at: int | None = None, extra: dict | None = None) -> dict:
+        """Train ``model`` (a DeepLab or DeepLabCRF on the run's device) up to iteration ``iters`` at
+        base learning rate ``lr``, writing the run's checkpoint as stage ``stage``.
 
-def make_train_loader(dataset, cfg: LoopConfig, info: dist_utils.DistInfo, start_iter: int = 0):
-    """A DataLoader yielding this process's batches for iterations ``start_iter..max_iter-1``."""
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
-                         f"({info.world_size})")
-    sampler = StreamBatchSampler(len(dataset), cfg.batch_size // info.world_size, cfg.max_iter,
-                                 seed=cfg.seed, start_iter=start_iter, rank=info.rank,
-                                 world_size=info.world_size)
-    # A private generator keeps the DataLoader from drawing on the global torch RNG (dropout's),
-    # so a resumed run consumes exactly the random numbers an uninterrupted one does.
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate,
-                                       num_workers=cfg.workers, generator=torch.Generator(),
-                                       persistent_workers=False, pin_memory=info.device.type == "cuda")
+        ``loss_fn(model, images, labels)``: the loss of a batch (images Tensor[N, 3, H, W],
+        labels Tensor[N, H, W]). ``resume``: first load ``--resume``'s checkpoint of this stage
+        (weights, optimiser, AMP scaler, RNG) and go on from its iteration. ``stop_at``: end after
+        that iteration, checkpointed, as if killed there. ``extra``: plain values stored in every
+        checkpoint. Returns ``{"iterations" (run now), "loss" (mean of the last log interval),
+        "seconds", "images_per_s", "stopped"}``; raises :class:`NonFiniteLossError` on a NaN/Inf
+        loss (no checkpoint is written after it).
+        """
+        args, info = self.args, self.info
+        if getattr(model, "crf", None) is not None:
+            model.crf.keep_marginals = info.keep_marginals
+        optimizer = make_optimizer(model, args, lr)
+        initial_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        scaler = torch.amp.GradScaler(info.device.type, enabled=bool(args.amp and info.device.type == "cuda"))
+        start = 0
+        if resume:
+            start = int(load_training_state(args.resume, model, optimizer, scaler, rank=info.rank,
+                                            world_size=info.world_size)["iteration"])
+            self.logger.truncate(stage, start)
+            for group, initial in zip(optimizer.param_groups, initial_lrs):
+                group["initial_lr"] = initial     # the options' rates (also those of --resume-anyway --lr)
+        scheduler = lr_schedule(optimizer, args, iters, start)
+        factor = scheduler.lr_lambdas[0]
+        ddp = wrap_ddp(model, info)
+        ddp.train()
+        bar = progress_bar(total=iters, initial=start, desc=stage, leave=True,
+                           enabled=not args.no_progress and info.is_main)
+        # Without a bar (not a terminal, or --no-progress), one line now and then says how it goes.
+        every = max(1, args.log_every)
+        line_every = every * max(1, math.ceil(iters / 20 / every))
+        ckpt = self.out.claim("checkpoint.pt")
+        last_ckpt = f"the last good checkpoint is {ckpt} (iteration {start})" if start else "no checkpoint was written yet"
+        t0 = t_log = time.perf_counter()
+        n_log, loss_sum, loss_n, seen, last_loss, done = 0, 0.0, 0, 0, math.nan, start
+        for it, (images, labels, _, _) in enumerate(self._train_loader(iters, start), start=start):
+            images = images.to(info.device, non_blocking=True)
+            labels = labels.to(info.device, non_blocking=True)
+            try:
+                with autocast(info.device, args.amp):
+                    loss = loss_fn(ddp, images, labels)
+                value = float(loss.detach())
+            except ValueError:
+                if not _broken(model, images, args.amp):
+                    raise
+                value = math.nan
+            if any_true(not math.isfinite(value)):
+                bar.close()
+                raise NonFiniteLossError(f"[{stage}] the loss is {value} at iteration {it} (lr {lr:g} × {factor(it):g}); "
+                                         f"stopping. {last_ckpt}. Try a lower --lr, or run without --amp.")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            done = it + 1
+            seen += images.shape[0] * info.world_size
+            n_log += images.shape[0] * info.world_size
+            loss_sum, loss_n = loss_sum + value, loss_n + 1
+            bar.update(1)
+            if done % every == 0 or done == iters:
+                now, rate = time.perf_counter(), optimizer.param_groups[0]["lr"]
+                ips, last_loss = n_log / max(now - t_log, 1e-9), loss_sum / loss_n
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.1f}", lr=f"{rate:.2g}")
+                if bar.disable and info.is_main and (done % line_every == 0 or done == iters):
+                    print(f"[{stage}] iteration {done}/{iters}: loss {last_loss:.4f}, {ips:.1f} images/s, "
+                          f"lr {rate:.3g}", flush=True)
+                self.logger.log(stage, done, loss=last_loss, lr=rate, images_per_s=ips)
+                t_log, n_log, loss_sum, loss_n = now, 0, 0.0, 0
+            stopping = stop_at is not None and stop_at <= done < iters
+            if (args.ckpt_every and done % args.ckpt_every == 0) or done == iters or stopping:
+                rngs = all_gather_object(capture_rng())   # every process's, for an exact resume
+                if info.is_main:
+                    save_training_checkpoint(ckpt, model, optimizer=optimizer, iteration=done, scaler=scaler,
+                                             rngs=rngs, args=args, stage=stage, data=self.data, **(extra or {}))
+                last_ckpt = f"the last good checkpoint is {ckpt} (iteration {done})"
+            if args.eval_every and done % args.eval_every == 0 and done < iters:
+                scalars = {f"val_miou_{k}": v["miou"] for k, v in self.evaluate(model, progress=False)[0].items()}
+                ddp.train()
+                self.logger.log(stage, done, **scalars)
+                if info.is_main:
+                    bar.write(f"[{stage}] iteration {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+            scheduler.step()
+            if stopping:
+                break
+        bar.close()
+        secs = time.perf_counter() - t0
+        return {"iterations": done - start, "loss": last_loss, "seconds": secs,
+                "images_per_s": seen / max(secs, 1e-9), "stopped": done < iters}
 
+    def _train_loader(self, iters: int, start: int):
+        """This process's batches of iterations ``start..iters-1`` (:class:`train.data.StreamBatchSampler`)."""
+        args, info = self.args, self.info
+        if args.batch_size % info.world_size:
+            raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
+                             f"({info.world_size})")
+        sampler = StreamBatchSampler(len(self.train_set), args.batch_size // info.world_size, iters, seed=args.seed,
+                                     start_iter=start, rank=info.rank, world_size=info.world_size)
+        # A private generator keeps the DataLoader from drawing on the global torch RNG (dropout's),
+        # so a resumed run consumes exactly the random numbers an uninterrupted one does.
+        return torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, collate_fn=pad_collate,
+                                           num_workers=args.workers, generator=torch.Generator(),
+                                           pin_memory=info.device.type == "cuda")
 
-def make_eval_loader(dataset, info: dist_utils.DistInfo, batch_size: int = 1, workers: int = 0):
-    """A DataLoader over this process's shard of ``dataset`` (every image exactly once overall)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size,
-                                       sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-                                       collate_fn=pad_collate, num_workers=workers,
-                                       generator=torch.Generator())
+    def train_dcnn(self, net, iters: int, lr: float, *, resume: bool, stop_at: int | None = None) -> dict:
+        """Stage "dcnn": a DeepLab alone, with DeepLab's loss on the stride-8 scores (or, with
+        ``--dcnn-loss full``, on the upsampled ones). See :meth:`train`."""
+        loss = functools.partial(dcnn_loss, full_resolution=self.args.dcnn_loss == "full")
+        return self.train(net, loss, "dcnn", iters, lr, resume=resume, stop_at=stop_at)
 
-
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision: float16 on CUDA, bfloat16 on CPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
-def train_loop(model, dataset, loss_fn, optimizer, cfg: LoopConfig, info: dist_utils.DistInfo, *,
-               start_iter: int = 0, scaler=None, logger: MetricLogger | None = None,
-               eval_fn=None, args=None, ckpt_extra: dict | None = None) -> dict:
-    """Run iterations ``start_iter .. cfg.max_iter - 1``.
-
-    Args:
-        model: the module to train (DDP-wrapped when distributed), already on ``info.device``.
-        dataset: a :class:`train.data.SegmentationSet` with the training transform.
-        loss_fn: ``loss_fn(model, images, labels) -> scalar loss``.
-        optimizer: from :func:`build_optimizer` (groups carry ``lr_mult``).
-        cfg: :class:`LoopConfig`.
-        info: this process's :class:`train.distributed.DistInfo`.
-        start_iter: first iteration (after ``--resume``).
-        scaler: ``torch.amp.GradScaler`` for float16 AMP (None otherwise).
-        logger: metrics log (rank 0 writes).
-        eval_fn: ``eval_fn(iteration) -> dict of scalars``, called every ``cfg.eval_every``
-            iterations on every rank (it must all-reduce its metrics itself).
-        args: stored in checkpoints.
-        ckpt_extra: more plain values stored in every checkpoint (e.g. earlier results).
-    Returns:
-        ``{"iterations" (run now), "loss" (mean over the last log interval), "seconds",
-        "images_per_s", "stopped" (True when ``stop_at`` ended it early)}``.
-    Raises:
-        NonFiniteLossError: on a NaN/Inf loss (no checkpoint is written after it).
-    """
-    model.train()
-    loader = make_train_loader(dataset, cfg, info, start_iter)
-    bar = progress_bar(total=cfg.max_iter, initial=start_iter, desc=cfg.stage, leave=True,
-                       enabled=cfg.progress and info.is_main)
-    # Without a bar (not a terminal, or --no-progress), one line now and then says how it goes.
-    line_every = max(1, cfg.log_every) * max(1, math.ceil(cfg.max_iter / 20 / max(1, cfg.log_every)))
-    last_ckpt = (cfg.ckpt_path, start_iter) if start_iter and cfg.ckpt_path else None
-    t0 = time.perf_counter()
-    t_log, n_log, loss_sum, loss_n = t0, 0, 0.0, 0
-    seen, last_loss, it = 0, math.nan, start_iter
-    for it, (images, labels, _, _) in enumerate(loader, start=start_iter):
-        images = images.to(info.device, non_blocking=True)
-        labels = labels.to(info.device, non_blocking=True)
-        set_lr(optimizer, cfg.lr, lr_factor(it, cfg.lr_policy, cfg.max_iter, cfg.lr_step,
-                                            cfg.lr_gamma, cfg.poly_power))
-        try:
-            with autocast(info.device, cfg.amp):
-                loss = loss_fn(model, images, labels)
-            value = float(loss.detach())
-        except ValueError as e:  # the CRF layer refuses non-finite unaries before any loss exists
-            if "NaN" not in str(e):
-                raise
-            value = math.nan
-        if dist_utils.any_true(not math.isfinite(value)):
-            bar.close()
-            where = (f"the last good checkpoint is {last_ckpt[0]} (iteration {last_ckpt[1]})"
-                     if last_ckpt else "no checkpoint was written yet")
-            raise NonFiniteLossError(
-                f"[{cfg.stage}] the loss is {value} at iteration {it} (lr {cfg.lr:g} × "
-                f"{lr_factor(it, cfg.lr_policy, cfg.max_iter, cfg.lr_step, cfg.lr_gamma, cfg.poly_power):g}); "
-                f"stopping. {where}. Try a lower --lr, or run without --amp.")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        done = it + 1
-        seen += images.shape[0] * info.world_size
-        n_log += images.shape[0] * info.world_size
-        loss_sum += value
-        loss_n += 1
-        bar.update(1)
-        if done % max(1, cfg.log_every) == 0 or done == cfg.max_iter:
-            now = time.perf_counter()
-            ips = n_log / max(now - t_log, 1e-9)
-            mean_loss = loss_sum / loss_n
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
-            if bar.disable and info.is_main and (done % line_every == 0 or done == cfg.max_iter):
-                print(f"[{cfg.stage}] iteration {done}/{cfg.max_iter}: loss {mean_loss:.4f}, {ips:.1f} images/s, "
-                      f"lr {optimizer.param_groups[0]['lr']:.3g}", flush=True)
-            if logger is not None and info.is_main:
-                logger.log(cfg.stage, done, loss=mean_loss, lr=optimizer.param_groups[0]["lr"], images_per_s=ips)
-            t_log, n_log, last_loss, loss_sum, loss_n = now, 0, mean_loss, 0.0, 0
-        stopping = cfg.stop_at is not None and done >= cfg.stop_at and done < cfg.max_iter
-        if cfg.ckpt_path and ((cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.max_iter
-                              or stopping):
-            save_training_checkpoint(cfg.ckpt_path, model, optimizer=optimizer, iteration=done,
-                                     scaler=scaler, args=args, stage=cfg.stage, **(ckpt_extra or {}))
-            last_ckpt = (cfg.ckpt_path, done)
-        if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iter:
-            scalars = eval_fn(done)
-            model.train()
-            if logger is not None and info.is_main and scalars:
-                logger.log(cfg.stage, done, **scalars)
-            if info.is_main and scalars:
-                bar.write(f"[{cfg.stage}] iteration {done}: " +
-                          ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
-        if stopping:
-            break
-    bar.close()
-    secs = time.perf_counter() - t0
-    done = it + 1 if seen else start_iter
-    return {"iterations": done - start_iter, "loss": last_loss, "seconds": secs,
-            "images_per_s": seen / max(secs, 1e-9), "stopped": done < cfg.max_iter}
+    def pretrain_dcnn(self, net) -> dict | None:
+        """Stage 1 of crf.py and joint.py when they get no trained DCNN: ``--pretrain-iters``
+        iterations of ``net`` alone at ``--pretrain-lr`` (continued when ``--resume`` is of this
+        stage; skipped when it is of a later one), then ``net`` goes to OUT/dcnn.pt. Returns what
+        is left to resume (None once this stage ran)."""
+        if self.resumed is not None and self.resumed["stage"] != "dcnn":
+            return self.resumed
+        log(f"stage 1: DCNN alone, {self.args.pretrain_iters} iterations")
+        self.train_dcnn(net, self.args.pretrain_iters, self.args.pretrain_lr, resume=self.resumed is not None)
+        if self.info.is_main:
+            models.save_checkpoint(self.out.claim("dcnn.pt"), net, data=self.data)
+        barrier()
+        return None
 
 
 # ----------------------------------------------------------------------------- evaluation
-class NonFiniteOutputError(ValueError):
-    """The model computed NaN or infinite scores: its parameters are broken (a checkpoint of a
-    run that diverged, a damaged file), and every label it gives would be garbage."""
+def eval_loader(dataset, info: DistInfo, batch_size: int, workers: int):
+    """A DataLoader over this process's shard of ``dataset`` (every image exactly once overall)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                       sampler=ShardSampler(len(dataset), info.rank, info.world_size),
+                                       collate_fn=pad_collate, num_workers=workers, generator=torch.Generator())
 
 
 def forward_eval(model, images: torch.Tensor, use_crf: bool) -> dict:
-    """``{"unary": Tensor[N, C, H, W], "crf": Tensor[N, C, H, W] or None}`` for a DeepLab (no CRF)
-    or a DeepLabCRF (CRF on when ``use_crf`` and it has one). Raises
-    :class:`NonFiniteOutputError` when either holds NaN or an infinity."""
-    m = dist_utils.unwrap(model)
+    """``{"unary": Tensor[N, C, H, W], "crf": Tensor[N, C, H, W] or None}`` of a DeepLab or a
+    DeepLabCRF (its CRF on when ``use_crf`` and it has one); :class:`NonFiniteOutputError` when
+    either holds NaN or an infinity."""
+    m = models.unwrap(model)
     if hasattr(m, "crf"):
-        prev = m.use_crf
-        m.use_crf = bool(use_crf and m.crf is not None)
+        prev, m.use_crf = m.use_crf, bool(use_crf and m.crf is not None)
         try:
             out = m(images)
         finally:
@@ -440,37 +506,32 @@ def forward_eval(model, images: torch.Tensor, use_crf: bool) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_classes: int, device, *, use_crf: bool = True,
-             bands=(1, 2, 3, 4, 6, 8, 12, 16, 20, 30, 40), class_names=None, amp: bool = False,
-             num_examples: int = 0, progress: bool = False, desc: str = "eval"):
-    """Metrics of the DCNN alone (``"dcnn"``) and, when the model has a CRF and ``use_crf``,
-    with it (``"crf"``), summed over all processes.
+def evaluate(model, loader, device, num_classes: int, bands, *, amp: bool, progress: bool, class_names=None,
+             num_examples: int = 0, use_crf: bool = True, desc: str = "eval"):
+    """Metrics of the DCNN alone (``"dcnn"``) and, when the model has a CRF and ``use_crf``, with
+    it (``"crf"``), summed over all processes.
 
     Args:
-        model: DeepLab or DeepLabCRF (wrappers allowed); evaluated in eval mode (so the CRF runs
-            its evaluation iteration count), then put back in its previous mode.
+        model: DeepLab or DeepLabCRF (wrappers allowed), run in eval mode (the CRF with its
+            evaluation iteration count), then put back in its mode.
         loader: yields ``(images Tensor[N, 3, H, W], labels Tensor[N, H, W], sizes Tensor[N, 2],
-            indices)`` as :func:`make_eval_loader`.
-        num_classes: C.
-        device: where to run.
-        bands: trimap band widths (pixels) for :class:`train.metrics.BandAccuracy`.
-        class_names: names for the per-class IoU.
-        num_examples: keep this many ``{"index", "image" uint8[H, W, 3], "label", "dcnn",
-            "crf"}`` examples (this process's first ones).
+            indices)`` as :func:`eval_loader`.
+        bands: trimap band widths (px) for :class:`train.metrics.BandAccuracy`.
+        num_examples: keep this many ``{"index", "image" uint8[H, W, 3], "label", "dcnn", "crf"}``
+            examples (this process's first ones).
     Returns:
-        ``(results, examples)``: ``results[mode] = {"miou", "pixel_accuracy",
-        "mean_class_accuracy", "per_class_iou", "confusion", "band_accuracy": {...}}``.
+        ``(results, examples)``: ``results[mode] = {"miou", "pixel_accuracy", "mean_class_accuracy",
+        "per_class_iou", "confusion", "band_accuracy": {...}}``.
     """
-    m = dist_utils.unwrap(model)
+    m = models.unwrap(model)
     was_training = m.training
     m.eval()
     has_crf = use_crf and getattr(m, "crf", None) is not None
     modes = ["dcnn"] + (["crf"] if has_crf else [])
-    cms = {k: ConfusionMatrix(num_classes) for k in modes}
-    bas = {k: BandAccuracy(bands) for k in modes}
+    cms, bas = {k: ConfusionMatrix(num_classes) for k in modes}, {k: BandAccuracy(bands) for k in modes}
     examples = []
     for images, labels, sizes, indices in progress_bar(loader, desc=desc, leave=False,
-                                                       enabled=progress and dist_utils.is_main_process()):
+                                                       enabled=progress and is_main_process()):
         images = images.to(device)
         with autocast(device, amp):
             out = forward_eval(m, images, has_crf)
@@ -481,31 +542,16 @@ def evaluate(model, loader, num_classes: int, device, *, use_crf: bool = True,
             h, w = int(sizes[k, 0]), int(sizes[k, 1])
             lab = labels[k, :h, :w]
             for mode in modes:
-                p = preds[mode][k, :h, :w]
-                cms[mode].update(p, lab)
-                bas[mode].update(p, lab)
+                cms[mode].update(preds[mode][k, :h, :w], lab)
+                bas[mode].update(preds[mode][k, :h, :w], lab)
             if len(examples) < num_examples:
                 img = denormalize(images[k, :, :h, :w].float().cpu()).round().byte().permute(1, 2, 0).numpy()
-                ex = {"index": int(indices[k]), "image": img, "label": lab.numpy()}
-                for mode in modes:
-                    ex[mode] = preds[mode][k, :h, :w].numpy()
-                examples.append(ex)
+                examples.append({"index": int(indices[k]), "image": img, "label": lab.numpy(),
+                                 **{mode: preds[mode][k, :h, :w].numpy() for mode in modes}})
     results = {}
     for mode in modes:
-        cms[mode].all_reduce()
-        bas[mode].all_reduce()
-        res = cms[mode].summary(class_names)
-        res["band_accuracy"] = bas[mode].summary()
-        results[mode] = res
+        cms[mode].all_reduce(all_reduce_sum)
+        bas[mode].all_reduce(all_reduce_sum)
+        results[mode] = {**cms[mode].summary(class_names), "band_accuracy": bas[mode].summary()}
     m.train(was_training)
     return results, examples
-
-
-def seed_everything(seed: int, rank: int = 0):
-    """Seed torch, numpy and ``random`` (``seed + rank``, so processes drop out differently)."""
-    import random
-
-    s = int(seed) + int(rank)
-    torch.manual_seed(s)
-    np.random.seed(s % (2 ** 32))
-    random.seed(s)

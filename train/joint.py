@@ -16,14 +16,14 @@ What it does:
    CRF that comes with --init keeps its own options);
 4. evaluates again — "after" — and prints the table, writing metrics.json, examples.png,
    bands.png (accuracy near boundaries vs band width), metrics.csv, model.pt, checkpoint.pt
-   (and dcnn.pt, the DCNN of step 1) to --out-dir. A file there from an earlier run is
-   replaced only with --overwrite.
+   (and dcnn.pt, the DCNN of step 1) to --out-dir.
 
 --resume OUT/checkpoint.pt continues a killed run exactly (either stage).
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
+import functools
 from pathlib import Path
 
 import torch
@@ -31,13 +31,7 @@ import torch
 import models
 from train import engine, options, reports
 from train.checkpoint import load_model
-from train.distributed import log
-from train.process import run_main
-from train.stages import pretrain_dcnn, start_training, train_stage
-
-# This script's own defaults, over train/options.py's DATASET_PRESETS: the synthetic run takes
-# ~5 minutes on 2 CPU cores in all.
-PRESETS = {"synthetic": dict(iters=300, lr=1e-4), "voc": dict()}
+from train.process import log, run_main
 
 
 def get_args_parser(add_help=True):
@@ -61,67 +55,48 @@ def get_args_parser(add_help=True):
     options.add_run_args(p, "runs/joint")
     g = p.add_argument_group("report")
     g.add_argument("--examples", type=int, default=6, help="rows in examples.png")
-    return options.set_presets(p, PRESETS)
-
-
-def outputs(args) -> list:
-    """The files a run writes in --out-dir (besides checkpoint.pt and metrics.csv)."""
-    pretrains = not args.init and args.pretrain_iters > 0
-    return (["dcnn.pt"] if pretrains else []) + ["model.pt", "metrics.json", "examples.png", "bands.png"]
+    return options.set_presets(p, "joint")
 
 
 def main(args):
-    run = start_training(args, outputs)
+    options.finalize(args)
+    crf = engine.build_crf(args)              # (bad CRF options end the run here, before any work)
+    pretrains = not args.init and args.pretrain_iters > 0
+    run = engine.TrainingRun(args, ["dcnn.pt"] * pretrains + ["model.pt", "metrics.json", "examples.png", "bands.png"])
     info, out, resumed = run.info, run.out, run.resumed
 
-    # ---- the DCNN (and maybe a CRF) to start from
+    # ---- the DCNN (and maybe a CRF) to start from; stage 1: the DCNN alone
     if args.init:
-        net, crf, _ = load_model(args.init, args.num_classes)
-        log(f"initialised from {args.init}" + (" (with its CRF)" if crf is not None else ""))
+        net, init_crf, _ = load_model(args.init, args.num_classes)
+        crf = init_crf or crf
+        log(f"initialised from {args.init}" + (" (with its CRF)" if init_crf is not None else ""))
     else:
-        net, crf = options.build_net(args), None
+        net = engine.build_net(args)
     net.to(info.device)
+    if pretrains:
+        resumed = run.pretrain_dcnn(net)
 
-    # ---- stage 1: the DCNN alone
-    if not args.init and args.pretrain_iters > 0:
-        resumed = pretrain_dcnn(args, run, net, resumed)
-
-    # ---- DCNN + CRF
-    if crf is None:
-        crf = options.build_crf(args)
+    # ---- DCNN + CRF, "before"
     joint = models.DeepLabCRF(net, crf).to(info.device)
-    joint.crf.keep_marginals = info.keep_marginals
     if args.freeze_crf:
         joint.freeze_crf()
     if resumed is not None:   # the "before" evaluation is kept in the checkpoint
         before = resumed["extra"].get("before")
         before_examples = _examples_from_plain(resumed["extra"].get("before_examples"))
     else:
-        before, before_examples = engine.evaluate(joint, run.val_loader, args.num_classes, info.device,
-                                                  bands=args.bands, class_names=run.class_names, amp=args.amp,
-                                                  num_examples=args.examples,
-                                                  progress=not args.no_progress, desc="eval before")
+        before, before_examples = run.evaluate(joint, args.examples, "eval before")
         log(reports.format_table([("DCNN", before["dcnn"]), ("DCNN + CRF", before["crf"])]))
 
     # ---- stage 2: joint training
-    opt = engine.build_optimizer(joint, name=args.optimizer, lr=args.lr, momentum=args.momentum,
-                                 weight_decay=args.weight_decay,
-                                 classifier_lr_mult=args.classifier_lr_mult,
-                                 crf_lr_mult=args.crf_lr_mult, crf_weight_decay=args.crf_weight_decay)
-    w, crf_loss = args.unary_loss_weight, args.crf_loss
     log(f"stage 2: joint DCNN + CRF-RNN, {args.iters} iterations")
-    summary = train_stage(
-        args, run, joint, opt, lambda m, x, y: engine.joint_loss(m, x, y, unary_weight=w, loss=crf_loss),
-        "joint", args.iters, resume=resumed is not None, stop_at=args.stop_at,
-        ckpt_extra={"before": before, "before_examples": _examples_to_plain(before_examples)})
+    loss = functools.partial(engine.joint_loss, unary_weight=args.unary_loss_weight, loss=args.crf_loss)
+    summary = run.train(joint, loss, "joint", args.iters, args.lr, resume=resumed is not None, stop_at=args.stop_at,
+                        extra={"before": before, "before_examples": _examples_to_plain(before_examples)})
     if summary["stopped"]:
         log(f"stopped after joint iteration {args.stop_at}; continue with --resume {run.checkpoint}")
         return None
 
-    after, after_examples = engine.evaluate(joint, run.val_loader, args.num_classes, info.device,
-                                            bands=args.bands, class_names=run.class_names, amp=args.amp,
-                                            num_examples=args.examples, progress=not args.no_progress,
-                                            desc="eval after")
+    after, after_examples = run.evaluate(joint, args.examples, "eval after")
     rows = [("DCNN alone, before joint training", before["dcnn"]),
             ("DCNN + CRF, before joint training", before["crf"]),
             ("DCNN alone, after joint training", after["dcnn"]),
@@ -132,7 +107,7 @@ def main(args):
             "before": before, "after": after, "train": summary, "seconds": run.seconds(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "crf": _crf_params(joint.crf)})
-        reports.band_plot(out.claim("bands.png"), {n: r for n, r in rows})
+        reports.band_plot(out.claim("bands.png"), dict(rows))
         reports.examples_png(out.claim("examples.png"), {
             "DCNN before": (before_examples, "dcnn"), "+CRF before": (before_examples, "crf"),
             "DCNN after": (after_examples, "dcnn"), "+CRF after": (after_examples, "crf")}, run.class_names)

@@ -2,7 +2,7 @@
 boundary "trimap" accuracy as a function of band width (DeepLab v1, figure 5).
 
 Both accumulators are sums of integer counts, so results from several processes combine exactly
-with :meth:`all_reduce` (a no-op without ``torch.distributed``).
+(:meth:`ConfusionMatrix.all_reduce` with :func:`train.process.all_reduce_sum`).
 """
 from __future__ import annotations
 
@@ -51,12 +51,9 @@ class ConfusionMatrix:
             raise ValueError(f"pred values must be in 0..{n - 1}, got range {int(p.min())}..{int(p.max())}")
         self.mat += torch.bincount(t * n + p, minlength=n * n).reshape(n, n)
 
-    def reset(self):
-        self.mat.zero_()
-
-    def all_reduce(self):
-        """Sum the matrix over all processes of the default ``torch.distributed`` group."""
-        self.mat = _all_reduce_sum(self.mat)
+    def all_reduce(self, reduce_sum):
+        """Sum the counts over the processes with ``reduce_sum`` (:func:`train.process.all_reduce_sum`)."""
+        self.mat = reduce_sum(self.mat)
 
     def iou(self) -> torch.Tensor:
         """Per-class IoU ``Tensor[C]`` float64: TP / (TP + FP + FN); NaN where the class is
@@ -130,7 +127,7 @@ class BandAccuracy:
     reported.
     """
 
-    def __init__(self, bands=(1, 2, 3, 4, 6, 8, 12, 16, 20, 30, 40), ignore_index: int = VOID):
+    def __init__(self, bands, ignore_index: int = VOID):
         bands = sorted(float(b) for b in bands)
         if not bands or bands[0] < 0:
             raise ValueError(f"bands must be a non-empty list of widths >= 0, got {bands}")
@@ -160,10 +157,9 @@ class BandAccuracy:
             self.total += torch.from_numpy(tot.astype(np.int64))
             self.correct += torch.from_numpy(cor.astype(np.int64))
 
-    def all_reduce(self):
-        """Sum the counts over all processes of the default ``torch.distributed`` group."""
-        self.correct = _all_reduce_sum(self.correct)
-        self.total = _all_reduce_sum(self.total)
+    def all_reduce(self, reduce_sum):
+        """Sum the counts over the processes with ``reduce_sum`` (:func:`train.process.all_reduce_sum`)."""
+        self.correct, self.total = reduce_sum(self.correct), reduce_sum(self.total)
 
     def accuracy(self) -> list:
         """Accuracy per band width (NaN for an empty band)."""
@@ -174,14 +170,3 @@ class BandAccuracy:
         return {"bands": self.bands, "accuracy": [None if math.isnan(a) else a for a in self.accuracy()],
                 "pixels": self.total.tolist()}
 
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    backend = dist.get_backend()
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    x = t.to(dev).clone()
-    dist.all_reduce(x)
-    return x.cpu()

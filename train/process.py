@@ -1,19 +1,134 @@
-"""The start and end of every script's process: the options finished, the process group joined,
-the CPU threads and glibc's malloc set, the output folder opened; bad input ends with one line."""
+"""A script's process: its device and process group, CPU threads and malloc, its output folder,
+progress bars, and how it ends on bad input.
+
+DDP: ``torchrun --nproc_per_node=K train/joint.py ...`` sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; :func:`setup` joins the group (NCCL on CUDA, gloo on CPU). Each process reads its
+share of every batch (the global batch is ``--batch-size``), DDP averages the gradients, and
+rank 0 alone writes files. Without torchrun every helper here works for the one process.
+
+The output folder (:class:`OutputDir`) keeps two promises:
+
+1. a script writes inside it only: a name that would lead out (``..``, an absolute path) is refused;
+2. it never replaces a file it did not create in this run: a file already there from an earlier
+   run, or anyone's, is replaced only with ``--overwrite``, and an input of the run never.
+
+A script checks every name it will write before any work (:func:`open_output_dir`), claims each
+file as it writes it (:meth:`OutputDir.claim`; written atomically by
+:func:`models.files.atomic_write`), and ends by listing what it claimed.
+"""
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import re
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
 
-from . import distributed as dist_utils
-from .engine import NonFiniteLossError
-from .options import finalize
-from .outputs import OutputDir
+
+@dataclass
+class DistInfo:
+    """This process's place in the run."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    #: whether a CRF trained here keeps its marginals for the backward (see keep_large_blocks_in_the_heap)
+    keep_marginals: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# ----------------------------------------------------------------------------- processes
+def _group() -> bool:
+    """Whether a process group of more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def log(msg: str):
+    """Print on rank 0 only."""
+    if is_main_process():
+        print(msg, flush=True)
+
+
+def barrier():
+    if _group():
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]``."""
+    if not _group():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not _group():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a CPU tensor) summed over the processes; ``t`` itself without a group."""
+    if not _group():
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    x = t.to(device).clone()
+    dist.all_reduce(x)
+    return x.cpu()
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes and it has something to train."""
+    if not info.distributed or not any(p.requires_grad for p in model.parameters()):
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda"
+                                               else None)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> ``cuda:LOCAL_RANK`` when a GPU is present, else CPU; ``"cpu"``; ``"cuda"``
+    (``ValueError`` without a GPU); or an explicit ``"cuda:K"``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for, but no CUDA GPU is available")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name != "cpu":
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:K, got {name!r}")
+    return torch.device("cpu")
 
 
 def keep_large_blocks_in_the_heap() -> bool:
@@ -31,58 +146,152 @@ def keep_large_blocks_in_the_heap() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-        took = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):  # not glibc (musl, ...): leave malloc alone
         return False
-    return took
 
 
-def set_cpu_threads(threads: int, info: dist_utils.DistInfo):
-    """``torch.set_num_threads(threads)``; 0 keeps PyTorch's choice, except in a CPU run of several
-    processes without ``OMP_NUM_THREADS``, where each process takes its share of the cores."""
-    if threads == 0 and info.device.type == "cpu" and info.world_size > 1 \
-            and "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // info.world_size)
+def setup(args) -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), choose the device
+    (``--device``), set the CPU threads (``--threads``, when the script has it: 0 keeps PyTorch's
+    choice, except in a CPU run of several processes without ``OMP_NUM_THREADS``, where each
+    takes its share of the cores) and, on the CPU, keep large freed blocks in the heap."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(args.device, local)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+    threads = getattr(args, "threads", None) or 0
+    if threads == 0 and device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // world)
     if threads > 0:
         torch.set_num_threads(threads)
-
-
-def setup(args) -> dist_utils.DistInfo:
-    """Finish the options (:func:`train.options.finalize`), join the process group, set the CPU
-    threads (``--threads``), on the CPU keep large freed blocks in the heap
-    (:func:`keep_large_blocks_in_the_heap`; ``info.keep_marginals`` says whether the CRF should
-    then keep its marginals). Returns this process's :class:`train.distributed.DistInfo`."""
-    finalize(args)
-    info = dist_utils.init_distributed(args.device)
-    set_cpu_threads(args.threads, info)
-    if info.device.type == "cpu":
+    if device.type == "cpu":
         info.keep_marginals = keep_large_blocks_in_the_heap()
     return info
 
 
-#: The options that name a file a run reads: never written by it, even with --overwrite. (A
-#: --resume checkpoint outside --out-dir cannot be written; one inside it continues that run.)
+def cleanup(finished: bool):
+    """Leave the process group (if any). ``finished``: every process ended its work normally, so
+    they first wait for each other (a barrier would hang after one of them failed).
+
+    DistributedDataParallel's hooks hold the group through reference cycles: without a collection
+    its gloo threads could outlive ``destroy_process_group`` and be torn down with the interpreter,
+    which aborts the process ("terminate called without an active exception")."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def progress_bar(iterable=None, *, enabled: bool, **kwargs) -> tqdm:
+    """A tqdm bar, drawn only when ``enabled`` and stderr is a terminal (a log file gets no
+    redraws); ``bar.disable`` says whether it is hidden."""
+    return tqdm(iterable, disable=None if enabled else True, dynamic_ncols=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the output folder
+class OutputDir:
+    """The output folder of one run (see the module docstring).
+
+    Args:
+        folder: the folder (``--out-dir``); created by :meth:`claim`.
+        overwrite: replace files that exist before this run (``--overwrite``).
+        protect: paths never written (the run's inputs), whatever ``overwrite`` says.
+        keep: names (relative to ``folder``) this run continues from an earlier one (the checkpoint
+            and log of a ``--resume`` d run): replaced without ``overwrite``.
+    """
+
+    def __init__(self, folder, *, overwrite: bool, protect=(), keep=()):
+        self.folder = Path(folder)
+        self.overwrite = bool(overwrite)
+        self._protected = {_identity(p) for p in protect}
+        self._mine = {_identity(self.folder / name) for name in keep}
+        self.claimed: list[Path] = []
+
+    def path(self, name) -> Path:
+        """The path of ``name`` in the folder, claiming nothing; ``ValueError`` when ``name`` is
+        absolute, empty, or has a ``.``/``..`` part."""
+        rel = PurePath(name)
+        if rel.is_absolute() or rel.drive or not rel.parts or any(p in ("", ".", "..") for p in rel.parts):
+            raise ValueError(f"refusing to write {str(name)!r}: output names must stay inside {self.folder}")
+        return self.folder / rel
+
+    def problem(self, name) -> str | None:
+        """Why ``name`` may not be written now (None when it may)."""
+        path = self.path(name)
+        key = _identity(path)
+        if key in self._protected:
+            return f"{path} is an input of this run"
+        if key in self._mine:
+            return None
+        if path.is_dir() and not path.is_symlink():
+            return f"{path} is a folder"
+        if (path.exists() or path.is_symlink()) and not self.overwrite:
+            return f"{path} exists"
+        return None
+
+    def check_free(self, names):
+        """``FileExistsError`` (one line) when any of ``names`` may not be written."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"{self.folder} is a file, not a folder: choose another --out-dir")
+        problems = [p for p in (self.problem(n) for n in names) if p]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise FileExistsError(
+                "refusing to replace files this run did not create: " + "; ".join(problems[:3]) + more + ". "
+                + ("Inputs are never replaced: choose another --out-dir" if any("an input" in p for p in problems)
+                   else "Pass --overwrite to replace them, or choose another --out-dir"))
+
+    def claim(self, name) -> Path:
+        """The path of ``name``, now this run's to write (and rewrite); creates the folders on the way."""
+        self.check_free([name])
+        path = self.path(name)
+        if _identity(path) not in {_identity(p) for p in self.claimed}:
+            self.claimed.append(path)
+        self._mine.add(_identity(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def listing(self) -> str:
+        """``FOLDER/{a, b, c}``: the claimed files, for the final "wrote ..." line."""
+        names = [str(p.relative_to(self.folder)) for p in self.claimed]
+        return f"{self.folder}{os.sep}{{{', '.join(names)}}}" if names else f"nothing in {self.folder}"
+
+
+def _identity(path) -> str:
+    """A key equal for two spellings of the same file (relative/absolute, symlinked folders)."""
+    path = Path(path)
+    try:
+        return os.path.normcase(str(path.parent.resolve() / path.name))
+    except OSError:
+        return os.path.normcase(os.path.abspath(path))
+
+
+#: The options that name a file a run reads: never written by it, even with --overwrite.
 INPUT_FILE_OPTIONS = ("init", "dcnn", "checkpoint", "vgg_weights")
 
 
 def open_output_dir(args, names, protect=()) -> OutputDir:
-    """``--out-dir`` as an :class:`train.outputs.OutputDir` (``--overwrite``; ``protect``: the
-    run's inputs, besides the files its INPUT_FILE_OPTIONS name), after checking that the run may
-    write every one of ``names`` (a ``FileExistsError`` before any work otherwise). A
-    ``--resume`` of a checkpoint in ``--out-dir`` continues the run that wrote those files, so it
-    may replace them. An empty ``--out-dir`` is refused (it would mean the current folder).
-
-    Rank 0 alone writes files, so it alone checks, and tells the other processes the verdict
-    (they would otherwise see the files rank 0 has begun to write as someone else's)."""
+    """``--out-dir`` as an :class:`OutputDir`, after checking that the run may write every one of
+    ``names`` (``FileExistsError`` before any work otherwise). ``protect``: inputs besides those
+    the INPUT_FILE_OPTIONS name. A ``--resume`` of a checkpoint in ``--out-dir`` continues the run
+    that wrote its files, so it may replace them. An empty ``--out-dir`` is refused (it would mean
+    the current folder). Rank 0 alone writes, so it alone checks and tells the others."""
     if not str(args.out_dir).strip():
         raise ValueError("--out-dir is empty: give the folder to write to")
     folder = Path(args.out_dir)
     resume = getattr(args, "resume", None)
     continues_here = bool(resume) and Path(resume).resolve().parent == folder.resolve()
     inputs = [getattr(args, name, None) for name in INPUT_FILE_OPTIONS]
-    protect = [*protect, *(path for path in inputs if isinstance(path, (str, Path)) and str(path))]
-    if not dist_utils.is_main_process():
-        refusal = dist_utils.broadcast_object(None)
+    protect = [*protect, *(p for p in inputs if isinstance(p, (str, Path)) and str(p))]
+    if not is_main_process():
+        refusal = broadcast_object(None)
         if refusal:
             raise FileExistsError(refusal)
         return OutputDir(folder, overwrite=True)           # writes nothing: nothing to check
@@ -90,15 +299,16 @@ def open_output_dir(args, names, protect=()) -> OutputDir:
     try:
         out.check_free(names)
     except FileExistsError as e:
-        dist_utils.broadcast_object(str(e))
+        broadcast_object(str(e))
         raise
-    dist_utils.broadcast_object(None)
+    broadcast_object(None)
     return out
 
 
+# ----------------------------------------------------------------------------- the end
 def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line. An error raised in a DataLoader worker arrives
-    wrapped in the worker's traceback: its own message is the last line of that."""
+    """The message of ``error`` on one line (an error raised in a DataLoader worker arrives
+    wrapped in the worker's traceback: its own message is the last line of that)."""
     text = str(error).strip()
     if "\nOriginal Traceback" in text:
         text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1].strip())
@@ -106,18 +316,19 @@ def one_line(error: BaseException) -> str:
 
 
 def run_main(main, parser):
-    """Parse, run ``main(args)``; a NaN/Inf loss, bad input (a missing, malformed or unreadable
-    file or dataset, a bad option) or a failed write (disk full, a file the run may not replace)
-    ends with a one-line message and exit status 2 (other errors: traceback, 1)."""
+    """Parse, run ``main(args)``. Bad input (a missing, malformed or unreadable file or dataset, a
+    bad option: ``ValueError``, ``OSError``), a failed write (disk full, a file the run may not
+    replace) or a NaN/Inf loss (``FloatingPointError``) ends with one line and exit status 2;
+    other errors with a traceback and 1."""
     args = parser.parse_args()
     finished = False
     try:
         main(args)
         finished = True
-    except (NonFiniteLossError, ValueError, OSError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("CRFRNN_TRACEBACK"):
             raise
         print(f"error: {one_line(e)}  (set CRFRNN_TRACEBACK=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
     finally:
-        dist_utils.cleanup(finished)
+        cleanup(finished)

@@ -20,7 +20,9 @@ apart (``OUT/labels/a/cat.jpg.png``). So every input gets outputs of its own, al
 
 It never replaces a file it did not write in this run: when one of its outputs is already in
 OUT (from an earlier run into the same folder, or anyone's), it refuses before segmenting
-anything, unless --overwrite; an input is never replaced, not even with --overwrite.
+anything, unless --overwrite; an input is never replaced, not even with --overwrite. Outputs of
+other names are added beside those of earlier runs: one OUT may collect the segmentations of
+several runs (of different images).
 
 Images are read with their real range (16-bit and float images scaled, not clipped:
 :mod:`train.data.images`). A checkpoint records the data it was trained on; the demo draws its
@@ -37,16 +39,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-import models
-from train import distributed as dist_utils
 from train import engine, options
-from train.checkpoint import describe_data, load_model
+from train.checkpoint import describe_data
 from train.data import SyntheticShapes
 from train.data.images import read_rgb
 from train.data.transforms import Normalize, to_tensors
-from train.outputs import OutputDir
-from train.process import run_main
-from train.visualize import label_image, overlay, save_image_atomic
+from train.process import open_output_dir, progress_bar, run_main, setup
+from train.reports import label_image, overlay, save_image_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 #: The output folders, by what they hold (see the module docstring).
@@ -62,22 +61,13 @@ def get_args_parser(add_help=True):
     p.add_argument("inputs", nargs="*",
                    help="image files and/or folders (searched for images, not recursively); none: "
                         "--demo synthetic images are written to OUT/inputs and segmented")
-    p.add_argument("--checkpoint", default="runs/joint/model.pt",
-                   help="a model checkpoint (model.pt, dcnn.pt or checkpoint.pt of any train/ script)")
-    p.add_argument("--out-dir", default="runs/segment", help="where the PNGs go (in labels/, overlays/, ...)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace outputs that --out-dir holds from an earlier run (never an input)")
-    p.add_argument("--no-crf", action="store_true", help="the DCNN's labels, without the CRF")
     p.add_argument("--both", action="store_true", help="also write the DCNN's labels to OUT/labels_dcnn/")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the label colours")
     p.add_argument("--demo", type=int, default=4, help="synthetic images to segment when no input is given")
     p.add_argument("--image-size", type=int, default=None,
                    help="size of the synthetic demo images (none: the size the checkpoint was trained on)")
-    p.add_argument("--crf-preset", default="synthetic", choices=tuple(options.CRF_PRESETS),
-                   help="CRF parameters when the checkpoint has no CRF")
-    p.add_argument("--crf-eval-iters", type=int, default=10, help="mean-field iterations")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
+    options.add_checkpoint_args(p, preset_none=" (none: the preset of the data it was trained on)")
+    options.add_output_args(p, "runs/segment", "the PNGs (in labels/, overlays/, ...)")
     return p
 
 
@@ -129,12 +119,6 @@ def output_names(paths) -> list:
                 depth[i] += 1
 
 
-def planned_outputs(names, both: bool) -> dict:
-    """``{kind: [file name in OUT, one per input]}`` for the output kinds this run writes."""
-    kinds = [LABELS, OVERLAYS] + ([DCNN_LABELS] if both else [])
-    return {kind: [f"{kind}/{n}.png" for n in names] for kind in kinds}
-
-
 def demo_images(trained_on, n: int, size: int | None, num_classes: int, checkpoint) -> list:
     """``n`` test images of the synthetic set the checkpoint was trained on (its classes, image
     size and seed), as ``[(file name, uint8[H, W, 3])]``; ``ValueError`` for a checkpoint trained
@@ -142,44 +126,34 @@ def demo_images(trained_on, n: int, size: int | None, num_classes: int, checkpoi
     if trained_on is not None and trained_on["dataset"] != "synthetic":
         raise ValueError(f"no inputs given, and the demo segments synthetic shapes, but {checkpoint} was trained "
                          f"on {describe_data(trained_on)}: give image files or folders to segment")
-    size = size or (trained_on or {}).get("image_size") or 64
-    ds = SyntheticShapes(n, size=size, num_classes=num_classes, split="test",
-                         seed=(trained_on or {}).get("data_seed", 0))
+    ds = SyntheticShapes(n, size=size or (trained_on or {}).get("image_size") or 64, num_classes=num_classes,
+                         split="test", seed=(trained_on or {}).get("data_seed", 0))
     return [(f"{DEMO_INPUTS}/demo_{i}.png", ds[i][0]) for i in range(n)]
 
 
 def main(args):
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found (train one first, e.g. "
-                                "python train/joint.py, or pass --checkpoint)")
-    net, crf, trained_on = load_model(args.checkpoint)
-    num_classes = net.config["num_classes"]
-    demo = None if args.inputs else demo_images(trained_on, args.demo, args.image_size, num_classes,
-                                                args.checkpoint)
+    options.finalize(args)
+    model, trained_on = engine.load_for_inference(args, None)
+    demo = None if args.inputs else demo_images(trained_on, args.demo, args.image_size,
+                                                model.net.config["num_classes"], args.checkpoint)
     paths = list_inputs(args.inputs) if demo is None else [Path(args.out_dir) / f for f, _ in demo]
     names = output_names(paths) if demo is None else [Path(f).stem for f, _ in demo]
-    planned = planned_outputs(names, args.both)
-    out = OutputDir(args.out_dir, overwrite=args.overwrite, protect=paths if demo is None else ())
-    out.check_free([f for f, _ in demo or []] + [f for files in planned.values() for f in files])
+    kinds = [LABELS, OVERLAYS] + ([DCNN_LABELS] if args.both else [])
+    planned = {kind: [f"{kind}/{n}.png" for n in names] for kind in kinds}    # {kind: [file in OUT per input]}
+    info = setup(args)
+    out = open_output_dir(args, [f for f, _ in demo or []] + [f for files in planned.values() for f in files],
+                          protect=paths if demo is None else ())
     if demo is None and trained_on is not None and trained_on["dataset"] == "synthetic":
         print(f"note: {args.checkpoint} was trained on {describe_data(trained_on)}: on other images expect "
               "mostly background")
     for file, image in demo or []:
         save_image_atomic(Image.fromarray(image), out.claim(file))
-
-    info = dist_utils.init_distributed(args.device)
-    if crf is None and not args.no_crf:
-        preset = options.CRF_PRESETS[args.crf_preset]
-        crf = options.crf_layer(num_classes, preset["bilateral"], preset["spatial"],
-                                args.crf_eval_iters, args.crf_eval_iters)
-    if crf is not None:
-        crf.num_eval_iterations = args.crf_eval_iters
-    model = models.DeepLabCRF(net, crf).to(info.device).eval()
-    for k, path in enumerate(engine.progress_bar(paths, desc="segment", enabled=not args.no_progress)):
+    model.to(info.device).eval()
+    for k, path in enumerate(progress_bar(paths, desc="segment", enabled=not args.no_progress)):
         rgb = read_rgb(path)
-        crf_labels, dcnn_labels = segment(model, rgb, info.device, not args.no_crf, args.checkpoint)
-        save_image_atomic(label_image(crf_labels), out.claim(planned[LABELS][k]))
-        save_image_atomic(Image.fromarray(overlay(rgb, crf_labels, args.alpha)), out.claim(planned[OVERLAYS][k]))
+        labels, dcnn_labels = segment(model, rgb, info.device, not args.no_crf, args.checkpoint)
+        save_image_atomic(label_image(labels), out.claim(planned[LABELS][k]))
+        save_image_atomic(Image.fromarray(overlay(rgb, labels, args.alpha)), out.claim(planned[OVERLAYS][k]))
         if args.both:
             save_image_atomic(label_image(dcnn_labels), out.claim(planned[DCNN_LABELS][k]))
     counts = [f"{len(files)} {'label maps' if kind != OVERLAYS else 'overlays'} in {out.path(kind)}"

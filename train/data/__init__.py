@@ -13,11 +13,9 @@ from .synthetic import SyntheticShapes
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, eval_transform, train_transform
 from .voc import VOC_CLASSES, SBDSegmentation, VOCAugmented, VOCSegmentation, load_label_png
 
-DATASETS = ("synthetic", "voc")
 
-
-def build_dataset(name: str, split: str, *, data_root=None, sbd_root=None, seed: int = 0,
-                  num_samples=None, image_size: int = 96, num_classes: int = 6, void_width: int = 0):
+def build_dataset(name: str, split: str, *, data_root, sbd_root, seed: int, num_samples, image_size: int,
+                  num_classes: int):
     """A raw dataset (``ds[i] -> (np.uint8[H, W, 3], np.int64[H, W])``) with ``num_classes``
     and ``class_names`` attributes.
 
@@ -25,17 +23,14 @@ def build_dataset(name: str, split: str, *, data_root=None, sbd_root=None, seed:
         name: ``"synthetic"`` or ``"voc"``.
         split: ``"train"`` or ``"val"`` (VOC: any ``ImageSets/Segmentation`` list; with
             ``sbd_root``, ``"train"`` means DeepLab's train_aug).
-        data_root: the VOC folder (``--data-root``); required for ``"voc"``.
-        sbd_root: SBD's ``benchmark_RELEASE/dataset`` (``--sbd-root``), optional.
-        seed, num_samples, image_size, num_classes, void_width: the synthetic set's shape.
+        data_root: the VOC folder (``--data-root``), for ``"voc"``.
+        sbd_root: SBD's ``benchmark_RELEASE/dataset`` (``--sbd-root``) or None.
+        num_samples: the first N samples (VOC: None for all of them).
+        seed, image_size, num_classes: the synthetic set's.
     """
     if name == "synthetic":
-        n = num_samples if num_samples is not None else (512 if split == "train" else 64)
-        return SyntheticShapes(n, size=image_size, num_classes=num_classes, split=split,
-                               seed=seed, void_width=void_width)
+        return SyntheticShapes(num_samples, size=image_size, num_classes=num_classes, split=split, seed=seed)
     if name == "voc":
-        if data_root is None:
-            raise ValueError("--dataset voc needs --data-root DIR (the folder holding VOCdevkit)")
         if split == "train" and sbd_root is not None:
             ds = VOCAugmented(data_root, sbd_root)
         else:
@@ -43,7 +38,7 @@ def build_dataset(name: str, split: str, *, data_root=None, sbd_root=None, seed:
         if num_samples is not None and num_samples < len(ds):
             return _Head(ds, num_samples)
         return ds
-    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    raise ValueError(f"unknown dataset {name!r}; expected synthetic or voc")
 
 
 class _Head:
@@ -64,7 +59,7 @@ class _Head:
 
 
 __all__ = [
-    "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "VOID", "SBDSegmentation", "SegmentationSet", "ShardSampler",
+    "IMAGENET_MEAN", "IMAGENET_STD", "VOID", "SBDSegmentation", "SegmentationSet", "ShardSampler",
     "StreamBatchSampler", "SyntheticShapes", "VOCAugmented", "VOCSegmentation", "VOC_CLASSES",
     "build_dataset", "denormalize", "eval_transform", "load_label_png", "pad_collate", "train_transform",
 ]

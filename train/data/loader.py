@@ -26,7 +26,7 @@ class SegmentationSet(torch.utils.data.Dataset):
     Raises ``ValueError`` for label values outside ``0..num_classes-1`` and 255.
     """
 
-    def __init__(self, base, transform, num_classes: int, seed: int = 0):
+    def __init__(self, base, transform, num_classes: int, seed: int):
         self.base = base
         self.transform = transform
         self.num_classes = int(num_classes)
@@ -67,8 +67,8 @@ class StreamBatchSampler(torch.utils.data.Sampler):
         rank, world_size: this process's place in a DDP group.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, max_iter: int, seed: int = 0,
-                 start_iter: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_samples: int, batch_size: int, max_iter: int, *, seed: int, start_iter: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if num_samples < 1:
             raise ValueError(f"the training set is empty (num_samples={num_samples})")
         if batch_size < 1:

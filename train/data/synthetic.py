@@ -71,9 +71,8 @@ class SyntheticShapes:
         ((64, 64, 3), dtype('uint8'), (64, 64), dtype('int64'))
     """
 
-    def __init__(self, num_samples: int = 512, size=96, num_classes: int = 6, split: str = "train",
-                 seed: int = 0, max_objects: int = 3, noise: float = 6.0, void_width: int = 0,
-                 cache: bool = True):
+    def __init__(self, num_samples: int, *, size, num_classes: int, seed: int, split: str = "train",
+                 max_objects: int = 3, noise: float = 6.0, void_width: int = 0, cache: bool = True):
         if isinstance(size, int):
             size = (size, size)
         size = tuple(int(s) for s in size)

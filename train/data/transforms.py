@@ -58,15 +58,12 @@ class Compose:
             image, label = t(image, label, rng)
         return image, label
 
-    def __repr__(self):
-        return "Compose(" + ", ".join(repr(t) for t in self.transforms) + ")"
-
 
 class RandomScale:
     """Rescale both by a factor drawn uniformly from ``[min_scale, max_scale]``
     (bilinear for the image, nearest for the label)."""
 
-    def __init__(self, min_scale: float = 0.5, max_scale: float = 1.5):
+    def __init__(self, min_scale: float, max_scale: float):
         if not 0 < min_scale <= max_scale:
             raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
@@ -80,9 +77,6 @@ class RandomScale:
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
         return image, label
-
-    def __repr__(self):
-        return f"RandomScale({self.min_scale}, {self.max_scale})"
 
 
 class PadTo:
@@ -104,9 +98,6 @@ class PadTo:
         lab[:h, :w] = label
         return out, lab
 
-    def __repr__(self):
-        return f"PadTo({self.size})"
-
 
 class RandomCrop:
     """Pad to ``size`` if smaller (image with the mean colour, label 255), then crop at random."""
@@ -123,9 +114,6 @@ class RandomCrop:
         x = int(rng.integers(0, w - tw + 1))
         return image[:, y:y + th, x:x + tw], label[y:y + th, x:x + tw]
 
-    def __repr__(self):
-        return f"RandomCrop({self.size})"
-
 
 class RandomHorizontalFlip:
     """Flip both left-right with probability ``p``."""
@@ -138,9 +126,6 @@ class RandomHorizontalFlip:
             return image.flip(-1), label.flip(-1)
         return image, label
 
-    def __repr__(self):
-        return f"RandomHorizontalFlip({self.p})"
-
 
 class Normalize:
     """Map the 0..255 RGB image to ``(rgb/255 - mean) / std``; the label is unchanged."""
@@ -152,9 +137,6 @@ class Normalize:
     def __call__(self, image, label, rng=None):
         return (image / 255.0 - self.mean) / self.std, label
 
-    def __repr__(self):
-        return "Normalize()"
-
 
 def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Invert :class:`Normalize`: ``Tensor[..., 3, H, W]`` normalised -> 0..255 float RGB."""
@@ -163,7 +145,7 @@ def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> to
     return ((image * s + m) * 255.0).clamp(0, 255)
 
 
-def train_transform(crop_size=321, min_scale=0.5, max_scale=1.5, flip=True) -> Compose:
+def train_transform(crop_size: int, min_scale: float, max_scale: float, flip: bool) -> Compose:
     """DeepLab's training augmentation: random scale, pad+random crop (255 fill), flip, normalise."""
     ts = []
     if (min_scale, max_scale) != (1.0, 1.0):

@@ -123,7 +123,7 @@ class VOCSegmentation:
     num_classes = len(VOC_CLASSES)
     class_names = VOC_CLASSES
 
-    def __init__(self, root, split: str = "train"):
+    def __init__(self, root, split: str):
         from torchvision.datasets import VOCSegmentation as TVVOC
 
         voc = resolve_voc_root(root)
@@ -172,7 +172,7 @@ class SBDSegmentation:
     num_classes = len(VOC_CLASSES)
     class_names = VOC_CLASSES
 
-    def __init__(self, root, split: str = "train", ids=None):
+    def __init__(self, root, split: str, ids=None):
         from torchvision.datasets import SBDataset
 
         root = resolve_sbd_root(root)
