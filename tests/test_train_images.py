@@ -109,7 +109,7 @@ def test_unreadable_and_oversized_images_are_named(tmp_path):
         with pytest.raises(ValueError, match=f"{name}: image too large") as info:
             read_rgb(tmp_path / name)
         assert "\n" not in str(info.value)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
         read_rgb(tmp_path / "missing.png")
 
 

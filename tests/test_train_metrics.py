@@ -1,6 +1,8 @@
 """train.metrics against hand-computed confusion matrices and an independent trimap oracle."""
 import importlib.util
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,19 +80,22 @@ def test_band_accuracy_ignores_void_but_treats_it_as_boundary():
     np.testing.assert_allclose(ba.accuracy(), [1 / 2, 2 / 4])
 
 
-def _trimap_oracle():
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "shared" / "tools" / "coarse_unaries.py"
+@pytest.fixture(scope="module")
+def trimap_mask():
+    """The trimap of ../shared/tools/coarse_unaries.py (an independent implementation); skips the
+    test when the shared folder is absent."""
+    shared = Path(os.environ.get("CRFRNN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    path = shared.parent / "tools" / "coarse_unaries.py"
     if not path.is_file():
-        pytest.skip("shared/tools/coarse_unaries.py absent")
+        pytest.skip(f"{path} absent")
     spec = importlib.util.spec_from_file_location("coarse_unaries", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.trimap_mask
 
 
-def test_band_accuracy_matches_shared_trimap_oracle():
-    trimap_mask = _trimap_oracle()
+@pytest.mark.data
+def test_band_accuracy_matches_shared_trimap_oracle(trimap_mask):
     rng = np.random.default_rng(1)
     lab = np.zeros((40, 50), np.int64)
     lab[5:25, 8:30] = 3

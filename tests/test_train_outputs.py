@@ -132,6 +132,23 @@ def test_segment_never_replaces_an_earlier_runs_files_nor_an_input(checkpoint, t
     assert inside.read_bytes() == data
 
 
+def test_segment_adds_the_outputs_of_other_inputs_beside_an_earlier_runs(checkpoint, tmp_path):
+    """One --out-dir may collect the segmentations of several runs: a run whose outputs have other
+    names than the files there starts, writes its own, and leaves the earlier run's as they were."""
+    out = tmp_path / "out"
+    _picture(tmp_path / "first" / "a.png", 0)
+    _picture(tmp_path / "second" / "b.png", 1)
+    for folder in ("first", "second"):
+        segment_script.main(segment_script.get_args_parser().parse_args(
+            [str(tmp_path / folder), "--checkpoint", str(checkpoint), "--out-dir", str(out), "--crf-eval-iters", "1",
+             "--no-progress"]))
+        if folder == "first":
+            first = _tree(out)
+    after = _tree(out)
+    assert sorted(after) == ["labels/a.png", "labels/b.png", "overlays/a.png", "overlays/b.png"]
+    assert {k: after[k] for k in first} == first
+
+
 # ----------------------------------------------------------------------------- the training scripts
 def test_a_training_run_refuses_an_earlier_runs_folder_and_lists_what_it_wrote(tmp_path):
     """Logs go to a file: no progress-bar redraws there, a line now and then instead; the final

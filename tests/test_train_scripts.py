@@ -234,8 +234,9 @@ def test_segment_script_writes_valid_pngs(joint_run, tmp_path):
                 assert im.getpalette()[3:6] == [128, 0, 0]       # VOC palette: class 1 is maroon
         with Image.open(out / "overlays" / f"{name}.png") as im:
             assert im.mode == "RGB" and im.size == size
-    with pytest.raises(FileNotFoundError):
-        run(segment_script, [str(tmp_path / "nope.jpg"), "--checkpoint", str(joint_run[0] / "model.pt")])
+    with pytest.raises(FileNotFoundError, match="nope.jpg does not exist"):
+        run(segment_script, [str(tmp_path / "nope.jpg"), "--checkpoint", str(joint_run[0] / "model.pt"),
+                             "--out-dir", str(tmp_path / "nope")])
 
 
 def _env():
@@ -256,8 +257,10 @@ def test_scripts_run_as_files_from_the_repo_root(joint_run, tmp_path):
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "overlays" / "demo_1.png").is_file()
-    r = subprocess.run([sys.executable, "train/joint.py", "--dataset", "voc", "--data-root", str(tmp_path)],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    # (its output folder in tmp_path: the default, runs/joint in the repository, may hold a user's run)
+    r = subprocess.run([sys.executable, "train/joint.py", "--dataset", "voc", "--data-root", str(tmp_path),
+                        "--out-dir", str(tmp_path / "joint")], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2 and "no VOCdevkit/VOC2012 folder" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -287,30 +290,55 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     assert b["after"]["crf"]["miou"] == pytest.approx(a["after"]["crf"]["miou"], abs=0.02)
 
 
-def test_amp_run_on_cpu_uses_bfloat16_and_finishes(tmp_path):
-    res = run(dcnn_script, BASE + ["--iters", "2", "--amp", "--out-dir", str(tmp_path)])
-    assert 0 <= res["dcnn"]["miou"] <= 1
+def test_amp_run_on_cpu_uses_bfloat16_and_finishes(tmp_path, monkeypatch):
+    """--amp on the CPU: the DCNN and the CRF run under autocast to bfloat16 (the DCNN's scores
+    come out in bfloat16), and the run ends with a finite loss."""
+    import crfrnn
+    from train import engine
+
+    seen = {"dcnn": set(), "crf": set()}
+    dcnn_loss, crf_forward = engine.dcnn_loss, crfrnn.CRFRNNLayer.forward
+
+    def watched_dcnn_loss(model, images, labels, **kw):
+        seen["dcnn"].add(model(images).dtype)
+        return dcnn_loss(model, images, labels, **kw)
+
+    def watched_crf_forward(self, *args, **kw):
+        seen["crf"].add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return crf_forward(self, *args, **kw)
+
+    monkeypatch.setattr(engine, "dcnn_loss", watched_dcnn_loss)
+    monkeypatch.setattr(crfrnn.CRFRNNLayer, "forward", watched_crf_forward)
+    res = run(crf_script, TINY + ["--pretrain-iters", "2", "--iters", "2", "--amp", "--out-dir", str(tmp_path)])
+    assert seen == {"dcnn": {torch.bfloat16}, "crf": {torch.bfloat16}}, seen
+    assert 0 <= res["crf_final"]["miou"] <= 1
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert np.isfinite(m["train"]["loss"])
 
 
-def test_voc_training_on_a_written_folder_and_evaluation_on_shared_images(tmp_path, request):
-    """The VOC path end to end: train on a VOCdevkit folder the test writes (paper's transforms:
-    random scale, crop with 255 fill, flip), then evaluate on the shared VOC images if present."""
+def test_voc_training_on_a_written_folder(tmp_path):
+    """The VOC path end to end on a VOCdevkit folder the test writes (paper's transforms: random
+    scale, crop with 255 fill, flip)."""
     from test_train_data import make_voc
 
     make_voc(tmp_path / "voc", ids_train=("t1", "t2", "t3", "t4"), ids_val=("v1", "v2"), size=(50, 70))
-    out = tmp_path / "run"
     res = run(dcnn_script, ["--dataset", "voc", "--data-root", str(tmp_path / "voc"), "--width", "0.03125",
                             "--iters", "2", "--batch-size", "2", "--crop-size", "41", "--workers", "0",
-                            "--eval-batch-size", "2", "--no-progress", "--bands", "2", "--out-dir", str(out)])
+                            "--eval-batch-size", "2", "--no-progress", "--bands", "2", "--out-dir", str(tmp_path / "run")])
     conf = np.array(res["dcnn"]["confusion"])
     assert conf.shape == (21, 21)
     assert conf.sum() == 2 * 49 * 70          # the val images' non-void pixels (row 0 is void)
-    shared = request.getfixturevalue("shared_data")
-    res = run(evaluate_script, ["--checkpoint", str(out / "model.pt"), "--dataset", "voc", "--data-root",
-                                str(shared), "--val-samples", "2", "--crf-preset", "deeplab", "--crf-eval-iters",
-                                "2", "--bands", "4", "--workers", "0", "--no-progress",
-                                "--out-dir", str(tmp_path / "eval")])
+    assert models.load_checkpoint(tmp_path / "run" / "model.pt")[1]["data"]["dataset"] == "voc"
+
+
+@pytest.mark.data
+def test_evaluation_on_the_shared_voc_images(tmp_path, shared_data):
+    """A VOC DCNN checkpoint (without a CRF: --crf-preset deeplab adds one) on two real VOC images."""
+    from script_helpers import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "voc.pt", num_classes=21, crf=False, data="voc")
+    res = run(evaluate_script, ["--checkpoint", str(checkpoint), "--dataset", "voc", "--data-root", str(shared_data),
+                                "--val-samples", "2", "--crf-preset", "deeplab", "--crf-eval-iters", "2", "--bands",
+                                "4", "--workers", "0", "--no-progress", "--out-dir", str(tmp_path / "eval")])
     assert set(res) == {"dcnn", "crf"}
     assert len(res["crf"]["per_class_iou"]) == 21 and "aeroplane" in res["crf"]["per_class_iou"]

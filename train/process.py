@@ -34,21 +34,16 @@ from tqdm import tqdm
 
 @dataclass
 class DistInfo:
-    """This process's place in the run."""
+    """This process's place in the run; ``keep_marginals``: whether a CRF trained here keeps its
+    marginals for the backward (:func:`keep_large_blocks_in_the_heap`)."""
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    #: whether a CRF trained here keeps its marginals for the backward (see keep_large_blocks_in_the_heap)
     keep_marginals: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 # ----------------------------------------------------------------------------- processes
@@ -57,12 +52,8 @@ def _group() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def is_main_process() -> bool:
-    return get_rank() == 0
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def log(msg: str):
@@ -111,24 +102,10 @@ def any_true(flag: bool) -> bool:
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """``model`` in DistributedDataParallel when there are several processes and it has something to train."""
-    if not info.distributed or not any(p.requires_grad for p in model.parameters()):
+    if info.world_size == 1 or not any(p.requires_grad for p in model.parameters()):
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda"
                                                else None)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:LOCAL_RANK`` when a GPU is present, else CPU; ``"cpu"``; ``"cuda"``
-    (``ValueError`` without a GPU); or an explicit ``"cuda:K"``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} asked for, but no CUDA GPU is available")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    if name != "cpu":
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:K, got {name!r}")
-    return torch.device("cpu")
 
 
 def keep_large_blocks_in_the_heap() -> bool:
@@ -152,18 +129,23 @@ def keep_large_blocks_in_the_heap() -> bool:
 
 
 def setup(args) -> DistInfo:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), choose the device
-    (``--device``), set the CPU threads (``--threads``, when the script has it: 0 keeps PyTorch's
-    choice, except in a CPU run of several processes without ``OMP_NUM_THREADS``, where each
-    takes its share of the cores) and, on the CPU, keep large freed blocks in the heap."""
+    """Choose the device (``--device``: auto = ``cuda:LOCAL_RANK`` when there is a GPU, else cpu;
+    cpu, cuda or cuda:K), join the process group when launched by torchrun (``WORLD_SIZE`` > 1),
+    set the CPU threads (``--threads``, where the script has it: 0 keeps PyTorch's choice, except
+    in a CPU run of several processes without ``OMP_NUM_THREADS``, where each takes its share of
+    the cores) and, on the CPU, keep large freed blocks in the heap."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(args.device, local)
+    name = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:K, got {args.device!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available")
+    device = torch.device(name if name == "cpu" or ":" in name else f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+    info = DistInfo(rank=rank, world_size=world, device=device)
     threads = getattr(args, "threads", None) or 0
     if threads == 0 and device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // world)

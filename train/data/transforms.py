@@ -79,40 +79,24 @@ class RandomScale:
         return image, label
 
 
-class PadTo:
-    """Pad at the bottom/right to at least ``size`` (image with ``fill`` per channel, label 255)."""
-
-    def __init__(self, size, fill=tuple(255 * m for m in IMAGENET_MEAN)):
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.fill = fill
-
-    def __call__(self, image, label, rng=None):
-        h, w = label.shape
-        ph, pw = max(0, self.size[0] - h), max(0, self.size[1] - w)
-        if ph == 0 and pw == 0:
-            return image, label
-        fill = torch.as_tensor(self.fill, dtype=image.dtype).view(-1, 1, 1)
-        out = fill.expand(3, h + ph, w + pw).clone()
-        out[:, :h, :w] = image
-        lab = torch.full((h + ph, w + pw), VOID, dtype=label.dtype)
-        lab[:h, :w] = label
-        return out, lab
-
-
 class RandomCrop:
-    """Pad to ``size`` if smaller (image with the mean colour, label 255), then crop at random."""
+    """Pad at the bottom/right to ``size`` × ``size`` where smaller (the image with the mean colour,
+    0 after normalisation; the label with 255), then crop that size at random."""
 
-    def __init__(self, size, fill=tuple(255 * m for m in IMAGENET_MEAN)):
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.pad = PadTo(self.size, fill)
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.fill = torch.tensor([255 * m for m in IMAGENET_MEAN]).view(3, 1, 1)
 
     def __call__(self, image, label, rng):
-        image, label = self.pad(image, label)
-        h, w = label.shape
-        th, tw = self.size
-        y = int(rng.integers(0, h - th + 1))
-        x = int(rng.integers(0, w - tw + 1))
-        return image[:, y:y + th, x:x + tw], label[y:y + th, x:x + tw]
+        (h, w), s = label.shape, self.size
+        if h < s or w < s:
+            padded_image = self.fill.to(image.dtype).expand(3, max(h, s), max(w, s)).clone()
+            padded_image[:, :h, :w] = image
+            padded_label = torch.full((max(h, s), max(w, s)), VOID, dtype=label.dtype)
+            padded_label[:h, :w] = label
+            image, label, h, w = padded_image, padded_label, max(h, s), max(w, s)
+        y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        return image[:, y:y + s, x:x + s], label[y:y + s, x:x + s]
 
 
 class RandomHorizontalFlip:
