@@ -68,9 +68,11 @@ CRFRNN_HD V exp_of_remainder(V x, V n) {
   return p * (r * r) + r + 1.0f;
 }
 
-// e^x for x <= 0; clamped at e^-87 ~ 1.6e-38 (below, a softmax term is 0 to float precision).
+// e^x for x <= 0, and 0 below -87 (where e^x < 1.6e-38, under float's normal range). Exactly 0,
+// not a floor: a softmax term that small must stay nothing when a huge pairwise weight (up to
+// 3e38) multiplies it, as it does in torch.softmax's arithmetic.
 CRFRNN_HD float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  if (x < -87.0f) return 0.0f;
   const float n = exp_quotient(x);
   const int bits = (static_cast<int>(n) + 127) << 23;  // 2^n, n in [-126, 0]
 #if defined(__CUDA_ARCH__)
@@ -144,7 +146,7 @@ CRFRNN_HD void softmax_in_place(const Lanes& lanes, typename Lanes::Sum row) {
   RowSum8<Lanes> sum;
   for (int64_t b = 0; b < blocks; ++b) {
     Block e = Lanes::exp_nonpositive(row[b] - row_max);
-    lanes.mask_padding(e, b);  // exp clamps at e^-87, not 0
+    lanes.mask_padding(e, b);  // padded lanes: 0, whatever their logits
     row[b] = e;
     sum.add(b, e);
   }
