@@ -93,6 +93,34 @@ class ExactLattice:
         return crfrnn.exact_gaussian_filter(self.features, values, normalize=normalize)
 
 
+def synthetic_scene(h, w, num_classes=4, seed=0):
+    """A scene with real edges and no data files: (image uint8[h, w, 3], labels int64[h, w],
+    logits float32[C, h, w]). Ellipses and rectangles of distinct colours on a background, with
+    noise and a horizontal shading; logits like a stride-8 DCNN's: the one-hot labels shifted by
+    (2, -3) px, averaged over 8 x 8 cells, upsampled bilinearly, log(0.8 p + 0.2 / C) plus noise
+    of std 0.3. A CRF with a colour kernel moves the labels back towards the edges."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    labels = np.zeros((h, w), np.int64)
+    colours = rng.uniform(30, 225, (num_classes, 3))
+    for k in range(1, num_classes):
+        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+        ry, rx = rng.uniform(0.15, 0.35) * h, rng.uniform(0.15, 0.35) * w
+        if k % 2:
+            inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+        else:
+            inside = (abs(yy - cy) < ry) & (abs(xx - cx) < rx)
+        labels[inside] = k
+    image = colours[labels] + rng.normal(0, 12, (h, w, 3)) + 20 * (xx / w)[..., None]
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    onehot = np.roll(np.eye(num_classes)[labels].transpose(2, 0, 1), (2, -3), axis=(1, 2))
+    cells = onehot[:, : h // 8 * 8, : w // 8 * 8].reshape(num_classes, h // 8, 8, w // 8, 8).mean((2, 4))
+    coarse = torch.nn.functional.interpolate(torch.from_numpy(cells)[None], size=(h, w), mode="bilinear",
+                                             align_corners=False)[0].numpy()
+    logits = np.log(0.8 * coarse + 0.2 / num_classes) + rng.normal(0, 0.3, (num_classes, h, w))
+    return image, labels, logits.astype(np.float32)
+
+
 def voc_rgb(shared_data, image_id, shrink=1):
     """Tensor[1, 3, H, W] float32 RGB 0..255 of the shared VOC image `image_id`, its sides
     divided by `shrink` (bilinear resize of the 8-bit image, so colours stay integers)."""

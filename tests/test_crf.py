@@ -43,12 +43,25 @@ def densecrf_loop_numpy(unary, feats, weights, iterations, normalize):
     return q
 
 
+def densecrf_features(image, sigma_xy, sigma_rgb=None):
+    """densecrf's features of image [3, H, W] (NumPy, float64), written out from its
+    addPairwiseBilateral / addPairwiseGaussian: per pixel (x / sxy, y / sxy) with x the column
+    and y the row, then (r, g, b) / srgb for the bilateral kernel. Tensor[P, d] row by row."""
+    _, h, w = image.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    columns = [x / sigma_xy, y / sigma_xy]
+    if sigma_rgb is not None:
+        columns += [channel / sigma_rgb for channel in image.astype(np.float64)]
+    return np.stack([c.ravel() for c in columns], 1)
+
+
 # ------------------------------------------------------------------------------------------
 # The mean-field algebra
 
 @pytest.mark.parametrize("normalize", ["symmetric", "after"])
 def test_mean_field_equals_densecrf_loop_with_exact_kernels(normalize):
-    """With exact kernels, our Potts (1 - I) start gives densecrf's marginals to float64 precision."""
+    """With exact kernels, our Potts (1 - I) start and feature builders give densecrf's marginals
+    to float64 precision (the loop's features written out independently of ours)."""
     unary, image = make_inputs(c=4, h=7, w=6)
     (sb, sr, wb), (ss, ws) = SMALL["bilateral"], SMALL["spatial"]
     f_bil = crfrnn.bilateral_features(image, sb, sr).flatten(2).transpose(1, 2)
@@ -57,8 +70,8 @@ def test_mean_field_equals_densecrf_loop_with_exact_kernels(normalize):
     logits = mean_field(u, [ExactLattice(f_bil), ExactLattice(f_spa)],
                         potts_matrices(4, (wb, ws), dtype=torch.float64), 5, normalize)
     ours = torch.softmax(logits, -1)[0].numpy()
-    ref = densecrf_loop_numpy(u[0].numpy(), [f_bil[0].numpy(), f_spa[0].numpy()], (wb, ws), 5,
-                              normalize)
+    ref = densecrf_loop_numpy(u[0].numpy(), [densecrf_features(image[0].numpy(), sb, sr),
+                                             densecrf_features(image[0].numpy(), ss)], (wb, ws), 5, normalize)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
     assert not np.allclose(ref, torch.softmax(u, -1)[0].numpy(), atol=1e-3), "CRF had no effect"
 

@@ -1,5 +1,7 @@
 """Oracle: at its default start the layer gives Krähenbühl's densecrf (pydensecrf2) marginals.
 
+Without data files: synthetic scenes with real edges (tests/helpers.py), under every parameter
+set people run, so that a clone without ../shared/data checks the CRF against densecrf too.
 Real images: the VOC images of ../shared/data with the coarse-unary protocol (bench/voc_protocol.py), and
 the densecrf demo images with the demo's label unaries. Quick runs use a few VOC images shrunk
 4x; `-m slow` runs all 46 at full size and checks the mIoU gain as well.
@@ -21,9 +23,12 @@ from crfrnn import CRFRNNLayer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import densecrf_peer  # noqa: E402
 import voc_protocol as vp  # noqa: E402
+from helpers import synthetic_scene  # noqa: E402
 
 DEEPLAB = dict(bilateral=(121.0, 5.0, 4.0), spatial=(3.0, 3.0))
 DEMO = dict(bilateral=(80.0, 13.0, 10.0), spatial=(3.0, 3.0))
+CRFASRNN = dict(bilateral=(160.0, 3.0, 5.0), spatial=(3.0, 3.0))
+SMALL = dict(bilateral=(10.0, 20.0, 5.0), spatial=(2.0, 1.0))
 
 
 def ours(image, logits, iterations, bilateral, spatial, normalize="symmetric"):
@@ -36,12 +41,13 @@ def ours(image, logits, iterations, bilateral, spatial, normalize="symmetric"):
     return torch.softmax(out, 1)[0].numpy()
 
 
-def assert_agrees(q, qd, min_agree=0.99, max_mean_abs=1e-3, what=""):
-    agree = (q.argmax(0) == qd.argmax(0)).mean()
-    mean_abs = np.abs(q - qd).mean()
-    assert agree >= min_agree, f"{what}: labels agree on {agree:.4f} of pixels"
-    assert mean_abs <= max_mean_abs, f"{what}: mean |dQ| = {mean_abs:.2e}"
-    return agree, mean_abs
+def assert_agrees(q, qd, max_abs=1e-4, what=""):
+    """Every pixel's label the same, and the marginals within `max_abs` (the default: 4.5x the
+    largest difference measured on the real images below, 2.2e-5)."""
+    disagree = int((q.argmax(0) != qd.argmax(0)).sum())
+    largest = np.abs(q - qd).max()
+    assert disagree == 0, f"{what}: labels differ on {disagree} of {q[0].size} pixels"
+    assert largest <= max_abs, f"{what}: max |dQ| = {largest:.2e}"
 
 
 def voc_case(shared_data, index, factor):
@@ -49,6 +55,57 @@ def voc_case(shared_data, index, factor):
     ids = vp.image_ids(root)
     image, label = vp.downscale_pair(*vp.load_pair(root, ids[index]), factor)
     return image, label, vp.coarse_logits(label, index).numpy()
+
+
+# (parameters, the largest |dQ| measured over the three scenes and both normalisations): a small
+# colour bandwidth (CRF-RNN's sigma_rgb 3) makes the marginals most sensitive to the rounding.
+PARAMETER_SETS = {"deeplab": (DEEPLAB, 1.9e-5), "demo": (DEMO, 2.0e-6), "crfasrnn": (CRFASRNN, 6.4e-4),
+                  "small": (SMALL, 8.5e-7)}
+
+
+@pytest.mark.parametrize("normalize", ["symmetric", "after"])
+@pytest.mark.parametrize("params", PARAMETER_SETS)
+@pytest.mark.parametrize("scene", [(60, 80, 4, 0), (75, 50, 5, 1), (64, 64, 3, 2)])
+def test_synthetic_scenes_match_densecrf(scene, params, normalize):
+    """No data files needed: each scene's coarse logits through the layer (10 iterations) and
+    through densecrf, labels equal on every pixel and marginals within 3x the measured error."""
+    image, labels, logits = synthetic_scene(*scene)
+    kernels, measured = PARAMETER_SETS[params]
+    q = ours(image, logits, 10, normalize=normalize, **kernels)
+    qd = densecrf_peer.densecrf_probs(image, logits, 10, normalize=normalize, **kernels)
+    assert_agrees(q, qd, max_abs=max(3 * measured, 1e-6), what=f"{scene} {params} {normalize}")
+    # densecrf moved 8-18% of the labels, towards the truth: agreeing is not trivial.
+    assert (qd.argmax(0) != logits.argmax(0)).mean() > 0.05
+    assert (qd.argmax(0) == labels).mean() > (logits.argmax(0) == labels).mean() + 0.05
+
+
+def pydensecrf_recipe(image, probs, iterations, bilateral, spatial):
+    """pydensecrf's documented post-processing: unary_from_softmax (which clips at 1e-5), a
+    Gaussian and a bilateral kernel, inference."""
+    c, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(unary_from_softmax(probs))
+    d.addPairwiseGaussian(sxy=spatial[0], compat=spatial[1])
+    d.addPairwiseBilateral(sxy=bilateral[0], srgb=bilateral[1], rgbim=image, compat=bilateral[2])
+    return np.array(d.inference(iterations)).reshape(c, h, w)
+
+
+def test_dense_crf_clips_zeros_and_tiny_probabilities_as_pydensecrf():
+    """Probabilities of exactly 0 and far below the clip (1e-8, 1e-30) where the clip decides
+    the unary: dense_crf gives pydensecrf's recipe's marginals (its unary_from_softmax clips at
+    1e-5 too). Without the clip, log 0 = -inf would make those classes impossible."""
+    image, _, logits = synthetic_scene(48, 56, 4, seed=5)
+    probs = torch.softmax(torch.from_numpy(logits), 0).numpy()
+    probs[1, :, :20] = 0.0
+    probs[2, 10:30] = 1e-8
+    probs[3, :, 40:] = 1e-30
+    probs /= probs.sum(0, keepdims=True)
+    expected = pydensecrf_recipe(image, probs, 5, **DEMO)
+    got = crfrnn.dense_crf(image, probs, num_iterations=5, **DEMO)
+    assert_agrees(got, expected, what="zeros and tiny probabilities")
+    # The clip is what decides those pixels: at another clip the result moves.
+    other = crfrnn.dense_crf(image, probs, num_iterations=5, clip=1e-3, **DEMO)
+    assert np.abs(other - expected).max() > 1e-3
 
 
 @pytest.mark.data
@@ -60,7 +117,6 @@ def test_voc_coarse_unary_matches_densecrf(shared_data, index):
     assert_agrees(q, qd, what=f"VOC #{index}")
     # densecrf changed the labelling, so agreeing is not trivial.
     assert (qd.argmax(0) != logits.argmax(0)).mean() > 0.005
-    np.testing.assert_allclose(q, qd, atol=2e-3)
 
 
 @pytest.mark.data
@@ -69,7 +125,6 @@ def test_normalize_after_matches_densecrf_normalize_after(shared_data):
     q = ours(image, logits, 5, normalize="after", **DEEPLAB)
     qd = densecrf_peer.densecrf_probs(image, logits, 5, normalize="after", **DEEPLAB)
     assert_agrees(q, qd, what="NORMALIZE_AFTER")
-    np.testing.assert_allclose(q, qd, atol=2e-3)
 
 
 def demo_case(shared_data, k):
@@ -89,7 +144,6 @@ def test_densecrf_demo_images(shared_data, k):
     q = ours(image, logits, 5, **DEMO)
     qd = densecrf_peer.densecrf_probs(image, logits, 5, **DEMO)
     assert_agrees(q, qd, what=f"demo im{k}")
-    np.testing.assert_allclose(q, qd, atol=2e-3)
 
 
 @pytest.mark.data
@@ -106,7 +160,6 @@ def test_functional_dense_crf_equals_pydensecrf_recipe(shared_data):
     q = crfrnn.dense_crf(image, probs, num_iterations=5, **DEMO)
     assert isinstance(q, np.ndarray) and q.dtype == np.float32 and q.shape == (c, h, w)
     assert_agrees(q, qd, what="dense_crf")
-    np.testing.assert_allclose(q, qd, atol=2e-3)
     qt = crfrnn.dense_crf(torch.from_numpy(image), torch.from_numpy(probs), num_iterations=5, **DEMO)
     assert isinstance(qt, torch.Tensor)
     np.testing.assert_allclose(qt.numpy(), q, atol=1e-6)

@@ -131,6 +131,7 @@ def test_layer_picks_the_fused_op_for_the_job(monkeypatch):
 
 def test_fused_layer_matches_the_loop_on_a_batch_of_real_size():
     crf = CRFRNNLayer.deeplab_largefov(21).eval()
+    step_by_step = CRFRNNLayer.deeplab_largefov(21, fused=False).eval()
     g = torch.Generator().manual_seed(3)
     unary = torch.randn(2, 21, 120, 160, generator=g) * 3
     # Flat colour blocks, so that the splat cuts the points into several ranges.
@@ -138,9 +139,10 @@ def test_fused_layer_matches_the_loop_on_a_batch_of_real_size():
     image = (image + torch.rand(2, 3, 120, 160, generator=g) * 4).clamp(max=255)  # and some noise
     with torch.no_grad():
         got = crf(unary, image)
-    expected = crf(unary, image)  # parameters require grad: the loop
-    torch.testing.assert_close(got, expected.detach(), atol=1e-3, rtol=1e-4)  # float32, 10 iterations
-    assert (got.argmax(1) == expected.argmax(1)).float().mean() > 0.999
+        expected = step_by_step(unary, image)
+    # float32, 10 iterations: measured max |difference| 3.8e-6 on logits of magnitude ~10.
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
 
 
 _BITS_SCRIPT = """

@@ -171,16 +171,22 @@ def test_native_filter_matches_reference(device, d, c, n, dtype):
 @pytest.mark.parametrize("d", [1, 2, 3, 5])
 @pytest.mark.parametrize("spread", [0.5, 2.0])
 def test_against_exact_gaussian(device, backend, d, spread):
-    """Documented accuracy (see README): normalised filters within 15% relative L2 error of the
-    exact Gaussian; the raw filter has the lattice's known gain below 1 (0.3-1x)."""
+    """The normalised filters' relative L2 error against the exact Gaussian stays within 1.5x of
+    what was measured on these points (every backend builds the same lattice, so the error is the
+    same on each: the bound is a regression bound, and features scaled by 1.25 exceed it); the
+    raw filter has the lattice's known gain below 1 (0.36-0.92 here)."""
+    # Measured ("after", "symmetric") relative errors per (d, spread):
+    measured = {(1, 0.5): (0.0021, 0.0122), (1, 2.0): (0.0026, 0.0062), (2, 0.5): (0.0028, 0.0138),
+                (2, 2.0): (0.0090, 0.0133), (3, 0.5): (0.0040, 0.0165), (3, 2.0): (0.0252, 0.0387),
+                (5, 0.5): (0.0073, 0.0229), (5, 2.0): (0.1171, 0.1186)}[(d, spread)]
     feats = random_points(2, 300, d, spread=spread, device=device)
     vals = rand(2, 300, 3, dtype=torch.float64, seed=2, device=device)
     lat = crfrnn.Lattice(feats, backend=backend)
-    for norm in ("after", "symmetric"):
+    for norm, error in zip(("after", "symmetric"), measured):
         approx, exact = lat.filter(vals, norm), crfrnn.exact_gaussian_filter(feats, vals, norm)
-        assert (approx - exact).norm() / exact.norm() < 0.15, norm
+        assert (approx - exact).norm() / exact.norm() < 1.5 * error, norm
     gain = lat.filter(vals).sum() / crfrnn.exact_gaussian_filter(feats, vals).sum()
-    assert 0.3 < gain < 1.05
+    assert 0.3 < gain < 1.0
 
 
 def test_exact_filter_is_the_gaussian_sum():
