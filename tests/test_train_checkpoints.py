@@ -1,6 +1,7 @@
 """The scripts and their checkpoints: broken files and broken parameters end in a one-line error
 (not in plausible metrics or all-background maps), a failed save keeps the old checkpoint, a
 resume with other training options is refused, and a checkpoint says what it was trained on."""
+import csv
 import json
 import os
 import resource
@@ -127,6 +128,11 @@ def test_resume_takes_free_options_silently_and_warns_for_the_others(stopped_joi
     said = capsys.readouterr().out
     assert "--lr 0.0001 -> 0.0002" in said and "not an exact continuation" in said
     assert json.loads((tmp_path / "elsewhere" / "metrics.json").read_text())["train"]["iterations"] == 1
+    # the new --lr applies: iteration 2 of 3 ran at 2e-4 × the poly factor (the backbone's multiplier is 1)
+    with open(tmp_path / "elsewhere" / "metrics.csv", newline="") as f:
+        lrs = [float(r["value"]) for r in csv.DictReader(f)
+               if (r["stage"], r["iteration"], r["name"]) == ("joint", "3", "lr")]
+    assert lrs == [pytest.approx(2e-4 * (1 - 2 / 3) ** 0.9)]
 
 
 # ----------------------------------------------------------------------------- what it was trained on

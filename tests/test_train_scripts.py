@@ -324,7 +324,8 @@ def test_voc_training_on_a_written_folder(tmp_path):
     make_voc(tmp_path / "voc", ids_train=("t1", "t2", "t3", "t4"), ids_val=("v1", "v2"), size=(50, 70))
     res = run(dcnn_script, ["--dataset", "voc", "--data-root", str(tmp_path / "voc"), "--width", "0.03125",
                             "--iters", "2", "--batch-size", "2", "--crop-size", "41", "--workers", "0",
-                            "--eval-batch-size", "2", "--no-progress", "--bands", "2", "--out-dir", str(tmp_path / "run")])
+                            "--eval-batch-size", "2", "--no-progress", "--bands", "2",
+                            "--out-dir", str(tmp_path / "run")])
     conf = np.array(res["dcnn"]["confusion"])
     assert conf.shape == (21, 21)
     assert conf.sum() == 2 * 49 * 70          # the val images' non-void pixels (row 0 is void)

@@ -45,7 +45,10 @@ def restore_rng(state: dict):
 
 
 def plain(obj):
-    """``obj`` storable with weights_only loading: containers kept, paths and other objects as str."""
+    """``obj`` storable with weights_only loading: containers kept, numpy arrays as tensors, paths
+    and other objects as str."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
     if isinstance(obj, dict):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

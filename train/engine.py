@@ -290,8 +290,8 @@ class MetricLogger:
             return
         with open(self.path, "a", newline="") as f:
             now = f"{time.time():.3f}"
-            csv.DictWriter(f, self.FIELDS).writerows(
-                {"time": now, "stage": stage, "iteration": iteration, "name": k, "value": v} for k, v in scalars.items())
+            csv.DictWriter(f, self.FIELDS).writerows({"time": now, "stage": stage, "iteration": iteration,
+                                                      "name": k, "value": v} for k, v in scalars.items())
         for k, v in scalars.items() if self.tb is not None else ():
             self.tb.add_scalar(f"{stage}/{k}", v, iteration)
 
@@ -361,15 +361,15 @@ class TrainingRun:
         if getattr(model, "crf", None) is not None:
             model.crf.keep_marginals = info.keep_marginals
         optimizer = make_optimizer(model, args, lr)
-        initial_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         scaler = torch.amp.GradScaler(info.device.type, enabled=bool(args.amp and info.device.type == "cuda"))
         start = 0
         if resume:
             start = int(load_training_state(args.resume, model, optimizer, scaler, rank=info.rank,
                                             world_size=info.world_size)["iteration"])
             self.logger.truncate(stage, start)
-            for group, initial in zip(optimizer.param_groups, initial_lrs):
-                group["initial_lr"] = initial     # the options' rates (also those of --resume-anyway --lr)
+            for group, setting in zip(optimizer.param_groups, settings):
+                group.update(setting)      # the options' rates and decays (also those of --resume-anyway)
         scheduler = lr_schedule(optimizer, args, iters, start)
         factor = scheduler.lr_lambdas[0]
         ddp = wrap_ddp(model, info)
@@ -380,7 +380,8 @@ class TrainingRun:
         every = max(1, args.log_every)
         line_every = every * max(1, math.ceil(iters / 20 / every))
         ckpt = self.out.claim("checkpoint.pt")
-        last_ckpt = f"the last good checkpoint is {ckpt} (iteration {start})" if start else "no checkpoint was written yet"
+        last_ckpt = f"the last good checkpoint is {ckpt} (iteration {start})" if start else \
+            "no checkpoint was written yet"
         t0 = t_log = time.perf_counter()
         n_log, loss_sum, loss_n, seen, last_loss, done = 0, 0.0, 0, 0, math.nan, start
         for it, (images, labels, _, _) in enumerate(self._train_loader(iters, start), start=start):
@@ -396,8 +397,9 @@ class TrainingRun:
                 value = math.nan
             if any_true(not math.isfinite(value)):
                 bar.close()
-                raise NonFiniteLossError(f"[{stage}] the loss is {value} at iteration {it} (lr {lr:g} × {factor(it):g}); "
-                                         f"stopping. {last_ckpt}. Try a lower --lr, or run without --amp.")
+                raise NonFiniteLossError(f"[{stage}] the loss is {value} at iteration {it} (lr {lr:g} × "
+                                         f"{factor(it):g}); stopping. {last_ckpt}. Try a lower --lr, or run "
+                                         "without --amp.")
             optimizer.zero_grad(set_to_none=True)
             if scaler.is_enabled():
                 scaler.scale(loss).backward()

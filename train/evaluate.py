@@ -49,8 +49,8 @@ def main(args):
         reports.write_json(out.claim("metrics.json"), {"checkpoint": str(args.checkpoint), "dataset": args.dataset,
                                                        "images": len(val_set), **res})
         reports.band_plot(out.claim("bands.png"), dict(rows))
-        reports.examples_png(out.claim("examples.png"), {name: (examples, key) for name, key in
-                                                         (("DCNN", "dcnn"), ("DCNN + CRF", "crf")) if key in res}, names)
+        columns = {name: (examples, key) for name, key in (("DCNN", "dcnn"), ("DCNN + CRF", "crf")) if key in res}
+        reports.examples_png(out.claim("examples.png"), columns, names)
         print(f"{args.checkpoint} on {len(val_set)} {args.dataset} images:")
         print(reports.format_table(rows))
         print(reports.per_class_table(rows))

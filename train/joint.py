@@ -80,9 +80,8 @@ def main(args):
     joint = models.DeepLabCRF(net, crf).to(info.device)
     if args.freeze_crf:
         joint.freeze_crf()
-    if resumed is not None:   # the "before" evaluation is kept in the checkpoint
-        before = resumed["extra"].get("before")
-        before_examples = _examples_from_plain(resumed["extra"].get("before_examples"))
+    if resumed is not None:   # the "before" evaluation is kept in the checkpoint (its pictures as tensors)
+        before, before_examples = resumed["extra"]["before"], resumed["extra"]["before_examples"]
     else:
         before, before_examples = run.evaluate(joint, args.examples, "eval before")
         log(reports.format_table([("DCNN", before["dcnn"]), ("DCNN + CRF", before["crf"])]))
@@ -91,7 +90,7 @@ def main(args):
     log(f"stage 2: joint DCNN + CRF-RNN, {args.iters} iterations")
     loss = functools.partial(engine.joint_loss, unary_weight=args.unary_loss_weight, loss=args.crf_loss)
     summary = run.train(joint, loss, "joint", args.iters, args.lr, resume=resumed is not None, stop_at=args.stop_at,
-                        extra={"before": before, "before_examples": _examples_to_plain(before_examples)})
+                        extra={"before": before, "before_examples": before_examples})
     if summary["stopped"]:
         log(f"stopped after joint iteration {args.stop_at}; continue with --resume {run.checkpoint}")
         return None
@@ -126,16 +125,6 @@ def _crf_params(crf) -> dict:
         if isinstance(t, torch.Tensor):
             out[name] = t.detach().cpu().tolist()
     return out
-
-
-def _examples_to_plain(examples):
-    return [{k: (torch.from_numpy(v) if hasattr(v, "shape") else v) for k, v in ex.items()}
-            for ex in (examples or [])]
-
-
-def _examples_from_plain(examples):
-    return [{k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in ex.items()}
-            for ex in (examples or [])]
 
 
 if __name__ == "__main__":

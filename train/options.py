@@ -127,8 +127,10 @@ def add_data_args(p, training: bool = True):
                    help="classes incl. background" if training else "classes incl. background (none: the checkpoint's)")
     g.add_argument("--image-size", type=int, default=64, help="side of the synthetic images in pixels")
     if training:
-        g.add_argument("--train-samples", type=int, help="training set size (VOC: the first N of the list; none: all of it)")
-    g.add_argument("--val-samples", type=int, help="evaluation set size (VOC: the first N of the list; none: all of it)")
+        g.add_argument("--train-samples", type=int,
+                       help="training set size (VOC: the first N of the list; none: all of it)")
+    g.add_argument("--val-samples", type=int,
+                   help="evaluation set size (VOC: the first N of the list; none: all of it)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset")
     if training:
         g.add_argument("--crop-size", type=int, help="side of the random training crop (0: no crop)")
@@ -167,7 +169,8 @@ def add_crf_args(p, training: bool = True, preset_none: str = ""):
     g.add_argument("--crf-eval-iters", type=int, default=10, help="mean-field iterations at evaluation")
     if not training:
         return
-    g.add_argument("--crf-lr-mult", type=float, help="lr multiplier of the CRF's kernel weights and compatibility matrix")
+    g.add_argument("--crf-lr-mult", type=float,
+                   help="lr multiplier of the CRF's kernel weights and compatibility matrix")
     g.add_argument("--crf-weight-decay", type=float, default=0.0,
                    help="weight decay of the CRF parameters (0: decay would shrink the Potts start)")
     g.add_argument("--crf-loss", choices=("ce", "lovasz"), default="ce",
@@ -259,7 +262,8 @@ def add_run_args(p, out_dir: str, training: bool = True):
     g.add_argument("--resume-anyway", action="store_true",
                    help="with --resume, continue even with options that change the training (with a warning; "
                         "no longer an exact continuation)")
-    g.add_argument("--ckpt-every", type=int, help="write the checkpoint every N iterations (a killed run loses at most N)")
+    g.add_argument("--ckpt-every", type=int,
+                   help="write the checkpoint every N iterations (a killed run loses at most N)")
     g.add_argument("--eval-every", type=int, help="evaluate every N iterations (0: only at the end)")
     g.add_argument("--log", default="csv", choices=("csv", "tensorboard"),
                    help="metrics log: metrics.csv, or also TensorBoard (needs the tensorboard package)")

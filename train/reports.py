@@ -34,7 +34,10 @@ def format_table(rows, band=None) -> str:
         body.append([name, f"{100 * res['miou']:.2f}", f"{100 * res['pixel_accuracy']:.2f}",
                      "n/a" if acc is None else f"{100 * acc:.2f}"])
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     sep = "-" * len(line(head))
     return "\n".join([sep, line(head), sep] + [line(r) for r in body] + [sep])
 
@@ -76,7 +79,8 @@ def examples_png(path, columns: dict, class_names):
     """A grid: one row per example, columns image, truth, then each named prediction, and below a
     legend of the colours of the classes shown (``class_names``). ``columns`` maps a column title
     to ``(examples, key)``: example dicts of engine.evaluate (``"image"``, ``"label"``, and the
-    predictions under ``"dcnn"`` and ``"crf"``) and the key of the prediction to show."""
+    predictions under ``"dcnn"`` and ``"crf"``; numpy arrays or tensors) and the key of the
+    prediction to show."""
     first = next(iter(columns.values()))[0]
     rows = [[ex["image"], ex["label"]] + [exs[i][key] for exs, key in columns.values()] for i, ex in enumerate(first)]
     if not rows:

@@ -111,7 +111,8 @@ def resolve_voc_root(path) -> Path:
         raise FileNotFoundError(f"VOC data root {p} does not exist or is not a folder")
     for cand in (p / "VOCdevkit" / "VOC2012", p / "VOC2012", p):
         if cand.name == "VOC2012" and cand.parent.name == "VOCdevkit" and cand.is_dir():
-            missing = [d for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation") if not (cand / d).is_dir()]
+            missing = [d for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
+                       if not (cand / d).is_dir()]
             if missing:
                 raise FileNotFoundError(
                     f"malformed VOC folder {cand}: missing {', '.join(missing)} (expected the "
