@@ -18,7 +18,10 @@ __all__ = ["Lattice", "MAX_FEATURE_DIM", "NORMALIZATIONS", "FEATURE_GRADIENTS", 
 #: Largest feature dimension d the lattice accepts (the C++/CUDA code keeps per-point scratch
 #: arrays of this size on the stack).
 MAX_FEATURE_DIM = reference.MAX_FEATURE_DIM
-NORMALIZATIONS = ("none", "after", "symmetric")
+#: Kernel normalisations (densecrf's NormalizationType): "none" K v, "after" K v / K1,
+#: "symmetric" n K(n v) with n = 1 / sqrt(K1), "before" K(v / K1). (Appended in this order: the
+#: CRF layer stores a normalisation as its index here.)
+NORMALIZATIONS = ("none", "after", "symmetric", "before")
 #: How `filter` outputs are differentiated with respect to the features, see `Lattice`.
 FEATURE_GRADIENTS = ("lattice", "gaussian")
 #: Keys are int32 lattice coordinates of magnitude up to about 100 |f|: the build ops reject
@@ -227,7 +230,7 @@ class Lattice:
     def normalization_scales(self, normalize: str, dtype: torch.dtype):
         """(splat scale, slice scale), Tensor[N*P] each: `filter(values, normalize)` is the raw
         filter of ``splat_scale * values`` times ``slice_scale``: "none" (1, 1), "after"
-        (1, 1 / K1), "symmetric" (n, n) with n = 1/sqrt(K1). For fused kernels
+        (1, 1 / K1), "symmetric" (n, n) with n = 1/sqrt(K1), "before" (1 / K1, 1). For fused kernels
         (``crfrnn::mean_field_inference``); dtype float32 or float64."""
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
@@ -241,6 +244,8 @@ class Lattice:
                     norm = self._cached(("norm", dtype)).flatten() + 1e-20
                     if normalize == "after":
                         self._cache[key] = (torch.ones_like(norm), 1.0 / norm)
+                    elif normalize == "before":
+                        self._cache[key] = (1.0 / norm, torch.ones_like(norm))
                     else:
                         n = torch.rsqrt(norm)
                         self._cache[key] = (n, n)
@@ -252,7 +257,8 @@ class Lattice:
         Args:
             values (Tensor[N, C, H, W] for per-pixel features, Tensor[N, P, C] for per-point):
                 any C >= 1, float16/32/64 (half is computed in float32 and cast back).
-            normalize (str): "none": the raw linear filter K v. "after": K v / K 1 (a weighted
+            normalize (str): "none": the raw linear filter K v. "before": K(v / K 1) (densecrf's
+                NORMALIZE_BEFORE, the adjoint of "after"). "after": K v / K 1 (a weighted
                 mean; densecrf's NORMALIZE_AFTER). "symmetric": n * K(n * v) with n = 1/sqrt(K 1)
                 (densecrf's NORMALIZE_SYMMETRIC, pydensecrf's default).
         Returns:
@@ -272,6 +278,8 @@ class Lattice:
             out = self._raw(flat)
         elif normalize == "after":
             out = self._raw(flat) / (self._cached(("norm", flat.dtype)) + 1e-20)
+        elif normalize == "before":
+            out = self._raw(flat / (self._cached(("norm", flat.dtype)) + 1e-20))
         else:
             # n K(n v), as the raw filter with scaled weights: two fewer full-size
             # multiplications per call, and the backward stays the adjoint.
@@ -348,6 +356,8 @@ def exact_gaussian_filter(features: torch.Tensor, values: torch.Tensor, normaliz
     out = kernel @ v
     if normalize == "after":
         out = out / kernel.sum(2, keepdim=True)
+    elif normalize == "before":
+        out = kernel @ (v / kernel.sum(2, keepdim=True))
     elif normalize == "symmetric":
         n = kernel.sum(2, keepdim=True).rsqrt()
         out = n * (kernel @ (n * v))

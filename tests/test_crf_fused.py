@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import crfrnn
 import crfrnn.inference as inference
 from crfrnn import ops
 from crfrnn import CRFRNNLayer, build_crf_lattices, mean_field
@@ -40,7 +41,7 @@ def fused(unary, lattices, pairwise, iterations, normalize):
     return inference.fused_mean_field(unary, lattices, pairwise, iterations, normalize)
 
 
-@pytest.mark.parametrize("normalize", ["symmetric", "after", "none"])
+@pytest.mark.parametrize("normalize", crfrnn.NORMALIZATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_equals_the_step_by_step_loop(normalize, dtype):
     unary, lattices, pairwise = inputs(dtype=dtype)

@@ -189,6 +189,19 @@ def test_against_exact_gaussian(device, backend, d, spread):
     assert 0.3 < gain < 1.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_before_normalisation_filters_values_divided_by_the_response_to_ones(backend):
+    """densecrf's NORMALIZE_BEFORE: K(v / K1), on the lattice and in the exact filter."""
+    feats = clustered_points(2, 150, 3, seed=4)
+    vals = rand(2, 150, 2, dtype=torch.float64, seed=5)
+    lat = crfrnn.Lattice(feats, backend=backend)
+    ones = torch.ones(2, 150, 1, dtype=torch.float64)
+    torch.testing.assert_close(lat.filter(vals, "before"), lat.filter(vals / lat.filter(ones), "none"))
+    exact_ones = crfrnn.exact_gaussian_filter(feats, ones)
+    torch.testing.assert_close(crfrnn.exact_gaussian_filter(feats, vals, "before"),
+                               crfrnn.exact_gaussian_filter(feats, vals / exact_ones))
+
+
 def test_exact_filter_is_the_gaussian_sum():
     f = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)
     v = torch.tensor([[[1.0], [10.0], [100.0]]], dtype=torch.float64)
