@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .lattice import check_lattice_size
+from .lattice import NORMALIZATIONS, check_lattice_size
 
 #: The most mean-field iterations a layer runs per call. Mean field settles within tens (CRF-RNN
 #: trains with 5, DeepLab infers with 10); a count beyond this, e.g. from a damaged state dict,
@@ -90,6 +90,18 @@ def image_normalisation(image_mean, image_std):
     if not (torch.isfinite(std).all() and (std > 0).all() and torch.isfinite(mean).all()):
         raise ValueError(f"image_std must be positive and finite, got {std.tolist()}")
     return mean, std
+
+
+def normalizations(normalize, num_kernels):
+    """`normalize` (one of NORMALIZATIONS, or a sequence of them, one per kernel) as a list of
+    one per kernel; else ValueError."""
+    if isinstance(normalize, str):
+        return [choice("normalize", normalize, NORMALIZATIONS)] * num_kernels
+    normalize = list(normalize)
+    if len(normalize) != num_kernels:
+        raise ValueError(f"normalize: one per kernel ({num_kernels}) or one for all, got {len(normalize)}: "
+                         f"{normalize!r}")
+    return [choice("normalize", n, NORMALIZATIONS) for n in normalize]
 
 
 def class_indices(name, classes, num_classes):

@@ -32,7 +32,7 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from . import checks, ops
 from .features import bilateral_features, spatial_features
-from .lattice import NORMALIZATIONS, Lattice
+from .lattice import Lattice
 
 __all__ = ["mean_field", "build_crf_lattices", "potts_matrices", "CRFRNN_PARAMS", "DEEPLAB_LARGEFOV_PARAMS"]
 
@@ -87,11 +87,12 @@ def build_crf_lattices(image, bilateral, spatial, backend="auto", spatial_lattic
 
 
 def _message_logits(q, unary, lattices, pairwise, normalize):
-    """L = U - sum_m (mu W_m) K_m(Q), on Tensor[N, P, C] (channels last)."""
+    """L = U - sum_m (mu W_m) K_m(Q), on Tensor[N, P, C] (channels last); `normalize`: one per
+    lattice."""
     n, p, c = q.shape
     logits = None
-    for lat, mat in zip(lattices, pairwise):
-        msg = lat.filter(q, normalize=normalize).reshape(n * p, c)
+    for lat, mat, norm in zip(lattices, pairwise, normalize):
+        msg = lat.filter(q, normalize=norm).reshape(n * p, c)
         # 1x1 convolution as a matmul: out[i, l] -= sum_l' mat[l, l'] msg[i, l']. The first
         # kernel's addmm makes the output (one copy of U), the others accumulate into it in place.
         if logits is None:
@@ -137,8 +138,10 @@ def fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, check
     on CUDA, the marginals (its splat reads them from memory anyway). On the CPU the backward
     recomputes each iteration's marginals from the unary and the saved grids, in the pass over
     the points it makes anyway, instead of keeping a Tensor[N, P, C] per iteration, unless
-    `keep_marginals`."""
-    splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, unary.dtype) for lat in lattices))
+    `keep_marginals`. `normalize`: one for all lattices, or one per lattice."""
+    normalize = checks.normalizations(normalize, len(lattices))
+    splat_scales, slice_scales = zip(*(lat.normalization_scales(norm, unary.dtype)
+                                       for lat, norm in zip(lattices, normalize)))
     args = (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(unary.dtype) for lat in lattices],
             list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices],
             [m.to(unary.dtype) for m in pairwise], num_iterations)
@@ -158,7 +161,8 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
         lattices (sequence of Lattice): one per kernel, built on per-point features [N, P, d].
         pairwise (sequence of Tensor[C, C]): mu W_m per kernel (same dtype as `unary`).
         num_iterations (int): T in 0..MAX_ITERATIONS (T = 0 returns a copy of the unary).
-        normalize (str): kernel normalisation, see `Lattice.filter`.
+        normalize (str or sequence of str): kernel normalisation, see `Lattice.filter`: one for
+            every kernel, or one per lattice (as densecrf's addPairwiseEnergy takes one per kernel).
         checkpoint (bool): save only the inputs for the backward and compute the iterations again
             there (the step-by-step loop: each iteration's, keeping one Tensor[N, P, C] per
             iteration; the fused ops: all of them).
@@ -187,7 +191,7 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     num_iterations = int(num_iterations)  # a numpy integer to the ops' int
     if num_iterations == 0:
         return unary.clone()  # a new tensor, as for T > 0 (never an alias of the input)
-    checks.choice("normalize", normalize, NORMALIZATIONS)
+    normalize = checks.normalizations(normalize, len(lattices))
     if fused and can_fuse(unary, lattices):
         return fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint, keep_marginals)
     use_checkpoint = checkpoint and wants_grad(unary, pairwise, lattices)

@@ -312,7 +312,7 @@ def test_undeclared_normalised_image_raises():
     (dict(bilateral=(80, 13)), "bilateral"),
     (dict(bilateral=(80, 0, 3)), "sigma_rgb"),
     (dict(spatial=(-3, 3)), "spatial sigma_xy"),
-    (dict(normalize="before"), "normalize"),
+    (dict(normalize="sideways"), "normalize"),
     (dict(image_mean=(0.5, 0.5, 0.5)), "image_std"),
     (dict(image_mean=(0.5, 0.5), image_std=(1, 1)), "3 values"),
 ])

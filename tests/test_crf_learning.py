@@ -415,7 +415,7 @@ def test_iteration_and_normalisation_attributes_write_the_buffers():
         with pytest.raises(RuntimeError, match="iterations"):
             CRFRNNLayer(3).load_state_dict({**state, "iterations": counts})
     with pytest.raises(ValueError, match="normalize must be one of"):
-        crf.normalize = "before"
+        crf.normalize = "sideways"
     state["normalization"] = torch.tensor(7)
     with pytest.raises(RuntimeError, match="normalization 7"):
         CRFRNNLayer(3).load_state_dict(state)
