@@ -90,6 +90,7 @@ def test_wrapped_models_are_unwrapped(tmp_path):
     models.save_checkpoint(tmp_path / "c.pt", compiled)
     loaded, _ = models.load_checkpoint(tmp_path / "c.pt")
     assert set(loaded.state_dict()) == set(net.state_dict())     # no "_orig_mod." prefix
+    assert models.unwrap(torch.nn.DataParallel(compiled)) is net and models.unwrap(net) is net
 
 
 def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):

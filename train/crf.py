@@ -104,7 +104,6 @@ def main(args):
                                     args.lr, resume=resumed is not None, stop_at=args.stop_at)
         label = "DCNN + CRF (searched, then learnt)" if args.search else "DCNN + CRF (learnt)"
         if report["train"]["stopped"]:
-            log(f"stopped after iteration {args.stop_at}; continue with --resume {run.checkpoint}")
             return None
 
     final, final_examples = run.evaluate(joint, 6, "eval (final CRF)")

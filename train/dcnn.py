@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file: put the repository root first on
 import models
 from train import engine, options, reports
 from train.checkpoint import load_model
-from train.process import log, run_main
+from train.process import run_main
 
 
 def get_args_parser(add_help=True):
@@ -38,7 +38,6 @@ def main(args):
     net.to(run.info.device)
     summary = run.train_dcnn(net, args.iters, args.lr, resume=run.resumed is not None, stop_at=args.stop_at)
     if summary["stopped"]:
-        log(f"stopped after iteration {args.stop_at}; continue with --resume {run.checkpoint}")
         return None
     res, examples = run.evaluate(net, num_examples=6)
     if run.info.is_main:

@@ -352,7 +352,7 @@ class TrainingRun:
         ``loss_fn(model, images, labels)``: the loss of a batch (images Tensor[N, 3, H, W],
         labels Tensor[N, H, W]). ``resume``: first load ``--resume``'s checkpoint of this stage
         (weights, optimiser, AMP scaler, RNG) and go on from its iteration. ``stop_at``: end after
-        that iteration, checkpointed, as if killed there. ``extra``: plain values stored in every
+        that iteration, checkpointed, as if killed there (and say how to go on). ``extra``: plain values stored in every
         checkpoint. Returns ``{"iterations" (run now), "loss" (mean of the last log interval),
         "seconds", "images_per_s", "stopped"}``; raises :class:`NonFiniteLossError` on a NaN/Inf
         loss (no checkpoint is written after it).
@@ -439,6 +439,8 @@ class TrainingRun:
             if stopping:
                 break
         bar.close()
+        if done < iters:
+            log(f"stopped after {stage} iteration {done}; continue with --resume {ckpt}")
         secs = time.perf_counter() - t0
         return {"iterations": done - start, "loss": last_loss, "seconds": secs,
                 "images_per_s": seen / max(secs, 1e-9), "stopped": done < iters}

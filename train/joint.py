@@ -92,7 +92,6 @@ def main(args):
     summary = run.train(joint, loss, "joint", args.iters, args.lr, resume=resumed is not None, stop_at=args.stop_at,
                         extra={"before": before, "before_examples": before_examples})
     if summary["stopped"]:
-        log(f"stopped after joint iteration {args.stop_at}; continue with --resume {run.checkpoint}")
         return None
 
     after, after_examples = run.evaluate(joint, args.examples, "eval after")

@@ -137,9 +137,9 @@ def colorize(label: np.ndarray) -> np.ndarray:
     return PALETTE[np.asarray(label).astype(np.int64) & 255]
 
 
-def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend the VOC colours of ``label`` (``int[H, W]``) over ``image`` (``uint8[H, W, 3]``);
-    background (0) and void (255) pixels are left as the image."""
+def overlay(image: np.ndarray, label: np.ndarray, alpha: float) -> np.ndarray:
+    """Blend the VOC colours of ``label`` (``int[H, W]``) over ``image`` (``uint8[H, W, 3]``) with
+    opacity ``alpha``; background (0) and void (255) pixels are left as the image."""
     image = np.asarray(image)
     label = np.asarray(label)
     if image.shape[:2] != label.shape:
@@ -196,11 +196,10 @@ def draw_legend(entries, width: int, swatch: int = 12, pad: int = 4) -> Image.Im
     return img
 
 
-def image_grid(rows, col_titles=None, scale: int = 1, pad: int = 4, row_titles=None,
-               legend=None) -> Image.Image:
+def image_grid(rows, col_titles=None, scale: int = 1, pad: int = 4, legend=None) -> Image.Image:
     """Tile ``rows`` (a list of lists of ``uint8[H, W, 3]`` or ``[H, W]`` label arrays, all the
-    same size) into one RGB image, with optional column and row titles and, below, a colour
-    ``legend`` (:func:`legend_entries`). ``scale`` enlarges each tile by pixel repetition."""
+    same size) into one RGB image, with optional column titles and, below, a colour ``legend``
+    (:func:`legend_entries`). ``scale`` enlarges each tile by pixel repetition."""
     if not rows or not rows[0]:
         raise ValueError("image_grid needs at least one row with one tile")
     tiles = [[t if np.asarray(t).ndim == 3 else colorize(t) for t in r] for r in rows]
@@ -208,23 +207,20 @@ def image_grid(rows, col_titles=None, scale: int = 1, pad: int = 4, row_titles=N
     h, w = h * scale, w * scale
     font = _font(12)
     top = 18 if col_titles else 0
-    left = 60 if row_titles else 0
     ncol = max(len(r) for r in tiles)
-    width = left + ncol * (w + pad) + pad
+    width = ncol * (w + pad) + pad
     key = draw_legend(legend, width) if legend else None
     grid_h = top + len(tiles) * (h + pad) + pad
     canvas = Image.new("RGB", (width, grid_h + (key.height if key else 0)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, title in enumerate(col_titles or []):
-        draw.text((left + pad + j * (w + pad), 3), str(title), fill="black", font=font)
+        draw.text((pad + j * (w + pad), 3), str(title), fill="black", font=font)
     for i, r in enumerate(tiles):
-        if row_titles:
-            draw.text((3, top + pad + i * (h + pad) + h // 2 - 6), str(row_titles[i]), fill="black", font=font)
         for j, t in enumerate(r):
             im = Image.fromarray(np.asarray(t, np.uint8))
             if scale != 1:
                 im = im.resize((w, h), Image.NEAREST)
-            canvas.paste(im, (left + pad + j * (w + pad), top + pad + i * (h + pad)))
+            canvas.paste(im, (pad + j * (w + pad), top + pad + i * (h + pad)))
     if key:
         canvas.paste(key, (0, grid_h))
     return canvas
