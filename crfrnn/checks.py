@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .lattice import NORMALIZATIONS, check_lattice_size
+from .lattice import MAX_FEATURE_DIM, NORMALIZATIONS, check_lattice_size
 
 #: The most mean-field iterations a layer runs per call. Mean field settles within tens (CRF-RNN
 #: trains with 5, DeepLab infers with 10); a count beyond this, e.g. from a damaged state dict,
@@ -158,38 +158,75 @@ def mean_field_args(unary, lattices, pairwise, num_iterations):
             raise ValueError(f"pairwise matrix {i} must be [C, C] = [{c}, {c}], got {tuple(mat.shape)}")
 
 
-def unary_and_image(unary, image, num_classes=None):
-    """Shape/dtype/device checks of the layer's inputs (unary Tensor[N, C, H, W] logits, image
-    Tensor[N, 3, H, W]), and the lattice size they need."""
+def _layout(unary_dim, points):
+    """The name of a unary's layout in messages: [N, C, H, W] for an image, [N, C, *S] otherwise."""
+    if points:
+        return "[N, C, P]"
+    return {3: "[N, C, L]", 4: "[N, C, H, W]", 5: "[N, C, D, H, W]"}.get(unary_dim, "[N, C, *S]")
+
+
+def crf_inputs(unary, image, positions, num_classes, kernels):
+    """Shape/dtype/device checks of a dense CRF's inputs, and the lattice size they need.
+
+    Grid: unary Tensor[N, C, *S] (S of rank 1, 2 or 3), image Tensor[N, G, *S]. Points: unary
+    Tensor[N, C, P], image Tensor[N, G, P], positions Tensor[N, D, P]. The image (the guide) may be
+    None when no kernel is over it. Returns (number of position axes, guide channels or None).
+    """
+    from .kernels import check_sizes
     if not isinstance(unary, torch.Tensor):
-        raise TypeError(f"unary must be a torch.Tensor of logits [N, C, H, W], got {type(unary).__name__}")
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"image must be a torch.Tensor [N, 3, H, W], got {type(image).__name__}")
+        raise TypeError(f"unary must be a torch.Tensor of logits [N, C, *S], got {type(unary).__name__}")
+    for name, t in (("image", image), ("positions", positions)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not unary.is_floating_point():
         raise TypeError(f"unary must be floating point (logits), got {unary.dtype}")
-    if unary.dim() != 4:
-        raise ValueError(f"unary must be Tensor[N, C, H, W], got shape {tuple(unary.shape)}")
+    points = positions is not None
+    layout = _layout(unary.dim(), points)
+    if (points and unary.dim() != 3) or not 3 <= unary.dim() <= 5:
+        raise ValueError(f"unary must be Tensor{layout} (a grid: [N, C, L], [N, C, H, W] or [N, C, D, H, W]; "
+                         f"points: [N, C, P] with positions [N, D, P]), got shape {tuple(unary.shape)}")
     if num_classes is not None and unary.shape[1] != num_classes:
         raise ValueError(f"unary has {unary.shape[1]} channels but the layer was built for "
                          f"num_classes={num_classes} (unary shape {tuple(unary.shape)})")
-    if image.dim() != 4 or image.shape[1] != 3:
-        raise ValueError(f"image must be Tensor[N, 3, H, W] (RGB), got shape {tuple(image.shape)}")
-    if image.shape[0] != unary.shape[0] or image.shape[2:] != unary.shape[2:]:
-        raise ValueError(f"image {tuple(image.shape)} and unary {tuple(unary.shape)} must share N, H "
-                         "and W (upsample the unary to the image size first)")
-    if image.device != unary.device:
-        raise ValueError(f"image is on {image.device} but unary is on {unary.device}")
-    image_dtype(image, "[N, 3, H, W]")
-    # Before anything of the image's size is allocated: the bilateral lattice (d = 5) is the larger.
-    check_lattice_size(image.shape[0] * image.shape[2] * image.shape[3], 5, f"image {tuple(image.shape)}")
+    n, spatial = unary.shape[0], tuple(unary.shape[2:])
+    if points:
+        if not positions.is_floating_point() or positions.dim() != 3 or positions.shape[0] != n \
+                or positions.shape[2] != spatial[0] or positions.shape[1] < 1:
+            raise ValueError(f"positions must be floating-point Tensor[N, D, P] with unary [N, C, P] = "
+                             f"{tuple(unary.shape)}'s N and P, got {positions.dtype} shape {tuple(positions.shape)}")
+        if positions.device != unary.device:
+            raise ValueError(f"positions are on {positions.device} but unary is on {unary.device}")
+    num_axes = positions.shape[1] if points else len(spatial)
+    guide_layout = "[N, G, P]" if points else layout.replace("C", "G")
+    if image is not None:
+        if image.dim() != unary.dim() or image.shape[0] != n or tuple(image.shape[2:]) != spatial:
+            raise ValueError(f"image {tuple(image.shape)} and unary {tuple(unary.shape)} must share N, H and W: "
+                             f"image Tensor{guide_layout} for unary Tensor{layout} (upsample the unary to the image "
+                             "size first)")
+        if image.device != unary.device:
+            raise ValueError(f"image is on {image.device} but unary is on {unary.device}")
+        image_dtype(image, "[N, 3, H, W]" if image.dim() == 4 and image.shape[1] == 3 else guide_layout)
+        if image.shape[1] < 1:
+            raise ValueError(f"image must have at least one channel, got shape {tuple(image.shape)}")
+    check_sizes(kernels, num_axes, None if image is None else image.shape[1], f"unary {tuple(unary.shape)}")
+    dims = {k.name: (num_axes if k.positions is not None else 0) + (image.shape[1] if k.guide is not None else 0)
+            for k in kernels}
+    for name, d in dims.items():
+        if d > MAX_FEATURE_DIM:
+            raise ValueError(f"kernel {name!r} would have {d} features (its positions and guide channels), more "
+                             f"than a lattice takes ({MAX_FEATURE_DIM}): reduce the guide's channels first")
+    # Before anything of the input's size is allocated: the largest lattice bounds the points.
+    check_lattice_size(math.prod(unary.shape[:1] + unary.shape[2:]), max(dims.values()), f"unary {tuple(unary.shape)}")
+    return num_axes, None if image is None else image.shape[1]
 
 
 def check_layer_values(params, unary, image, rgb, pairwise, out, normalised):
     """ValueError, most specific cause first, for: NaN/Inf in a parameter (`params`: {name:
-    Tensor}) or in the unary, an image outside 0..255 (unless `normalised`: the layer declared
+    Tensor}) or in the unary, an RGB image outside 0..255 (unless `normalised`: the layer declared
     image_mean/image_std), pairwise matrices mu W_m or an output that overflow (finite but huge
-    parameters or logits). A UserWarning for colours (`rgb`: the image in 0..255 units,
-    normalisation undone) that look like another convention's: all in 0..1 (an image from
+    parameters or logits). A UserWarning for colours (`rgb`: the RGB image in 0..255 units,
+    normalisation undone; None for another guide, or none) that look like another convention's:
+    all in 0..1 (an image from
     ToTensor() given as 0..255), or far outside 0..255 once the declared normalisation is undone
     (an image not normalised that way). Called by CRFRNNLayer.forward (the warnings point at its
     caller's line).
@@ -201,7 +238,7 @@ def check_layer_values(params, unary, image, rgb, pairwise, out, normalised):
     torch.compile the checks are exact and asynchronous (torch._assert_async: no graph break, no
     sync; the message then gives no counts).
     """
-    unary, image, rgb, out = unary.detach(), image.detach(), rgb.detach(), out.detach()
+    unary, out = unary.detach(), out.detach()
     params = {name: p.detach() for name, p in params.items()}
     compiling = torch.compiler.is_compiling()
 
@@ -211,8 +248,8 @@ def check_layer_values(params, unary, image, rgb, pairwise, out, normalised):
     checks = {f"parameter {name}": (~torch.isfinite(p).all(), f"CRFRNNLayer.{name} has NaN/Inf values")
               for name, p in params.items()}
     checks["unary"] = (maybe_not_finite(unary), "unary contains NaN/Inf values; the CRF needs finite logits")
-    if normalised or image.dtype != torch.uint8:
-        low, high = torch.aminmax(rgb)
+    if rgb is not None and (normalised or image.dtype != torch.uint8):
+        low, high = torch.aminmax(rgb.detach())
         if not normalised:
             checks["image"] = ((low < 0) | (high > 255), "image is outside 0..255 but no normalisation "
                                "was declared: pass RGB in 0..255, or build the layer with image_mean/image_std")

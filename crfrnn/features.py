@@ -1,20 +1,17 @@
-"""Lattice features of images: each pixel's position, and colour, divided by their bandwidths
-(a unit distance is one standard deviation of the Gaussian kernel), in densecrf's order: x (the
-column) first, then y (the row), then the colour channels.
+"""Lattice features: each point's positions and guide values divided by their bandwidths (a unit
+distance is one standard deviation of the Gaussian kernel), in densecrf's order: the positions
+first, then the guide channels in order. On a grid the positions are the indices with the last
+tensor axis first (x the column, then y the row, then z the slice), as densecrf's
+addPairwiseBilateral builds (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb): the permutohedral
+approximation depends on the order, and this one gives densecrf's results.
 """
 import math
 
 import torch
 
-__all__ = ["spatial_features", "bilateral_features"]
+from .kernels import GaussianKernel
 
-
-def _pixel_grid(reference: torch.Tensor, sigma_xy, dtype):
-    n, _, h, w = reference.shape
-    ys = torch.arange(h, device=reference.device, dtype=dtype) / sigma_xy
-    xs = torch.arange(w, device=reference.device, dtype=dtype) / sigma_xy
-    grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])
-    return grid[None].expand(n, 2, h, w)
+__all__ = ["kernel_features", "spatial_features", "bilateral_features"]
 
 
 def _check_sigma(name, sigma, reference, dtype):
@@ -33,6 +30,56 @@ def _check_sigma(name, sigma, reference, dtype):
     return float(sigma)
 
 
+def _divided(values, sigmas, name, dtype):
+    """values (Tensor[N, K, *rest]) / their bandwidths: one (every channel) or one per channel
+    (numbers or 0-dim tensors). One number divides as a Python scalar, as it always has (a
+    division by a tensor may differ from it in the last bit)."""
+    sigmas = [_check_sigma(name, s, values, dtype) for s in sigmas]
+    if len(sigmas) == 1 or all(isinstance(s, float) and s == sigmas[0] for s in sigmas):
+        return values / sigmas[0]
+    column = torch.stack([torch.as_tensor(s, dtype=dtype, device=values.device) for s in sigmas])
+    return values / column.view(-1, *([1] * (values.dim() - 2)))
+
+
+def kernel_features(kernel, sigmas, shape=None, positions=None, guide=None, dtype=torch.float32, device=None):
+    """One kernel's features, channels first.
+
+    Args:
+        kernel (GaussianKernel): what the kernel is over.
+        sigmas (sequence): its bandwidths in the order of `kernel.sigmas` (numbers, or 0-dim
+            tensors: the features are then differentiable in them).
+        shape ((N, *S)): a grid's batch size and spatial shape (S of rank 1, 2 or 3), when
+            `positions` is None.
+        positions (Tensor[N, D, P] or None): a point set's positions.
+        guide (Tensor[N, G, *S] or Tensor[N, G, P], or None): the guide, in `dtype`.
+        dtype, device: of the features (float32 or float64).
+    Returns:
+        Tensor[N, d, *S] or Tensor[N, d, P]: the position features (grid: last axis first; points:
+        in the order given), then the guide's.
+    """
+    num_positions = len(kernel.positions or ())
+    parts = []
+    if kernel.positions is not None:
+        position_sigmas = sigmas[:num_positions]
+        if positions is not None:
+            parts.append(_divided(positions.to(dtype), position_sigmas, "position bandwidth", dtype))
+        else:
+            n, *spatial = shape
+            reference = torch.empty(0, device=device)
+            axes = []
+            for axis in reversed(range(len(spatial))):  # x (the last axis) first
+                sigma = _check_sigma("position bandwidth", position_sigmas[axis if num_positions > 1 else 0],
+                                     reference, dtype)
+                coordinate = torch.arange(spatial[axis], device=device, dtype=dtype) / sigma
+                view = [1] * len(spatial)
+                view[axis] = spatial[axis]
+                axes.append(coordinate.view(view).expand(spatial))
+            parts.append(torch.stack(axes)[None].expand(n, len(spatial), *spatial))
+    if kernel.guide is not None:
+        parts.append(_divided(guide.to(dtype), sigmas[num_positions:], "guide bandwidth", dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
 def spatial_features(image: torch.Tensor, sigma_xy) -> torch.Tensor:
     """Positions scaled by 1/sigma_xy: (x/s, y/s), x the column and y the row, as densecrf.
 
@@ -45,7 +92,9 @@ def spatial_features(image: torch.Tensor, sigma_xy) -> torch.Tensor:
     if image.dim() != 4:
         raise ValueError(f"image must be Tensor[N, C, H, W], got shape {tuple(image.shape)}")
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
-    return _pixel_grid(image, _check_sigma("sigma_xy", sigma_xy, image, dtype), dtype)
+    sigma = _check_sigma("sigma_xy", sigma_xy, image, dtype)
+    return kernel_features(GaussianKernel(1.0, positions=1.0), [sigma], shape=(image.shape[0], *image.shape[2:]),
+                           dtype=dtype, device=image.device)
 
 
 def bilateral_features(image: torch.Tensor, sigma_xy, sigma_rgb) -> torch.Tensor:
@@ -62,7 +111,6 @@ def bilateral_features(image: torch.Tensor, sigma_xy, sigma_rgb) -> torch.Tensor
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"image must be Tensor[N, 3, H, W] (RGB), got shape {tuple(image.shape)}")
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
-    sigma_xy = _check_sigma("sigma_xy", sigma_xy, image, dtype)
-    sigma_rgb = _check_sigma("sigma_rgb", sigma_rgb, image, dtype)
-    colour = image.to(dtype) / sigma_rgb
-    return torch.cat([_pixel_grid(image, sigma_xy, dtype), colour], 1)
+    sigmas = [_check_sigma("sigma_xy", sigma_xy, image, dtype), _check_sigma("sigma_rgb", sigma_rgb, image, dtype)]
+    return kernel_features(GaussianKernel(1.0, positions=1.0, guide=1.0), sigmas,
+                           shape=(image.shape[0], *image.shape[2:]), guide=image, dtype=dtype, device=image.device)

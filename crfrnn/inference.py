@@ -31,10 +31,11 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 
 from . import checks, ops
-from .features import bilateral_features, spatial_features
+from .features import bilateral_features, kernel_features, spatial_features
 from .lattice import Lattice
 
-__all__ = ["mean_field", "build_crf_lattices", "potts_matrices", "CRFRNN_PARAMS", "DEEPLAB_LARGEFOV_PARAMS"]
+__all__ = ["mean_field", "build_crf_lattices", "kernel_lattice", "potts_matrices", "CRFRNN_PARAMS",
+           "DEEPLAB_LARGEFOV_PARAMS"]
 
 #: CRF-RNN's kernel parameters: bilateral (sigma_xy, sigma_rgb, weight), spatial (sigma_xy, weight).
 CRFRNN_PARAMS = {"bilateral": (160.0, 3.0, 5.0), "spatial": (3.0, 3.0)}
@@ -84,6 +85,14 @@ def build_crf_lattices(image, bilateral, spatial, backend="auto", spatial_lattic
         lat_spa = Lattice(spatial_features(image, spatial[0]).flatten(2).transpose(1, 2), backend=backend,
                           feature_grad=feature_grad)
     return lat_bil, lat_spa
+
+
+def kernel_lattice(kernel, sigmas, shape=None, positions=None, guide=None, backend="auto", feature_grad="lattice",
+                   dtype=torch.float32, device=None):
+    """The lattice of one kernel (see `crfrnn.features.kernel_features` for the arguments), over
+    per-point features Tensor[N, P, d], so that the mean-field loop runs channels last."""
+    features = kernel_features(kernel, sigmas, shape, positions, guide, dtype, device)
+    return Lattice(features.flatten(2).transpose(1, 2), backend=backend, feature_grad=feature_grad)
 
 
 def _message_logits(q, unary, lattices, pairwise, normalize):

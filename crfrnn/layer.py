@@ -3,6 +3,9 @@ functional core in `crfrnn.inference`.
 
     crf = CRFRNNLayer(num_classes=21)                 # CRF-RNN's kernel parameters
     refined_logits = crf(unary_logits, image)         # image RGB in 0..255
+    crf = CRFRNNLayer(2, kernels=[GaussianKernel(5.0, positions=(1.0, 3.0, 3.0), guide=20.0)])
+    refined = crf(unary, scan)                        # a volume: [N, C, D, H, W], scan [N, G, D, H, W]
+    refined = crf(unary, colours, positions=xyz)      # points: [N, C, P], [N, G, P], [N, D, P]
 """
 import math
 import numbers
@@ -12,14 +15,16 @@ import torch.nn as nn
 
 from . import checks, sharing
 from .bandwidths import FixedBandwidths
+from .inference import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, kernel_lattice, mean_field
+from .kernels import as_kernels, classic_kernels
 from .lattice import FEATURE_GRADIENTS, NORMALIZATIONS
-from .inference import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, build_crf_lattices, mean_field
 
 __all__ = ["CRFRNNLayer"]
 
 
 class CRFRNNLayer(nn.Module):
-    """Fully connected CRF (bilateral + spatial Gaussian kernels), mean field unrolled as an RNN.
+    """Fully connected CRF (Gaussian kernels over positions and a guide), mean field unrolled as
+    an RNN, on images, volumes, signals and point sets.
 
     Args:
         num_classes (int): C.
@@ -29,9 +34,15 @@ class CRFRNNLayer(nn.Module):
         bilateral ((sigma_xy, sigma_rgb, weight)): appearance kernel; default CRF-RNN's
             (160, 3, 5). sigma_rgb refers to colours in 0..255.
         spatial ((sigma_xy, weight)): smoothness kernel; default (3, 3).
-        image_mean, image_std (sequence of 3 floats or None): when given, `image` is taken as
-            normalised from 0..1 RGB, (rgb/255 - mean)/std (torchvision's convention), and the
-            layer undoes it. When None, `image` is RGB in 0..255 (uint8 or float).
+        kernels (sequence of GaussianKernel or None): any Gaussian kernels instead of the
+            (bilateral, spatial) pair, each over the positions, the guide or both, with its own
+            bandwidths (one for every axis or channel, or one each) and weight; see
+            `crfrnn.GaussianKernel`. The pair is ``[GaussianKernel(w1, positions=sxy,
+            guide=srgb), GaussianKernel(w2, positions=sxy)]``, named "bilateral" and "spatial".
+        image_mean, image_std (sequence of 3 floats or None): when given, an RGB `image` is taken
+            as normalised from 0..1 RGB, (rgb/255 - mean)/std (torchvision's convention), and the
+            layer undoes it. When None, an RGB image is in 0..255 (uint8 or float). A guide of
+            another channel count is used as it is: its bandwidths are in its own units.
         normalize (str): kernel normalisation, "symmetric" (densecrf's default; n K(n Q) with
             n = 1/sqrt(K 1)) or "after" (K Q / K 1, CRF-RNN's), or "none".
         checkpoint (bool): save only the inputs for the backward and run the forward again there.
@@ -51,12 +62,13 @@ class CRFRNNLayer(nn.Module):
             fused ops' oracle; keep the marginals for the backward on the CPU). How to run, not
             what to compute: `config()` leaves keep_marginals out (a setting of the process).
 
-    Learnable parameters (initial values from `bilateral`/`spatial`): ``bilateral_weight`` and
-    ``spatial_weight`` (W_m: Tensor[] for "scalar", Tensor[C] for "diagonal", Tensor[C, C] for
-    "full", starting at w_m I), ``compatibility`` (mu, Potts start 1 - I: Tensor[C, C] for
-    "full", its upper triangle Tensor[C (C + 1) / 2] for "symmetric", absent for "potts"), and
-    with `learn_bandwidths` ``bilateral_log_sigma`` (Tensor[2]: log sigma_xy, log sigma_rgb)
-    and ``spatial_log_sigma`` (Tensor[1]). `kernel_weight_matrices()` and
+    Learnable parameters (initial values from the kernels): per kernel ``{name}_weight`` (W_m:
+    Tensor[] for "scalar", Tensor[C] for "diagonal", Tensor[C, C] for "full", starting at w_m I;
+    ``bilateral_weight`` and ``spatial_weight`` for the pair), ``compatibility`` (mu, Potts start
+    1 - I: Tensor[C, C] for "full", its upper triangle Tensor[C (C + 1) / 2] for "symmetric",
+    absent for "potts"), and with `learn_bandwidths` per kernel ``{name}_log_sigma`` (the logs of
+    its bandwidths, the positions' first: Tensor[2] log sigma_xy, log sigma_rgb for
+    ``bilateral_log_sigma``). `kernel_weight_matrices()` and
     `compatibility_matrix()` give the C x C matrices whatever the sharing. At the start the
     layer's softmax equals densecrf's mean-field marginals for the same unary (logits = minus
     densecrf's unary energy), image and parameters. No gradient flows into the image.
@@ -72,10 +84,12 @@ class CRFRNNLayer(nn.Module):
     bandwidths cost about 2d + 1 filters more per kernel and iteration in backward ("gaussian";
     d = 5 and 2), about two with "lattice".
 
-    Shapes:
-        unary (Tensor[N, C, H, W]): logits (e.g. a DCNN's scores upsampled to the image).
-        image (Tensor[N, 3, H, W]): RGB, see image_mean/image_std.
-        returns (Tensor[N, C, H, W]): refined logits, float32 (float64 for a float64 unary;
+    Shapes (see `forward`):
+        unary (Tensor[N, C, *S]): logits on a grid of rank 1, 2 or 3 ([N, C, L] signals,
+            [N, C, H, W] images, [N, C, D, H, W] volumes), or Tensor[N, C, P] with positions.
+        image (Tensor[N, G, *S] or Tensor[N, G, P]): the guide (RGB: see image_mean/image_std).
+        positions (Tensor[N, D, P] or None): a point set's positions.
+        returns: refined logits of the unary's shape, float32 (float64 for a float64 unary;
         half-precision unaries and autocast regions are computed in float32).
 
     Example:
@@ -85,11 +99,10 @@ class CRFRNNLayer(nn.Module):
         torch.Size([2, 21, 64, 48])
     """
 
-    def __init__(self, num_classes, num_iterations=5, num_eval_iterations=10,
-                 bilateral=CRFRNN_PARAMS["bilateral"], spatial=CRFRNN_PARAMS["spatial"],
+    def __init__(self, num_classes, num_iterations=5, num_eval_iterations=10, bilateral=None, spatial=None,
                  image_mean=None, image_std=None, normalize="symmetric", checkpoint=False,
                  backend="auto", learn_bandwidths=False, compatibility="full", kernel_weights="full",
-                 bandwidth_grad="gaussian", fused=True, keep_marginals=False):
+                 bandwidth_grad="gaussian", fused=True, keep_marginals=False, kernels=None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -98,10 +111,14 @@ class CRFRNNLayer(nn.Module):
         self.compatibility_sharing = checks.choice("compatibility", compatibility, sharing.COMPATIBILITY_SHARING)
         self.kernel_weight_sharing = checks.choice("kernel_weights", kernel_weights, sharing.KERNEL_WEIGHT_SHARING)
         self.bandwidth_grad = checks.choice("bandwidth_grad", bandwidth_grad, FEATURE_GRADIENTS)
-        bilateral, spatial = checks.kernel_parameters(bilateral, spatial)
+        if kernels is None:
+            kernels = classic_kernels(CRFRNN_PARAMS["bilateral"] if bilateral is None else bilateral,
+                                      CRFRNN_PARAMS["spatial"] if spatial is None else spatial)
+        elif bilateral is not None or spatial is not None:
+            raise ValueError("give the kernels either as kernels= or as bilateral=/spatial=, not both")
+        self.kernels = tuple(as_kernels(kernels))  # as built: names, initial weights and bandwidths
         self.checkpoint, self.fused, self.keep_marginals = bool(checkpoint), bool(fused), bool(keep_marginals)
         self.learn_bandwidths = bool(learn_bandwidths)
-        self._initial_weights = (bilateral[2], spatial[1])
 
         # What defines the computation travels in the state dict: iteration counts and the
         # normalisation as buffers (mirrored by plain attributes, see the properties), the
@@ -111,17 +128,18 @@ class CRFRNNLayer(nn.Module):
         self.num_iterations = num_iterations
         self.num_eval_iterations = num_iterations if num_eval_iterations is None else num_eval_iterations
         self.normalize = normalize
-        for name, value in (("bilateral_log_sigma", bilateral[:2]), ("spatial_log_sigma", spatial[:1])):
-            log_sigma = torch.tensor(value).log()
+        for kernel in self.kernels:
+            log_sigma = torch.tensor(kernel.sigmas).log()
             if self.learn_bandwidths:
-                setattr(self, name, nn.Parameter(log_sigma))
+                setattr(self, f"{kernel.name}_log_sigma", nn.Parameter(log_sigma))
             else:
-                self.register_buffer(name, log_sigma)
-        self._bandwidths = FixedBandwidths((bilateral[:2], spatial[:1]))  # read when fixed: no sync per call
+                self.register_buffer(f"{kernel.name}_log_sigma", log_sigma)
+        self._bandwidths = FixedBandwidths([k.sigmas for k in self.kernels])  # read when fixed: no sync per call
         self._bandwidths.follow(self._bandwidth_buffers())
 
-        for name, weight in (("bilateral_weight", bilateral[2]), ("spatial_weight", spatial[1])):
-            setattr(self, name, nn.Parameter(sharing.initial_kernel_weight(kernel_weights, weight, self.num_classes)))
+        for kernel in self.kernels:
+            weight = sharing.initial_kernel_weight(kernel_weights, kernel.weight, self.num_classes)
+            setattr(self, f"{kernel.name}_weight", nn.Parameter(weight))
         start = sharing.initial_compatibility(compatibility, self.num_classes)
         self.compatibility = None if start is None else nn.Parameter(start)
 
@@ -134,7 +152,7 @@ class CRFRNNLayer(nn.Module):
             mean, std = checks.image_normalisation(image_mean, image_std)
             self.register_buffer("image_mean", mean.view(1, 3, 1, 1), persistent=False)
             self.register_buffer("image_std", std.view(1, 3, 1, 1), persistent=False)
-        self._last_spatial = None  # (key, Lattice): the last spatial lattice, reused while the key holds
+        self._kept = {}  # kernel name -> (key, Lattice): lattices of the shape alone, reused while the key holds
 
     @classmethod
     def deeplab_largefov(cls, num_classes=21, **kwargs):
@@ -188,10 +206,11 @@ class CRFRNNLayer(nn.Module):
             self.normalization.fill_(NORMALIZATIONS.index(value))
 
     def _bandwidth_buffers(self):
-        return (self.bilateral_log_sigma, self.spatial_log_sigma)
+        return [getattr(self, f"{kernel.name}_log_sigma") for kernel in self.kernels]
 
     def sigmas(self):
-        """Current bandwidths as floats: ((bilateral sigma_xy, sigma_rgb), (spatial sigma_xy,))."""
+        """Current bandwidths as floats, a tuple per kernel in the order of `kernel.sigmas`: for the
+        pair ((bilateral sigma_xy, sigma_rgb), (spatial sigma_xy,))."""
         if not self.learn_bandwidths:
             # (no Python-side state inside a traced graph)
             if not torch.compiler.is_compiling() and self._bandwidths.follow(self._bandwidth_buffers()):
@@ -202,32 +221,46 @@ class CRFRNNLayer(nn.Module):
         return tuple(tuple(math.exp(v) for v in logs.detach().double().cpu().tolist())
                      for logs in self._bandwidth_buffers())
 
+    def kernel_bandwidths(self):
+        """The kernels with their current bandwidths (and initial weights): [GaussianKernel]."""
+        return [kernel.with_sigmas(sigmas) for kernel, sigmas in zip(self.kernels, self.sigmas())]
+
+    def _kernel_tuple(self, name):
+        for kernel, sigmas in zip(self.kernels, self.sigmas()):
+            if kernel.name == name:
+                return (*sigmas, kernel.weight)
+        raise AttributeError(f"this layer has no kernel named {name!r}: its kernels are "
+                             f"{[k.name for k in self.kernels]} (see kernel_bandwidths())")
+
     @property
     def bilateral(self):
-        """(sigma_xy, sigma_rgb, initial weight w1): the current bandwidths, as floats."""
-        return (*self.sigmas()[0], self._initial_weights[0])
+        """(sigma_xy, sigma_rgb, initial weight w1) of the kernel named "bilateral", as floats."""
+        return self._kernel_tuple("bilateral")
 
     @property
     def spatial(self):
-        """(sigma_xy, initial weight w2): the current bandwidth, as a float."""
-        return (*self.sigmas()[1], self._initial_weights[1])
+        """(sigma_xy, initial weight w2) of the kernel named "spatial", as floats."""
+        return self._kernel_tuple("spatial")
 
     @torch.no_grad()
     def scale_spatial_bandwidths(self, factor):
-        """Multiply the spatial bandwidths (sigma_xy of both kernels) by `factor`: for images
-        `factor` times larger (or smaller, factor < 1) than the ones the bandwidths were set or
-        learned for. The colour bandwidth and the weights do not depend on the resolution.
+        """Multiply every position bandwidth (sigma_xy of both kernels of the pair) by `factor`:
+        for inputs `factor` times larger (or smaller, factor < 1) than the ones the bandwidths
+        were set or learned for. The guide's bandwidths and the weights do not depend on the
+        resolution.
 
         Example: a layer learned on images shrunk by 2, used at full size:
         ``crf.scale_spatial_bandwidths(2.0)``.
         """
         factor = checks.positive("factor", factor)
+        counts = [len(kernel.positions or ()) for kernel in self.kernels]
         if self.learn_bandwidths:
-            self.bilateral_log_sigma[0] += math.log(factor)
-            self.spatial_log_sigma[0] += math.log(factor)
+            for log_sigma, count in zip(self._bandwidth_buffers(), counts):
+                log_sigma[:count] += math.log(factor)
         else:  # the floats stay exact (121 * 0.5 is 60.5, not exp(log(121) + log(0.5)))
-            (bxy, brgb), (sxy,) = self.sigmas()
-            self._bandwidths.set(((bxy * factor, brgb), (sxy * factor,)), self._bandwidth_buffers())
+            sigmas = [tuple(s * factor if i < count else s for i, s in enumerate(group))
+                      for group, count in zip(self.sigmas(), counts)]
+            self._bandwidths.set(sigmas, self._bandwidth_buffers())
         self.clear_lattice_cache()
         return self
 
@@ -258,8 +291,8 @@ class CRFRNNLayer(nn.Module):
     def _matrix_parameters(self):
         """(name, constructor option, its value, the option's choices) of each parameter that
         holds C x C matrix entries."""
-        return (("bilateral_weight", "kernel_weights", self.kernel_weight_sharing, sharing.KERNEL_WEIGHT_SHARING),
-                ("spatial_weight", "kernel_weights", self.kernel_weight_sharing, sharing.KERNEL_WEIGHT_SHARING),
+        return (*((f"{k.name}_weight", "kernel_weights", self.kernel_weight_sharing, sharing.KERNEL_WEIGHT_SHARING)
+                  for k in self.kernels),
                 ("compatibility", "compatibility", self.compatibility_sharing, sharing.COMPATIBILITY_SHARING))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -267,7 +300,7 @@ class CRFRNNLayer(nn.Module):
         # Checkpoints written before the bandwidths, iterations and normalisation were in the
         # state dict: the layer keeps its own (the ones it was built with from the checkpoint's
         # config).
-        for name in ("bilateral_log_sigma", "spatial_log_sigma", "iterations", "normalization"):
+        for name in (*(f"{k.name}_log_sigma" for k in self.kernels), "iterations", "normalization"):
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
         problem = sharing.mismatch(state_dict, prefix, self._matrix_parameters(), self.num_classes)
         stored = state_dict[prefix + "iterations"]
@@ -300,20 +333,27 @@ class CRFRNNLayer(nn.Module):
         ``CRFRNNLayer(**crf.config())``; the learned parameters are in ``state_dict()``."""
         def plain(t):
             return None if t is None else [float(v) for v in t.flatten().tolist()]
+        if self._is_classic_pair():
+            kernels = {"bilateral": list(self.bilateral), "spatial": list(self.spatial)}
+        else:
+            kernels = {"kernels": [kernel.config() for kernel in self.kernel_bandwidths()]}
         return {"num_classes": self.num_classes, "num_iterations": self.num_iterations,
-                "num_eval_iterations": self.num_eval_iterations, "bilateral": list(self.bilateral),
-                "spatial": list(self.spatial), "image_mean": plain(self.image_mean),
+                "num_eval_iterations": self.num_eval_iterations, **kernels, "image_mean": plain(self.image_mean),
                 "image_std": plain(self.image_std), "normalize": self.normalize,
                 "checkpoint": self.checkpoint, "backend": self.backend,
                 "learn_bandwidths": self.learn_bandwidths, "compatibility": self.compatibility_sharing,
                 "kernel_weights": self.kernel_weight_sharing, "bandwidth_grad": self.bandwidth_grad,
                 "fused": self.fused}
 
+    def _is_classic_pair(self):
+        """Whether the kernels are the (bilateral, spatial) pair that bilateral=/spatial= make."""
+        return [(k.name, len(k.positions or ()), len(k.guide or ())) for k in self.kernels] == \
+            [("bilateral", 1, 1), ("spatial", 1, 0)]
+
     def extra_repr(self):
-        (bxy, brgb), (sxy,) = self.sigmas()
         s = (f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, "
-             f"num_eval_iterations={self.num_eval_iterations}, sigmas: bilateral=({bxy:.4g}, {brgb:.4g}), "
-             f"spatial={sxy:.4g}, normalize={self.normalize!r}, compatibility={self.compatibility_sharing!r}, "
+             f"num_eval_iterations={self.num_eval_iterations}, sigmas: {self._describe_bandwidths('=')}, "
+             f"normalize={self.normalize!r}, compatibility={self.compatibility_sharing!r}, "
              f"kernel_weights={self.kernel_weight_sharing!r}")
         if self.learn_bandwidths:
             s += f", learn_bandwidths=True, bandwidth_grad={self.bandwidth_grad!r}"
@@ -325,124 +365,174 @@ class CRFRNNLayer(nn.Module):
         # Pickling (torch.save of a whole model, copy.deepcopy) leaves the kept spatial lattice
         # out: it is a cache of about 50 bytes per pixel that the next forward rebuilds.
         state = super().__getstate__()  # a copy of __dict__
-        state["_last_spatial"] = None
+        state["_kept"] = {}
         state.pop("_freeze_hooks", None)  # the copy's parameters carry no hooks
         return state
 
     def __setstate__(self, state):
-        # Layers pickled before these settings existed ran fused, recomputing the marginals, and
-        # kept their fixed bandwidths' floats in `_fixed_sigmas`.
-        state = {"fused": True, "keep_marginals": False, **state}
-        if "_bandwidths" not in state:
+        # Layers pickled before these settings existed ran fused, recomputing the marginals, had
+        # the (bilateral, spatial) pair, kept their fixed bandwidths' floats in `_fixed_sigmas`
+        # and their kept spatial lattice in `_last_spatial`.
+        state = {"fused": True, "keep_marginals": False, "_kept": {}, **state}
+        if "kernels" not in state:
             logs = [state["_buffers"].get(name, state["_parameters"].get(name))
                     for name in ("bilateral_log_sigma", "spatial_log_sigma")]
-            fallback = [[math.exp(v) for v in log.double().tolist()] for log in logs]
-            state["_bandwidths"] = FixedBandwidths(state.pop("_fixed_sigmas", fallback))
-            state.pop("_bandwidths_seen", None)
+            sigmas = state.get("_fixed_sigmas", [[math.exp(v) for v in log.double().tolist()] for log in logs])
+            weights = state.pop("_initial_weights")
+            state["kernels"] = tuple(classic_kernels((*sigmas[0], weights[0]), (*sigmas[1], weights[1])))
+        if "_bandwidths" not in state:
+            state["_bandwidths"] = FixedBandwidths(state.pop("_fixed_sigmas", [k.sigmas for k in state["kernels"]]))
+        for old in ("_bandwidths_seen", "_last_spatial"):
+            state.pop(old, None)
         super().__setstate__(state)
 
     # -- the C x C matrices ----------------------------------------------------------------------
     def kernel_weight_matrices(self, dtype=torch.float32):
-        """[W_bilateral, W_spatial]: each kernel's C x C weight matrix, whatever the sharing."""
-        return [sharing.kernel_weight_matrix(w.to(dtype), self.kernel_weight_sharing, self.num_classes)
-                for w in (self.bilateral_weight, self.spatial_weight)]
+        """[W_m]: each kernel's C x C weight matrix, whatever the sharing ([W_bilateral, W_spatial]
+        for the pair)."""
+        return [sharing.kernel_weight_matrix(getattr(self, f"{k.name}_weight").to(dtype), self.kernel_weight_sharing,
+                                             self.num_classes) for k in self.kernels]
 
     def compatibility_matrix(self, dtype=torch.float32):
         """mu: the C x C compatibility matrix, whatever the sharing."""
         param = None if self.compatibility is None else self.compatibility.to(dtype)
         return sharing.compatibility_matrix(param, self.compatibility_sharing, self.num_classes, dtype,
-                                            self.bilateral_weight.device)
+                                            self.iterations.device)
 
     def pairwise_matrices(self, dtype=torch.float32):
-        """[mu W_bilateral, mu W_spatial]: the C x C matrices applied to each kernel's message."""
+        """[mu W_m]: the C x C matrices applied to each kernel's message."""
         mu = self.compatibility_matrix(dtype)
         return [mu @ w for w in self.kernel_weight_matrices(dtype)]
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, unary, image, num_iterations=None):
-        """Refine `unary` (Tensor[N, C, H, W] logits) with the CRF on `image` (Tensor[N, 3, H, W]).
+    def forward(self, unary, image=None, num_iterations=None, positions=None):
+        """Refine `unary` with the CRF on `image` (the guide) and, for a point set, `positions`.
 
-        num_iterations (int or None) overrides the mode's iteration count for this call.
-        Returns Tensor[N, C, H, W] logits. Raises ValueError for NaN/Inf in the unary or the
-        parameters, an image outside 0..255 (when no image_mean/image_std were given), and a
-        non-finite output (parameters or logits too large for the arithmetic); see
+        Args:
+            unary (Tensor[N, C, *S] or Tensor[N, C, P]): logits on a grid (S of rank 1, 2 or 3,
+                read from the unary's shape) or, with `positions`, on a point set.
+            image (Tensor[N, G, *S] or Tensor[N, G, P], or None): the guide, G >= 1 channels (RGB
+                for G = 3: 0..255, or normalised as declared by image_mean/image_std); None when
+                no kernel is over the guide.
+            num_iterations (int or None): overrides the mode's iteration count for this call.
+            positions (Tensor[N, D, P] or None): a point set's positions (point clouds,
+                superpixels, mesh vertices); absent: the unary is a grid, whose positions are
+                its indices.
+        Returns the refined logits, of the unary's shape. Raises ValueError for NaN/Inf in the
+        unary or the parameters, an RGB image outside 0..255 (when no image_mean/image_std were
+        given), and a non-finite output (parameters or logits too large for the arithmetic); see
         `crfrnn.checks.check_layer_values`. Meta tensors give a meta result of the right shape
         and dtype.
         """
-        checks.unary_and_image(unary, image, self.num_classes)
-        if self.bilateral_weight.device != unary.device:
-            raise ValueError(f"the layer's parameters are on {self.bilateral_weight.device} but unary is on "
+        _, channels = checks.crf_inputs(unary, image, positions, self.num_classes, self.kernels)
+        if self.iterations.device != unary.device:
+            raise ValueError(f"the layer's parameters are on {self.iterations.device} but unary is on "
                              f"{unary.device}: move the layer with .to({str(unary.device)!r})")
-        if self.image_mean is not None and not image.is_floating_point():
-            raise TypeError(f"image_mean/image_std were given, so image must be a normalised float tensor, "
-                            f"got {image.dtype} (pass RGB 0..255 to a layer built without them)")
+        rgb_image = channels == 3
+        if self.image_mean is not None and channels is not None:
+            if not rgb_image:
+                raise ValueError(f"image_mean/image_std declare a normalised RGB image, but the guide has {channels} "
+                                 "channels: pass other guides as they are")
+            if not image.is_floating_point():
+                raise TypeError(f"image_mean/image_std were given, so image must be a normalised float tensor, "
+                                f"got {image.dtype} (pass RGB 0..255 to a layer built without them)")
         if num_iterations is None:
             num_iterations = self.num_iterations if self.training else self.num_eval_iterations
         num_iterations = checks.iteration_count(num_iterations)
         dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
-        n, c, h, w = unary.shape
         if unary.numel() == 0:
             return unary.to(dtype).clone()
         if unary.device.type == "meta":  # shapes only (model summaries, FLOP counters)
-            return torch.empty((n, c, h, w), dtype=dtype, device="meta")
+            return torch.empty(unary.shape, dtype=dtype, device="meta")
         with torch.autocast(device_type=unary.device.type, enabled=False):
-            rgb = self.rgb255(image.detach())  # no gradient into the image
-            lattices = self._lattices(rgb)
+            guide = None if image is None else self.rgb255(image.detach())  # no gradient into the guide
+            lattices = self._lattices(guide, None if positions is None else positions.detach(),
+                                      (unary.shape[0], *unary.shape[2:]))
             pairwise = self.pairwise_matrices(dtype)
             # [N, P, C], a view of the channels-first memory: the fused op reads and writes that
             # layout directly (the loop makes it contiguous).
             u = unary.to(dtype).flatten(2).transpose(1, 2)
             logits = mean_field(u, lattices, pairwise, num_iterations, self.normalize, self.checkpoint,
                                 fused=self.fused, keep_marginals=self.keep_marginals)
-            out = logits.transpose(1, 2).reshape(n, c, h, w)
-        checks.check_layer_values(dict(self.named_parameters()), unary, image, rgb, pairwise, out,
-                                  normalised=self.image_mean is not None)
+            out = logits.transpose(1, 2).reshape(unary.shape)
+        checks.check_layer_values(dict(self.named_parameters()), unary, image, guide if rgb_image else None,
+                                  pairwise, out, normalised=self.image_mean is not None)
         return out
 
     def rgb255(self, image):
-        """Tensor[N, 3, H, W] as float RGB in 0..255 (undoing the declared normalisation)."""
+        """The guide Tensor[N, G, ...] as float (float64 for float64), with the declared RGB
+        normalisation undone: RGB in 0..255."""
         dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
         image = image.to(dtype)
         if self.image_mean is not None:
-            image = (image * self.image_std.to(dtype) + self.image_mean.to(dtype)) * 255.0
+            view = (1, 3) + (1,) * (image.dim() - 2)
+            image = (image * self.image_std.to(dtype).view(view) + self.image_mean.to(dtype).view(view)) * 255.0
         return image
 
-    def _lattices(self, rgb):
-        """(bilateral, spatial) lattices of `rgb` (Tensor[N, 3, H, W], float, 0..255); a
-        ValueError naming the bandwidths when the features are ones the lattice rejects.
+    def _lattices(self, guide, positions=None, shape=None):
+        """One lattice per kernel, of the guide (float, in its units: RGB 0..255) and the positions
+        (a point set's, or None: a grid of `shape` (N, *S), by default the guide's); a ValueError
+        naming the bandwidths when the features are ones the lattice rejects.
 
-        The spatial lattice depends on the image shape only, so the last one (with its
-        normalisation) is kept and reused while N, H, W, dtype, device, sigma_xy and backend
-        stay the same: at a fixed training crop or image size every forward after the first
-        skips its build. It holds about 50 bytes per pixel; `clear_lattice_cache()` frees it.
-        With learned bandwidths and grad mode on, both lattices are built differentiable in
-        them, every call.
+        A lattice of positions alone on a grid depends on the shape only, so the last one of each
+        such kernel (with its normalisation) is kept and reused while N, S, dtype, device,
+        bandwidths and backend stay the same: at a fixed training crop or image size every forward
+        after the first skips its build (about 50 bytes per pixel for the pair's spatial kernel;
+        `clear_lattice_cache()` frees them). With learned bandwidths and grad mode on, every
+        lattice is built differentiable in them, every call.
         """
+        if shape is None:
+            shape = (guide.shape[0], *guide.shape[2:])
+        reference = next(t for t in (guide, positions, self.iterations) if t is not None)
+        dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+        learned = self.learn_bandwidths and torch.is_grad_enabled()
+        if learned:
+            sigmas = [list(log.to(dtype).exp().unbind()) for log in self._bandwidth_buffers()]
+        else:
+            sigmas = self.sigmas()
+        compiling = torch.compiler.is_compiling()  # no Python-side state inside a traced graph
+        options = dict(shape=shape, positions=positions, guide=guide, backend=self.backend, dtype=dtype,
+                       device=reference.device, feature_grad=self.bandwidth_grad if learned else "lattice")
+        lattices = []
         try:
-            if self.learn_bandwidths and torch.is_grad_enabled():
-                bil = self.bilateral_log_sigma.to(rgb.dtype).exp()
-                spa = self.spatial_log_sigma.to(rgb.dtype).exp()
-                return build_crf_lattices(rgb, (bil[0], bil[1]), (spa[0],), self.backend,
-                                          feature_grad=self.bandwidth_grad)
-            bilateral, spatial = self.sigmas()
-            key = (tuple(rgb.shape), rgb.dtype, rgb.device, float(spatial[0]), self.backend)
-            compiling = torch.compiler.is_compiling()  # no Python-side state inside a traced graph
-            last = None if compiling else getattr(self, "_last_spatial", None)  # (absent on old pickles)
-            reuse = last[1] if last is not None and last[0] == key else None
-            lattices = build_crf_lattices(rgb, bilateral, spatial, self.backend, spatial_lattice=reuse)
-            if not compiling:
-                self._last_spatial = (key, lattices[1])
-            return lattices
+            for kernel, kernel_sigmas in zip(self.kernels, sigmas):
+                keep = not (learned or compiling or positions is not None or kernel.guide is not None)
+                key = (tuple(shape), dtype, reference.device, tuple(kernel_sigmas), self.backend)
+                kept = self._kept.get(kernel.name) if keep else None
+                lattice = kept[1] if kept is not None and kept[0] == key else kernel_lattice(kernel, kernel_sigmas,
+                                                                                              **options)
+                if keep:
+                    self._kept[kernel.name] = (key, lattice)
+                lattices.append(lattice)
         except ValueError as exc:  # NaN/Inf or huge values: features the lattice rejects
-            for name in ("bilateral_log_sigma", "spatial_log_sigma"):  # a diverged bandwidth, not the image
+            for name in (f"{k.name}_log_sigma" for k in self.kernels):  # a diverged bandwidth, not the guide
                 if not bool(torch.isfinite(getattr(self, name)).all()):
                     raise ValueError(f"CRFRNNLayer.{name} has NaN/Inf values: the layer's bandwidths must "
                                      "be finite (a diverged training run or a damaged checkpoint?)") from exc
-            (bxy, brgb), (sxy,) = self.sigmas()
-            raise ValueError(f"image gives bilateral features (colours / sigma_rgb) the lattice rejects: {exc} "
-                             f"(bandwidths: bilateral sigma_xy, sigma_rgb = {bxy:.4g}, {brgb:.4g}; spatial "
-                             f"{sxy:.4g})") from exc
+            raise ValueError(f"image gives {kernel.name} features ({'guide' if kernel.guide else 'positions'} / "
+                             f"bandwidths) the lattice rejects: {exc} (bandwidths: "
+                             f"{self._describe_bandwidths(' = ')})") from exc
+        return lattices
+
+    def _describe_bandwidths(self, equals):
+        """The bandwidths in words: "bilateral sigma_xy, sigma_rgb = 121, 5; spatial sigma_xy = 3"
+        (`equals` " = "), or "bilateral=(121, 5), spatial=3" (`equals` "=")."""
+        def numbers(values):
+            return ", ".join(f"{v:.4g}" for v in values)
+        parts = []
+        for kernel, sigmas in zip(self.kernels, self.sigmas()):
+            if equals == "=":
+                parts.append(f"{kernel.name}=({numbers(sigmas)})" if len(sigmas) > 1 else
+                             f"{kernel.name}={numbers(sigmas)}")
+            else:
+                labels = ["sigma_xy"] * len(kernel.positions or ()) + ["sigma_rgb"] * len(kernel.guide or ())
+                parts.append(f"{kernel.name} {', '.join(labels)} = {numbers(sigmas)}")
+        return (", " if equals == "=" else "; ").join(parts)
+
+    def kept_lattices(self):
+        """{kernel name: Lattice}: the lattices kept between calls (see `_lattices`)."""
+        return {name: lattice for name, (_, lattice) in self._kept.items()}
 
     def clear_lattice_cache(self):
-        """Forget the kept spatial lattice (see `_lattices`); the next forward builds it again."""
-        self._last_spatial = None
+        """Forget the kept lattices (see `_lattices`); the next forward builds them again."""
+        self._kept = {}

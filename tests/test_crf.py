@@ -281,8 +281,8 @@ def test_nan_or_inf_unary_raises():
 
 @pytest.mark.parametrize("unary_shape,image_shape,match", [
     ((1, 4, 6, 5), (1, 3, 6, 5), "num_classes=3"),
-    ((3, 6, 5), (1, 3, 6, 5), r"Tensor\[N, C, H, W\]"),
-    ((1, 3, 6, 5), (1, 4, 6, 5), "RGB"),
+    ((1, 3, 6, 5, 2, 2), (1, 3, 6, 5), r"unary must be Tensor\[N, C, \*S\] \(a grid: \[N, C, L\]"),
+    ((1, 3, 6, 5), (1, 3, 6), r"image \(1, 3, 6\) and unary \(1, 3, 6, 5\) must share N, H"),
     ((1, 3, 6, 5), (1, 3, 6, 6), "share N, H"),
     ((2, 3, 6, 5), (1, 3, 6, 5), "share N, H"),
 ])
@@ -400,7 +400,7 @@ def test_dense_crf_equals_the_layer_on_log_probabilities():
 @pytest.mark.parametrize("image_shape,probs_shape,match", [
     ((6, 5, 3), (3, 6, 6), "sizes differ"),
     ((3, 6, 5), (3, 6, 5), r"\[H, W, 3\]"),
-    ((6, 5, 3), (6, 5), r"\[C, H, W\]"),
+    ((6, 5, 3), (6, 5), r"for probs \[C, L\] = \(5,\) give image \[L, G\]"),
 ])
 def test_dense_crf_bad_shapes(image_shape, probs_shape, match):
     with pytest.raises(ValueError, match=match):
@@ -441,23 +441,23 @@ def test_layer_reuses_the_spatial_lattice_for_the_same_shape():
     unary = torch.randn(2, 3, 12, 9, generator=g)
     with torch.no_grad():
         first = crf(unary, image)
-        kept = crf._last_spatial[1]
+        kept = crf.kept_lattices()["spatial"]
         again = crf(unary, image.flip(-1))  # other colours, same shape: reused
-        assert crf._last_spatial[1] is kept
+        assert crf.kept_lattices()["spatial"] is kept
         crf.clear_lattice_cache()
         fresh = crf(unary, image.flip(-1))
-        assert crf._last_spatial[1] is not kept
+        assert crf.kept_lattices()["spatial"] is not kept
         torch.testing.assert_close(again, fresh, rtol=0, atol=0)
         assert not torch.equal(first, again)
         for shape in ((1, 3, 12, 9), (2, 3, 9, 12)):  # another N, another H x W: rebuilt
-            kept = crf._last_spatial[1]
+            kept = crf.kept_lattices()["spatial"]
             crf(torch.randn(shape[0], 3, *shape[2:]), torch.rand(shape) * 255)
-            assert crf._last_spatial[1] is not kept and crf._last_spatial[1].batch_size == shape[0]
+            assert crf.kept_lattices()["spatial"] is not kept and crf.kept_lattices()["spatial"].batch_size == shape[0]
     # Training steps reuse it too, with the same gradients as a fresh build.
     crf(unary, image)
-    kept = crf._last_spatial[1]
+    kept = crf.kept_lattices()["spatial"]
     loss = crf(unary, image).square().sum()
-    assert crf._last_spatial[1] is kept
+    assert crf.kept_lattices()["spatial"] is kept
     grad = torch.autograd.grad(loss, crf.compatibility)[0]
     crf.clear_lattice_cache()
     loss = crf(unary, image).square().sum()

@@ -75,12 +75,12 @@ def test_learned_bandwidths_at_inference_use_the_fused_op_and_the_kept_lattice(m
     unary, image, labels = two_region_problem()
     crf = CRFRNNLayer(2, num_iterations=2, learn_bandwidths=True, **KERNELS)
     layer_loss(crf, unary.float(), image, labels).backward()  # training: step by step
-    assert calls == [] and crf._last_spatial is None, "a lattice differentiable in sigma is never kept"
+    assert calls == [] and not crf.kept_lattices(), "a lattice differentiable in sigma is never kept"
     with torch.no_grad():
         a = crf(unary.float(), image)
-        kept = crf._last_spatial[1]
+        kept = crf.kept_lattices()["spatial"]
         b = crf(unary.float(), image)
-    assert calls == [1, 1] and crf._last_spatial[1] is kept
+    assert calls == [1, 1] and crf.kept_lattices()["spatial"] is kept
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     # The same computation as a fixed layer with the bandwidths it holds. (Not bit for bit the
     # one built with 4.0, 30.0 and 2.0: their float32 logarithms round them by an ulp, enough to
@@ -327,10 +327,12 @@ def test_fixed_bandwidths_follow_loads_in_every_state():
     double = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0)).double()
     double.load_state_dict(source.double().state_dict())
     assert double.bilateral[:2] == pytest.approx((50.0, 7.0)) and double.spatial[0] == pytest.approx(5.0)
-    # An old pickle: the fixed floats in `_fixed_sigmas`, before their bookkeeping object existed.
+    # An old pickle: the (bilateral, spatial) pair's fixed floats in `_fixed_sigmas` and its
+    # weights in `_initial_weights`, before kernels and their bookkeeping object existed.
     state = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0)).__getstate__()
-    del state["_bandwidths"]
-    state["_fixed_sigmas"] = ((80.0, 13.0), (3.0,))
+    for name in ("_bandwidths", "kernels", "_kept"):
+        del state[name]
+    state.update(_fixed_sigmas=((80.0, 13.0), (3.0,)), _initial_weights=(4.0, 3.0), _last_spatial=None)
     old = CRFRNNLayer.__new__(CRFRNNLayer)
     old.__setstate__(state)
     assert old.bilateral[:2] == (80.0, 13.0)
@@ -424,9 +426,9 @@ def test_iteration_and_normalisation_attributes_write_the_buffers():
 @pytest.mark.parametrize("learn", [False, True])
 def test_scale_spatial_bandwidths(learn):
     crf = CRFRNNLayer(3, learn_bandwidths=learn, bilateral=(121.0, 5.0, 4.0), spatial=(3.0, 3.0))
-    crf._last_spatial = ("stale", None)
+    crf._kept = {"spatial": ("stale", None)}
     assert crf.scale_spatial_bandwidths(0.5) is crf
-    assert crf._last_spatial is None
+    assert not crf.kept_lattices()
     expect = ((60.5, 5.0), (1.5,))
     got = crf.sigmas()
     if learn:

@@ -94,15 +94,15 @@ def test_torch_save_of_a_whole_model_after_a_forward_round_trips():
     _, image = make_inputs()
     with torch.no_grad():
         expected = net(image)
-    assert net.crf._last_spatial is not None  # the kept lattice that used to break pickling
+    assert net.crf.kept_lattices()  # the kept lattice that used to break pickling
     buffer = io.BytesIO()
     torch.save(net, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert loaded.crf._last_spatial is None  # the cache is not saved
+    assert not loaded.crf.kept_lattices()  # the cache is not saved
     with torch.no_grad():
         torch.testing.assert_close(loaded(image), expected, rtol=0, atol=0)
-    assert net.crf._last_spatial is not None  # saving left the original's cache alone
+    assert net.crf.kept_lattices()  # saving left the original's cache alone
     twin = copy.deepcopy(net)
     with torch.no_grad():
         torch.testing.assert_close(twin(image), expected, rtol=0, atol=0)
