@@ -102,8 +102,10 @@ def upsample_scores(scores: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
         raise ValueError(f"scores must be a Tensor[N, C, h, w], got "
                          f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)}")
-    size = (int(size[0]), int(size[1]))
-    if tuple(scores.shape[-2:]) == size:
+    # Symbolic sizes stay symbolic (torch.export with dynamic H and W); the shortcut for scores
+    # already at the size is a Python-side decision that a traced graph must not bake in.
+    size = tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size[:2])
+    if not torch.compiler.is_compiling() and tuple(scores.shape[-2:]) == size:
         return scores
     return F.interpolate(scores, size=size, mode="bilinear", align_corners=True)
 
