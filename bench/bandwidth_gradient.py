@@ -28,7 +28,6 @@ relative to a loss+backward without feature gradient, on a crop of --timing-fact
 import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -37,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import VOC_ROOT, add_json_option, environment, print_table, run_main, write_json  # noqa: E402
-import crfrnn  # noqa: E402
-import voc_protocol as vp  # noqa: E402
+# common first: it puts the repository on sys.path (for models and train)
+from common import VOC_ROOT, add_json_option, environment, print_table, run_main, write_json
+import crfrnn
+import voc_protocol as vp
 
 ESTIMATORS = ("lattice", "shifted", "central", "gaussian", "gaussian32")
 

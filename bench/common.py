@@ -13,7 +13,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))   # after site-packages: an installed crfrnn stays the one measured
-from models.files import atomic_write  # noqa: E402
+from models.files import atomic_write  # noqa: E402  (after the repository is on sys.path)
+import crfrnn  # noqa: E402
+
+#: The CRF parameter sets the benchmarks run (--params): DeepLab-LargeFOV's, CRF-RNN's, and the
+#: densecrf demo's (sigma_xy, sigma_rgb, w1 / sigma_xy, w2).
+CRF_PARAMS = {"deeplab": crfrnn.DEEPLAB_LARGEFOV_PARAMS, "crfasrnn": crfrnn.CRFRNN_PARAMS,
+              "demo": {"bilateral": (80.0, 13.0, 10.0), "spatial": (3.0, 3.0)}}
 SHARED_DATA = Path(os.environ.get("CRFRNN_SHARED_DATA", REPO.parent / "shared" / "data"))
 VOC_ROOT = SHARED_DATA / "VOCdevkit" / "VOC2012"
 

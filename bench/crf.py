@@ -30,25 +30,19 @@ sigma_alpha 121, sigma_beta 5, w2 3, sigma_gamma 3; --params to change). Times, 
 """
 import argparse
 import contextlib
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-# common first: it puts the repository on sys.path (when crfrnn is not installed).
-from common import VOC_ROOT, add_json_option, environment, print_table, run_main, time_it, write_json  # noqa: E402
-import crfasrnn_peer  # noqa: E402
-import crfrnn  # noqa: E402
-import densecrf_peer  # noqa: E402
-import voc_protocol as vp  # noqa: E402
-from crfrnn import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS  # noqa: E402
+# common first: it puts the repository on sys.path (for models and train)
+from common import CRF_PARAMS, VOC_ROOT, add_json_option, environment, print_table, run_main, time_it, write_json
+import crfasrnn_peer
+import crfrnn
+import densecrf_peer
+import voc_protocol as vp
 
-PARAMS = {"deeplab": DEEPLAB_LARGEFOV_PARAMS, "crfrnn": CRFRNN_PARAMS,
-          "demo": {"bilateral": (80.0, 13.0, 10.0), "spatial": (3.0, 3.0)}}
 
 
 def get_args_parser():
@@ -60,7 +54,7 @@ def get_args_parser():
     p.add_argument("--classes", type=int, default=21, help="number of classes C (default: 21)")
     p.add_argument("--size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
                    help="image size (default: 500 375)")
-    p.add_argument("--params", choices=sorted(PARAMS), default="deeplab",
+    p.add_argument("--params", choices=sorted(CRF_PARAMS), default="deeplab",
                    help="kernel parameters: deeplab (121/5/4, 3/3), crfrnn (160/3/5, 3/3), "
                         "demo (80/13/10, 3/3) (default: deeplab)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions, median reported")
@@ -226,7 +220,7 @@ def main(args):
     at_hand = len(vp.image_ids(VOC_ROOT)) if VOC_ROOT.is_dir() else None  # None: synthetic, any number
     if at_hand is not None and args.images > at_hand:
         raise ValueError(f"--images must be <= {at_hand} (the VOC val images at hand), got {args.images}")
-    params = PARAMS[args.params]
+    params = CRF_PARAMS[args.params]
     peer = None
     if args.crfasrnn:
         try:

@@ -11,7 +11,6 @@ DeepLab's parameters (measured by this script; README, Results): 77.7 -> 79.9 mI
     python bench/crf_accuracy.py --limit 5 --scale 2   # quick look
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -19,12 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import crfrnn  # noqa: E402
-import densecrf_peer  # noqa: E402
-import voc_protocol as vp  # noqa: E402
-from common import VOC_ROOT, add_json_option, environment, print_table, run_main, write_json  # noqa: E402
-from crf import PARAMS  # noqa: E402
+# common first: it puts the repository on sys.path (for models and train)
+from common import CRF_PARAMS, VOC_ROOT, add_json_option, environment, print_table, run_main, write_json
+import crfrnn
+import densecrf_peer
+import voc_protocol as vp
 
 
 def get_args_parser():
@@ -32,7 +30,7 @@ def get_args_parser():
     p.add_argument("--device", default="cpu", help="device of our layer, cpu or cuda (default: cpu)")
     add_json_option(p)
     p.add_argument("--root", default=str(VOC_ROOT), help="VOC2012 folder (default: ../shared/data/...)")
-    p.add_argument("--params", choices=sorted(PARAMS), default="deeplab",
+    p.add_argument("--params", choices=sorted(CRF_PARAMS), default="deeplab",
                    help="kernel parameters (default: deeplab, w1 4, 121, 5, w2 3, 3)")
     p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
     p.add_argument("--normalize", default="symmetric", choices=["symmetric", "after"],
@@ -51,7 +49,7 @@ def main(args):
     root = Path(args.root)
     if not (root / "ImageSets" / "Segmentation" / "val.txt").is_file():
         raise SystemExit(f"no VOC val set at {root} (expected ImageSets/Segmentation/val.txt)")
-    params = PARAMS[args.params]
+    params = CRF_PARAMS[args.params]
     run_dense = not args.skip_densecrf and densecrf_peer.available()
     ids = vp.image_ids(root)[: args.limit]
     crf = crfrnn.CRFRNNLayer(vp.NUM_CLASSES, num_eval_iterations=args.iterations,

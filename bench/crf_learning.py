@@ -47,7 +47,6 @@ JSON: {"results": {name: {"miou", "pixel_acc", "band_acc", "per_class_iou"}}, "s
 import argparse
 import itertools
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -56,11 +55,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_json_option, environment, print_table, run_main, write_json  # noqa: E402
-import crfrnn  # noqa: E402
-import voc_protocol as vp  # noqa: E402
-from train.engine import CRF_LOSSES  # noqa: E402  (the repository root is on sys.path through common)
+# common first: it puts the repository on sys.path (for models and train)
+from common import add_json_option, environment, print_table, run_main, write_json
+import crfrnn
+import voc_protocol as vp
+from train.engine import CRF_LOSSES
 
 HANDSET = {"bilateral": (121.0, 5.0, 4.0), "spatial": (3.0, 3.0)}
 RESULTS = ("unary", "handset", "grid", "learned_matrices", "learned_full")

@@ -13,23 +13,21 @@ time is the steadier measure when other jobs share the cores; at one thread (--t
 should agree on an idle machine.
 
     python bench/crf_training.py --threads 1 --iterations 10 --batch 1 --rounds 5
-    python bench/crf_training.py --threads 1 --iterations 5 --params crfrnn --crfasrnn /tmp/crfasrnn
+    python bench/crf_training.py --threads 1 --iterations 5 --params crfasrnn --crfasrnn /tmp/crfasrnn
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_json_option, environment, run_main, write_json  # noqa: E402  (puts the repo on sys.path)
 
-import torch  # noqa: E402
+import torch
 
-import crfrnn  # noqa: E402
-import crf as bench_crf  # noqa: E402  (bench/crf.py: the input, the parameter sets, step_by_step)
+# common first: it puts the repository on sys.path (for models and train)
+from common import CRF_PARAMS, add_json_option, environment, run_main, write_json
+import crfrnn
+import crf as bench_crf
 
 
 def get_args_parser():
@@ -38,7 +36,7 @@ def get_args_parser():
     p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
     p.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, medians reported (default: 5)")
-    p.add_argument("--params", choices=sorted(bench_crf.PARAMS), default="deeplab",
+    p.add_argument("--params", choices=sorted(CRF_PARAMS), default="deeplab",
                    help="kernel parameters, as bench/crf.py's --params (default: deeplab)")
     p.add_argument("--image", type=int, default=0, help="which VOC val.txt image (default: 0, the first)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's own choice)")
@@ -60,7 +58,7 @@ def make_jobs(args):
         raise ValueError(f"--image {args.image}: val.txt has no such line") from None
     img = torch.from_numpy(image).permute(2, 0, 1)[None].float().repeat(args.batch, 1, 1, 1)
     unary = torch.from_numpy(logits)[None].repeat(args.batch, 1, 1, 1)
-    params = bench_crf.PARAMS[args.params]
+    params = CRF_PARAMS[args.params]
     crf = crfrnn.CRFRNNLayer(classes, num_iterations=args.iterations, num_eval_iterations=args.iterations,
                              keep_marginals=args.keep_large_blocks, **params)
 

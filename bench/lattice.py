@@ -11,14 +11,12 @@ Gaussian filter is timed on a crop, with the lattice's relative error against it
 """
 import argparse
 import resource
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import crfrnn  # noqa: E402
-from common import add_json_option, environment, load_rgb, print_table, run_main, time_it, write_json  # noqa: E402
+# common first: it puts the repository on sys.path (for models and train)
+from common import add_json_option, environment, load_rgb, print_table, run_main, time_it, write_json
+import crfrnn
 
 
 def get_args_parser():

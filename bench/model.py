@@ -20,17 +20,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import crfrnn  # noqa: E402
-import models  # noqa: E402
-from common import add_json_option, environment, load_rgb, print_table, run_main, synchronize, write_json  # noqa: E402
+# common first: it puts the repository on sys.path (for models and train)
+from common import add_json_option, environment, load_rgb, print_table, run_main, synchronize, write_json
+import crfrnn
+import models
 
 #: The paper's speeds for DeepLab-LargeFOV at 306x306 (images/s, the DCNN on a 2014 GPU).
 PAPER_IMAGES_PER_S = {"infer": 8.0, "train": 3.0}
