@@ -17,8 +17,9 @@ def test_the_readme_has_its_examples():
 
 
 @pytest.mark.filterwarnings("error::UserWarning")
-@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.slow) if "resnet" in b else i
-                                   for i, b in enumerate(PYTHON_BLOCKS)])          # a ResNet-50: ~10 s
+@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.slow)
+                                   if "resnet" in b or "aoti_compile_and_package" in b else i
+                                   for i, b in enumerate(PYTHON_BLOCKS)])  # a ResNet-50: ~10 s; AOTInductor: ~30 s
 def test_each_python_example_runs_on_its_own(index):
     """Each block in a namespace of its own: it must define (or import) every name it uses; and
     feed the library what it expects (no warning, e.g. about an image's colour range)."""
