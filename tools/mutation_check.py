@@ -40,16 +40,21 @@ class Mutation(NamedTuple):
 MUTATIONS = [
     # Features: the lattice's inputs.
     Mutation("colour_features_x1.3", "crfrnn/features.py",
-             "colour = image.to(dtype) / sigma_rgb", "colour = image.to(dtype) * 1.3 / sigma_rgb",
-             "the bilateral kernel's colour features scaled by 1.3"),
+             "parts.append(_divided(guide.to(dtype), sigmas[num_positions:]",
+             "parts.append(_divided(guide.to(dtype) * 1.3, sigmas[num_positions:]",
+             "the guide (colour) features scaled by 1.3"),
     Mutation("row_position_div1.5", "crfrnn/features.py",
-             "ys = torch.arange(h, device=reference.device, dtype=dtype) / sigma_xy",
-             "ys = torch.arange(h, device=reference.device, dtype=dtype) / (1.5 * sigma_xy)",
+             "coordinate = torch.arange(spatial[axis], device=device, dtype=dtype) / sigma",
+             "coordinate = torch.arange(spatial[axis], device=device, dtype=dtype) / sigma"
+             " / (1.5 if axis == len(spatial) - 2 else 1.0)",
              "the row position divided by 1.5"),
     Mutation("x_and_y_swapped", "crfrnn/features.py",
-             "grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])",
-             "grid = torch.stack([ys[:, None].expand(h, w), xs[None, :].expand(h, w)])",
-             "the positions in (y, x) order instead of densecrf's (x, y)"),
+             "for axis in reversed(range(len(spatial))):", "for axis in range(len(spatial)):",
+             "the positions in tensor axis order (y, x) instead of densecrf's (x, y)"),
+    Mutation("per_axis_bandwidths_reversed", "crfrnn/features.py",
+             "position_sigmas[axis if num_positions > 1 else 0]",
+             "position_sigmas[len(spatial) - 1 - axis if num_positions > 1 else 0]",
+             "per-axis bandwidths applied in x, y, z order instead of the tensor's axis order"),
     # Normalisation.
     Mutation("symmetric_normalisation_power", "crfrnn/lattice.py",
              "n = torch.rsqrt(norm)", "n = 1.0 / norm",
