@@ -86,6 +86,28 @@ def test_layer_default_start_is_the_potts_mean_field():
     torch.testing.assert_close(crf(unary, image), ref.transpose(1, 2).reshape(unary.shape))
 
 
+def test_learned_matrices_act_in_crf_rnn_order():
+    """With full (non-commuting) kernel weights W_m and compatibility mu, each iteration is
+    CRF-RNN's: weight the filter outputs (sum_m W_m Q~_m), then the compatibility transform (mu
+    of that), then U minus it: the pairwise matrix of kernel m is mu W_m, not W_m mu."""
+    unary, image = make_inputs(c=4, h=7, w=6)
+    crf = CRFRNNLayer(4, num_iterations=3, **SMALL).double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        crf.compatibility.copy_(torch.rand(4, 4, generator=g, dtype=torch.float64) * 2)
+        crf.bilateral_weight.copy_(torch.rand(4, 4, generator=g, dtype=torch.float64) * 3)
+        crf.spatial_weight.copy_(torch.rand(4, 4, generator=g, dtype=torch.float64) * 2)
+    lattices = build_crf_lattices(image, crf.bilateral, crf.spatial)
+    u = unary.flatten(2).transpose(1, 2)
+    q = torch.softmax(u, -1)
+    for _ in range(3):
+        messages = [lat.filter(q, normalize="symmetric") for lat in lattices]            # Q~_m
+        weighted = messages[0] @ crf.bilateral_weight.t() + messages[1] @ crf.spatial_weight.t()
+        logits = u - weighted @ crf.compatibility.t()
+        q = torch.softmax(logits, -1)
+    torch.testing.assert_close(crf(unary, image), logits.transpose(1, 2).reshape(unary.shape))
+
+
 def test_potts_and_negative_identity_compatibility_give_the_same_marginals():
     """mu = 1 - I (Potts) and mu = -I (CRF-RNN's Caffe start) differ by a per-pixel constant."""
     unary, image = make_inputs(c=4, h=8, w=7)
