@@ -84,3 +84,23 @@ def test_crf_bench_sums_up_each_ratio_over_the_images(tmp_path):
         r = subprocess.run([sys.executable, "bench/crf.py", "--images", str(images)], cwd=REPO, env=script_env(),
                            capture_output=True, text=True, timeout=300)
         assert_one_line_error(r, message)
+
+
+def test_dense_nd_bench_compares_every_case_with_densecrf(tmp_path):
+    """bench/dense_nd.py on a tiny volume and point cloud: every case timed beside densecrf, the
+    ratio those times give, labels compared and accuracies against the truth reported; a bad size
+    ends in one line."""
+    pytest.importorskip("pydensecrf.densecrf")
+    target = tmp_path / "nd.json"
+    r = subprocess.run([sys.executable, "bench/dense_nd.py", "--volume", "6", "12", "14", "--modalities", "1", "2",
+                        "--classes", "2", "3", "--points", "600", "--repeats", "1", "--threads", "1", "--json", target],
+                       cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(target.read_text())["rows"]
+    assert [row["case"].split(",")[0] for row in rows] == ["volume 6x12x14"] * 4 + ["point cloud 600"] * 2
+    for row in rows:
+        assert row["densecrf / ours"] == pytest.approx(row["densecrf ms"] / row["ours ms"])
+        assert row["labels = densecrf %"] >= 99.0 and 0 <= row["acc unary %"] <= 100
+    r = subprocess.run([sys.executable, "bench/dense_nd.py", "--volume", "0", "4", "4"], cwd=REPO, env=script_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "--volume")
