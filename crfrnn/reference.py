@@ -20,7 +20,7 @@ import math
 import torch
 
 __all__ = ["build_lattice", "lattice_filter", "lattice_filter_weights_grad", "barycentric_weights_grad",
-           "check_features", "check_feature_values", "check_lattice_tables", "check_lattice_size",
+           "check_features", "check_feature_values", "check_has_values", "check_lattice_tables", "check_lattice_size",
            "max_lattice_points", "MAX_ABS_FEATURE", "MAX_FEATURE_DIM"]
 
 #: Largest accepted |feature| (after scaling by 1/sigma): keeps int32 keys from overflowing.
@@ -58,8 +58,19 @@ def check_features(features: torch.Tensor, op: str = "crfrnn::build_lattice_ref"
     check_lattice_size(n * p, d, f"{op}: features {tuple(features.shape)}")
 
 
+def check_has_values(op, *tensors):
+    """ValueError for tensors on the meta device where `op` needs their values (the tables'
+    ranges, the features' values): the ops themselves take meta tensors (their fake kernels give
+    the shapes), these functions, their kernels, cannot."""
+    for t in tensors:
+        if t is not None and t.device.type == "meta":
+            raise ValueError(f"{op}: tensors on the meta device have no values, and this computation needs them: "
+                             "call the op (torch.ops.crfrnn.*) with meta tensors for shapes only")
+
+
 def check_feature_values(points: torch.Tensor):
     """ValueError for NaN/Inf or out-of-range features (the same checks as csrc/checks.h)."""
+    check_has_values("crfrnn::build_lattice_ref", points)
     if points.numel() == 0:
         return
     bad = ~torch.isfinite(points)
@@ -76,6 +87,7 @@ def check_lattice_tables(op, vertex_index, neighbors, splat_offsets=None, splat_
     rules and messages as csrc/checks.h): vertex_index [P, d+1] in [0, M), neighbors [d+1, M, 2]
     in [0, M] (M: no neighbour), splat_offsets [M+1] non-decreasing from 0 to K = P*(d+1),
     splat_entries [K] in [0, K). One device sync for all of them."""
+    check_has_values(op, vertex_index, neighbors, splat_offsets, splat_entries)
     if vertex_index.dim() != 2 or neighbors.dim() != 3 or neighbors.shape[0] != vertex_index.shape[1] \
             or neighbors.shape[2] != 2:
         raise ValueError(f"{op}: vertex_index must be [P, d+1] and neighbors [d+1, M, 2], got "
@@ -136,6 +148,11 @@ def scale_factors(d: int, device) -> torch.Tensor:
     return inv_std / torch.sqrt((i + 1) * (i + 2))
 
 
+#: Points per chunk of the build's per-point work, as (d+1)^2 elements each (the rank decisions
+#: compare every pair of coordinates): temporaries stay at a few tens of MB at any size and d.
+CHUNK_ELEMENTS = 2 ** 21
+
+
 def embed(points: torch.Tensor):
     """Simplex and barycentric weights of each point.
 
@@ -146,6 +163,16 @@ def embed(points: torch.Tensor):
         rank (Tensor[P, d+1], int64): rank of each coordinate's remainder, in 0..d.
         bary (Tensor[P, d+1], float64): barycentric weight of vertex r (r = 0..d), summing to 1.
     """
+    num_points, d = points.shape
+    chunk = max(1, CHUNK_ELEMENTS // (d + 1) ** 2)
+    if num_points <= chunk:
+        return _embed(points)
+    parts = [_embed(points[i:i + chunk]) for i in range(0, num_points, chunk)]
+    return tuple(torch.cat(group) for group in zip(*parts))
+
+
+def _embed(points: torch.Tensor):
+    """`embed` of one chunk of points (its temporaries are [P, d+1, d+1])."""
     num_points, d = points.shape
     dev = points.device
     cf = points * scale_factors(d, dev)
@@ -206,8 +233,103 @@ def vertex_keys(rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     return rem0[:, None, :] + r - (d + 1) * (rank[:, None, :] > d - r).to(torch.int64)
 
 
+#: The vertex keys (image, d coordinates) are numbered through two linear hashes modulo this
+#: prime, 2^31 - 1, whose pair is one int64: a coefficient (< 2^31) times a reduced coordinate
+#: (< 2^31) stays below 2^62, so nothing overflows. Collisions are detected (every key is
+#: compared with its vertex's) and never silently used.
+HASH_PRIME = 2 ** 31 - 1
+
+
+def _hash_coefficients(d, attempt, device):
+    """Tensor[2, d+1] int64 in [1, HASH_PRIME): the two hashes' coefficients of the image index
+    and the d key coordinates, fixed per attempt (the build is deterministic)."""
+    g = torch.Generator().manual_seed(0x5EED + attempt)
+    return torch.randint(1, HASH_PRIME, (2, d + 1), generator=g, dtype=torch.int64).to(device)
+
+
+def _combine(h1, h2):
+    """One int64 of the two hashes (each in [0, HASH_PRIME))."""
+    return h1 * 2 ** 31 + h2
+
+
+def _hash(image, coords, coeffs):
+    """Tensor[P] int64: the pair of hashes of the keys (image[P], coords[P, d]) as one int64."""
+    hashes = []
+    for c in coeffs:
+        h = (torch.remainder(coords, HASH_PRIME) * c[1:]).remainder_(HASH_PRIME).sum(1)
+        hashes.append((h + image * c[0]).remainder_(HASH_PRIME))
+    return _combine(*hashes)
+
+
+def _corner_coords(rem0, rank, r):
+    """Tensor[P, d] int64: the key coordinates of simplex corner r (an int or Tensor[P]) of each
+    point (see `vertex_keys`; the last coordinate, minus the sum of the others, dropped)."""
+    d = rem0.shape[1] - 1
+    r = torch.as_tensor(r, device=rem0.device)
+    r = r[:, None] if r.dim() else r
+    return rem0[:, :d] + r - (d + 1) * (rank[:, :d] > d - r).to(torch.int64)
+
+
+def _number_vertices(image, rem0, rank, coeffs):
+    """Hash every simplex corner's key and number the distinct hashes: (vertex_index
+    Tensor[P, d+1] int64, hashes Tensor[M] sorted, keys Tensor[M, d+1] int64 (image, d coordinates)
+    of each vertex), or None if two distinct keys share a hash. Temporaries of O(P d) at a time."""
+    num_points, d1 = rem0.shape
+    hashes = torch.stack([_hash(image, _corner_coords(rem0, rank, r), coeffs) for r in range(d1)], 1)
+    uniq, vertex_index = torch.unique(hashes, return_inverse=True)
+    del hashes
+    m, k = uniq.numel(), vertex_index.numel()
+    first = torch.full((m,), k, dtype=torch.int64, device=rem0.device)
+    first.scatter_reduce_(0, vertex_index.reshape(-1), torch.arange(k, device=rem0.device), "amin")
+    point, corner = first // d1, first % d1
+    keys = torch.cat([image[point, None], _corner_coords(rem0[point], rank[point], corner)], 1)
+    for r in range(d1):  # every corner's key is its vertex's: no two keys share a hash
+        own = _corner_coords(rem0, rank, r)
+        theirs = keys[vertex_index[:, r]]
+        if not (torch.equal(own, theirs[:, 1:]) and torch.equal(image, theirs[:, 0])):
+            return None
+    return vertex_index, uniq, keys
+
+
+def _blur_neighbours(uniq, keys, coeffs):
+    """Tensor[d+1, M, 2] int64: the two blur neighbours of every vertex along each direction j,
+    keys +-(-1, ..., -1 + (d+1) [at j], ..., -1) (image unchanged; for j = d only the -1s show, the
+    last coordinate being dropped), M where the neighbour is not a vertex. Found by their hash
+    (the hashes are linear, so a shift moves them by the shift's hash) and confirmed by their key."""
+    m, d1 = keys.shape
+    d = d1 - 1
+    dev = keys.device
+    h = (uniq // 2 ** 31, uniq % 2 ** 31)
+    neighbors = torch.empty(d1, m, 2, dtype=torch.int64, device=dev)
+    chunk = max(1, CHUNK_ELEMENTS // d1)
+    for j in range(d1):
+        shift = torch.full((d,), -1, dtype=torch.int64, device=dev)
+        if j < d:
+            shift[j] += d1
+        shift_hash = [int((torch.remainder(shift, HASH_PRIME) * c[1:]).remainder(HASH_PRIME).sum()) % HASH_PRIME
+                      for c in coeffs]
+        for side, sign in enumerate((1, -1)):
+            target = _combine(*((hk + sign * sk) % HASH_PRIME for hk, sk in zip(h, shift_hash)))
+            found = torch.searchsorted(uniq, target).clamp_(max=m - 1)
+            matched = uniq[found] == target
+            hit = matched.nonzero()[:, 0]
+            found.masked_fill_(~matched, m)
+            for start in range(0, hit.numel(), chunk):  # is the hash's vertex the neighbour? keys tell
+                mine = hit[start:start + chunk]
+                theirs = keys[found[mine]]
+                same = (theirs[:, 0] == keys[mine, 0]) & (theirs[:, 1:] == keys[mine, 1:] + sign * shift).all(1)
+                found[mine[~same]] = m
+            neighbors[j, :, side] = found
+    return neighbors
+
+
 def build_lattice(features: torch.Tensor):
     """Build the permutohedral lattice of a batch of point sets.
+
+    Memory: the tables it returns (O(N*P*d)), the neighbour table (O(M*d)), and temporaries of
+    the same orders: the vertices are numbered by a hash of their keys (collisions detected:
+    every key is compared with its vertex's), the neighbours found by hash and confirmed by key,
+    and the per-point work runs in chunks.
 
     Args:
         features (Tensor[N, P, d]): scaled features, any float dtype.
@@ -220,6 +342,8 @@ def build_lattice(features: torch.Tensor):
             vertex -> (point, corner) table in CSR form: the entries of vertex v are
             splat_entries[splat_offsets[v]:splat_offsets[v+1]], each p*(d+1) + r, in increasing
             order. It makes the splat a deterministic gather (the C++/CUDA backends use it).
+        (Vertices are numbered in an order of their own: the backends' numberings differ, the
+        lattices they describe do not.)
     """
     check_features(features)
     check_feature_values(features)
@@ -227,26 +351,19 @@ def build_lattice(features: torch.Tensor):
     dev = features.device
     points = features.detach().reshape(n * p, d).to(torch.float64)
     rem0, rank, bary = embed(points)
-    keys = vertex_keys(rem0, rank)  # [P', d+1, d+1]
-    # The last coordinate is minus the sum of the others: drop it, add the image index.
+    del points
     image = torch.arange(n, device=dev).repeat_interleave(p)
-    image = image[:, None, None].expand(n * p, d + 1, 1)
-    keys = torch.cat([image, keys[:, :, :d]], 2).reshape(-1, d + 1)
-    uniq, vertex_index = torch.unique(keys, dim=0, return_inverse=True)
-    m = uniq.shape[0]
-
-    # Neighbours along direction j: key -1 in every coordinate and +(d+1) in coordinate j
-    # (and the mirror image). For j = d the dropped coordinate moves: only the -1/+1 shift shows.
-    shift = -torch.ones(d + 1, d, dtype=torch.int64, device=dev)
-    shift[torch.arange(d), torch.arange(d)] += d + 1
-    shift = torch.cat([torch.zeros(d + 1, 1, dtype=torch.int64, device=dev), shift], 1)
-    cand = torch.stack([uniq[None] + shift[:, None], uniq[None] - shift[:, None]], 2)  # [d+1, M, 2, d+1]
-    everything = torch.cat([uniq, cand.reshape(-1, d + 1)])
-    _, inverse = torch.unique(everything, dim=0, return_inverse=True)
-    # Ids of `everything` that are lattice vertices map to their vertex number, others to M.
-    lookup = torch.full((everything.shape[0],), m, dtype=torch.int64, device=dev)
-    lookup[inverse[:m]] = torch.arange(m, device=dev)
-    neighbors = lookup[inverse[m:]].reshape(d + 1, m, 2)
+    for attempt in range(4):
+        coeffs = _hash_coefficients(d, attempt, dev)
+        numbered = _number_vertices(image, rem0, rank, coeffs)
+        if numbered is not None:
+            break
+    else:  # four independent hashes, each colliding with probability ~ M^2 / 2^63
+        raise RuntimeError("crfrnn::build_lattice_ref: vertex keys collided under four hashes")
+    vertex_index, uniq, keys = numbered
+    del rem0, rank
+    m = uniq.numel()
+    neighbors = _blur_neighbours(uniq, keys, coeffs)
 
     flat_index = vertex_index.reshape(-1)
     splat_entries = torch.argsort(flat_index, stable=True)
@@ -315,7 +432,7 @@ def lattice_filter(values, vertex_index, weights, neighbors, splat_offsets=None,
 
 
 def lattice_filter_weights_grad(values, grad_out, vertex_index, weights, neighbors, splat_offsets=None,
-                                splat_entries=None, reverse: bool = False):
+                                splat_entries=None, reverse: bool = False, check_tables: bool = True):
     """Gradient of <grad_out, lattice_filter(values, ..., weights, reverse)> w.r.t. the weights.
 
     The filter is out = alpha S B S^T values, with S[p, v] = sum of weights[p, r] over the corners
@@ -329,11 +446,14 @@ def lattice_filter_weights_grad(values, grad_out, vertex_index, weights, neighbo
         values, grad_out (Tensor[N*P, C]); vertex_index, weights (Tensor[N*P, d+1]);
         neighbors (Tensor[d+1, M, 2]); splat_offsets, splat_entries: checked when given;
         reverse (bool): the filter's blur order.
+        check_tables (bool): False skips the tables' range checks (one device sync), for tables an
+            op has checked already (this function's use in autograd, which torch.compile traces).
     Returns:
         Tensor[N*P, d+1] in the weights' dtype.
     """
     op = "crfrnn::lattice_filter_weights_backward_ref"
-    check_lattice_tables(op, vertex_index, neighbors, splat_offsets, splat_entries)
+    if check_tables:
+        check_lattice_tables(op, vertex_index, neighbors, splat_offsets, splat_entries)
     if grad_out.shape != values.shape or values.dim() != 2 or values.shape[0] != vertex_index.shape[0]:
         raise ValueError(f"{op}: values and grad must both be [P, C] with P = vertex_index.size(0) = "
                          f"{vertex_index.shape[0]}, got {tuple(values.shape)} and {tuple(grad_out.shape)}")
