@@ -27,12 +27,13 @@ Conventions, and how they relate to Krähenbühl's densecrf (the test oracle):
 - Features: (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) with x the column and y the row and colours
   in 0..255, as densecrf's addPairwiseBilateral; (x/sxy, y/sxy) for the spatial kernel.
 """
+import numpy as np
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 
 from . import checks, ops
 from .features import bilateral_features, kernel_features, spatial_features
-from .lattice import Lattice
+from .lattice import Lattice, cast_result, compute_dtype
 
 __all__ = ["mean_field", "build_crf_lattices", "kernel_lattice", "potts_matrices", "CRFRNN_PARAMS",
            "DEEPLAB_LARGEFOV_PARAMS"]
@@ -166,9 +167,15 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
 
     Args:
         unary (Tensor[N, P, C]): unary logits, float32 or float64, any strides (the fused op
-            keeps a channels-first layout, [N, C, P] memory, in its output).
-        lattices (sequence of Lattice): one per kernel, built on per-point features [N, P, d].
-        pairwise (sequence of Tensor[C, C]): mu W_m per kernel (same dtype as `unary`).
+            keeps a channels-first layout, [N, C, P] memory, in its output); float16 and
+            bfloat16 are computed in float32 and the result cast back (a RuntimeWarning for
+            values that overflow it).
+        lattices (sequence of Lattice): one per kernel, built on per-point features [N, P, d],
+            on the unary's device.
+        pairwise (sequence of Tensor[C, C] or numpy arrays): mu W_m per kernel, real numbers
+            (floating point or integer), cast to the dtype the iterations compute in (the
+            unary's; float32 for half); tensors on the unary's device (gradients flow back
+            through the cast).
         num_iterations (int): T in 0..MAX_ITERATIONS (T = 0 returns a copy of the unary).
         normalize (str or sequence of str): kernel normalisation, see `Lattice.filter`: one for
             every kernel, or one per lattice (as densecrf's addPairwiseEnergy takes one per kernel).
@@ -190,20 +197,36 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     vertices before the slice, and the backward in one more (``crfrnn::mean_field_forward`` and
     ``crfrnn::mean_field_backward``; ``crfrnn::mean_field_inference`` when no gradient is
     wanted). Their results and gradients (for the unary and the matrices) equal the step-by-step
-    loop's up to float rounding. Otherwise (the reference backend) the iterations run step by
-    step, as separate autograd ops.
+    loop's up to float rounding; under create_graph=True their backward runs the loop, so that
+    second derivatives (gradient penalties, Hessian-vector products) are the loop's too.
+    Otherwise (the reference backend) the iterations run step by step, as separate autograd ops.
 
     Returns:
         Tensor[N, P, C]: the logits L of the last iteration (Q = softmax(L)).
     """
+    if isinstance(unary, torch.Tensor) and unary.layout != torch.strided:
+        raise TypeError(f"unary must be a dense (strided) tensor, got layout {unary.layout}: convert it with "
+                        ".to_dense() first")
+    pairwise = [_pairwise_matrix(i, m, getattr(unary, "device", None)) for i, m in enumerate(pairwise)]
     checks.mean_field_args(unary, lattices, pairwise, num_iterations)
+    _check_devices(unary, lattices, pairwise)
     num_iterations = int(num_iterations)  # a numpy integer to the ops' int
     if num_iterations == 0:
         return unary.clone()  # a new tensor, as for T > 0 (never an alias of the input)
     normalize = checks.normalizations(normalize, len(lattices))
+    out_dtype = unary.dtype
+    unary = unary.to(compute_dtype(unary.dtype))  # half precision: computed in float32
+    pairwise = [m.to(unary.dtype) for m in pairwise]
     if fused and can_fuse(unary, lattices):
-        return fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint, keep_marginals)
+        logits = fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint, keep_marginals)
+        return cast_result(logits, out_dtype, "mean_field")
     use_checkpoint = checkpoint and wants_grad(unary, pairwise, lattices)
+    if use_checkpoint:
+        # Constants the lattices compute on first use (with a graph, for learned bandwidths)
+        # must not be computed first inside a checkpointed iteration, see Lattice.prepare.
+        for lat, norm in zip(lattices, normalize):
+            if hasattr(lat, "prepare"):
+                lat.prepare(norm, unary.dtype)
     unary = unary.contiguous()
     q = torch.softmax(unary, dim=-1)
     logits = unary
@@ -213,4 +236,30 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
                                                     normalize, use_reentrant=False)
         else:
             logits, q = _iteration(q, unary, lattices, pairwise, normalize)
-    return logits
+    return cast_result(logits, out_dtype, "mean_field")
+
+
+def _pairwise_matrix(i, mat, device):
+    """The i-th pairwise matrix as a tensor (a numpy array converted, onto `device`), else
+    TypeError: a dense tensor of real numbers (floating point or integer)."""
+    if isinstance(mat, np.ndarray):
+        if mat.dtype.kind not in "fiu":
+            raise TypeError(f"pairwise matrix {i} must hold real numbers, got a numpy array of {mat.dtype}")
+        mat = torch.from_numpy(np.ascontiguousarray(mat)).to(device)
+    if not isinstance(mat, torch.Tensor):
+        raise TypeError(f"pairwise matrix {i} must be a Tensor[C, C] or a numpy array, got {type(mat).__name__}")
+    if mat.layout != torch.strided:
+        raise TypeError(f"pairwise matrix {i} must be a dense (strided) tensor, got layout {mat.layout}")
+    if mat.is_complex() or mat.dtype == torch.bool:
+        raise TypeError(f"pairwise matrix {i} must hold real numbers (floating point or integer), got {mat.dtype}")
+    return mat
+
+
+def _check_devices(unary, lattices, pairwise):
+    """ValueError naming the first lattice or matrix not on the unary's device."""
+    for what, things in (("lattice", lattices), ("pairwise matrix", pairwise)):
+        for i, thing in enumerate(things):
+            device = getattr(thing, "device", unary.device)
+            if device != unary.device:
+                raise ValueError(f"{what} {i} is on {device} but unary is on {unary.device}: the unary, lattices "
+                                 "and pairwise matrices must be on one device")

@@ -7,6 +7,7 @@ The filter computes, approximately, out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j ov
 the same image (the point itself included), in O(P d^2) instead of O(P^2).
 """
 import contextlib
+import warnings
 
 import torch
 
@@ -49,8 +50,35 @@ def _normal_tensors():
 def _check_float(name, tensor):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}: "
+                        "convert it with .to_dense() first")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float16/32/64), got {tensor.dtype}")
+
+
+def compute_dtype(dtype):
+    """The dtype the lattice computes values of `dtype` in: float32 and float64 as they are,
+    float16 and bfloat16 in float32 (the blur's weights multiply values by up to 2^(d+1))."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def cast_result(out, dtype, what):
+    """`out` (computed in float32 for a half-precision input) in the input's `dtype`, with a
+    RuntimeWarning when finite values overflow that dtype (float16 ends at 65504: they come back
+    as inf; compute in float32 to keep them). `what` names the computation in the warning. (One
+    device sync, only for half precision; none under torch.compile.)"""
+    if out.dtype == dtype:
+        return out
+    result = out.to(dtype)
+    if dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling():
+        overflow = int((torch.isinf(result) & torch.isfinite(out)).sum())
+        if overflow:
+            warnings.warn(f"{what}: {overflow} values of the {out.dtype} result overflow {dtype} (largest "
+                          f"|value| {float(out.abs().max()):g}, {dtype} ends at {torch.finfo(dtype).max:g}) and "
+                          f"are inf in the result: pass {out.dtype} inputs to keep them",
+                          RuntimeWarning, stacklevel=3)
+    return result
 
 
 class Lattice:
@@ -92,7 +120,16 @@ class Lattice:
       kernel's derivative formula with the approximate kernel in it: smooth in the features, and
       the bandwidth derivatives it gives agree in sign with the exact Gaussian's where the
       "lattice" gradient's do not (bench/bandwidth_gradient.py). Costs 2d + 1 filters of the
-      values' width more per backward (d = feature dimension).
+      values' width more per backward (d = feature dimension). A bandwidth's derivative is a
+      sum over the points of terms that largely cancel: in float32 it keeps only 2-3 digits
+      (measured up to 0.6% off the float64 one, on either backend, which differ by as much);
+      compute in float64 where that matters.
+
+    Both kinds are differentiable again (create_graph=True: gradient penalties, Hessian-vector
+    products): "lattice" gives the approximation's second derivatives (the backward ops have an
+    autograd of their own; the weights' Jacobian in the features is constant per simplex),
+    "gaussian" differentiates its formula with the same formula for every filter in it: the
+    exact Gaussian's second derivatives, evaluated with the lattice.
 
     Features that do not require grad (or built under ``torch.no_grad()``) cost nothing extra
     either way. A lattice built from features that require grad belongs to their autograd graph,
@@ -203,7 +240,7 @@ class Lattice:
             # The weights stay constants: the gradients of the features and of n are the
             # Function's own (n's needs no weight gradient, see _GaussianFeatureGradient).
             return _GaussianFeatureGradient.apply(flat, self._gaussian_points, scale, self.batch_size,
-                                                  self._filter_op, tables[0], weights.detach(), *tables[2:])
+                                                  self._filter_op, False, tables[0], weights.detach(), *tables[2:])
         return self._filter_op(flat, *tables, False)
 
     def weights_as(self, dtype):
@@ -226,6 +263,23 @@ class Lattice:
                     value = (self.weights_as(dtype) * n[:, None]).contiguous()
             self._cache[key] = value
         return self._cache[key]
+
+    def prepare(self, normalize: str, dtype: torch.dtype):
+        """Compute now the per-dtype constants that ``filter(values, normalize)`` uses for values
+        of `dtype` (the weights in that dtype, the response to ones, the normalisation's scales
+        and scaled weights), which are otherwise computed on first use and kept. `mean_field`
+        calls it before checkpointed iterations: a constant first computed inside a
+        checkpointed region (of a lattice differentiable in its features: the constant then has
+        a graph) would be saved by that region's forward but not by its recomputation
+        (torch.utils.checkpoint's CheckpointError), and later iterations would hang on it."""
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        dtype = compute_dtype(dtype)
+        self.weights_as(dtype)
+        if normalize != "none":
+            self.normalization_scales(normalize, dtype)
+        if normalize == "symmetric":
+            self._cached(("scaled", dtype))
 
     def normalization_scales(self, normalize: str, dtype: torch.dtype):
         """(splat scale, slice scale), Tensor[N*P] each: `filter(values, normalize)` is the raw
@@ -256,7 +310,8 @@ class Lattice:
 
         Args:
             values (Tensor[N, C, H, W] for per-pixel features, Tensor[N, P, C] for per-point):
-                any C >= 1, float16/32/64 (half is computed in float32 and cast back).
+                any C >= 1, float16/bfloat16/32/64 (half is computed in float32 and cast
+                back, with a RuntimeWarning for values that overflow it).
             normalize (str): "none": the raw linear filter K v. "before": K(v / K 1) (densecrf's
                 NORMALIZE_BEFORE, the adjoint of "after"). "after": K v / K 1 (a weighted
                 mean; densecrf's NORMALIZE_AFTER). "symmetric": n * K(n * v) with n = 1/sqrt(K 1)
@@ -272,8 +327,7 @@ class Lattice:
         if flat.numel() == 0:
             return values.clone()
         out_dtype = values.dtype
-        if flat.dtype not in (torch.float32, torch.float64):
-            flat = flat.float()  # half precision: accumulate in float32
+        flat = flat.to(compute_dtype(flat.dtype))  # half precision: accumulate in float32
         if normalize == "none":
             out = self._raw(flat)
         elif normalize == "after":
@@ -284,52 +338,65 @@ class Lattice:
             # n K(n v), as the raw filter with scaled weights: two fewer full-size
             # multiplications per call, and the backward stays the adjoint.
             out = self._raw(flat, self.normalization_scales("symmetric", flat.dtype)[0])
-        return self._from_points(out.to(out_dtype), c)
+        return self._from_points(cast_result(out, out_dtype, "Lattice.filter"), c)
 
 
 class _GaussianFeatureGradient(torch.autograd.Function):
-    """The raw lattice filter out = K v (Tensor[N*P, C]), or n * K(n * v) with a per-point
-    scale n (Tensor[N*P], the symmetric normalisation; `weights` are then the barycentric
-    weights times n), differentiated for the features (Tensor[N*P, d]) by the Gaussian kernel's
-    derivative formula evaluated with this filter (see `Lattice`), for the values by the adjoint
-    filter, and for n by the product rule: d<g, n K(n v)>/dn_i = g_i . K(n v)_i + v_i . K^T(n g)_i
-    = (g_i . out_i + v_i . grad_values_i) / n_i, products of rows at hand that need neither a
-    filter nor the weights' gradient."""
+    """The raw lattice filter out = K v (Tensor[N*P, C]; its adjoint K^T v if `reverse`), or
+    n * K(n * v) with a per-point scale n (Tensor[N*P], the symmetric normalisation; `weights`
+    are then the barycentric weights times n), differentiated for the features (Tensor[N*P, d])
+    by the Gaussian kernel's derivative formula evaluated with this filter (see `Lattice`), for
+    the values by the adjoint filter, and for n by the product rule: d<g, n K(n v)>/dn_i =
+    g_i . K(n v)_i + v_i . K^T(n g)_i = (g_i . out_i + v_i . grad_values_i) / n_i, products of
+    rows at hand that need neither a filter nor the weights' gradient.
+
+    Under create_graph=True the backward is differentiable again, to any order: its filters are
+    this Function too (differentiated for the features by the same formula), and the features
+    enter the formula as they are: second derivatives are the exact Gaussian's second
+    derivatives, evaluated with the lattice (exactly those with an exact filter)."""
 
     @staticmethod
-    def forward(ctx, values, points, scale, num_images, filter_op, vertex_index, weights, *tables):
-        out = filter_op(values, vertex_index, weights, *tables, False)
+    def forward(ctx, values, points, scale, num_images, filter_op, reverse, vertex_index, weights, *tables):
+        out = filter_op(values, vertex_index, weights, *tables, reverse)
         ctx.save_for_backward(values, points, scale, out, vertex_index, weights, *tables)
-        ctx.filter_op, ctx.num_images = filter_op, num_images
+        ctx.filter_op, ctx.num_images, ctx.reverse = filter_op, num_images, reverse
         return out
 
     @staticmethod
     def backward(ctx, grad):
         values, points, scale, out, *lattice = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_values = ctx.filter_op(grad, *lattice, True)  # K^T g: also a term of the formula
+        if torch.is_grad_enabled():  # create_graph=True: filters differentiable in the features too
+            def filter_fn(x, reverse):
+                return _GaussianFeatureGradient.apply(x, points, scale, ctx.num_images, ctx.filter_op,
+                                                      reverse != ctx.reverse, *lattice)
+        else:
+            def filter_fn(x, reverse):
+                return ctx.filter_op(x, *lattice, reverse != ctx.reverse)
+        grad_values = filter_fn(grad, True)  # the adjoint on g: also a term of the formula
         grad_scale = grad_points = None
         if ctx.needs_input_grad[2]:
             grad_scale = ((grad * out).sum(1) + (values * grad_values).sum(1)) / scale
         if ctx.needs_input_grad[1]:
-            grad_points = _gaussian_feature_grad(values, grad, out, grad_values, points, ctx.num_images,
-                                                 lambda x, reverse: ctx.filter_op(x, *lattice, reverse))
+            grad_points = _gaussian_feature_grad(values, grad, out, grad_values, points, ctx.num_images, filter_fn)
         return (grad_values if ctx.needs_input_grad[0] else None, grad_points, grad_scale,
-                *([None] * (len(lattice) + 2)))
+                *([None] * (len(lattice) + 3)))
 
 
 def _gaussian_feature_grad(values, grad, out, grad_values, points, num_images, filter_fn):
     """grad f_i = -g_i . (f_i (K v)_i - K(f v)_i) - v_i . (f_i (K^T g)_i - K^T(f g)_i), all
-    Tensor[N*P, .]; out = K v, grad_values = K^T g, filter_fn(x, reverse) the raw filter.
+    Tensor[N*P, .]; out = K v, grad_values = K^T g, filter_fn(x, reverse) the raw filter (K, or
+    K^T if `reverse`).
 
     The formula is invariant to a translation of each image's features (exactly, with any linear
     K), so they are centred per image first: that keeps the products f v small and their float
     rounding with them. For the same reason the gradient sums to zero over each image; the
     float residue of that sum is removed too (it would otherwise multiply the mean feature in a
-    bandwidth's derivative, sum_i f_i . grad f_i)."""
+    bandwidth's derivative, sum_i f_i . grad f_i). Differentiable in every argument (the
+    features included) when grad mode is on."""
     c, d = values.shape[1], points.shape[1]
     dtype = values.dtype
-    per_image = points.detach().to(torch.float64).reshape(num_images, -1, d)
+    per_image = (points if torch.is_grad_enabled() else points.detach()).to(torch.float64).reshape(num_images, -1, d)
     f = (per_image - per_image.mean(1, keepdim=True)).reshape(-1, d).to(dtype)
     f_values = (f[:, :, None] * values[:, None, :]).reshape(-1, d * c)
     f_grad = (f[:, :, None] * grad[:, None, :]).reshape(-1, d * c)

@@ -7,6 +7,7 @@
 
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "lattice_math.h"
 
@@ -64,9 +65,14 @@ inline void check_filter_args(const at::Tensor& values, const at::Tensor& vertex
     TORCH_CHECK(t->scalar_type() == at::kInt, "crfrnn::lattice_filter: lattice index tensors must be int32, got ",
                 t->scalar_type());
   }
-  for (const at::Tensor* t : {&vertex_index, &weights, &neighbors, &splat_offsets, &splat_entries}) {
+  const std::pair<const char*, const at::Tensor*> named[] = {{"vertex_index", &vertex_index},
+                                                            {"weights", &weights},
+                                                            {"neighbors", &neighbors},
+                                                            {"splat_offsets", &splat_offsets},
+                                                            {"splat_entries", &splat_entries}};
+  for (const auto& [name, t] : named) {
     TORCH_CHECK(t->device() == values.device(), "crfrnn::lattice_filter: lattice tensor on ", t->device(),
-                " but values on ", values.device());
+                " but values on ", values.device(), " (", name, ") (all tensors of a call must be on one device)");
   }
 }
 

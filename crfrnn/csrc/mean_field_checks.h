@@ -7,6 +7,7 @@
 
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -15,6 +16,11 @@ namespace crfrnn {
 
 // The arguments of every fused op: the unary [N, P, C] and, per kernel, its lattice
 // (vertex_index, weights, neighbors), normalisation (splat_scale, slice_scale) and C x C matrix.
+// The most iterations the fused ops run (crfrnn.MAX_ITERATIONS, crfrnn.ops.MAX_ITERATIONS): a
+// count beyond it is a mistake (a damaged state dict, an overflowed integer) that would allocate
+// [iterations, M, C] per kernel or run for hours.
+constexpr int64_t kMaxIterations = 1000;
+
 struct MeanFieldArgs {
   const at::Tensor& unary;
   at::TensorList vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise;
@@ -27,7 +33,8 @@ inline void check_mean_field_args(const char* op, const MeanFieldArgs& a, at::De
   TORCH_CHECK(unary.scalar_type() == at::kFloat || unary.scalar_type() == at::kDouble, op,
               ": unary must be float32 or float64, got ", unary.scalar_type());
   TORCH_CHECK(unary.device().type() == device, op, " (", device, " kernel): unary on ", unary.device());
-  TORCH_CHECK(a.iterations >= 1, op, ": iterations must be >= 1, got ", a.iterations);
+  TORCH_CHECK(a.iterations >= 1 && a.iterations <= kMaxIterations, op, ": iterations must be >= 1 and <= ",
+              kMaxIterations, ", got ", a.iterations);
   const size_t kernels = a.vertex_index.size();
   TORCH_CHECK(kernels >= 1 && a.weights.size() == kernels && a.splat_scale.size() == kernels &&
                   a.slice_scale.size() == kernels && a.neighbors.size() == kernels && a.pairwise.size() == kernels,
@@ -56,9 +63,12 @@ inline void check_mean_field_args(const char* op, const MeanFieldArgs& a, at::De
                     a.pairwise[i].scalar_type() == dtype,
                 op, ": kernel ", i, ": pairwise must be ", dtype, " [C, C] with C = ", c, ", got ",
                 a.pairwise[i].scalar_type(), " ", a.pairwise[i].sizes());
-    for (const at::Tensor* t : {&vi, &a.weights[i], &a.splat_scale[i], &a.slice_scale[i], &nb, &a.pairwise[i]}) {
-      TORCH_CHECK(t->device() == unary.device(), op, ": kernel ", i, " tensor on ", t->device(), ", the unary on ",
-                  unary.device());
+    const std::pair<const char*, const at::Tensor*> named[] = {
+        {"vertex_index", &vi},          {"weights", &a.weights[i]}, {"splat_scale", &a.splat_scale[i]},
+        {"slice_scale", &a.slice_scale[i]}, {"neighbors", &nb},      {"pairwise", &a.pairwise[i]}};
+    for (const auto& [name, t] : named) {
+      TORCH_CHECK(t->device() == unary.device(), op, ": ", name, "[", i, "] on ", t->device(), " but the unary on ",
+                  unary.device(), " (all tensors of a call must be on one device)");
     }
     check_vertex_tables(std::string(op) + ": kernel " + std::to_string(i), vi, nb);
   }

@@ -121,8 +121,10 @@ EmbeddedPoints embed_points(const at::Tensor& features) {
   const int key_len = 2 * d1 + 1;
   EmbeddedPoints points{key_len, Scratch<int>(num_points * key_len), Scratch<uint64_t>(num_points),
                         at::empty({num_points, d1}, features.options().dtype(weight_dtype))};
-  double* weights_double = points.weights.scalar_type() == at::kDouble ? points.weights.data_ptr<double>() : nullptr;
-  float* weights_float = weights_double ? nullptr : points.weights.data_ptr<float>();
+  // (By dtype, not by pointer: an empty tensor's data pointer is null.)
+  const bool double_weights = points.weights.scalar_type() == at::kDouble;
+  double* weights_double = double_weights ? points.weights.data_ptr<double>() : nullptr;
+  float* weights_float = double_weights ? nullptr : points.weights.data_ptr<float>();
   double scale[kMaxDim];
   for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
   std::atomic<int64_t> non_finite{0};
