@@ -82,7 +82,13 @@ def choice(name, value, allowed):
 
 
 def image_normalisation(image_mean, image_std):
-    """(mean, std) as Tensor[3] float32 each, checked: 3 finite values each, std positive."""
+    """(mean, std) as Tensor[3] float32 each, checked: 3 finite values each, std positive; (None,
+    None) when neither is given (images in 0..255)."""
+    if (image_mean is None) != (image_std is None):
+        raise ValueError("give both image_mean and image_std (for normalised 0..1 images) or neither (images in "
+                         "0..255)")
+    if image_mean is None:
+        return None, None
     mean = torch.as_tensor(image_mean, dtype=torch.float32).flatten()
     std = torch.as_tensor(image_std, dtype=torch.float32).flatten()
     if mean.numel() != 3 or std.numel() != 3:
@@ -218,6 +224,21 @@ def crf_inputs(unary, image, positions, num_classes, kernels):
     # Before anything of the input's size is allocated: the largest lattice bounds the points.
     check_lattice_size(math.prod(unary.shape[:1] + unary.shape[2:]), max(dims.values()), f"unary {tuple(unary.shape)}")
     return num_axes, None if image is None else image.shape[1]
+
+
+def layer_fits(device, normalised, unary, image):
+    """ValueError/TypeError unless a layer whose parameters are on `device`, and which declared a
+    normalised RGB image (`normalised`: image_mean/image_std given) or not, can take these inputs."""
+    if device != unary.device:
+        raise ValueError(f"the layer's parameters are on {device} but unary is on {unary.device}: move the layer "
+                         f"with .to({str(unary.device)!r})")
+    if normalised and image is not None:
+        if image.shape[1] != 3:
+            raise ValueError(f"image_mean/image_std declare a normalised RGB image, but the guide has {image.shape[1]} "
+                             "channels: pass other guides as they are")
+        if not image.is_floating_point():
+            raise TypeError(f"image_mean/image_std were given, so image must be a normalised float tensor, got "
+                            f"{image.dtype} (pass RGB 0..255 to a layer built without them)")
 
 
 def check_layer_values(params, unary, image, rgb, pairwise, out, normalised):

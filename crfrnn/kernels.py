@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import checks
 
-__all__ = ["GaussianKernel", "as_kernels", "classic_kernels", "check_sizes"]
+__all__ = ["GaussianKernel", "as_kernels", "classic_kernels", "check_sizes", "describe_bandwidths"]
 
 
 def _bandwidths(name, value):
@@ -132,3 +132,18 @@ def check_sizes(kernels, num_axes, num_channels, what):
             if len(kernel.guide) not in (1, num_channels):
                 raise ValueError(f"kernel {kernel.name!r} has {len(kernel.guide)} guide bandwidths {kernel.guide}, "
                                  f"but the guide has {num_channels} channels: give one number or one per channel")
+
+
+def describe_bandwidths(kernels, sigmas, equals):
+    """The kernels' bandwidths in words: "bilateral sigma_xy, sigma_rgb = 121, 5; spatial sigma_xy
+    = 3" (`equals` " = "), or "bilateral=(121, 5), spatial=3" (`equals` "=")."""
+    def numbers(values):
+        return ", ".join(f"{v:.4g}" for v in values)
+    parts = []
+    for kernel, values in zip(kernels, sigmas):
+        if equals == "=":
+            parts.append(f"{kernel.name}=({numbers(values)})" if len(values) > 1 else f"{kernel.name}={numbers(values)}")
+        else:
+            labels = ["sigma_xy"] * len(kernel.positions or ()) + ["sigma_rgb"] * len(kernel.guide or ())
+            parts.append(f"{kernel.name} {', '.join(labels)} = {numbers(values)}")
+    return (", " if equals == "=" else "; ").join(parts)

@@ -13,10 +13,10 @@ import numbers
 import torch
 import torch.nn as nn
 
-from . import checks, sharing
+from . import checks, persistence, sharing
 from .bandwidths import FixedBandwidths
 from .inference import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, kernel_lattice, mean_field
-from .kernels import as_kernels, classic_kernels
+from .kernels import as_kernels, classic_kernels, describe_bandwidths
 from .lattice import FEATURE_GRADIENTS, NORMALIZATIONS
 
 __all__ = ["CRFRNNLayer"]
@@ -47,8 +47,7 @@ class CRFRNNLayer(nn.Module):
             n = 1/sqrt(K 1)) or "after" (K Q / K 1, CRF-RNN's), or "none".
         checkpoint (bool): save only the inputs for the backward and run the forward again there.
         backend (str): lattice backend, "auto" | "reference" | "native".
-        learn_bandwidths (bool): make the three bandwidths (sigma_xy and sigma_rgb of the
-            bilateral kernel, sigma_xy of the spatial one) parameters, through their logarithms.
+        learn_bandwidths (bool): make every kernel's bandwidths parameters, through their logs.
         compatibility (str): sharing of the compatibility matrix, one of
             crfrnn.COMPATIBILITY_SHARING: "potts" (fixed 1 - I), "symmetric" or "full" (default,
             CRF-RNN's).
@@ -80,17 +79,12 @@ class CRFRNNLayer(nn.Module):
     missing key, kept at the layer's own value with ``strict=False``).
 
     Speed: all iterations run in one fused op, and the backward in another, where `mean_field`
-    says they apply; the layer keeps the last spatial lattice (see `_lattices`). Learned
-    bandwidths cost about 2d + 1 filters more per kernel and iteration in backward ("gaussian";
-    d = 5 and 2), about two with "lattice".
+    says they apply; lattices of positions alone are kept between calls (see `_lattices`).
+    Learned bandwidths cost about 2d + 1 filters more per kernel and iteration in backward
+    ("gaussian"; d = 5 and 2 for the pair), about two with "lattice".
 
-    Shapes (see `forward`):
-        unary (Tensor[N, C, *S]): logits on a grid of rank 1, 2 or 3 ([N, C, L] signals,
-            [N, C, H, W] images, [N, C, D, H, W] volumes), or Tensor[N, C, P] with positions.
-        image (Tensor[N, G, *S] or Tensor[N, G, P]): the guide (RGB: see image_mean/image_std).
-        positions (Tensor[N, D, P] or None): a point set's positions.
-        returns: refined logits of the unary's shape, float32 (float64 for a float64 unary;
-        half-precision unaries and autocast regions are computed in float32).
+    Shapes: see `forward` (a grid [N, C, *S] of rank 1, 2 or 3, or points [N, C, P]); the result
+    is float32 (float64 for a float64 unary; half precision is computed in float32).
 
     Example:
         >>> crf = CRFRNNLayer(21)
@@ -143,13 +137,10 @@ class CRFRNNLayer(nn.Module):
         start = sharing.initial_compatibility(compatibility, self.num_classes)
         self.compatibility = None if start is None else nn.Parameter(start)
 
-        if (image_mean is None) != (image_std is None):
-            raise ValueError("give both image_mean and image_std (for normalised 0..1 images) or "
-                             "neither (images in 0..255)")
-        if image_mean is None:
+        mean, std = checks.image_normalisation(image_mean, image_std)
+        if mean is None:
             self.image_mean = self.image_std = None
         else:
-            mean, std = checks.image_normalisation(image_mean, image_std)
             self.register_buffer("image_mean", mean.view(1, 3, 1, 1), persistent=False)
             self.register_buffer("image_std", std.view(1, 3, 1, 1), persistent=False)
         self._kept = {}  # kernel name -> (key, Lattice): lattices of the shape alone, reused while the key holds
@@ -297,36 +288,10 @@ class CRFRNNLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Checkpoints written before the bandwidths, iterations and normalisation were in the
-        # state dict: the layer keeps its own (the ones it was built with from the checkpoint's
-        # config).
-        for name in (*(f"{k.name}_log_sigma" for k in self.kernels), "iterations", "normalization"):
-            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
-        problem = sharing.mismatch(state_dict, prefix, self._matrix_parameters(), self.num_classes)
-        stored = state_dict[prefix + "iterations"]
-        if not problem and isinstance(stored, torch.Tensor) and (stored.is_floating_point() or stored.is_complex()):
-            problem = (f"{prefix}iterations holds {stored.dtype} values {stored.tolist()}: expected integer "
-                       "counts (a damaged file?)")
-        if problem:
-            error_msgs.append(problem)
-            return
-
         def load():
             super(CRFRNNLayer, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                            missing_keys, unexpected_keys, error_msgs)
-        if self.learn_bandwidths:
-            load()
-        else:  # other bandwidths than this layer's: take the state dict's
-            self._bandwidths.load(self._bandwidth_buffers(), load)
-        counts = [int(v) for v in self.iterations.tolist()]
-        norm = int(self.normalization)
-        if not all(0 <= n <= checks.MAX_ITERATIONS for n in counts) or not 0 <= norm < len(NORMALIZATIONS):
-            error_msgs.append(f"{prefix}iterations {counts} / normalization {norm}: expected counts in "
-                              f"0..{checks.MAX_ITERATIONS} and an index into {NORMALIZATIONS}")
-            return
-        self._iterations = tuple(counts)
-        self._normalize = NORMALIZATIONS[norm]
-        self.clear_lattice_cache()
+        persistence.load_state_dict(self, state_dict, prefix, error_msgs, load)
 
     def config(self):
         """Constructor arguments (plain Python values) that rebuild this layer:
@@ -352,7 +317,7 @@ class CRFRNNLayer(nn.Module):
 
     def extra_repr(self):
         s = (f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, "
-             f"num_eval_iterations={self.num_eval_iterations}, sigmas: {self._describe_bandwidths('=')}, "
+             f"num_eval_iterations={self.num_eval_iterations}, sigmas: {describe_bandwidths(self.kernels, self.sigmas(), '=')}, "
              f"normalize={self.normalize!r}, compatibility={self.compatibility_sharing!r}, "
              f"kernel_weights={self.kernel_weight_sharing!r}")
         if self.learn_bandwidths:
@@ -370,21 +335,7 @@ class CRFRNNLayer(nn.Module):
         return state
 
     def __setstate__(self, state):
-        # Layers pickled before these settings existed ran fused, recomputing the marginals, had
-        # the (bilateral, spatial) pair, kept their fixed bandwidths' floats in `_fixed_sigmas`
-        # and their kept spatial lattice in `_last_spatial`.
-        state = {"fused": True, "keep_marginals": False, "_kept": {}, **state}
-        if "kernels" not in state:
-            logs = [state["_buffers"].get(name, state["_parameters"].get(name))
-                    for name in ("bilateral_log_sigma", "spatial_log_sigma")]
-            sigmas = state.get("_fixed_sigmas", [[math.exp(v) for v in log.double().tolist()] for log in logs])
-            weights = state.pop("_initial_weights")
-            state["kernels"] = tuple(classic_kernels((*sigmas[0], weights[0]), (*sigmas[1], weights[1])))
-        if "_bandwidths" not in state:
-            state["_bandwidths"] = FixedBandwidths(state.pop("_fixed_sigmas", [k.sigmas for k in state["kernels"]]))
-        for old in ("_bandwidths_seen", "_last_spatial"):
-            state.pop(old, None)
-        super().__setstate__(state)
+        super().__setstate__(persistence.upgrade_pickled_state(state))
 
     # -- the C x C matrices ----------------------------------------------------------------------
     def kernel_weight_matrices(self, dtype=torch.float32):
@@ -425,17 +376,8 @@ class CRFRNNLayer(nn.Module):
         and dtype.
         """
         _, channels = checks.crf_inputs(unary, image, positions, self.num_classes, self.kernels)
-        if self.iterations.device != unary.device:
-            raise ValueError(f"the layer's parameters are on {self.iterations.device} but unary is on "
-                             f"{unary.device}: move the layer with .to({str(unary.device)!r})")
+        checks.layer_fits(self.iterations.device, self.image_mean is not None, unary, image)
         rgb_image = channels == 3
-        if self.image_mean is not None and channels is not None:
-            if not rgb_image:
-                raise ValueError(f"image_mean/image_std declare a normalised RGB image, but the guide has {channels} "
-                                 "channels: pass other guides as they are")
-            if not image.is_floating_point():
-                raise TypeError(f"image_mean/image_std were given, so image must be a normalised float tensor, "
-                                f"got {image.dtype} (pass RGB 0..255 to a layer built without them)")
         if num_iterations is None:
             num_iterations = self.num_iterations if self.training else self.num_eval_iterations
         num_iterations = checks.iteration_count(num_iterations)
@@ -511,23 +453,8 @@ class CRFRNNLayer(nn.Module):
                                      "be finite (a diverged training run or a damaged checkpoint?)") from exc
             raise ValueError(f"image gives {kernel.name} features ({'guide' if kernel.guide else 'positions'} / "
                              f"bandwidths) the lattice rejects: {exc} (bandwidths: "
-                             f"{self._describe_bandwidths(' = ')})") from exc
+                             f"{describe_bandwidths(self.kernels, self.sigmas(), ' = ')})") from exc
         return lattices
-
-    def _describe_bandwidths(self, equals):
-        """The bandwidths in words: "bilateral sigma_xy, sigma_rgb = 121, 5; spatial sigma_xy = 3"
-        (`equals` " = "), or "bilateral=(121, 5), spatial=3" (`equals` "=")."""
-        def numbers(values):
-            return ", ".join(f"{v:.4g}" for v in values)
-        parts = []
-        for kernel, sigmas in zip(self.kernels, self.sigmas()):
-            if equals == "=":
-                parts.append(f"{kernel.name}=({numbers(sigmas)})" if len(sigmas) > 1 else
-                             f"{kernel.name}={numbers(sigmas)}")
-            else:
-                labels = ["sigma_xy"] * len(kernel.positions or ()) + ["sigma_rgb"] * len(kernel.guide or ())
-                parts.append(f"{kernel.name} {', '.join(labels)} = {numbers(sigmas)}")
-        return (", " if equals == "=" else "; ").join(parts)
 
     def kept_lattices(self):
         """{kernel name: Lattice}: the lattices kept between calls (see `_lattices`)."""
