@@ -23,6 +23,7 @@ import torch
 # common first: it puts the repository on sys.path (for models and train)
 from common import add_json_option, environment, print_table, run_main, synchronize, write_json
 import crfrnn
+import densecrf_peer
 from crfrnn import GaussianKernel
 
 
@@ -99,25 +100,6 @@ def cloud_case(num_points, num_classes, seed=0):
 # ---------------------------------------------------------------------------------------------
 # The three implementations, on the same features
 
-def features(kernel, spatial=None, guide=None, positions=None):
-    """A kernel's features as densecrf takes them, float32 [d, P], in our order: positions (grid:
-    last axis first), then the guide's channels, each over its bandwidth."""
-    rows = []
-    if kernel.positions is not None:
-        if positions is None:
-            grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in spatial], indexing="ij")
-            axes = list(range(len(spatial)))[::-1]
-            coords = [grid[a] for a in axes]
-            sigmas = [kernel.positions[a if len(kernel.positions) > 1 else 0] for a in axes]
-        else:
-            coords = list(positions)
-            sigmas = [kernel.positions[i if len(kernel.positions) > 1 else 0] for i in range(len(coords))]
-        rows += [c.ravel() / s for c, s in zip(coords, sigmas)]
-    if kernel.guide is not None:
-        rows += [g.ravel() / kernel.guide[i if len(kernel.guide) > 1 else 0] for i, g in enumerate(guide)]
-    return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
-
-
 def run_ours(logits, guide, kernels, iterations, device, positions=None):
     crf = crfrnn.CRFRNNLayer(logits.shape[0], num_eval_iterations=iterations, kernels=kernels).eval().to(device)
     unary = torch.from_numpy(logits)[None].to(device)
@@ -133,7 +115,7 @@ def run_ours(logits, guide, kernels, iterations, device, positions=None):
 
 def run_densecrf(logits, kernels, iterations, **inputs):
     import pydensecrf.densecrf as dcrf
-    feats = [features(k, **inputs) for k in kernels]
+    feats = [densecrf_peer.kernel_features(k, **inputs) for k in kernels]   # outside the timed call
     energy = np.ascontiguousarray(-logits.reshape(logits.shape[0], -1), dtype=np.float32)
 
     def call():

@@ -5,7 +5,7 @@ environment). It installs the module ``pydensecrf.densecrf``.
 """
 import numpy as np
 
-__all__ = ["available", "densecrf_probs"]
+__all__ = ["available", "densecrf_probs", "kernel_features", "generic_densecrf_probs"]
 
 _NORMALIZATIONS = {"symmetric": "NORMALIZE_SYMMETRIC", "after": "NORMALIZE_AFTER",
                    "before": "NORMALIZE_BEFORE", "none": "NO_NORMALIZATION"}
@@ -47,3 +47,38 @@ def densecrf_probs(image, unary_logits, num_iterations, bilateral, spatial, norm
                              compat=float(w_b), kernel=dcrf.DIAG_KERNEL, normalization=norm)
     q = np.array(crf.inference(int(num_iterations)), dtype=np.float32)
     return q.reshape(c, h, w)
+
+
+def kernel_features(kernel, spatial=None, guide=None, positions=None):
+    """A crfrnn.GaussianKernel's features as densecrf's addPairwiseEnergy takes them, float32
+    [d, P], written out from their definition (independently of crfrnn's builder): the positions
+    (a grid of `spatial` shape: its indices, last axis first; points: `positions` [D, P] in the
+    order given), then the guide's channels ([G, *S] or [G, P]), each over its bandwidth."""
+    rows = []
+    if kernel.positions is not None:
+        if positions is None:
+            grid = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in spatial], indexing="ij")
+            axes = list(range(len(spatial)))[::-1]
+            coords = [grid[a] for a in axes]
+            sigmas = [kernel.positions[a if len(kernel.positions) > 1 else 0] for a in axes]
+        else:
+            coords = list(positions)
+            sigmas = [kernel.positions[i if len(kernel.positions) > 1 else 0] for i in range(len(coords))]
+        rows += [np.asarray(c, np.float64).ravel() / s for c, s in zip(coords, sigmas)]
+    if kernel.guide is not None:
+        rows += [np.asarray(g, np.float64).ravel() / kernel.guide[i if len(kernel.guide) > 1 else 0]
+                 for i, g in enumerate(guide)]
+    return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
+
+
+def generic_densecrf_probs(logits, kernels, num_iterations, normalize="symmetric", **inputs):
+    """Mean-field marginals [C, P] of densecrf's generic DenseCRF for logits [C, ...] with each
+    crfrnn.GaussianKernel's features (`kernel_features(kernel, **inputs)`) and Potts weight."""
+    import pydensecrf.densecrf as dcrf
+    c = logits.shape[0]
+    crf = dcrf.DenseCRF(logits[0].size, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(-logits.reshape(c, -1), dtype=np.float32))
+    for kernel in kernels:
+        crf.addPairwiseEnergy(kernel_features(kernel, **inputs), compat=float(kernel.weight),
+                              normalization=getattr(dcrf, _NORMALIZATIONS[normalize]))
+    return np.array(crf.inference(int(num_iterations)))

@@ -3,6 +3,9 @@ and point sets, with any Gaussian kernels, against Krähenbühl's densecrf (pyde
 DenseCRF with the same features, written out here in its order: positions with the last tensor
 axis first, then the guide channels), with gradients checked in float64 and the fused ops
 against the step-by-step loop."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +14,9 @@ import crfrnn
 from crfrnn import CRFRNNLayer, GaussianKernel
 from helpers import NATIVE
 
-dcrf = pytest.importorskip("pydensecrf.densecrf")
+pytest.importorskip("pydensecrf.densecrf")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import densecrf_peer  # noqa: E402  (densecrf, and the features it takes written out)
 
 
 def scene(spatial, num_classes, channels, seed=0):
@@ -33,35 +38,9 @@ def scene(spatial, num_classes, channels, seed=0):
     return labels, guide.astype(np.float32), logits.astype(np.float32)
 
 
-def features(kernel, spatial=None, guide=None, positions=None):
-    """A kernel's features [d, P] (float32, for densecrf), from their definition: the positions
-    (grid: the indices, last axis first; points: as given) divided by their bandwidths, then the
-    guide's channels divided by theirs."""
-    rows = []
-    if kernel.positions is not None:
-        if positions is None:
-            grid = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in spatial], indexing="ij")
-            axes = list(range(len(spatial)))[::-1]
-            coords = [grid[a] for a in axes]
-            sigmas = [kernel.positions[a if len(kernel.positions) > 1 else 0] for a in axes]
-        else:
-            coords = list(positions)
-            sigmas = [kernel.positions[i if len(kernel.positions) > 1 else 0] for i in range(len(coords))]
-        rows += [c.ravel() / s for c, s in zip(coords, sigmas)]
-    if kernel.guide is not None:
-        rows += [g.ravel() / kernel.guide[i if len(kernel.guide) > 1 else 0] for i, g in enumerate(guide)]
-    return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
-
-
 def densecrf(logits, kernels, iterations, normalize="symmetric", **inputs):
-    """densecrf's marginals [C, P] for logits [C, ...] with the kernels' features (Potts weights)."""
-    norm = {"symmetric": dcrf.NORMALIZE_SYMMETRIC, "after": dcrf.NORMALIZE_AFTER}[normalize]
-    c = logits.shape[0]
-    crf = dcrf.DenseCRF(logits[0].size, c)
-    crf.setUnaryEnergy(np.ascontiguousarray(-logits.reshape(c, -1), dtype=np.float32))
-    for kernel in kernels:
-        crf.addPairwiseEnergy(features(kernel, **inputs), compat=kernel.weight, normalization=norm)
-    return np.array(crf.inference(iterations))
+    """densecrf's marginals [C, P] with the kernels' features written out in densecrf's order."""
+    return densecrf_peer.generic_densecrf_probs(logits, kernels, iterations, normalize, **inputs)
 
 
 def ours(logits, guide, kernels, iterations, positions=None, normalize="symmetric", **options):
