@@ -1,11 +1,7 @@
-"""The scripts' command-line options: declared here, parsed by argparse, checked by :func:`finalize`.
-
-Every option has one default, shown by ``--help``: in its declaration, or, where it depends on
-``--dataset`` (and for a few on the script), in :data:`PRESETS`. Those show both datasets'
-values in ``--help`` ("synthetic: 0.125; voc: 1.0"), and :func:`finalize` keeps the chosen one.
-PASCAL VOC gets the papers' recipe (full-width VGG-16, batch 20, 6000 iterations, lr 1e-3 ×10 on
-the classifier, ×0.1 every 2000, 321 crops); the synthetic set a small, fast setting that
-finishes on two CPU cores in minutes. Nothing here builds a dataset, a net or a CRF.
+"""The scripts' command-line options: declared here, parsed by argparse, finished and checked by
+:func:`finalize`. Every option has one default, shown by ``--help``: in its declaration or, where
+it depends on ``--dataset`` (and for a few on the script), in :data:`PRESETS`, whose rows ``--help``
+shows for both datasets ("synthetic: 0.125; voc: 1.0"). Nothing here builds data, a net or a CRF.
 """
 from __future__ import annotations
 
@@ -87,9 +83,8 @@ def parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
 
 def set_presets(p: argparse.ArgumentParser, script: str, table: dict = PRESETS) -> argparse.ArgumentParser:
     """Give ``p``'s options their :data:`PRESETS` defaults for ``script`` (``"dcnn"``, ``"crf"``,
-    ``"joint"``, ``"evaluate"``): a plain default where every dataset has the same value, a
-    :class:`PerDataset` elsewhere. A row without a value for some dataset, or for ``script``, is
-    a ``KeyError``. Returns ``p``."""
+    ``"joint"``, ``"evaluate"``): a :class:`PerDataset` where the datasets' values differ. A row
+    without a value for some dataset or for ``script`` is a ``KeyError``. Returns ``p``."""
     declared = {a.dest: a.default for a in p._actions}
     for name in sorted(set(declared) & set().union(*table.values())):
         if declared[name] is not None:
@@ -112,19 +107,17 @@ def set_presets(p: argparse.ArgumentParser, script: str, table: dict = PRESETS) 
 def add_data_args(p, training: bool = True):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=DATASETS,
-                   help="'synthetic': generated shapes, no files needed; 'voc': PASCAL VOC 2012 from "
-                        "--data-root" + (" (with SBD from --sbd-root for DeepLab's train_aug)" if training else ""))
-    g.add_argument("--data-root", default=None,
-                   help="the VOC folder: VOCdevkit/VOC2012, or VOCdevkit, or the folder that holds "
-                        "VOCdevkit (needed with --dataset voc)")
+                   help="'synthetic': generated shapes, no files needed; 'voc': PASCAL VOC 2012 from --data-root"
+                        + (" (with SBD from --sbd-root for DeepLab's train_aug)" if training else ""))
+    g.add_argument("--data-root", default=None, help="the VOC folder: VOCdevkit/VOC2012, or VOCdevkit, or the "
+                                                     "folder that holds VOCdevkit (needed with --dataset voc)")
     if training:
-        g.add_argument("--sbd-root", default=None,
-                       help="SBD's benchmark_RELEASE/dataset: adds SBD train+val (minus VOC val) to training "
-                            "(none: VOC's training list alone)")
+        g.add_argument("--sbd-root", default=None, help="SBD's benchmark_RELEASE/dataset: adds SBD train+val "
+                                                        "(minus VOC val) to training (none: VOC's list alone)")
         g.add_argument("--train-split", default="train", help="VOC ImageSets/Segmentation list to train on")
     g.add_argument("--val-split", default="val", help="VOC ImageSets/Segmentation list to evaluate on")
     g.add_argument("--num-classes", type=int,
-                   help="classes incl. background" if training else "classes incl. background (none: the checkpoint's)")
+                   help="classes incl. background" + ("" if training else " (none: the checkpoint's)"))
     g.add_argument("--image-size", type=int, default=64, help="side of the synthetic images in pixels")
     if training:
         g.add_argument("--train-samples", type=int,
@@ -147,9 +140,8 @@ def add_model_args(p):
     g.add_argument("--width", type=float, help="channel multiplier of the VGG-16")
     g.add_argument("--msc", action="store_true", help="add the multi-scale (MSc) heads")
     g.add_argument("--dropout", type=float, help="dropout after fc6/fc7")
-    g.add_argument("--vgg-weights", default=None,
-                   help="torchvision VGG-16 state dict (.pth) to initialise the backbone (ImageNet; "
-                        "none: random initialisation)")
+    g.add_argument("--vgg-weights", default=None, help="torchvision VGG-16 state dict (.pth) to initialise the "
+                                                       "backbone (ImageNet; none: random initialisation)")
 
 
 def add_crf_args(p, training: bool = True, preset_none: str = ""):
@@ -169,14 +161,12 @@ def add_crf_args(p, training: bool = True, preset_none: str = ""):
     g.add_argument("--crf-eval-iters", type=int, default=10, help="mean-field iterations at evaluation")
     if not training:
         return
-    g.add_argument("--crf-lr-mult", type=float,
-                   help="lr multiplier of the CRF's kernel weights and compatibility matrix")
+    g.add_argument("--crf-lr-mult", type=float, help="lr multiplier of the CRF's kernel weights and compatibility")
     g.add_argument("--crf-weight-decay", type=float, default=0.0,
                    help="weight decay of the CRF parameters (0: decay would shrink the Potts start)")
     g.add_argument("--crf-loss", choices=("ce", "lovasz"), default="ce",
                    help="loss of the CRF's output: ce (cross-entropy, CRF-RNN's) or lovasz (the Lovász-softmax "
-                        "surrogate of the IoU; what learns the bandwidths towards a better mIoU in "
-                        "bench/crf_learning.py)")
+                        "surrogate of the IoU, which learns the bandwidths towards a better mIoU)")
     g.add_argument("--learn-bandwidths", action="store_true",
                    help="learn the CRF's bandwidths (σα, σβ, σγ) by gradient too, as log-parameters")
     g.add_argument("--compatibility", choices=crfrnn.COMPATIBILITY_SHARING, default="full",
@@ -225,9 +215,9 @@ def add_output_args(p, out_dir: str, what: str, resumable: bool = False):
                         "run refuses to start" + (", except with --resume of a checkpoint in --out-dir" if resumable
                                                   else "") + "); the run's inputs are never replaced")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:K")
-    g.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (they are drawn only on a terminal; elsewhere, and with this "
-                        "option, a line now and then reports the progress)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (they are drawn only on a "
+                                                               "terminal; elsewhere, and with this option, a "
+                                                               "line now and then reports the progress)")
     return g
 
 
@@ -274,16 +264,18 @@ def add_run_args(p, out_dir: str, training: bool = True):
 
 
 # Options whose values must be finite and positive, or finite and >= 0 (checked when present).
-_POSITIVE = ("lr", "pretrain_lr")
+_POSITIVE = ("lr", "pretrain_lr", "min_scale")
 _NON_NEGATIVE = ("crf_lr_mult", "classifier_lr_mult", "weight_decay", "crf_weight_decay", "momentum",
                  "pretrain_iters", "threads", "examples", "workers", "eval_every", "crop_size")
-_AT_LEAST_ONE = ("iters", "batch_size", "num_classes", "eval_batch_size", "ckpt_every", "log_every", "stop_at")
+_AT_LEAST_ONE = ("iters", "batch_size", "num_classes", "eval_batch_size", "ckpt_every", "log_every", "stop_at",
+                 "train_samples", "val_samples", "lr_step")
 
 
 def finalize(args: argparse.Namespace) -> argparse.Namespace:
     """Keep the chosen dataset's value of every :class:`PerDataset` default, fill ``--bilateral``
-    and ``--spatial`` from ``--crf-preset``, and check the values: a ``ValueError`` naming the
-    option for a NaN, a zero or negative count or learning rate, a negative multiplier."""
+    and ``--spatial`` from ``--crf-preset``, and check the values, the one place they are checked:
+    a ``ValueError`` naming the option for a NaN, a zero or negative count or learning rate, a
+    negative multiplier, a scale range upside down."""
     for name, value in vars(args).items():
         if isinstance(value, PerDataset):
             setattr(args, name, value[args.dataset])
@@ -304,4 +296,6 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     for width in getattr(args, "bands", None) or ():
         if not math.isfinite(width) or width < 0:
             raise ValueError(f"--bands widths must be finite and >= 0, got {width}")
+    if getattr(args, "min_scale", None) is not None and not args.min_scale <= args.max_scale:
+        raise ValueError(f"--min-scale {args.min_scale} must be <= --max-scale {args.max_scale}")
     return args

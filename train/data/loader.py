@@ -18,61 +18,38 @@ from .transforms import to_tensors
 
 
 class SegmentationSet(torch.utils.data.Dataset):
-    """Wrap a raw dataset (``base[i] -> (image, label)``) with a paired transform.
-
+    """A raw dataset (``base[i] -> (image, label)``) with a paired transform:
     ``self[(index, seed, position)]`` applies ``transform(image, label, rng)`` with
-    ``rng = np.random.default_rng([seed, position])``; ``self[index]`` uses position = index.
-    Returns ``(image Tensor[3, H, W] float32, label Tensor[H, W] int64, index int)``.
-    Raises ``ValueError`` for label values outside ``0..num_classes-1`` and 255.
-    """
+    ``rng = np.random.default_rng([seed, position])`` (``self[index]``: position = index) and
+    returns ``(image Tensor[3, H, W] float32, label Tensor[H, W] int64, index)``. Label values
+    outside ``0..num_classes-1`` and 255 are a ``ValueError``."""
 
     def __init__(self, base, transform, num_classes: int, seed: int):
-        self.base = base
-        self.transform = transform
-        self.num_classes = int(num_classes)
-        self.seed = int(seed)
+        self.base, self.transform = base, transform
+        self.num_classes, self.seed = int(num_classes), int(seed)
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, key):
-        if isinstance(key, tuple):
-            index, seed, pos = key
-        else:
-            index, seed, pos = int(key), self.seed, int(key)
-        image, label = self.base[index]
-        image, label = to_tensors(image, label)
+        index, seed, pos = key if isinstance(key, tuple) else (int(key), self.seed, int(key))
+        image, label = to_tensors(*self.base[index])
         bad = ((label >= self.num_classes) & (label != VOID)) | (label < 0)
         if bool(bad.any()):
-            vals = sorted(set(label[bad].unique().tolist()))[:5]
-            name = getattr(self.base, "ids", None)
-            name = name[index] if name is not None else f"sample {index}"
-            raise ValueError(f"{name}: label values {vals} outside 0..{self.num_classes - 1} and 255 (void)")
+            name = self.base.ids[index] if hasattr(self.base, "ids") else f"sample {index}"
+            raise ValueError(f"{name}: label values {label[bad].unique().tolist()[:5]} outside "
+                             f"0..{self.num_classes - 1} and 255 (void)")
         if self.transform is not None:
             image, label = self.transform(image, label, np.random.default_rng([seed, pos]))
         return image, label, index
 
 
 class StreamBatchSampler(torch.utils.data.Sampler):
-    """Yield this process's batches for iterations ``start_iter .. max_iter - 1``.
-
-    Each batch is a list of ``(index, seed, position)`` keys for :class:`SegmentationSet`.
-
-    Args:
-        num_samples: dataset length.
-        batch_size: samples per process per iteration.
-        max_iter: the iteration to stop at (exclusive).
-        seed: the shuffling/augmentation seed.
-        start_iter: the first iteration (for ``--resume``).
-        rank, world_size: this process's place in a DDP group.
-    """
+    """This process's batches of iterations ``start_iter .. max_iter - 1``, each a list of
+    ``batch_size`` ``(index, seed, position)`` keys for :class:`SegmentationSet`."""
 
     def __init__(self, num_samples: int, batch_size: int, max_iter: int, *, seed: int, start_iter: int = 0,
                  rank: int = 0, world_size: int = 1):
-        if num_samples < 1:
-            raise ValueError(f"the training set is empty (num_samples={num_samples})")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.b, self.max_iter = int(num_samples), int(batch_size), int(max_iter)
         self.seed, self.start_iter = int(seed), int(start_iter)
         self.rank, self.world = int(rank), int(world_size)
@@ -85,22 +62,18 @@ class StreamBatchSampler(torch.utils.data.Sampler):
             self._perm_epoch = epoch
         return int(self._perm[off])
 
-    def batch_positions(self, it: int):
-        """Stream positions of this process's batch at iteration ``it``."""
-        start = (it * self.world + self.rank) * self.b
-        return range(start, start + self.b)
-
     def __iter__(self):
         for it in range(self.start_iter, self.max_iter):
-            yield [(self._index(p), self.seed, p) for p in self.batch_positions(it)]
+            start = (it * self.world + self.rank) * self.b
+            yield [(self._index(p), self.seed, p) for p in range(start, start + self.b)]
 
     def __len__(self):
         return max(0, self.max_iter - self.start_iter)
 
 
 class ShardSampler(torch.utils.data.Sampler):
-    """Evaluation sampler: indices ``rank, rank + world, ...`` of ``range(num_samples)``
-    (no padding, so a metric summed over processes counts every image exactly once)."""
+    """Evaluation: indices ``rank, rank + world, ...`` of ``range(num_samples)``, without padding,
+    so that a metric summed over the processes counts every image exactly once."""
 
     def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
         self.indices = list(range(rank, int(num_samples), world_size))
@@ -115,8 +88,8 @@ class ShardSampler(torch.utils.data.Sampler):
 def pad_collate(batch):
     """Stack ``[(image [3, h, w], label [h, w], index), ...]`` into
     ``(images Tensor[N, 3, H, W], labels Tensor[N, H, W], sizes Tensor[N, 2], indices Tensor[N])``,
-    padding smaller samples at the bottom/right (image 0 = the mean after normalisation,
-    label 255) to the largest size in the batch. ``sizes`` holds each sample's ``(h, w)``."""
+    padding each sample at the bottom/right to the batch's largest size (image 0, the mean after
+    normalisation; label 255); ``sizes`` holds each sample's ``(h, w)``."""
     images, labels, indices = zip(*batch)
     sizes = torch.tensor([lab.shape for lab in labels], dtype=torch.long)
     h, w = int(sizes[:, 0].max()), int(sizes[:, 1].max())

@@ -5,10 +5,8 @@ identical on every machine and in every DataLoader worker. Each image holds one 
 ``max_objects`` objects on a smooth, low-saturation, slightly noisy background. An object's class
 fixes its shape family and its hue (with jitter), so a small DCNN learns *what* is where quickly;
 its outline is a hard colour edge, which a stride-8 network blurs when its scores are upsampled
-and which the fully connected CRF's bilateral kernel recovers from the image.
-
-Classes: 0 is background, 1..C-1 are objects. With ``void_width > 0`` a band of that many
-pixels along every label boundary is labelled 255 (void), as in PASCAL VOC's annotations.
+and which the fully connected CRF's bilateral kernel recovers from the image. Class 0 is the
+background.
 """
 from __future__ import annotations
 
@@ -57,25 +55,14 @@ class SyntheticShapes:
         max_objects: objects per image are drawn from ``1..max_objects``.
         noise: standard deviation of the per-pixel Gaussian noise, in 0..255 units.
         void_width: width in pixels of the void (255) band along label boundaries; 0 for none.
-        cache: keep generated samples in memory (they are pure functions of the index, so this
-            only trades memory for the ~2 ms a 64-px sample takes to draw).
 
-    ``dataset[i]`` returns ``(image, label)``: ``image`` ``np.uint8[H, W, 3]`` RGB,
-    ``label`` ``np.int64[H, W]`` with values in ``0..num_classes-1`` (and 255 when
-    ``void_width > 0``).
-
-    Example:
-        >>> ds = SyntheticShapes(8, size=64, num_classes=5, seed=0)
-        >>> img, lab = ds[3]
-        >>> img.shape, img.dtype, lab.shape, lab.dtype
-        ((64, 64, 3), dtype('uint8'), (64, 64), dtype('int64'))
+    ``dataset[i]`` is ``(image np.uint8[H, W, 3] RGB, label np.int64[H, W])``. Samples are kept
+    in memory once drawn (a 64-px one takes about 2 ms to draw).
     """
 
     def __init__(self, num_samples: int, *, size, num_classes: int, seed: int, split: str = "train",
-                 max_objects: int = 3, noise: float = 6.0, void_width: int = 0, cache: bool = True):
-        if isinstance(size, int):
-            size = (size, size)
-        size = tuple(int(s) for s in size)
+                 max_objects: int = 3, noise: float = 6.0, void_width: int = 0):
+        size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
         if len(size) != 2 or min(size) < 16:
             raise ValueError(f"size must be an int or (H, W) with both >= 16, got {size}")
         if int(num_classes) < 2:
@@ -86,15 +73,10 @@ class SyntheticShapes:
             raise ValueError(f"num_samples and max_objects must be >= 1, got {num_samples}, {max_objects}")
         if void_width < 0:
             raise ValueError(f"void_width must be >= 0, got {void_width}")
-        self.num_samples = int(num_samples)
-        self.size = size
-        self.num_classes = int(num_classes)
-        self.split = split
-        self.seed = int(seed)
-        self.max_objects = int(max_objects)
-        self.noise = float(noise)
-        self.void_width = int(void_width)
-        self._cache = {} if cache else None
+        self.num_samples, self.size, self.num_classes = int(num_samples), size, int(num_classes)
+        self.split, self.seed, self.max_objects = split, int(seed), int(max_objects)
+        self.noise, self.void_width = float(noise), int(void_width)
+        self._cache = {}
         self.class_names = ["background"] + [
             f"{SHAPES[(c - 1) % len(SHAPES)]}{'' if c <= len(SHAPES) else (c - 1) // len(SHAPES)}"
             for c in range(1, self.num_classes)]
@@ -102,26 +84,13 @@ class SyntheticShapes:
     def __len__(self) -> int:
         return self.num_samples
 
-    def class_hue(self, c: int) -> float:
-        """Base hue (0..1) of object class ``c`` (1..C-1): evenly spread around the colour wheel."""
-        return ((c - 1) / (self.num_classes - 1)) % 1.0
-
     def __getitem__(self, index: int):
-        if not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if index < 0:
-            index += self.num_samples
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        index = int(index)
-        if self._cache is not None and index in self._cache:
-            image, label = self._cache[index]
-            return image.copy(), label.astype(np.int64)
-        image, label = self._draw(index)
-        if self._cache is not None:
+        index = range(self.num_samples)[index]          # negative indices count from the end; IndexError
+        if index not in self._cache:
+            image, label = self._draw(index)
             self._cache[index] = (image, label.astype(np.uint8))
-            image = image.copy()
-        return image, label
+        image, label = self._cache[index]
+        return image.copy(), label.astype(np.int64)
 
     def _draw(self, index: int):
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], int(index)])
@@ -149,7 +118,8 @@ class SyntheticShapes:
             mask = _shape_mask(shape, yy, xx, cy, cx, a, b, rng.uniform(0, math.pi))
             if mask.sum() < 16:
                 continue
-            hue = (self.class_hue(c) + rng.uniform(-0.03, 0.03)) % 1.0
+            # Hues evenly spread around the colour wheel by class, with a little jitter.
+            hue = ((c - 1) / (self.num_classes - 1) + rng.uniform(-0.03, 0.03)) % 1.0
             rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0))) * 255
             # Gentle shading across the object keeps the colour edge sharp but the interior non-flat.
             g = rng.uniform(-0.15, 0.15) * ((xx - cx) / side) + rng.uniform(-0.15, 0.15) * ((yy - cy) / side)

@@ -1,22 +1,14 @@
-"""PASCAL VOC 2012 and the SBD augmented set, read from their official layouts.
-
-``--data-root`` may name the folder that holds ``VOCdevkit``, ``VOCdevkit`` itself, or
-``VOCdevkit/VOC2012``; the layout below it is the official one::
+"""PASCAL VOC 2012 and the SBD augmented set, read from their official layouts::
 
     VOCdevkit/VOC2012/JPEGImages/<id>.jpg
     VOCdevkit/VOC2012/SegmentationClass/<id>.png      (palette PNG of class indices, 255 = void)
     VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt
-
-``--sbd-root`` names SBD's ``benchmark_RELEASE/dataset`` folder (or ``benchmark_RELEASE``)::
-
-    dataset/img/<id>.jpg   dataset/cls/<id>.mat   dataset/{train,val}.txt
+    benchmark_RELEASE/dataset/{img/<id>.jpg, cls/<id>.mat, train.txt, val.txt}      (SBD)
 
 DeepLab's ``train_aug`` split = VOC train ∪ SBD train ∪ SBD val, minus every VOC val image
 (10,582 images for the full sets); where VOC and SBD both label an image, VOC's label is used.
-
-Every dataset here returns ``(image np.uint8[H, W, 3], label np.int64[H, W])`` (images read by
-:func:`train.data.images.read_rgb`: 16-bit and float images scaled by their real range) and
-raises a ``FileNotFoundError``/``ValueError`` that names the offending folder or file.
+Every dataset here returns ``(image np.uint8[H, W, 3], label np.int64[H, W])`` and raises a
+``FileNotFoundError``/``ValueError`` that names the offending folder or file.
 """
 from __future__ import annotations
 
