@@ -61,6 +61,6 @@ def test_band_plot_ticks_at_the_band_widths(tmp_path):
     assert not any(abs(left + (5 - 1) / 11 * (right - left) - c) <= 1 for c in columns)   # no tick at 5
 
 
-def test_line_plot_without_ticks_given_keeps_round_numbers():
+def test_line_plot_has_the_size_asked_for():
     img = line_plot({"a": ([0, 10], [1, 2])}, size=(300, 200))
     assert img.size == (300, 200)
