@@ -1,11 +1,10 @@
-"""The files a run leaves to continue from or to use: training checkpoints and trained models.
+"""Training checkpoints and trained models.
 
 A training checkpoint is a model file (``models.save_checkpoint``: atomic, loadable with
 ``torch.load(weights_only=True)``) with, under ``extra["train"]``, what an exact ``--resume``
-needs: the iteration, the optimiser state (SGD momentum), the AMP scaler and every process's RNG
-states (torch CPU/CUDA, numpy, python ``random``). The learning rate is a pure function of the
-iteration and the data order one of ``(seed, iteration)`` (:mod:`train.data.loader`), so that is
-all the state there is. Checkpoints also record the run's options and the data it trained on.
+needs: the iteration, the optimiser and AMP scaler states and every process's RNG states. The
+learning rate is a function of the iteration and the data order one of ``(seed, iteration)``
+(:mod:`train.data.loader`), so that is all the state there is.
 """
 from __future__ import annotations
 
@@ -60,13 +59,9 @@ def plain(obj):
 
 def save_training_checkpoint(path, model, *, optimizer, iteration: int, scaler, rngs: list, args,
                              stage: str, **extra) -> str:
-    """Write a resumable checkpoint of ``model`` (wrappers are unwrapped) atomically.
-
-    ``optimizer`` and ``scaler`` (a ``torch.amp.GradScaler`` or None): their states; ``iteration``:
-    the iterations done; ``rngs``: :func:`capture_rng` of every process, in rank order; ``args``:
-    the run's options (a namespace or dict); ``stage``: "dcnn", "crf" or "joint"; ``extra``: more
-    plain values (the run's data, earlier results).
-    """
+    """Write a resumable checkpoint of ``model`` atomically: ``iteration``: the iterations done;
+    ``rngs``: :func:`capture_rng` of every process, in rank order; ``args``: the run's options (a
+    namespace or dict); ``stage``: "dcnn", "crf" or "joint"; ``extra``: more plain values."""
     train = {"iteration": int(iteration), "stage": stage, "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
              "rng": rngs, "world_size": len(rngs), "args": plain(args if isinstance(args, dict) else vars(args))}
@@ -74,31 +69,28 @@ def save_training_checkpoint(path, model, *, optimizer, iteration: int, scaler, 
 
 
 def load_training_state(path, model, optimizer, scaler, *, rank: int, world_size: int) -> dict:
-    """Load a checkpoint of :func:`save_training_checkpoint` into ``model`` (same architecture),
-    ``optimizer`` and ``scaler`` (or None), and set process ``rank``'s RNG states (when the saved
-    run had ``world_size`` processes too; otherwise the RNG stays as seeded, and the continuation
-    differs from an uninterrupted run in dropout masks only). Returns the ``train`` dict
-    (``iteration``, ``stage``, ``args`` ...) with ``extra``, the other saved values."""
+    """Load a checkpoint of :func:`save_training_checkpoint` into ``model``, ``optimizer`` and
+    ``scaler`` (or None), and set process ``rank``'s RNG states (when the saved run had
+    ``world_size`` processes too; otherwise only the dropout masks differ from an uninterrupted
+    run). Returns the saved ``train`` dict (``iteration``, ``stage``, ``args`` ...)."""
     loaded, extra = models.load_checkpoint(path)
     try:
         models.unwrap(model).load_state_dict(loaded.state_dict())
     except RuntimeError as e:
         raise ValueError(f"{path}: checkpoint weights do not fit this model ({e}); resume with the "
                          "same --variant/--width/--num-classes/CRF settings it was trained with") from e
-    train = dict(extra.get("train") or {})
-    if optimizer is not None and train.get("optimizer") is not None:
+    train = extra["train"]
+    if optimizer is not None:
         optimizer.load_state_dict(train["optimizer"])
-    if scaler is not None and train.get("scaler") is not None:
+    if scaler is not None and train["scaler"] is not None:
         scaler.load_state_dict(train["scaler"])
-    rngs = train.get("rng") or []
-    if len(rngs) == world_size:
-        restore_rng(rngs[rank])
-    train["extra"] = {k: v for k, v in extra.items() if k != "train"}
+    if len(train["rng"]) == world_size:
+        restore_rng(train["rng"][rank])
     return train
 
 
 def resume_info(path) -> dict:
-    """What :func:`load_training_state` returns, read without touching a model, optimiser or RNG."""
+    """The ``train`` dict of a checkpoint, with ``extra``: its other saved values."""
     _, extra = models.load_checkpoint(path)
     if "train" not in extra:
         raise ValueError(f"{path} holds no training state (not written by train/*.py); "
@@ -155,25 +147,20 @@ def describe_data(data: dict | None) -> str:
 
 
 def load_model(path, num_classes: int | None) -> Trained:
-    """The :class:`Trained` model of a checkpoint of any train/ script (``model.pt``, ``dcnn.pt`` or
-    ``checkpoint.pt``). With ``num_classes``, a net with another number of classes is a
-    ``ValueError``; so is a CRF whose parameters overflow (:func:`check_crf_arithmetic`)."""
+    """The :class:`Trained` model of any train/ script's checkpoint. With ``num_classes``, a net
+    with another number of classes is a ``ValueError``; so is a CRF whose parameters overflow."""
     model, extra = models.load_checkpoint(path)
     net, crf = (model.net, model.crf) if isinstance(model, models.DeepLabCRF) else (model, None)
     if num_classes is not None and net.config["num_classes"] != num_classes:
         raise ValueError(f"{path} has {net.config['num_classes']} classes, but --num-classes is {num_classes}")
     check_crf_arithmetic(crf, path)
-    data = extra.get("data")
-    if not (isinstance(data, dict) and isinstance(data.get("class_names"), list)
-            and len(data["class_names"]) == net.config["num_classes"]):
-        data = None                                # checkpoints from before the data was stored
-    return Trained(net, crf, data)
+    return Trained(net, crf, extra.get("data"))     # (None: a checkpoint from before the data was stored)
 
 
 def check_crf_arithmetic(crf, path):
-    """``ValueError`` naming ``path`` when the CRF's pairwise matrices (compatibility @ kernel
-    weight) overflow float32: finite but huge parameters (a run that diverged) with which every
-    output would be NaN. (Non-finite parameters are refused by ``models.load_checkpoint``.)"""
+    """``ValueError`` naming ``path`` and the parameter when the CRF's pairwise matrices overflow
+    float32 (finite but huge parameters of a run that diverged; non-finite ones are refused by
+    ``models.load_checkpoint``)."""
     if crf is None or not hasattr(crf, "pairwise_matrices"):
         return
     with torch.no_grad():

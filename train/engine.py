@@ -1,21 +1,11 @@
-"""What the scripts are made of: the models and data of the options, a training run and its
-stages, and evaluation.
-
-- Building: :func:`make_sets`, :func:`build_net`, :func:`build_crf`, and for evaluate.py and
-  segment.py :func:`load_for_inference` (a trained model, with a CRF added when it has none).
-- Training: :class:`TrainingRun` opens a run (process, output folder, data, log, ``--resume``);
-  :meth:`TrainingRun.train` runs a stage: SGD or Adam over parameter groups whose initial
-  learning rates are ``--lr`` × the group's multiplier, one ``LambdaLR`` multiplying them by the
-  step/poly factor of the iteration, checkpoints, exact resume, the non-finite-loss guard.
-- Evaluation: :func:`evaluate` (confusion matrices and boundary bands, summed over processes).
-"""
+"""What the scripts are made of: the models and data of the options, losses, a training run and
+its stages (:class:`TrainingRun`), and evaluation (:func:`evaluate`)."""
 from __future__ import annotations
 
 import csv
 import functools
 import io
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -49,7 +39,7 @@ class NonFiniteOutputError(ValueError):
 
 # ----------------------------------------------------------------------------- building
 def make_sets(args, train: bool = True):
-    """``(train_set or None, val_set, class_names)``: :class:`train.data.SegmentationSet` s of the options."""
+    """``(train_set or None, val_set, class_names)``: the :class:`train.data.SegmentationSet` s of the options."""
     if args.dataset == "voc" and args.num_classes != 21:
         raise ValueError(f"PASCAL VOC has 21 classes, got --num-classes {args.num_classes}")
     synthetic = args.dataset == "synthetic"
@@ -77,7 +67,7 @@ def build_net(args):
 
 def crf_layer(num_classes: int, bilateral, spatial, iterations: int, eval_iterations: int, **layer_options):
     """A ``crfrnn.CRFRNNLayer`` for ImageNet-normalised images (the DCNN's input): ``bilateral`` =
-    (sigma_xy, sigma_rgb, w1), ``spatial`` = (sigma_xy, w2); ``layer_options`` go to the layer."""
+    (sigma_xy, sigma_rgb, w1), ``spatial`` = (sigma_xy, w2)."""
     return crfrnn.CRFRNNLayer(num_classes=int(num_classes), num_iterations=int(iterations),
                               num_eval_iterations=int(eval_iterations), bilateral=[float(x) for x in bilateral],
                               spatial=[float(x) for x in spatial], image_mean=list(IMAGENET_MEAN),
@@ -99,10 +89,9 @@ def build_crf(args, bilateral=None):
 def load_for_inference(args, num_classes: int | None):
     """``(model, trained_on)``: ``--checkpoint``'s model as a ``models.DeepLabCRF`` whose CRF runs
     ``--crf-eval-iters`` iterations, and the data it was trained on (None: unrecorded). A
-    checkpoint without a CRF gets one (unless ``--no-crf``; DeepLab's post-processing) of
-    ``--bilateral`` / ``--spatial``, or where those are none of ``--crf-preset``, or where that is
-    none of the preset of the data it was trained on. ``num_classes``: see :func:`load_model`."""
-    if not os.path.isfile(args.checkpoint):
+    checkpoint without a CRF gets one (unless ``--no-crf``) of ``--bilateral`` / ``--spatial``,
+    else of ``--crf-preset``, else of the preset of the data it was trained on."""
+    if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} not found (train one first, e.g. "
                                 "python train/joint.py, or pass --checkpoint)")
     net, crf, trained_on = load_model(args.checkpoint, num_classes)
@@ -126,9 +115,9 @@ def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
 
 
 def dcnn_loss(model, images: torch.Tensor, labels: torch.Tensor, *, full_resolution: bool):
-    """Cross-entropy (void ignored) of a DeepLab's (possibly DDP-wrapped) scores of ``images``
-    (Tensor[N, 3, H, W]): on the stride-8 map against the subsampled ``labels`` (Tensor[N, H, W];
-    the paper), or, with ``full_resolution``, on the upsampled scores."""
+    """Cross-entropy (void ignored) of a DeepLab's scores of ``images`` (Tensor[N, 3, H, W]): on
+    the stride-8 map against the subsampled ``labels`` (Tensor[N, H, W]; the paper), or, with
+    ``full_resolution``, on the upsampled scores."""
     scores = model(images).float()
     if full_resolution:
         scores = F.interpolate(scores, size=labels.shape[-2:], mode="bilinear", align_corners=False)
@@ -175,8 +164,6 @@ def joint_loss(model, images: torch.Tensor, labels: torch.Tensor, *, unary_weigh
     """``loss`` (a key of :data:`CRF_LOSSES`) of a DeepLabCRF's refined logits at full resolution,
     plus ``unary_weight`` × the DCNN's own stride-8 cross-entropy (CRF-RNN: 0)."""
     out = model(images)
-    if out["crf"] is None:
-        raise ValueError("joint_loss needs a DeepLabCRF with a CRF and use_crf=True")
     total = CRF_LOSSES[loss](out["crf"].float(), labels)
     if unary_weight:
         coarse = out["coarse"].float()
@@ -208,8 +195,6 @@ def lr_factor(it: int, policy: str, max_iter: int, step_size: int, gamma: float,
     """Multiplier of the base learning rate at iteration ``it`` (0-based): ``"step"``:
     ``gamma ** (it // step_size)`` (DeepLab: ×0.1 every 2000); ``"poly"``: ``(1 - it/max_iter) ** power``."""
     if policy == "step":
-        if step_size <= 0:
-            raise ValueError(f"--lr-step must be > 0, got {step_size}")
         return gamma ** (it // step_size)
     if policy == "poly":
         return max(0.0, 1.0 - it / max(1, max_iter)) ** power
@@ -218,11 +203,10 @@ def lr_factor(it: int, policy: str, max_iter: int, step_size: int, gamma: float,
 
 def make_optimizer(model, args, lr: float) -> torch.optim.Optimizer:
     """SGD with momentum (the paper's) or Adam (``--optimizer``) over the trainable parameters of a
-    DeepLab or DeepLabCRF, in groups whose initial learning rate (``lr`` and ``initial_lr``) is
-    ``lr`` × a multiplier:
+    DeepLab or DeepLabCRF, in named groups whose initial learning rate is ``lr`` × a multiplier:
     ``backbone`` (conv1_1..fc7, ×1), ``classifier`` (fc8 and MSc heads, ×--classifier-lr-mult)
-    and ``crf`` (×--crf-lr-mult, --crf-weight-decay: 0 keeps decay from pulling the Potts
-    compatibility to zero). Empty groups are left out; each carries its ``name``."""
+    and ``crf`` (×--crf-lr-mult, with --crf-weight-decay: 0 keeps decay from pulling the Potts
+    compatibility to zero). Empty groups are left out."""
     m = models.unwrap(model)
     net, crf = getattr(m, "net", m), getattr(m, "crf", None)
     parts = net.parameter_groups()
@@ -241,9 +225,8 @@ def make_optimizer(model, args, lr: float) -> torch.optim.Optimizer:
 
 
 def lr_schedule(optimizer, args, iters: int, start: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning rate, at iteration ``start`` of ``iters``: each group's ``initial_lr`` ×
-    :func:`lr_factor` of the iteration (``--lr-policy``, ``--lr-step``, ``--lr-gamma``,
-    ``--poly-power``). Step it after each iteration."""
+    """Each group's ``initial_lr`` × :func:`lr_factor` of the iteration, at iteration ``start`` of
+    ``iters``; step it after each iteration."""
     factor = functools.partial(lr_factor, policy=args.lr_policy, max_iter=iters, step_size=args.lr_step,
                                gamma=args.lr_gamma, power=args.poly_power)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start - 1)
@@ -251,9 +234,9 @@ def lr_schedule(optimizer, args, iters: int, start: int) -> torch.optim.lr_sched
 
 class MetricLogger:
     """Scalars to a CSV file (columns: time, stage, iteration, name, value) and, with
-    ``tensorboard``, to TensorBoard event files in a ``tensorboard`` folder beside it (only where
-    ``enabled``: rank 0). A new run starts the file afresh; a resumed one (``resume``) keeps it
-    and drops what follows its checkpoint (:meth:`truncate`)."""
+    ``tensorboard``, to TensorBoard event files in a ``tensorboard`` folder beside it; only where
+    ``enabled`` (rank 0). A resumed run (``resume``) keeps the file, dropping what follows its
+    checkpoint (:meth:`truncate`); a new one starts it afresh."""
 
     FIELDS = ("time", "stage", "iteration", "name", "value")
 
@@ -302,14 +285,16 @@ class MetricLogger:
 
 # ----------------------------------------------------------------------------- a training run
 class TrainingRun:
-    """What every training script opens with, once its options are finished: the process
-    (:func:`train.process.setup`), ``--out-dir`` (refused before any work when one of the files
-    ``checkpoint.pt``, ``metrics.csv`` and ``outputs`` is there from an earlier run), what
-    ``--resume`` continues (its options checked against the checkpoint's), the seeds (``--seed``
-    + rank), the train and val sets and the metric log."""
+    """What every training script opens with, once its options are finished: the process, the
+    output folder (refused before any work when ``checkpoint.pt``, ``metrics.csv`` or one of
+    ``outputs`` is there from an earlier run), what ``--resume`` continues (its options checked
+    against the checkpoint's), the seeds (``--seed`` + rank), the data and the metric log."""
 
     def __init__(self, args, outputs):
         self.args, self.info = args, setup(args)
+        if args.batch_size % self.info.world_size:
+            raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
+                             f"({self.info.world_size})")
         self.out = open_output_dir(args, ["checkpoint.pt", "metrics.csv", *outputs])
         self.resumed = None      # --resume's training state (checkpoint.resume_info)
         if args.resume:
@@ -329,11 +314,6 @@ class TrainingRun:
                                    enabled=self.info.is_main, resume=self.resumed is not None)
         self.data = data_description(args, self.class_names)   # stored in every checkpoint
 
-    @property
-    def checkpoint(self) -> Path:
-        """The resumable checkpoint every stage writes (``--resume`` reads it)."""
-        return self.out.path("checkpoint.pt")
-
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
@@ -350,12 +330,12 @@ class TrainingRun:
         base learning rate ``lr``, writing the run's checkpoint as stage ``stage``.
 
         ``loss_fn(model, images, labels)``: the loss of a batch (images Tensor[N, 3, H, W],
-        labels Tensor[N, H, W]). ``resume``: first load ``--resume``'s checkpoint of this stage
-        (weights, optimiser, AMP scaler, RNG) and go on from its iteration. ``stop_at``: end after
-        that iteration, checkpointed, as if killed there (and say how to go on). ``extra``: plain values stored in every
-        checkpoint. Returns ``{"iterations" (run now), "loss" (mean of the last log interval),
-        "seconds", "images_per_s", "stopped"}``; raises :class:`NonFiniteLossError` on a NaN/Inf
-        loss (no checkpoint is written after it).
+        labels Tensor[N, H, W]). ``resume``: first load ``--resume``'s checkpoint of this stage and
+        go on from its iteration. ``stop_at``: end after that iteration, checkpointed, as if
+        killed there. ``extra``: plain values stored in every checkpoint. Returns
+        ``{"iterations" (run now), "loss" (mean of the last log interval), "seconds",
+        "images_per_s", "stopped"}``; raises :class:`NonFiniteLossError` on a NaN/Inf loss (no
+        checkpoint is written after it).
         """
         args, info = self.args, self.info
         if getattr(model, "crf", None) is not None:
@@ -377,7 +357,7 @@ class TrainingRun:
         bar = progress_bar(total=iters, initial=start, desc=stage, leave=True,
                            enabled=not args.no_progress and info.is_main)
         # Without a bar (not a terminal, or --no-progress), one line now and then says how it goes.
-        every = max(1, args.log_every)
+        every = args.log_every
         line_every = every * max(1, math.ceil(iters / 20 / every))
         ckpt = self.out.claim("checkpoint.pt")
         last_ckpt = f"the last good checkpoint is {ckpt} (iteration {start})" if start else \
@@ -423,7 +403,7 @@ class TrainingRun:
                 self.logger.log(stage, done, loss=last_loss, lr=rate, images_per_s=ips)
                 t_log, n_log, loss_sum, loss_n = now, 0, 0.0, 0
             stopping = stop_at is not None and stop_at <= done < iters
-            if (args.ckpt_every and done % args.ckpt_every == 0) or done == iters or stopping:
+            if done % args.ckpt_every == 0 or done == iters or stopping:
                 rngs = all_gather_object(capture_rng())   # every process's, for an exact resume
                 if info.is_main:
                     save_training_checkpoint(ckpt, model, optimizer=optimizer, iteration=done, scaler=scaler,
@@ -448,9 +428,6 @@ class TrainingRun:
     def _train_loader(self, iters: int, start: int):
         """This process's batches of iterations ``start..iters-1`` (:class:`train.data.StreamBatchSampler`)."""
         args, info = self.args, self.info
-        if args.batch_size % info.world_size:
-            raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
-                             f"({info.world_size})")
         sampler = StreamBatchSampler(len(self.train_set), args.batch_size // info.world_size, iters, seed=args.seed,
                                      start_iter=start, rank=info.rank, world_size=info.world_size)
         # A private generator keeps the DataLoader from drawing on the global torch RNG (dropout's),
@@ -460,8 +437,7 @@ class TrainingRun:
                                            pin_memory=info.device.type == "cuda")
 
     def train_dcnn(self, net, iters: int, lr: float, *, resume: bool, stop_at: int | None = None) -> dict:
-        """Stage "dcnn": a DeepLab alone, with DeepLab's loss on the stride-8 scores (or, with
-        ``--dcnn-loss full``, on the upsampled ones). See :meth:`train`."""
+        """Stage "dcnn": a DeepLab alone, with ``--dcnn-loss`` (see :meth:`train`)."""
         loss = functools.partial(dcnn_loss, full_resolution=self.args.dcnn_loss == "full")
         return self.train(net, loss, "dcnn", iters, lr, resume=resume, stop_at=stop_at)
 
@@ -512,21 +488,13 @@ def forward_eval(model, images: torch.Tensor, use_crf: bool) -> dict:
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes: int, bands, *, amp: bool, progress: bool, class_names=None,
              num_examples: int = 0, use_crf: bool = True, desc: str = "eval"):
-    """Metrics of the DCNN alone (``"dcnn"``) and, when the model has a CRF and ``use_crf``, with
-    it (``"crf"``), summed over all processes.
-
-    Args:
-        model: DeepLab or DeepLabCRF (wrappers allowed), run in eval mode (the CRF with its
-            evaluation iteration count), then put back in its mode.
-        loader: yields ``(images Tensor[N, 3, H, W], labels Tensor[N, H, W], sizes Tensor[N, 2],
-            indices)`` as :func:`eval_loader`.
-        bands: trimap band widths (px) for :class:`train.metrics.BandAccuracy`.
-        num_examples: keep this many ``{"index", "image" uint8[H, W, 3], "label", "dcnn", "crf"}``
-            examples (this process's first ones).
-    Returns:
-        ``(results, examples)``: ``results[mode] = {"miou", "pixel_accuracy", "mean_class_accuracy",
-        "per_class_iou", "confusion", "band_accuracy": {...}}``.
-    """
+    """``(results, examples)``: the metrics of a DeepLab or DeepLabCRF ``model`` (in eval mode,
+    then put back in its mode) on the batches of ``loader`` (as :func:`eval_loader`'s), summed
+    over all processes: ``results["dcnn"]`` of the DCNN alone and, when the model has a CRF and
+    ``use_crf``, ``results["crf"]`` with it, each ``{"miou", "pixel_accuracy",
+    "mean_class_accuracy", "per_class_iou", "confusion", "band_accuracy"}`` (``bands``: the
+    trimap widths, px); ``examples``: this process's first ``num_examples`` as ``{"index",
+    "image" uint8[H, W, 3], "label", "dcnn", "crf"}``."""
     m = models.unwrap(model)
     was_training = m.training
     m.eval()

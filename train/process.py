@@ -1,20 +1,9 @@
-"""A script's process: its device and process group, CPU threads and malloc, its output folder,
-progress bars, and how it ends on bad input.
+"""A script's process: device and process group (DDP under torchrun; rank 0 alone writes files),
+CPU threads and malloc, the output folder, progress bars, and how it ends on bad input.
 
-DDP: ``torchrun --nproc_per_node=K train/joint.py ...`` sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; :func:`setup` joins the group (NCCL on CUDA, gloo on CPU). Each process reads its
-share of every batch (the global batch is ``--batch-size``), DDP averages the gradients, and
-rank 0 alone writes files. Without torchrun every helper here works for the one process.
-
-The output folder (:class:`OutputDir`) keeps two promises:
-
-1. a script writes inside it only: a name that would lead out (``..``, an absolute path) is refused;
-2. it never replaces a file it did not create in this run: a file already there from an earlier
-   run, or anyone's, is replaced only with ``--overwrite``, and an input of the run never.
-
-A script checks every name it will write before any work (:func:`open_output_dir`), claims each
-file as it writes it (:meth:`OutputDir.claim`; written atomically by
-:func:`models.files.atomic_write`), and ends by listing what it claimed.
+The output folder (:class:`OutputDir`) keeps two promises: a script writes inside it only, and
+never replaces a file it did not create in this run (an earlier run's only with ``--overwrite``,
+an input of the run never). Every name is checked before any work (:func:`open_output_dir`).
 """
 from __future__ import annotations
 
@@ -86,7 +75,7 @@ def broadcast_object(obj):
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a CPU tensor) summed over the processes; ``t`` itself without a group."""
+    """``t`` (a CPU tensor) summed over the processes."""
     if not _group():
         return t
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
@@ -109,14 +98,14 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def keep_large_blocks_in_the_heap() -> bool:
-    """Stop glibc's malloc from returning large freed blocks to the system (Linux only).
+    """Stop glibc's malloc from returning large freed blocks to the system (Linux only); returns
+    whether the setting took.
 
     glibc serves every block over 32 MB with mmap and unmaps it on free, so on the CPU each
     [N, H*W, C] tensor of a CRF iteration (63 MB at N = 4, 500x375, C = 21) page-faults afresh
-    at every step: batch-4 forward+backward ran about 1.8x slower per image than batch 1 (see
-    README, `MALLOC_MMAP_MAX_=0 python bench/crf.py`). When the setting takes, the fused CRF may
-    as well keep its marginals for the backward (``CRFRNNLayer(keep_marginals=True)``: about 10%
-    off forward+backward). Returns whether the setting took.
+    at every step: batch-4 forward+backward ran about 1.8x slower per image than batch 1. When
+    the setting takes, the fused CRF may as well keep its marginals for the backward
+    (``CRFRNNLayer(keep_marginals=True)``: about 10% off forward+backward).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -129,11 +118,10 @@ def keep_large_blocks_in_the_heap() -> bool:
 
 
 def setup(args) -> DistInfo:
-    """Choose the device (``--device``: auto = ``cuda:LOCAL_RANK`` when there is a GPU, else cpu;
-    cpu, cuda or cuda:K), join the process group when launched by torchrun (``WORLD_SIZE`` > 1),
-    set the CPU threads (``--threads``, where the script has it: 0 keeps PyTorch's choice, except
-    in a CPU run of several processes without ``OMP_NUM_THREADS``, where each takes its share of
-    the cores) and, on the CPU, keep large freed blocks in the heap."""
+    """Choose the device (``--device``), join the process group under torchrun, set the CPU
+    threads (``--threads``, where the script has it; 0 keeps PyTorch's choice, except that the
+    processes of a CPU run without ``OMP_NUM_THREADS`` share the cores out) and, on the CPU,
+    keep large freed blocks in the heap."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     name = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu" and not name.startswith("cuda"):
@@ -157,8 +145,8 @@ def setup(args) -> DistInfo:
 
 
 def cleanup(finished: bool):
-    """Leave the process group (if any). ``finished``: every process ended its work normally, so
-    they first wait for each other (a barrier would hang after one of them failed).
+    """Leave the process group (if any); ``finished``: every process ended normally, so they wait
+    for each other first (a barrier would hang after one of them failed).
 
     DistributedDataParallel's hooks hold the group through reference cycles: without a collection
     its gloo threads could outlive ``destroy_process_group`` and be torn down with the interpreter,
@@ -172,22 +160,16 @@ def cleanup(finished: bool):
 
 
 def progress_bar(iterable=None, *, enabled: bool, **kwargs) -> tqdm:
-    """A tqdm bar, drawn only when ``enabled`` and stderr is a terminal (a log file gets no
-    redraws); ``bar.disable`` says whether it is hidden."""
+    """A tqdm bar, drawn only when ``enabled`` and stderr is a terminal; ``bar.disable`` says
+    whether it is hidden."""
     return tqdm(iterable, disable=None if enabled else True, dynamic_ncols=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the output folder
 class OutputDir:
-    """The output folder of one run (see the module docstring).
-
-    Args:
-        folder: the folder (``--out-dir``); created by :meth:`claim`.
-        overwrite: replace files that exist before this run (``--overwrite``).
-        protect: paths never written (the run's inputs), whatever ``overwrite`` says.
-        keep: names (relative to ``folder``) this run continues from an earlier one (the checkpoint
-            and log of a ``--resume`` d run): replaced without ``overwrite``.
-    """
+    """The output folder of one run (module docstring): ``overwrite``: replace files from before
+    this run; ``protect``: paths never written (the run's inputs); ``keep``: names this run
+    continues from an earlier one (a ``--resume`` d run's checkpoint and log)."""
 
     def __init__(self, folder, *, overwrite: bool, protect=(), keep=()):
         self.folder = Path(folder)
@@ -197,8 +179,8 @@ class OutputDir:
         self.claimed: list[Path] = []
 
     def path(self, name) -> Path:
-        """The path of ``name`` in the folder, claiming nothing; ``ValueError`` when ``name`` is
-        absolute, empty, or has a ``.``/``..`` part."""
+        """The path of ``name`` in the folder, claiming nothing; ``ValueError`` for a name that
+        would lead out (absolute, empty, a ``.``/``..`` part)."""
         rel = PurePath(name)
         if rel.is_absolute() or rel.drive or not rel.parts or any(p in ("", ".", "..") for p in rel.parts):
             raise ValueError(f"refusing to write {str(name)!r}: output names must stay inside {self.folder}")
@@ -260,11 +242,10 @@ INPUT_FILE_OPTIONS = ("init", "dcnn", "checkpoint", "vgg_weights")
 
 
 def open_output_dir(args, names, protect=()) -> OutputDir:
-    """``--out-dir`` as an :class:`OutputDir`, after checking that the run may write every one of
-    ``names`` (``FileExistsError`` before any work otherwise). ``protect``: inputs besides those
-    the INPUT_FILE_OPTIONS name. A ``--resume`` of a checkpoint in ``--out-dir`` continues the run
-    that wrote its files, so it may replace them. An empty ``--out-dir`` is refused (it would mean
-    the current folder). Rank 0 alone writes, so it alone checks and tells the others."""
+    """``--out-dir`` as an :class:`OutputDir`, once the run may write every one of ``names``.
+    ``protect``: inputs besides those of INPUT_FILE_OPTIONS. A ``--resume`` of a checkpoint in
+    ``--out-dir`` continues the run that wrote its files, so it may replace them. Rank 0 alone
+    writes, so it alone checks, and tells the others."""
     if not str(args.out_dir).strip():
         raise ValueError("--out-dir is empty: give the folder to write to")
     folder = Path(args.out_dir)
@@ -289,8 +270,8 @@ def open_output_dir(args, names, protect=()) -> OutputDir:
 
 # ----------------------------------------------------------------------------- the end
 def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line (an error raised in a DataLoader worker arrives
-    wrapped in the worker's traceback: its own message is the last line of that)."""
+    """The message of ``error`` on one line (one raised in a DataLoader worker arrives wrapped in
+    the worker's traceback: its own message is the last line of that)."""
     text = str(error).strip()
     if "\nOriginal Traceback" in text:
         text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1].strip())
@@ -298,9 +279,8 @@ def one_line(error: BaseException) -> str:
 
 
 def run_main(main, parser):
-    """Parse, run ``main(args)``. Bad input (a missing, malformed or unreadable file or dataset, a
-    bad option: ``ValueError``, ``OSError``), a failed write (disk full, a file the run may not
-    replace) or a NaN/Inf loss (``FloatingPointError``) ends with one line and exit status 2;
+    """Parse, run ``main(args)``. Bad input (``ValueError``, ``OSError``: a bad file or option, a
+    failed write) or a NaN/Inf loss (``FloatingPointError``) ends with one line and exit status 2;
     other errors with a traceback and 1."""
     args = parser.parse_args()
     finished = False
