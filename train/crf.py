@@ -1,27 +1,7 @@
-"""Stage 2: the fully connected CRF on a frozen DCNN — learnt by gradient (CRF-RNN's layer,
-DCNN fixed) or by DeepLab's grid search of w1, σα, σβ on a validation subset (``--search``).
-
-    python train/crf.py                                  # synthetic: short DCNN stage, then the CRF
-    python train/crf.py --dcnn runs/dcnn/model.pt --search
-    python train/crf.py --dataset voc --data-root DATA --dcnn runs/dcnn/model.pt --search \
-        --search-samples 100                             # DeepLab: w1 5..10, σα 50..100, σβ 3..10
-    python train/crf.py --dcnn runs/dcnn/model.pt --search --refine --learn-bandwidths \
-        --compatibility symmetric                        # the grid's best, then learnt from there
-
-Gradient mode trains the CRF layer's kernel weights and compatibility matrix (C×C each, or
-shared: ``--kernel-weights``, ``--compatibility``), and with ``--learn-bandwidths`` its three
-bandwidths, through ``--crf-iters`` mean-field iterations with the loss (``--crf-loss``: CRF-RNN's
-cross-entropy, or the Lovász-softmax IoU surrogate) on its full-resolution output; the DCNN
-runs in eval mode with frozen weights. Search mode keeps the Potts model and, for each
-(w1, σα, σβ) with w2 = σγ = 3 fixed, runs the CRF on the DCNN's unaries of the first
-``--search-samples`` validation images (computed once) and keeps the best mIoU; with ``--refine``
-gradient training then starts from that best (the search finds the basin, the gradient the
-parameters a grid has no axis for: per-class weights and compatibilities, finer bandwidths).
-
-Writes OUT/model.pt (DCNN + CRF, for evaluate.py, segment.py, joint.py --init), OUT/metrics.json
-(DCNN alone, with the initial CRF, with the searched and/or learnt CRF; the search grid),
-OUT/bands.png, OUT/examples.png, OUT/metrics.csv, OUT/checkpoint.pt (for --resume; not written by a
-search without --refine or a DCNN stage) and, when it trains the DCNN first, OUT/dcnn.pt.
+"""Stage 2: the fully connected CRF on a frozen DCNN, learnt by gradient (CRF-RNN's layer: kernel
+weights, compatibility and with --learn-bandwidths the bandwidths, through --crf-iters mean-field
+iterations) or by DeepLab's grid search of w1, σα, σβ (``--search``), or the grid's best refined
+by gradient (``--search --refine``). Recipes: train/README.md.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
@@ -128,18 +108,17 @@ def main(args):
 
 
 def crf_loss(model, images, labels, loss):
-    """The loss of the CRF's output (--crf-loss) with the DCNN kept in eval mode (frozen weights,
-    no dropout)."""
+    """The loss of the CRF's output (--crf-loss), the DCNN kept in eval mode (no dropout)."""
     models.unwrap(model).net.eval()
     return engine.joint_loss(model, images, labels, unary_weight=0.0, loss=loss)
 
 
 @torch.no_grad()
 def grid_search(args, run, net):
-    """DeepLab's search: mIoU of the CRF for every (w1, σα, σβ) of --search-* on the first
-    --search-samples validation images. The DCNN's unaries are computed once; each grid point then
-    costs only the CRF. Every process evaluates its share of the images. Returns the best point
-    and ``{"samples", "points": [{"w1", "sxy", "srgb", "miou"}, ...]}``."""
+    """DeepLab's search: mIoU of the Potts CRF for every (w1, σα, σβ) of --search-* (the spatial
+    kernel fixed at --spatial) on the first --search-samples validation images, each process on
+    its share of them. The DCNN's unaries are computed once; each grid point then costs only the
+    CRF. Returns the best point and ``{"samples", "points": [{"w1", "sxy", "srgb", "miou"}, ...]}``."""
     n = min(len(run.val_set), args.search_samples)
     subset = torch.utils.data.Subset(run.val_set, list(range(n)))
     cached = []

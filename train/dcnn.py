@@ -1,14 +1,5 @@
-"""Stage 1: train the DCNN alone (DeepLab's recipe), then evaluate it.
-
-    python train/dcnn.py                                     # synthetic data, CPU, ~1-2 minutes
-    python train/dcnn.py --dataset voc --data-root DATA --sbd-root SBD \
-        --vgg-weights vgg16-397923af.pth                     # the paper: train_aug, 6000 iterations
-    torchrun --nproc_per_node=4 train/dcnn.py --dataset voc ...
-
-Loss: per-position cross-entropy of the stride-8 scores against the ground truth subsampled by 8
-(void ignored; ``--dcnn-loss full`` compares the upsampled scores with the full labels). Writes
-OUT/model.pt (for train/crf.py, train/joint.py --init, evaluate.py, segment.py), OUT/checkpoint.pt
-(for --resume), OUT/metrics.json, OUT/metrics.csv and OUT/examples.png.
+"""Stage 1: train the DCNN alone (DeepLab's recipe and loss: cross-entropy of the stride-8 scores
+against the labels subsampled by 8), then evaluate it. Recipes: train/README.md.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)

@@ -1,15 +1,6 @@
 """Evaluate a checkpoint with and without the CRF: mIoU (void ignored), per-class IoU, pixel
-accuracy, and the accuracy within a band around object boundaries as a function of its width
-(DeepLab's trimap figure).
-
-    python train/evaluate.py                                   # runs/joint/model.pt on synthetic val
-    python train/evaluate.py --checkpoint runs/dcnn/model.pt --dataset voc --data-root DATA
-    torchrun --nproc_per_node=2 train/evaluate.py ...          # images split over processes
-
-A checkpoint without a CRF (train/dcnn.py) is evaluated with a CRF built from --crf-preset /
---bilateral / --spatial (DeepLab's post-processing). Writes OUT/metrics.json, OUT/bands.png
-(accuracy vs band width, DCNN and DCNN + CRF) and OUT/examples.png. A checkpoint whose model
-computes NaN or infinite values (broken parameters) is an error, not a table of metrics.
+accuracy, and the accuracy within a band around object boundaries against its width (DeepLab's
+trimap figure). A checkpoint whose model computes NaN or infinite values is an error, not a table.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)

@@ -1,31 +1,12 @@
-"""End-to-end training of DeepLab + CRF-RNN (the DCNN and the CRF as one network).
-
-    python train/joint.py                       # synthetic data, a few minutes on 2 CPU cores
-    python train/joint.py --dataset voc --data-root DATA --init runs/dcnn/model.pt
-    torchrun --nproc_per_node=2 train/joint.py ...   # DistributedDataParallel
-
-What it does:
-1. (without --init) a short stage-1 run trains the DCNN alone (DeepLab's recipe and loss), so
-   that joint training starts from a sensible unary; with --init it starts from a checkpoint
-   of train/dcnn.py (a DCNN) or of train/crf.py / this script (DCNN + CRF);
-2. evaluates the DCNN alone and DCNN + CRF (the CRF at its initial parameters: DeepLab's
-   post-processing) — "before";
-3. trains both jointly through the CRF (CRF-RNN's recipe: loss on the CRF's full-resolution
-   output, 5 mean-field iterations in training, 10 at evaluation); the CRF's parameter sharing
-   is --compatibility / --kernel-weights, and --learn-bandwidths learns its bandwidths too (a
-   CRF that comes with --init keeps its own options);
-4. evaluates again — "after" — and prints the table, writing metrics.json, examples.png,
-   bands.png (accuracy near boundaries vs band width), metrics.csv, model.pt, checkpoint.pt
-   (and dcnn.pt, the DCNN of step 1) to --out-dir.
-
---resume OUT/checkpoint.pt continues a killed run exactly (either stage).
+"""End-to-end training of DeepLab + CRF-RNN, the main job: without --init a DCNN stage first
+(DeepLab's recipe), then the DCNN alone and with the CRF at its initial parameters are evaluated
+("before"), both are trained jointly through the CRF (CRF-RNN's recipe: the loss on the CRF's
+full-resolution output), evaluated again ("after"), and the table printed. Recipes: train/README.md.
 """
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
 import functools
-from pathlib import Path
-
 import torch
 
 import models
@@ -101,10 +82,9 @@ def main(args):
             ("DCNN + CRF, after joint training", after["crf"])]
     if info.is_main:
         models.save_checkpoint(out.claim("model.pt"), joint, data=run.data)
-        reports.write_json(out.claim("metrics.json"), {
-            "before": before, "after": after, "train": summary, "seconds": run.seconds(),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "crf": _crf_params(joint.crf)})
+        reports.write_json(out.claim("metrics.json"), {"before": before, "after": after, "train": summary,
+                                                       "seconds": run.seconds(), "args": vars(args),
+                                                       "crf": _crf_params(joint.crf)})
         reports.band_plot(out.claim("bands.png"), dict(rows))
         reports.examples_png(out.claim("examples.png"), {
             "DCNN before": (before_examples, "dcnn"), "+CRF before": (before_examples, "crf"),
@@ -117,7 +97,7 @@ def main(args):
 
 
 def _crf_params(crf) -> dict:
-    """The CRF's learnt kernel weights (diagonal means) and compatibility, for the report."""
+    """The CRF's bandwidths, kernel weights and compatibility, for the report."""
     out = {"bilateral": list(crf.bilateral), "spatial": list(crf.spatial)}
     for name in ("bilateral_weight", "spatial_weight", "compatibility"):
         t = getattr(crf, name, None)

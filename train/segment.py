@@ -1,34 +1,6 @@
 """Segment image files with a trained checkpoint: label PNGs (VOC palette, pixel value = class)
-and overlay PNGs, with or without the CRF.
-
-    python train/segment.py photo.jpg more/ --checkpoint runs/joint/model.pt --out-dir seg
-    python train/segment.py                 # no inputs: segments a few synthetic demo images
-
-What it writes in --out-dir (OUT), for an input whose output NAME is ``photo``:
-
-    OUT/labels/photo.png        the label map (palette PNG; with --no-crf, the DCNN's)
-    OUT/overlays/photo.png      the label colours blended over the image
-    OUT/labels_dcnn/photo.png   with --both: the DCNN's label map
-    OUT/inputs/demo_K.png       without inputs: the synthetic demo images it segments
-
-NAME is the input's file name without its extension (``photo`` for ``photo.jpg``). When two
-inputs would get the same NAME (``cat.jpg`` and ``cat.png``), both keep their extension
-(``cat.jpg``, ``cat.png``: ``OUT/labels/cat.jpg.png``); when they also have the same file name
-(``a/cat.jpg`` and ``b/cat.jpg``), their folders are kept as subfolders, as many as tell them
-apart (``OUT/labels/a/cat.jpg.png``). So every input gets outputs of its own, all inside OUT
-(names compare case-insensitively; the same file given twice is segmented once).
-
-It never replaces a file it did not write in this run: when one of its outputs is already in
-OUT (from an earlier run into the same folder, or anyone's), it refuses before segmenting
-anything, unless --overwrite; an input is never replaced, not even with --overwrite. Outputs of
-other names are added beside those of earlier runs: one OUT may collect the segmentations of
-several runs (of different images).
-
-Images are read with their real range (16-bit and float images scaled, not clipped:
-:mod:`train.data.images`). A checkpoint records the data it was trained on; the demo draws its
-images from that synthetic set, and segmenting other images with a model of the synthetic
-shapes prints a note.
-"""
+and overlays, with or without the CRF; without inputs, demo images of the synthetic set the
+checkpoint was trained on. Output names and folders: train/README.md, "segment.py"."""
 if __package__ in (None, ""):  # run as a file: put the repository root first on sys.path
     import _repo_path  # noqa: F401  (train/_repo_path.py)
 
@@ -48,8 +20,6 @@ from train.process import open_output_dir, progress_bar, run_main, setup
 from train.reports import label_image, overlay, save_image_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
-#: The output folders, by what they hold (see the module docstring).
-LABELS, OVERLAYS, DCNN_LABELS, DEMO_INPUTS = "labels", "overlays", "labels_dcnn", "inputs"
 
 
 def get_args_parser(add_help=True):
@@ -75,16 +45,15 @@ def list_inputs(inputs) -> list:
     """Image paths from files and folders, each file once; ``FileNotFoundError``/``ValueError``
     when one is missing or a folder holds no images."""
     paths, seen = [], set()
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS and q.is_file())
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(q for q in item.iterdir() if q.suffix.lower() in IMAGE_EXTS and q.is_file())
             if not found:
-                raise ValueError(f"folder {p} holds no images ({', '.join(IMAGE_EXTS)})")
-        elif p.is_file():
-            found = [p]
+                raise ValueError(f"folder {item} holds no images ({', '.join(IMAGE_EXTS)})")
+        elif item.is_file():
+            found = [item]
         else:
-            raise FileNotFoundError(f"input {p} does not exist")
+            raise FileNotFoundError(f"input {item} does not exist")
         for q in found:
             if q.resolve() not in seen:
                 seen.add(q.resolve())
@@ -93,10 +62,9 @@ def list_inputs(inputs) -> list:
 
 
 def output_names(paths) -> list:
-    """The output NAME of each input (module docstring): its stem; with the extension where
-    stems collide; with as many parent folders as it takes where file names collide too.
-    ``ValueError`` when two inputs differ only in letter case (no name could tell them apart
-    on a case-insensitive disk)."""
+    """The output NAME of each input: its stem; with the extension where stems collide; with as
+    many parent folders as it takes where file names collide too (compared case-insensitively).
+    ``ValueError`` when two inputs differ only in letter case."""
     parts = [Path(os.path.abspath(p)).parts[1:] for p in paths]      # without the root
 
     def name(k, i):  # k = 0: the stem; k >= 1: the last k parts of the path
@@ -120,15 +88,14 @@ def output_names(paths) -> list:
 
 
 def demo_images(trained_on, n: int, size: int | None, num_classes: int, checkpoint) -> list:
-    """``n`` test images of the synthetic set the checkpoint was trained on (its classes, image
-    size and seed), as ``[(file name, uint8[H, W, 3])]``; ``ValueError`` for a checkpoint trained
-    on other data."""
+    """``[(file name in OUT, uint8[H, W, 3])]``: ``n`` test images of the synthetic set the
+    checkpoint was trained on (its classes, image size and seed); ``ValueError`` for other data."""
     if trained_on is not None and trained_on["dataset"] != "synthetic":
         raise ValueError(f"no inputs given, and the demo segments synthetic shapes, but {checkpoint} was trained "
                          f"on {describe_data(trained_on)}: give image files or folders to segment")
     ds = SyntheticShapes(n, size=size or (trained_on or {}).get("image_size") or 64, num_classes=num_classes,
                          split="test", seed=(trained_on or {}).get("data_seed", 0))
-    return [(f"{DEMO_INPUTS}/demo_{i}.png", ds[i][0]) for i in range(n)]
+    return [(f"inputs/demo_{i}.png", ds[i][0]) for i in range(n)]
 
 
 def main(args):
@@ -138,7 +105,7 @@ def main(args):
                                                 model.net.config["num_classes"], args.checkpoint)
     paths = list_inputs(args.inputs) if demo is None else [Path(args.out_dir) / f for f, _ in demo]
     names = output_names(paths) if demo is None else [Path(f).stem for f, _ in demo]
-    kinds = [LABELS, OVERLAYS] + ([DCNN_LABELS] if args.both else [])
+    kinds = ["labels", "overlays"] + (["labels_dcnn"] if args.both else [])
     planned = {kind: [f"{kind}/{n}.png" for n in names] for kind in kinds}    # {kind: [file in OUT per input]}
     info = setup(args)
     out = open_output_dir(args, [f for f, _ in demo or []] + [f for files in planned.values() for f in files],
@@ -152,14 +119,14 @@ def main(args):
     for k, path in enumerate(progress_bar(paths, desc="segment", enabled=not args.no_progress)):
         rgb = read_rgb(path)
         labels, dcnn_labels = segment(model, rgb, info.device, not args.no_crf, args.checkpoint)
-        save_image_atomic(label_image(labels), out.claim(planned[LABELS][k]))
-        save_image_atomic(Image.fromarray(overlay(rgb, labels, args.alpha)), out.claim(planned[OVERLAYS][k]))
+        save_image_atomic(label_image(labels), out.claim(planned["labels"][k]))
+        save_image_atomic(Image.fromarray(overlay(rgb, labels, args.alpha)), out.claim(planned["overlays"][k]))
         if args.both:
-            save_image_atomic(label_image(dcnn_labels), out.claim(planned[DCNN_LABELS][k]))
-    counts = [f"{len(files)} {'label maps' if kind != OVERLAYS else 'overlays'} in {out.path(kind)}"
+            save_image_atomic(label_image(dcnn_labels), out.claim(planned["labels_dcnn"][k]))
+    counts = [f"{len(files)} {'overlays' if kind == 'overlays' else 'label maps'} in {out.path(kind)}"
               for kind, files in planned.items()]
     if demo:
-        counts.append(f"{len(demo)} demo inputs in {out.path(DEMO_INPUTS)}")
+        counts.append(f"{len(demo)} demo inputs in {out.path('inputs')}")
     print(f"wrote {', '.join(counts)}")
     return out.claimed
 
