@@ -296,6 +296,16 @@ def test_sparse_tensors_are_refused_at_the_boundary():
         lat.filter(unary.to_sparse())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_point_sets(backend, dtype):
+    """No points: an empty lattice and an empty filter (the native build of empty float64
+    features failed: an empty tensor's null data pointer was read as a float32 tensor's)."""
+    lat = crfrnn.Lattice(torch.zeros(2, 0, 3, dtype=dtype), backend=backend)
+    assert lat.num_vertices == 0 and lat.weights.dtype == dtype
+    assert lat.filter(torch.zeros(2, 0, 4, dtype=dtype), "symmetric").shape == (2, 0, 4)
+
+
 # ------------------------------------------------------------------------------------------
 # 7. the float32 bandwidth gradient of the "gaussian" estimator
 
