@@ -275,8 +275,10 @@ class MetricLogger:
             now = f"{time.time():.3f}"
             csv.DictWriter(f, self.FIELDS).writerows({"time": now, "stage": stage, "iteration": iteration,
                                                       "name": k, "value": v} for k, v in scalars.items())
-        for k, v in scalars.items() if self.tb is not None else ():
-            self.tb.add_scalar(f"{stage}/{k}", v, iteration)
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"{stage}/{k}", v, iteration)
+            self.tb.flush()        # the scripts never close the log: a run may end or be killed any time
 
     def close(self):
         if self.tb is not None:
