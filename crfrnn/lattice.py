@@ -415,6 +415,10 @@ def exact_gaussian_filter(features: torch.Tensor, values: torch.Tensor, normaliz
     For tests and benchmarks on small inputs only. Same shapes and `normalize` modes as
     `Lattice.filter`; computed in float64.
     """
+    _check_float("features", features)
+    _check_float("values", values)
+    if values.device != features.device:
+        raise ValueError(f"values are on {values.device} but features are on {features.device}")
     per_pixel = features.dim() == 4
     f = features.flatten(2).transpose(1, 2) if per_pixel else features
     v = values.flatten(2).transpose(1, 2) if per_pixel else values

@@ -90,6 +90,11 @@ def test_mean_field_refuses_a_matrix_or_lattice_on_another_device(backend, fused
         crfrnn.mean_field(unary, [lat, lat], [mat, mat.to("meta")], 3, fused=fused)
     with pytest.raises(ValueError, match="lattice 0 is on cpu but unary is on meta"):
         crfrnn.mean_field(unary.to("meta"), [lat], [mat.to("meta")], 3, fused=fused)
+    with pytest.raises(ValueError, match="values are on meta but the lattice is on cpu"):
+        lat.filter(unary.to("meta"))
+    feats = random_points(1, 30, 2)
+    with pytest.raises(ValueError, match="values are on meta but features are on cpu"):
+        crfrnn.exact_gaussian_filter(feats, unary.to("meta"))
 
 
 def _filter_args(lat, c=2, seed=0):
