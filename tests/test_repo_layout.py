@@ -103,7 +103,7 @@ def test_setup_finds_only_the_library():
         packages = read_configuration(REPO / "setup.cfg")["options"]["packages"]
     finally:
         os.chdir(cwd)
-    assert packages == ["crfrnn"]
+    assert sorted(packages) == ["crfrnn", "crfrnn.pydensecrf"]  # the library and its pydensecrf drop-in
 
 
 @pytest.mark.slow
@@ -122,4 +122,5 @@ def test_the_wheel_holds_only_crfrnn(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"crfrnn", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
-    assert "crfrnn/layer.py" in names and not any(n.startswith(("models/", "train/")) for n in names)
+    assert {"crfrnn/layer.py", "crfrnn/pydensecrf/densecrf.py"} <= set(names)
+    assert not any(n.startswith(("models/", "train/")) for n in names)
