@@ -12,12 +12,13 @@ import warnings
 
 import torch
 
+from . import ops
 from .lattice import MAX_FEATURE_DIM, NORMALIZATIONS, check_lattice_size
 
-#: The most mean-field iterations a layer runs per call. Mean field settles within tens (CRF-RNN
-#: trains with 5, DeepLab infers with 10); a count beyond this, e.g. from a damaged state dict,
-#: would make a forward run for hours, so it is refused.
-MAX_ITERATIONS = 1000
+#: The most mean-field iterations a layer runs per call (the fused ops' own cap). Mean field
+#: settles within tens (CRF-RNN trains with 5, DeepLab infers with 10); a count beyond this, e.g.
+#: from a damaged state dict, would make a forward run for hours, so it is refused.
+MAX_ITERATIONS = ops.MAX_ITERATIONS
 
 #: Image dtypes the CRF reads (what torch's CPU and CUDA reductions cover: no uint16/32/64,
 #: float8, bool or complex).
