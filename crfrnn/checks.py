@@ -48,6 +48,14 @@ def iteration_count(value, name="num_iterations"):
     return value
 
 
+def prune_threshold(value, name="prune"):
+    """`value` as a float if it is a real number in [0, 1] (not bool), else ValueError naming
+    `name`: sender pruning's epsilon (see `crfrnn.mean_field`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1] (0: no pruning), got {value!r}")
+    return float(value)
+
+
 def positive(name, value):
     """`value` as a float if it is a positive finite real number (not bool), else ValueError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \

@@ -35,8 +35,13 @@ from . import checks, ops
 from .features import bilateral_features, kernel_features, spatial_features
 from .lattice import Lattice, cast_result, compute_dtype
 
-__all__ = ["mean_field", "build_crf_lattices", "kernel_lattice", "potts_matrices", "CRFRNN_PARAMS",
-           "DEEPLAB_LARGEFOV_PARAMS"]
+__all__ = ["mean_field", "build_crf_lattices", "kernel_lattice", "potts_matrices", "sender_mask", "CRFRNN_PARAMS",
+           "DEEPLAB_LARGEFOV_PARAMS", "DEFAULT_PRUNE"]
+
+#: Sender pruning's default epsilon for evaluation (`dense_crf`, `CRFRNNLayer` in eval mode): a
+#: class whose Q stays below it at every point of an image sends no message in that iteration.
+#: Measured with bench/classes.py (see bench/README.md).
+DEFAULT_PRUNE = 1e-3
 
 #: CRF-RNN's kernel parameters: bilateral (sigma_xy, sigma_rgb, weight), spatial (sigma_xy, weight).
 CRFRNN_PARAMS = {"bilateral": (160.0, 3.0, 5.0), "spatial": (3.0, 3.0)}
@@ -96,9 +101,17 @@ def kernel_lattice(kernel, sigmas, shape=None, positions=None, guide=None, backe
     return Lattice(features.flatten(2).transpose(1, 2), backend=backend, feature_grad=feature_grad)
 
 
-def _message_logits(q, unary, lattices, pairwise, normalize):
+def sender_mask(q, prune):
+    """Sender pruning's decision: Tensor[N, C] of q's dtype, 1 where class l of image n reaches
+    `prune` somewhere in Q (Tensor[N, P, C]), else 0."""
+    return (q.detach().amax(dim=1) >= prune).to(q.dtype) if q.shape[1] else q.new_ones(q.shape[0], q.shape[2])
+
+
+def _message_logits(q, unary, lattices, pairwise, normalize, prune=0.0):
     """L = U - sum_m (mu W_m) K_m(Q), on Tensor[N, P, C] (channels last); `normalize`: one per
-    lattice."""
+    lattice; with `prune`, K_m of Q D (D: `sender_mask`)."""
+    if prune > 0:
+        q = q * sender_mask(q, prune)[:, None, :]
     n, p, c = q.shape
     logits = None
     for lat, mat, norm in zip(lattices, pairwise, normalize):
@@ -112,8 +125,8 @@ def _message_logits(q, unary, lattices, pairwise, normalize):
     return logits.reshape(n, p, c)
 
 
-def _iteration(q, unary, lattices, pairwise, normalize):
-    logits = _message_logits(q, unary, lattices, pairwise, normalize)
+def _iteration(q, unary, lattices, pairwise, normalize, prune=0.0):
+    logits = _message_logits(q, unary, lattices, pairwise, normalize, prune)
     return logits, torch.softmax(logits, dim=-1)
 
 
@@ -137,7 +150,7 @@ def can_fuse(unary, lattices):
 
 
 def fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint=False,
-                     keep_marginals=False):
+                     keep_marginals=False, prune=0.0):
     """All iterations in one fused op (see csrc/cpu/mean_field_cpu.cpp), where `can_fuse` says
     they apply. The result has `unary`'s memory layout (a channels-first unary stays channels
     first).
@@ -148,7 +161,8 @@ def fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, check
     on CUDA, the marginals (its splat reads them from memory anyway). On the CPU the backward
     recomputes each iteration's marginals from the unary and the saved grids, in the pass over
     the points it makes anyway, instead of keeping a Tensor[N, P, C] per iteration, unless
-    `keep_marginals`. `normalize`: one for all lattices, or one per lattice."""
+    `keep_marginals` (never when pruning: the backward recomputes them). `normalize`: one for all
+    lattices, or one per lattice; `prune`: sender pruning's epsilon (see `mean_field`)."""
     normalize = checks.normalizations(normalize, len(lattices))
     splat_scales, slice_scales = zip(*(lat.normalization_scales(norm, unary.dtype)
                                        for lat, norm in zip(lattices, normalize)))
@@ -156,13 +170,13 @@ def fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, check
             list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices],
             [m.to(unary.dtype) for m in pairwise], num_iterations)
     if checkpoint or not wants_grad(unary, pairwise, lattices):
-        return torch.ops.crfrnn.mean_field_inference(*args)
+        return torch.ops.crfrnn.mean_field_inference(*args, prune)
     save_marginals = unary.device.type == "cuda" or bool(keep_marginals)
-    return torch.ops.crfrnn.mean_field_forward(*args, save_marginals)[0]
+    return torch.ops.crfrnn.mean_field_forward(*args, save_marginals, prune)[0]
 
 
 def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False, fused=True,
-               keep_marginals=False):
+               keep_marginals=False, prune=0.0):
     """Run `num_iterations` mean-field iterations on prebuilt lattices (channels last).
 
     Args:
@@ -191,6 +205,18 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
             glibc maps every block over 32 MB afresh, and the page faults of a new
             [T - 1, N, P, C] block each step then cost more than the recomputation saves (the
             training scripts set both). On CUDA the marginals are always kept.
+        prune (float): sender pruning, epsilon in [0, 1]. In each iteration, a class whose marginal
+            Q stays below epsilon at every point of an image sends no message there (its channel
+            is not splatted, blurred or sliced: K_m(Q D) with D the senders' 0/1 diagonal,
+            `sender_mask`); every class still receives the senders' messages, so absent classes
+            stay suppressed. A normalised filter of values below epsilon is below epsilon, so each
+            dropped message is below epsilon times its pairwise weights; with Potts-like matrices
+            (equal off-diagonal entries in each column) its part that differs between classes
+            falls on the dropped class alone, and the error in Q is of order weight * epsilon^2.
+            Gradients are those of the function computed, the senders held fixed. The fused ops
+            then cost what the senders cost (for Potts-like matrices the other classes ride along
+            as one); 0 (the default here): the exact iterations. `crfrnn.DEFAULT_PRUNE` is the
+            measured safe value that `dense_crf` and `CRFRNNLayer` use in evaluation.
 
     When the lattices are the compiled backend's on a device with the fused ops (CPU; CUDA when
     built with it), all iterations run in one op, which applies the C x C matrices on the lattice
@@ -209,6 +235,7 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
                         ".to_dense() first")
     pairwise = [_pairwise_matrix(i, m, getattr(unary, "device", None)) for i, m in enumerate(pairwise)]
     checks.mean_field_args(unary, lattices, pairwise, num_iterations)
+    prune = checks.prune_threshold(prune)
     _check_devices(unary, lattices, pairwise)
     num_iterations = int(num_iterations)  # a numpy integer to the ops' int
     if num_iterations == 0:
@@ -218,7 +245,8 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     unary = unary.to(compute_dtype(unary.dtype))  # half precision: computed in float32
     pairwise = [m.to(unary.dtype) for m in pairwise]
     if fused and can_fuse(unary, lattices):
-        logits = fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint, keep_marginals)
+        logits = fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint, keep_marginals,
+                                  prune)
         return cast_result(logits, out_dtype, "mean_field")
     use_checkpoint = checkpoint and wants_grad(unary, pairwise, lattices)
     if use_checkpoint:
@@ -233,9 +261,9 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     for _ in range(num_iterations):
         if use_checkpoint:
             logits, q = torch_checkpoint.checkpoint(_iteration, q, unary, lattices, pairwise,
-                                                    normalize, use_reentrant=False)
+                                                    normalize, prune, use_reentrant=False)
         else:
-            logits, q = _iteration(q, unary, lattices, pairwise, normalize)
+            logits, q = _iteration(q, unary, lattices, pairwise, normalize, prune)
     return cast_result(logits, out_dtype, "mean_field")
 
 

@@ -112,6 +112,12 @@ def _check_iterations(op, iterations):
         raise RuntimeError(f"{op}: iterations must be >= 1 and <= {MAX_ITERATIONS}, got {iterations}")
 
 
+def _check_prune(op, prune):
+    if not 0 <= prune <= 1:
+        raise RuntimeError(f"{op}: prune must be in [0, 1] (a class sends while its Q reaches it somewhere in the "
+                           f"image; 0: every class always), got {prune}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference ops (pure PyTorch).
 
@@ -334,29 +340,35 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("crfrnn::mean_field_inference")
     def _mean_field_fake(unary, vertex_index, weights, splat_scale, slice_scale, neighbors,
-                         pairwise, iterations):
+                         pairwise, iterations, prune=0.0):
         op = "crfrnn::mean_field_inference"
         _check_mean_field_devices(op, unary, (vertex_index, weights, splat_scale, slice_scale, neighbors), pairwise)
         _check_iterations(op, iterations)
+        _check_prune(op, prune)
         return torch.empty_like(unary)
 
     @torch.library.register_fake("crfrnn::mean_field_forward")
     def _mean_field_forward_fake(unary, vertex_index, weights, splat_scale, slice_scale, neighbors,
-                                 pairwise, iterations, save_marginals):
+                                 pairwise, iterations, save_marginals, prune=0.0):
         op = "crfrnn::mean_field_forward"
         _check_mean_field_devices(op, unary, (vertex_index, weights, splat_scale, slice_scale, neighbors), pairwise)
         _check_iterations(op, iterations)
+        _check_prune(op, prune)
         n, p, c = unary.shape
         blurred = [unary.new_empty((iterations, nb.shape[1], c)) for nb in neighbors]
-        marginals = unary.new_empty((iterations - 1, n, p, c) if save_marginals else (0,))
-        return torch.empty_like(unary), blurred, marginals
+        marginals = unary.new_empty((iterations - 1, n, p, c) if save_marginals and prune == 0 else (0,))
+        senders = unary.new_empty((iterations, n, c) if prune > 0 else (0,), dtype=torch.uint8)
+        return torch.empty_like(unary), blurred, marginals, senders
 
     @torch.library.register_fake("crfrnn::mean_field_backward")
     def _mean_field_backward_fake(grad_logits, unary, vertex_index, weights, splat_scale, slice_scale,
-                                  neighbors, pairwise, blurred, marginals, iterations):
+                                  neighbors, pairwise, blurred, marginals, iterations, senders=None):
         op = "crfrnn::mean_field_backward"
+        extra = [("grad_logits", grad_logits), ("blurred", blurred), ("marginals", marginals)]
+        if senders is not None:
+            extra.append(("senders", senders))
         _check_mean_field_devices(op, unary, (vertex_index, weights, splat_scale, slice_scale, neighbors), pairwise,
-                                  [("grad_logits", grad_logits), ("blurred", blurred), ("marginals", marginals)])
+                                  extra)
         _check_iterations(op, iterations)
         return torch.empty_like(unary), [m.new_empty(m.shape) for m in pairwise]
 
@@ -415,18 +427,22 @@ def splat_tables(vertex_index, num_vertices):
     return offsets, order.to(torch.int32)
 
 
-def mean_field_loop(unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations):
+def mean_field_loop(unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations,
+                    senders=None):
     """What the fused ops compute (their arguments, in order), step by step with ops that autograd
     differentiates to any order: crfrnn::lattice_filter for K_m(Q) = slice_scale *
     filter(splat_scale * Q), matmuls for the C x C matrices. The fused ops' backward runs it
     under create_graph=True (and the backward op's own backward), so that second derivatives
-    (gradient penalties, Hessian-vector products) are those of the iterations."""
+    (gradient penalties, Hessian-vector products) are those of the iterations. senders: a pruned
+    forward's (Tensor[T, N, C] uint8), held fixed: iteration t filters Q D_t, or None (all)."""
     n, p, c = unary.shape
     u = unary.reshape(n * p, c)
     tables = [(vi, w, nb, *splat_tables(vi, nb.shape[1])) for vi, w, nb in zip(vertex_index, weights, neighbors)]
     logits = u
-    for _ in range(iterations):
+    for t in range(iterations):
         q = torch.softmax(logits, dim=-1)
+        if senders is not None and senders.numel() > 0:
+            q = (q.reshape(n, p, c) * senders[t].to(q.dtype)[:, None, :]).reshape(n * p, c)
         logits = u
         for (vi, w, nb, offsets, entries), a, b, mat in zip(tables, splat_scale, slice_scale, pairwise):
             filtered = torch.ops.crfrnn.lattice_filter(
@@ -435,10 +451,11 @@ def mean_field_loop(unary, vertex_index, weights, splat_scale, slice_scale, neig
     return logits.reshape(n, p, c)
 
 
-def _mean_field_vjp(grad_logits, unary, lattice, pairwise, iterations, needs_unary, needs_pairwise):
-    """(grad_unary, grad_pairwise) for `grad_logits`, by autograd through `mean_field_loop`:
-    differentiable again under grad mode (see _vjp_by_recomputation)."""
-    grads = _vjp_by_recomputation(lambda u, *mats: [mean_field_loop(u, *lattice, list(mats), iterations)],
+def _mean_field_vjp(grad_logits, unary, lattice, pairwise, iterations, needs_unary, needs_pairwise, senders=None):
+    """(grad_unary, grad_pairwise) for `grad_logits`, by autograd through `mean_field_loop` (with
+    a pruned forward's senders): differentiable again under grad mode (see
+    _vjp_by_recomputation)."""
+    grads = _vjp_by_recomputation(lambda u, *mats: [mean_field_loop(u, *lattice, list(mats), iterations, senders)],
                                   (unary, *pairwise), (needs_unary, *needs_pairwise), [grad_logits])
     return grads[0], grads[1:]
 
@@ -448,60 +465,69 @@ if EXTENSION_ERROR is None:
         return ctx.needs_input_grad[0], ctx.needs_input_grad[1 + len(_LATTICE_LISTS)]
 
     def _forward_setup_context(ctx, inputs, output):
-        unary, *lattice, pairwise, iterations, _ = inputs
+        unary, *lattice, pairwise, iterations, _, _ = inputs
         _refuse_lattice_gradients("crfrnn::mean_field_forward", *lattice[1:4])
-        _, blurred, marginals = output
-        ctx.mark_non_differentiable(*blurred, marginals)
+        _, blurred, marginals, senders = output
+        ctx.mark_non_differentiable(*blurred, marginals, senders)
         # Autograd would otherwise hand the backward zero-filled gradients of the saved grids and
         # marginals (tens of MB to fill at 500x375, a tenth of a training step), never read.
         ctx.set_materialize_grads(False)
-        _save_mean_field_inputs(ctx, unary, lattice, pairwise, iterations, extra=(*blurred, marginals))
+        _save_mean_field_inputs(ctx, unary, lattice, pairwise, iterations, extra=(*blurred, marginals, senders))
 
-    def _forward_backward(ctx, grad_logits, _grad_blurred, _grad_marginals):
+    def _forward_backward(ctx, grad_logits, _grad_blurred, _grad_marginals, _grad_senders):
         unary, lattice, pairwise, saved = _saved_mean_field_inputs(ctx)
+        *blurred, marginals, senders = saved
         if grad_logits is None:  # not materialised (see above): no gradient reached the logits
             grad_logits = torch.zeros_like(unary)
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable again
             return _mean_field_gradients(ctx, *_mean_field_vjp(grad_logits, unary, lattice, pairwise, ctx.iterations,
-                                                               *_pairwise_needs(ctx)))
+                                                               *_pairwise_needs(ctx), senders))
         grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(
-            grad_logits, unary, *lattice, pairwise, list(saved[:-1]), saved[-1], ctx.iterations)
+            grad_logits, unary, *lattice, pairwise, blurred, marginals, ctx.iterations, senders)
         return _mean_field_gradients(ctx, grad_unary, grad_pairwise)
 
     torch.library.register_autograd("crfrnn::mean_field_forward", _forward_backward,
                                     setup_context=_forward_setup_context)
 
     def _inference_setup_context(ctx, inputs, output):
-        unary, *lattice, pairwise, iterations = inputs
+        unary, *lattice, pairwise, iterations, prune = inputs
         _refuse_lattice_gradients("crfrnn::mean_field_inference", *lattice[1:4])
         _save_mean_field_inputs(ctx, unary, lattice, pairwise, iterations)
+        ctx.prune = prune
 
     def _inference_backward(ctx, grad_logits):
         unary, lattice, pairwise, _ = _saved_mean_field_inputs(ctx)
         if torch.is_grad_enabled():  # create_graph=True, as in _forward_backward
+            senders = None
+            if ctx.prune > 0:  # the senders the forward had (the same op code, the same decisions)
+                with torch.no_grad():
+                    senders = torch.ops.crfrnn.mean_field_forward(unary, *lattice, pairwise, ctx.iterations, False,
+                                                                  ctx.prune)[3]
             return _mean_field_gradients(ctx, *_mean_field_vjp(grad_logits, unary, lattice, pairwise, ctx.iterations,
-                                                               *_pairwise_needs(ctx)))
+                                                               *_pairwise_needs(ctx), senders))
         # Gradient checkpointing: the forward again, saving its blurred grids (the marginals are
-        # recomputed from them in the backward op), then the backward.
-        _, blurred, marginals = torch.ops.crfrnn.mean_field_forward(unary, *lattice, pairwise, ctx.iterations, False)
+        # recomputed from them in the backward op) and senders, then the backward.
+        _, blurred, marginals, senders = torch.ops.crfrnn.mean_field_forward(
+            unary, *lattice, pairwise, ctx.iterations, False, ctx.prune)
         grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(
-            grad_logits, unary, *lattice, pairwise, blurred, marginals, ctx.iterations)
+            grad_logits, unary, *lattice, pairwise, blurred, marginals, ctx.iterations, senders)
         return _mean_field_gradients(ctx, grad_unary, grad_pairwise)
 
     torch.library.register_autograd("crfrnn::mean_field_inference", _inference_backward,
                                     setup_context=_inference_setup_context)
 
     def _backward_setup_context(ctx, inputs, output):
-        grad_logits, unary, *lattice, pairwise, blurred, marginals, iterations = inputs
+        grad_logits, unary, *lattice, pairwise, blurred, marginals, iterations, senders = inputs
         _refuse_lattice_gradients("crfrnn::mean_field_backward", *lattice[1:4])
         ctx.num_kernels, ctx.iterations = len(pairwise), iterations
-        ctx.save_for_backward(grad_logits, unary, *(t for group in lattice for t in group), *pairwise)
+        ctx.save_for_backward(grad_logits, unary, *(t for group in lattice for t in group), *pairwise,
+                              torch.empty(0, dtype=torch.uint8) if senders is None else senders)
 
     def _backward_backward(ctx, grad_grad_unary, grad_grad_pairwise):
         # The backward op is the map (grad_logits, unary, pairwise) -> (grad_unary, grad_pairwise)
         # (the saved grids and marginals are functions of the unary and the matrices, not inputs
         # of their own): its derivatives by autograd through the loop's.
-        grad_logits, *rest = ctx.saved_tensors
+        grad_logits, *rest, senders = ctx.saved_tensors
         k = ctx.num_kernels
         unary, lattice = rest[0], [rest[1 + i * k:1 + (i + 1) * k] for i in range(len(_LATTICE_LISTS))]
         pairwise = list(rest[1 + len(_LATTICE_LISTS) * k:])
@@ -512,7 +538,7 @@ if EXTENSION_ERROR is None:
             # (Inputs that no gradient is asked for are constants here, but the op's outputs are
             # their gradients: differentiate in all of them.)
             u, *mats = (x if x.requires_grad else x.detach().requires_grad_() for x in (u, *mats))
-            grad_unary, grad_pairwise = _mean_field_vjp(gl, u, lattice, mats, ctx.iterations, True, [True] * k)
+            grad_unary, grad_pairwise = _mean_field_vjp(gl, u, lattice, mats, ctx.iterations, True, [True] * k, senders)
             return [grad_unary, *grad_pairwise]
 
         grads = _vjp_by_recomputation(fn, (grad_logits, unary, *pairwise), (needs[0], needs[1], *needs_pairwise),

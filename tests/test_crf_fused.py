@@ -337,7 +337,7 @@ def test_saved_marginals_give_the_recomputed_bits(monkeypatch):
     flags, forward = [], torch.ops.crfrnn.mean_field_forward
 
     def spy(*args):
-        flags.append(args[-1])
+        flags.append(args[8])  # save_marginals
         return forward(*args)
     monkeypatch.setattr(torch.ops.crfrnn, "mean_field_forward", spy)
     results = []
@@ -473,7 +473,7 @@ def test_opcheck_training_ops(layout, save_marginals):
     pairwise = [m.requires_grad_() for m in pairwise]
     args = op_args(unary.requires_grad_(), lattices, pairwise, 3)
     torch.library.opcheck(torch.ops.crfrnn.mean_field_forward.default, (*args, save_marginals))
-    _, blurred, marginals = torch.ops.crfrnn.mean_field_forward(*args, save_marginals)
+    _, blurred, marginals, _ = torch.ops.crfrnn.mean_field_forward(*args, save_marginals)
     grad = torch.randn(unary.shape, dtype=torch.float64)
     backward_args = (grad, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]],
                      [m.detach() for m in pairwise], blurred, marginals, 3)
@@ -502,7 +502,7 @@ def test_fused_ops_refuse_lattice_weights_that_want_a_gradient():
 def test_backward_op_with_bad_saved_tensors_raises():
     unary, lattices, pairwise = inputs(n=1, c=3)
     args = op_args(unary, lattices, pairwise, 2)
-    _, blurred, marginals = torch.ops.crfrnn.mean_field_forward(*args, True)
+    _, blurred, marginals, _ = torch.ops.crfrnn.mean_field_forward(*args, True)
     grad = torch.randn(unary.shape)
     op = torch.ops.crfrnn.mean_field_backward
 

@@ -430,7 +430,7 @@ def test_mean_field_schedules_equal_the_cpu_ops(harness, tmp_path, normalize, dt
     splat_scales, slice_scales = zip(*(lat.normalization_scales(normalize, dtype) for lat in lattices))
     args = (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(dtype) for lat in lattices],
             list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices], pairwise, iterations)
-    logits, blurred, marginals = torch.ops.crfrnn.mean_field_forward(*args, True)
+    logits, blurred, marginals, _ = torch.ops.crfrnn.mean_field_forward(*args, True)
     grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(grad, *args[:7], blurred, marginals, iterations)
     got = run_mean_field_harness(harness, tmp_path, unary, lattices, pairwise, grad, iterations, normalize,
                                  save_marginals, seed=7)
@@ -452,7 +452,7 @@ def test_mean_field_schedules_any_classes_and_iterations(harness, tmp_path, c, i
     splat_scales, slice_scales = zip(*(lat.normalization_scales("symmetric", torch.float64) for lat in lattices))
     args = (unary, [lat.vertex_index for lat in lattices], [lat.weights for lat in lattices], list(splat_scales),
             list(slice_scales), [lat.neighbors for lat in lattices], pairwise, iterations)
-    logits, blurred, marginals = torch.ops.crfrnn.mean_field_forward(*args, False)
+    logits, blurred, marginals, _ = torch.ops.crfrnn.mean_field_forward(*args, False)
     grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(grad, *args[:7], blurred, marginals, iterations)
     got = run_mean_field_harness(harness, tmp_path, unary, lattices, pairwise, grad, iterations, "symmetric",
                                  False, seed=c)

@@ -120,7 +120,7 @@ def _op_calls(backend):
         lists = [("unary", unary), ("vertex_index", [lat.vertex_index]), ("weights", [lat.weights]),
                  ("splat_scale", [scales[0]]), ("slice_scale", [scales[1]]), ("neighbors", [lat.neighbors]),
                  ("pairwise", [mat])]
-        _, blurred, marginals = torch.ops.crfrnn.mean_field_forward(*(t for _, t in lists), 2, True)
+        _, blurred, marginals, _ = torch.ops.crfrnn.mean_field_forward(*(t for _, t in lists), 2, True)
         calls += [("mean_field_inference", lists, (2,)), ("mean_field_forward", lists, (2, True)),
                   ("mean_field_backward", [("grad_logits", unary.clone())] + lists
                    + [("blurred", blurred), ("marginals", marginals)], (2,))]

@@ -109,7 +109,7 @@ def test_mean_field_backward_op_is_differentiable():
     lattice = ([lat.vertex_index], [lat.weights], [scales[0]], [scales[1]], [lat.neighbors])
     grad_logits = randn(*unary.shape, dtype=torch.float64, seed=6).requires_grad_()
     u, mat = unary.clone().requires_grad_(), mats[0].clone().requires_grad_()
-    _, blurred, marginals = torch.ops.crfrnn.mean_field_forward(u.detach(), *lattice, [mat.detach()], 2, False)
+    _, blurred, marginals, _ = torch.ops.crfrnn.mean_field_forward(u.detach(), *lattice, [mat.detach()], 2, False)
     grad_unary, (grad_mat,) = torch.ops.crfrnn.mean_field_backward(grad_logits, u, *lattice, [mat], blurred,
                                                                  marginals, 2)
     got = torch.autograd.grad(grad_unary.square().sum() + grad_mat.sum(), (grad_logits, u, mat))
@@ -274,7 +274,7 @@ def test_opcheck_backward_ops_with_their_autograd(backend):
         lat = crfrnn.Lattice(feats, backend="native")
         scales = lat.normalization_scales("symmetric", torch.float64)
         lists = ([lat.vertex_index], [lat.weights], [scales[0]], [scales[1]], [lat.neighbors])
-        _, blurred, marginals = torch.ops.crfrnn.mean_field_forward(unary, *lists, mats[:1], 2, False)
+        _, blurred, marginals, _ = torch.ops.crfrnn.mean_field_forward(unary, *lists, mats[:1], 2, False)
         torch.library.opcheck(torch.ops.crfrnn.mean_field_backward.default,
                               (randn(*unary.shape, dtype=torch.float64, seed=28).requires_grad_(),
                                unary.clone().requires_grad_(), *lists, [mats[0].clone().requires_grad_()],

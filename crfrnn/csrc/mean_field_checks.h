@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -74,10 +75,26 @@ inline void check_mean_field_args(const char* op, const MeanFieldArgs& a, at::De
   }
 }
 
+// Sender pruning's epsilon: 0 (none) up to 1.
+inline void check_prune(const char* op, double prune) {
+  TORCH_CHECK(prune >= 0 && prune <= 1, op, ": prune must be in [0, 1] (a class sends while its Q reaches it "
+              "somewhere in the image; 0: every class always), got ", prune);
+}
+
 // The backward's own arguments: the logits' gradient (the unary's shape), and what the forward
-// saved: per kernel the blurred grids [T, M, C], and the marginals [T-1, N, P, C] or nothing.
+// saved: per kernel the blurred grids [T, M, C], the marginals [T-1, N, P, C] or nothing, and
+// with pruning the senders [T, N, C] (uint8) or nothing.
 inline void check_backward_args(const char* op, const MeanFieldArgs& a, const at::Tensor& grad_logits,
-                                at::TensorList blurred, const at::Tensor& marginals) {
+                                at::TensorList blurred, const at::Tensor& marginals,
+                                const std::optional<at::Tensor>& senders = std::nullopt) {
+  if (senders && senders->numel() > 0) {
+    const std::vector<int64_t> shape{a.iterations, a.unary.size(0), a.unary.size(2)};
+    TORCH_CHECK(senders->sizes() == at::IntArrayRef(shape) && senders->scalar_type() == at::kByte &&
+                    senders->device() == a.unary.device(),
+                op, ": senders must be empty (every class sent) or uint8 ", at::IntArrayRef(shape),
+                " on the unary's device (what crfrnn::mean_field_forward returned), got ", senders->scalar_type(), " ",
+                senders->sizes(), " on ", senders->device());
+  }
   const auto dtype = a.unary.scalar_type();
   TORCH_CHECK(grad_logits.sizes() == a.unary.sizes() && grad_logits.scalar_type() == dtype &&
                   grad_logits.device() == a.unary.device(),
@@ -104,16 +121,20 @@ inline void check_backward_args(const char* op, const MeanFieldArgs& a, const at
 }
 
 // The outputs of crfrnn::mean_field_forward, unwritten: the logits in the unary's layout, per
-// kernel the blurred grids [iterations, M, C], and the marginals [iterations - 1, N, P, C] if
-// save_marginals (else an empty tensor).
-inline std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> empty_forward_outputs(const MeanFieldArgs& a,
-                                                                                        bool save_marginals) {
+// kernel the blurred grids [iterations, M, C], the marginals [iterations - 1, N, P, C] if
+// save_marginals and not pruning (else an empty tensor: a pruned forward's backward recomputes
+// them), and with pruning (prune > 0) the senders [iterations, N, C] uint8 (else empty).
+inline std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> empty_forward_outputs(
+    const MeanFieldArgs& a, bool save_marginals, double prune = 0.0) {
   const at::Tensor& u = a.unary;
   std::vector<at::Tensor> blurred;
   for (const at::Tensor& nb : a.neighbors) blurred.push_back(at::empty({a.iterations, nb.size(1), u.size(2)}, u.options()));
-  at::Tensor marginals = save_marginals ? at::empty({a.iterations - 1, u.size(0), u.size(1), u.size(2)}, u.options())
-                                        : at::empty({0}, u.options());
-  return {at::empty_like(u), blurred, marginals};
+  at::Tensor marginals = save_marginals && prune == 0
+                             ? at::empty({a.iterations - 1, u.size(0), u.size(1), u.size(2)}, u.options())
+                             : at::empty({0}, u.options());
+  at::Tensor senders = prune > 0 ? at::empty({a.iterations, u.size(0), u.size(2)}, u.options().dtype(at::kByte))
+                                 : at::empty({0}, u.options().dtype(at::kByte));
+  return {at::empty_like(u), blurred, marginals, senders};
 }
 
 }  // namespace crfrnn

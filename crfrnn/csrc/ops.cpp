@@ -37,20 +37,28 @@ TORCH_LIBRARY(crfrnn, m) {
   // L = U - sum_m K_m(Q) A_m^T, Q = softmax(L), from Q = softmax(U), with
   // K_m(Q) = slice_scale * slice(blur(splat(splat_scale * Q))). Its autograd (crfrnn/ops.py)
   // saves only the inputs and recomputes with the two ops below in the backward.
+  // prune (epsilon in [0, 1]): sender pruning. In each iteration a class whose Q is below
+  // epsilon at every point of an image sends no message there (K_m(Q) without its channel, i.e.
+  // of Q D with D the senders' 0/1 diagonal); every class still receives. 0: none, the exact
+  // iterations (bit for bit what the op computed before it had the argument).
   m.def("mean_field_inference(Tensor unary, Tensor[] vertex_index, Tensor[] weights, "
         "Tensor[] splat_scale, Tensor[] slice_scale, Tensor[] neighbors, Tensor[] pairwise, "
-        "int iterations) -> Tensor");
-  // The same for training: (logits, blurred, marginals) with what mean_field_backward needs:
-  // per kernel the blurred grid of every iteration ([iterations, M, C] each) and, if
-  // save_marginals, Q_1..Q_{T-1} ([iterations - 1, N, P, C]; else empty, recomputed in the
-  // backward from the unary and the blurred grids).
+        "int iterations, float prune=0.) -> Tensor");
+  // The same for training: (logits, blurred, marginals, senders) with what mean_field_backward
+  // needs: per kernel the blurred grid of every iteration ([iterations, M, C] each; pruned: B D,
+  // zero in the columns that sent nothing), if save_marginals and not pruning Q_1..Q_{T-1}
+  // ([iterations - 1, N, P, C]; else empty, recomputed in the backward from the unary and the
+  // blurred grids), and when pruning which classes sent in each iteration and image
+  // ([iterations, N, C] uint8; else empty).
   m.def("mean_field_forward(Tensor unary, Tensor[] vertex_index, Tensor[] weights, "
         "Tensor[] splat_scale, Tensor[] slice_scale, Tensor[] neighbors, Tensor[] pairwise, "
-        "int iterations, bool save_marginals) -> (Tensor, Tensor[], Tensor)");
+        "int iterations, bool save_marginals, float prune=0.) -> (Tensor, Tensor[], Tensor, Tensor)");
   // Its backward: grad_logits [N, P, C] (any strides) and the forward's inputs and saves ->
-  // (grad_unary [N, P, C] in the unary's layout, grad_pairwise [C, C] per kernel). No gradient
-  // for the lattice, its weights or the normalisation scales.
+  // (grad_unary [N, P, C] in the unary's layout, grad_pairwise [C, C] per kernel): the gradient of
+  // the function the forward computed, its senders held fixed. No gradient for the lattice, its
+  // weights or the normalisation scales.
   m.def("mean_field_backward(Tensor grad_logits, Tensor unary, Tensor[] vertex_index, "
         "Tensor[] weights, Tensor[] splat_scale, Tensor[] slice_scale, Tensor[] neighbors, "
-        "Tensor[] pairwise, Tensor[] blurred, Tensor marginals, int iterations) -> (Tensor, Tensor[])");
+        "Tensor[] pairwise, Tensor[] blurred, Tensor marginals, int iterations, Tensor? senders=None) "
+        "-> (Tensor, Tensor[])");
 }

@@ -127,6 +127,15 @@ struct CrfKernelState {
   // block of vertices and summed over the blocks and iterations ([C, cp]).
   const T* adjoint = nullptr;
   AlignedVector<T> outer_partials, outer_total;
+  // Sender pruning only (mean_field_pruned in mean_field_kernels.inc): the matrix A ([C, C],
+  // contiguous) and the slice's alpha, from which each iteration's per-image mixing matrices
+  // (image_transforms) are made; the image of every vertex (a vertex belongs to one image: the
+  // lattice's keys hold the image index); the last blurred grid (for mixing it again).
+  const T* matrix = nullptr;
+  double alpha = 1.0;
+  std::vector<int> vertex_image;
+  AlignedVector<T> image_transforms;
+  const T* blurred_rows = nullptr;
 };
 
 // The whole problem but the kernels: the points and their unary, and where the output goes.
@@ -139,14 +148,35 @@ struct MeanFieldProblem {
 };
 
 // What the forward saves for the backward: per kernel the blurred grid B_t of every iteration
-// ([T, M, C] each), and the marginals Q_1..Q_{T-1} ([T-1, P, C]) or null.
+// ([T, M, C] each; with pruning, B_t D_t: zero in the columns of the classes that did not send),
+// the marginals Q_1..Q_{T-1} ([T-1, P, C]) or null, and with pruning the senders of every
+// iteration ([T, N, C], 1 where class l of image n sent in iteration t) or null.
 template <typename T>
 struct ForwardSaves {
   T* const* blurred = nullptr;
   T* marginals = nullptr;
+  uint8_t* senders = nullptr;
+};
+
+// Sender pruning (mean_field_pruned, mean_field_kernels.inc): in each iteration a class whose Q
+// stays below `epsilon` at every point of an image sends no message in that image (its channel
+// is not splatted, blurred or sliced); every class still receives the senders' messages.
+template <typename T>
+struct PruneInput {
+  T epsilon;
+  int64_t images;      // N; the points of image n are [n P / N, (n + 1) P / N)
+  const T* unary;      // the unary tensor as given (any layout), read through `layout`
+  PointLayout layout;
+  // Every matrix has equal off-diagonal entries in each column (A[l, j] = a_j for l != j: Potts,
+  // diagonal or scalar weights times Potts): then the classes that send nothing all receive the
+  // same message, and they are carried through each point's softmax as one class (their
+  // log-sum-exp unary) instead of one each.
+  bool shared;
 };
 
 // The backward's gradients: dL_T in, dU out (any layouts), and dU as it accumulates ([P, cp]).
+// With pruning, sender_masks: [T, N, cp], 1 where class l of image n sent in iteration t, else 0
+// (and in the padded lanes); null without.
 template <typename T>
 struct MeanFieldGradient {
   const T* grad_logits;
@@ -154,6 +184,8 @@ struct MeanFieldGradient {
   T* grad_unary;
   PointLayout unary_layout;
   T* du;
+  const T* sender_masks = nullptr;
+  int64_t images = 1;
 };
 
 }  // namespace
@@ -208,6 +240,16 @@ void run_mean_field(const MeanFieldProblem<T>& problem, std::vector<CrfKernelSta
   if (use_avx2()) return mean_field_avx2::mean_field(problem, kernels, iterations, saves);
 #endif
   mean_field_generic::mean_field(problem, kernels, iterations, saves);
+}
+
+template <typename T>
+void run_mean_field_pruned(const MeanFieldProblem<T>& problem, std::vector<CrfKernelState<T>>& kernels,
+                           int64_t iterations, const ForwardSaves<T>& saves, const PruneInput<T>& in,
+                           AlignedVector<T>& rows, AlignedVector<T>& share) {
+#ifdef CRFRNN_HAVE_AVX2_COPY
+  if (use_avx2()) return mean_field_avx2::mean_field_pruned(problem, kernels, iterations, saves, in, rows, share);
+#endif
+  mean_field_generic::mean_field_pruned(problem, kernels, iterations, saves, in, rows, share);
 }
 
 template <typename T>
@@ -292,9 +334,10 @@ template <typename T>
 struct Workspace {
   std::vector<CrfKernelState<T>> kernels;
   AlignedVector<T> u, du;
+  AlignedVector<T> rows, share;  // sender pruning's point rows (shared mode)
 
   size_t bytes() const {
-    size_t n = u.capacity() + du.capacity();
+    size_t n = u.capacity() + du.capacity() + rows.capacity() + share.capacity();
     for (const CrfKernelState<T>& k : kernels) {
       n += k.grid.capacity() + k.next.capacity() + k.mixed.capacity() + k.partial.capacity() +
            k.outer_partials.capacity();
@@ -402,11 +445,51 @@ void padded_unary(const at::Tensor& unary, int64_t cp, AlignedVector<T>& u) {
   });
 }
 
+// Whether every matrix has equal off-diagonal entries in each column (PruneInput::shared).
+template <typename T>
+bool potts_structured(const std::vector<CrfKernelState<T>>& kernels, int64_t c) {
+  for (const CrfKernelState<T>& k : kernels) {
+    for (int64_t j = 0; j < c; ++j) {
+      const T off_diagonal = k.matrix[(j == 0 ? 1 : 0) * c + j];
+      for (int64_t l = 0; l < c; ++l) {
+        if (l != j && !(k.matrix[l * c + j] == off_diagonal)) return false;
+      }
+    }
+  }
+  return true;
+}
+
+// What sender pruning adds to the kernels' state: each matrix, the image of each vertex (a vertex
+// belongs to one image: the lattice's keys hold the image index) and grids wide enough for any
+// row of mean_field_pruned (the explicit classes and the pseudo class: up to C + 1 lanes, padded).
+template <typename T>
+void setup_pruning(const MeanFieldArgs& a, std::vector<at::Tensor>& held, std::vector<CrfKernelState<T>>& kernels) {
+  const int64_t images = a.unary.size(0), per_image = a.unary.size(1), width = padded_width(a.unary.size(2) + 1);
+  for (size_t i = 0; i < kernels.size(); ++i) {
+    CrfKernelState<T>& k = kernels[i];
+    k.matrix = keep_contiguous(held, a.pairwise[i]).template data_ptr<T>();
+    k.alpha = blur_alpha(k.tables.d1 - 1);
+    k.vertex_image.assign(static_cast<size_t>(k.m), 0);
+    const int d1 = k.tables.d1;
+    at::parallel_for(0, images, 1, [&](int64_t n0, int64_t n1) {  // an image writes its own vertices only
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t e = n * per_image * d1; e < (n + 1) * per_image * d1; ++e) {
+          k.vertex_image[k.tables.vertex_index[e]] = static_cast<int>(n);
+        }
+      }
+    });
+    for (AlignedVector<T>* g : {&k.grid, &k.next, &k.mixed}) resize_uninitialised(*g, static_cast<size_t>((k.m + 1) * width));
+    const ChunkRange& last = k.chunk.back();
+    resize_uninitialised(k.partial, static_cast<size_t>((last.first_row + last.hi - last.lo) * width));
+  }
+}
+
 // The forward: the last logits into `out` (the unary's layout) and, with `blurred` (one
 // [T, M, C] tensor per kernel), what the backward needs (`marginals`, [T-1, N, P, C], if defined
-// and not empty).
+// and not empty; `senders`, [T, N, C] uint8, when pruning). prune: sender pruning's epsilon (0:
+// none, the loops of mean_field).
 void run_forward(const MeanFieldArgs& a, at::Tensor& out, const std::vector<at::Tensor>* blurred,
-                 const at::Tensor* marginals) {
+                 const at::Tensor* marginals, double prune = 0.0, at::Tensor* senders = nullptr) {
   const int64_t num_points = a.unary.size(0) * a.unary.size(1);
   const int64_t c = a.unary.size(2), cp = padded_width(c);
   std::vector<at::Tensor> held;
@@ -414,7 +497,13 @@ void run_forward(const MeanFieldArgs& a, at::Tensor& out, const std::vector<at::
     BorrowedWorkspace<scalar_t> workspace;
     std::vector<CrfKernelState<scalar_t>>& kernels = workspace->kernels;
     const int64_t chunks = setup_kernels(a, cp, /*backward=*/false, held, kernels);
-    padded_unary<scalar_t>(a.unary, cp, workspace->u);
+    PruneInput<scalar_t> in{static_cast<scalar_t>(prune), a.unary.size(0), a.unary.data_ptr<scalar_t>(),
+                            layout_of(a.unary), false};
+    if (prune > 0) {
+      setup_pruning(a, held, kernels);
+      in.shared = potts_structured(kernels, c);
+    }
+    if (prune == 0 || !in.shared) padded_unary<scalar_t>(a.unary, cp, workspace->u);
     const MeanFieldProblem<scalar_t> problem{workspace->u.data(), num_points, c, cp, chunks, out.data_ptr<scalar_t>(),
                                              layout_of(out)};
     std::vector<scalar_t*> blurred_data;
@@ -424,41 +513,46 @@ void run_forward(const MeanFieldArgs& a, at::Tensor& out, const std::vector<at::
       saves.blurred = blurred_data.data();
       if (marginals && marginals->numel() > 0) saves.marginals = marginals->data_ptr<scalar_t>();
     }
-    run_mean_field(problem, kernels, a.iterations, saves);
+    if (prune == 0) return run_mean_field(problem, kernels, a.iterations, saves);
+    if (senders && senders->numel() > 0) saves.senders = senders->data_ptr<uint8_t>();
+    run_mean_field_pruned(problem, kernels, a.iterations, saves, in, workspace->rows, workspace->share);
   });
 }
 
 at::Tensor mean_field_inference_cpu(const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights,
                                     at::TensorList splat_scale, at::TensorList slice_scale,
-                                    at::TensorList neighbors, at::TensorList pairwise, int64_t iterations) {
+                                    at::TensorList neighbors, at::TensorList pairwise, int64_t iterations,
+                                    double prune) {
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_mean_field_args("crfrnn::mean_field_inference", a, at::kCPU);
+  check_prune("crfrnn::mean_field_inference", prune);
   // The layout of `unary` (e.g. [N, C, P] memory behind an [N, P, C] view): no transposed copies
   // on the way in or out.
   at::Tensor out = at::empty_like(unary);
-  if (unary.numel() > 0) run_forward(a, out, nullptr, nullptr);
+  if (unary.numel() > 0) run_forward(a, out, nullptr, nullptr, prune);
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> mean_field_forward_cpu(
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mean_field_forward_cpu(
     const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights, at::TensorList splat_scale,
     at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise, int64_t iterations,
-    bool save_marginals) {
+    bool save_marginals, double prune) {
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_mean_field_args("crfrnn::mean_field_forward", a, at::kCPU);
-  auto [out, blurred, marginals] = empty_forward_outputs(a, save_marginals);
-  if (unary.numel() > 0) run_forward(a, out, &blurred, &marginals);
-  return {out, blurred, marginals};
+  check_prune("crfrnn::mean_field_forward", prune);
+  auto [out, blurred, marginals, senders] = empty_forward_outputs(a, save_marginals, prune);
+  if (unary.numel() > 0) run_forward(a, out, &blurred, &marginals, prune, &senders);
+  return {out, blurred, marginals, senders};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mean_field_backward_cpu(
     const at::Tensor& grad_logits, const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights,
     at::TensorList splat_scale, at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise,
-    at::TensorList blurred, const at::Tensor& marginals, int64_t iterations) {
+    at::TensorList blurred, const at::Tensor& marginals, int64_t iterations, const std::optional<at::Tensor>& senders) {
   const char* op = "crfrnn::mean_field_backward";
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_mean_field_args(op, a, at::kCPU);
-  check_backward_args(op, a, grad_logits, blurred, marginals);
+  check_backward_args(op, a, grad_logits, blurred, marginals, senders);
   at::Tensor grad_unary = at::empty_like(unary);
   const int64_t c = unary.size(2), cp = padded_width(c), num_points = unary.size(0) * unary.size(1);
   std::vector<at::Tensor> grad_pairwise;
@@ -476,8 +570,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mean_field_backward_cpu(
     resize_uninitialised(du, static_cast<size_t>(num_points * cp));
     const MeanFieldProblem<scalar_t> problem{workspace->u.data(), num_points, c, cp, chunks, nullptr, PointLayout{}};
     const at::Tensor grad = grad_logits;
-    const MeanFieldGradient<scalar_t> gradient{grad.data_ptr<scalar_t>(), layout_of(grad),
-                                               grad_unary.data_ptr<scalar_t>(), layout_of(grad_unary), du.data()};
+    MeanFieldGradient<scalar_t> gradient{grad.data_ptr<scalar_t>(), layout_of(grad),
+                                         grad_unary.data_ptr<scalar_t>(), layout_of(grad_unary), du.data()};
+    // Pruning: iteration t's senders as rows of 0 and 1 ([T, N, cp]).
+    AlignedVector<scalar_t> masks;
+    if (senders && senders->numel() > 0) {
+      const at::Tensor sent = senders->contiguous();
+      const uint8_t* from = sent.data_ptr<uint8_t>();
+      const int64_t rows = iterations * unary.size(0);
+      masks.assign(static_cast<size_t>(rows * cp), scalar_t(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t l = 0; l < c; ++l) masks[r * cp + l] = from[r * c + l] ? scalar_t(1) : scalar_t(0);
+      }
+      gradient.sender_masks = masks.data();
+      gradient.images = unary.size(0);
+    }
     std::vector<scalar_t*> blurred_data;
     for (const at::Tensor& b : blurred) {
       held.push_back(b.contiguous());
