@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checks
-from .inference import CRFRNN_PARAMS, kernel_lattice, mean_field, potts_matrices
+from .inference import CRFRNN_PARAMS, DEFAULT_PRUNE, kernel_lattice, mean_field, potts_matrices
 from .kernels import as_kernels, classic_kernels
 
 __all__ = ["dense_crf"]
@@ -46,7 +46,7 @@ def _channels_first(img, spatial, points):
 
 
 def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, normalize="symmetric", clip=1e-5,
-              backend="auto", kernels=None, positions=None):
+              backend="auto", kernels=None, positions=None, prune=DEFAULT_PRUNE):
     """Refine class probabilities with a fully connected CRF (mean field), in one call.
 
     Args:
@@ -73,6 +73,10 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
             bandwidths, kernels over the guide alone).
         positions (ndarray or Tensor [P, D] or None): a point set's positions; probs is then
             [C, P] and the image [P, G].
+        prune (float): sender pruning's epsilon (see `crfrnn.mean_field`): in each iteration a
+            class whose probability stays below it everywhere sends no message (it still
+            receives); the cost then follows the classes present, not C. Default
+            crfrnn.DEFAULT_PRUNE, measured to leave the labels as they are; 0: exact.
     Raises ValueError for probabilities that are negative, above 1 or not finite, an RGB image
     outside 0..255, and a non-finite result (kernel weights too large for the arithmetic).
 
@@ -114,6 +118,7 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
         pos = pos.t()[None]
     checks.crf_inputs(p[None], guide, pos, None, kernels)
     num_iterations = checks.iteration_count(num_iterations)
+    prune = checks.prune_threshold(prune)
     normalize = checks.normalizations(normalize, len(kernels))
     if not (isinstance(clip, (int, float)) and 0 < clip < 1):
         raise ValueError(f"clip must be in (0, 1), got {clip!r}")
@@ -141,7 +146,7 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
         lattices = [kernel_lattice(k, k.sigmas, shape=(1, *spatial_shape), positions=pos, guide=guide,
                                    backend=backend, dtype=features_dtype, device=p.device) for k in kernels]
         pairwise = potts_matrices(c, [k.weight for k in kernels], dtype=dtype, device=p.device)
-        logits = mean_field(unary.contiguous(), lattices, pairwise, num_iterations, normalize)
+        logits = mean_field(unary.contiguous(), lattices, pairwise, num_iterations, normalize, prune=prune)
         q = torch.softmax(logits, dim=-1)[0].t().reshape(c, *spatial_shape)
     if not torch.isfinite(q).all():
         weights = ", ".join(f"{k.name} {k.weight:g}" for k in kernels)

@@ -35,13 +35,14 @@ from . import checks, ops
 from .features import bilateral_features, kernel_features, spatial_features
 from .lattice import Lattice, cast_result, compute_dtype
 
-__all__ = ["mean_field", "build_crf_lattices", "kernel_lattice", "potts_matrices", "sender_mask", "CRFRNN_PARAMS",
+__all__ = ["mean_field", "build_crf_lattices", "kernel_lattice", "potts_matrices", "sender_thresholds", "sender_mask",
+           "CRFRNN_PARAMS",
            "DEEPLAB_LARGEFOV_PARAMS", "DEFAULT_PRUNE"]
 
 #: Sender pruning's default epsilon for evaluation (`dense_crf`, `CRFRNNLayer` in eval mode): a
 #: class whose Q stays below it at every point of an image sends no message in that iteration.
 #: Measured with bench/classes.py (see bench/README.md).
-DEFAULT_PRUNE = 1e-3
+DEFAULT_PRUNE = 7e-4
 
 #: CRF-RNN's kernel parameters: bilateral (sigma_xy, sigma_rgb, weight), spatial (sigma_xy, weight).
 CRFRNN_PARAMS = {"bilateral": (160.0, 3.0, 5.0), "spatial": (3.0, 3.0)}
@@ -101,17 +102,48 @@ def kernel_lattice(kernel, sigmas, shape=None, positions=None, guide=None, backe
     return Lattice(features.flatten(2).transpose(1, 2), backend=backend, feature_grad=feature_grad)
 
 
-def sender_mask(q, prune):
+def sender_thresholds(pairwise, prune):
+    """Sender pruning's threshold per class, Tensor[C] float64 on the CPU: class j sends in an
+    image while its largest Q there, M, has M (s_j + D_j M) >= prune, a bound on how much dropping
+    its message could move any Q in one iteration. Its message is at most M times column j of each
+    matrix (a normalised filter of values below M is below M); a message the same for every class
+    moves no Q, so what counts is how the column differs between classes: between the classes
+    l != j by at most s_j = sum over the matrices of (max - min of A[l, j], l != j), which moves
+    their Q by up to M s_j, and from the diagonal by at most D_j = sum of max |A[l, j] - A[j, j]|,
+    which acts through class j's own Q <= M. theta_j = 2 prune / (s_j + sqrt(s_j^2 + 4 D_j prune))
+    is the M where the bound reaches prune: sqrt(prune / sum of the weights) for Potts matrices
+    (s_j = 0), about prune / s_j for learned ones (then pruning is first order and prunes less);
+    0 for prune = 0 (every class sends), inf for a column that is the same for every class. The
+    fused ops compute the same bits (csrc/mean_field_checks.h)."""
+    c = pairwise[0].shape[0]
+    if prune == 0:
+        return torch.zeros(c, dtype=torch.float64)
+    spread = torch.zeros(c, dtype=torch.float64)
+    diagonal = torch.zeros(c, dtype=torch.float64)
+    off = ~torch.eye(c, dtype=torch.bool)
+    for mat in pairwise:
+        a = mat.detach().to("cpu", torch.float64)
+        if c > 1:
+            hi = a.masked_fill(~off, -float("inf")).amax(0)
+            lo = a.masked_fill(~off, float("inf")).amin(0)
+            spread = spread + (hi - lo)
+        diagonal = diagonal + ((a - a.diagonal()[None, :]).abs() * off).amax(0)
+    return 2 * prune / (spread + torch.sqrt(spread * spread + 4 * diagonal * prune))
+
+
+def sender_mask(q, thresholds):
     """Sender pruning's decision: Tensor[N, C] of q's dtype, 1 where class l of image n reaches
-    `prune` somewhere in Q (Tensor[N, P, C]), else 0."""
-    return (q.detach().amax(dim=1) >= prune).to(q.dtype) if q.shape[1] else q.new_ones(q.shape[0], q.shape[2])
+    thresholds[l] (`sender_thresholds`) somewhere in Q (Tensor[N, P, C]), else 0."""
+    if not q.shape[1]:
+        return q.new_ones(q.shape[0], q.shape[2])
+    return (q.detach().amax(dim=1) >= thresholds.to(q.device, q.dtype)).to(q.dtype)
 
 
 def _message_logits(q, unary, lattices, pairwise, normalize, prune=0.0):
     """L = U - sum_m (mu W_m) K_m(Q), on Tensor[N, P, C] (channels last); `normalize`: one per
     lattice; with `prune`, K_m of Q D (D: `sender_mask`)."""
     if prune > 0:
-        q = q * sender_mask(q, prune)[:, None, :]
+        q = q * sender_mask(q, sender_thresholds(pairwise, prune))[:, None, :]
     n, p, c = q.shape
     logits = None
     for lat, mat, norm in zip(lattices, pairwise, normalize):
@@ -205,18 +237,20 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
             glibc maps every block over 32 MB afresh, and the page faults of a new
             [T - 1, N, P, C] block each step then cost more than the recomputation saves (the
             training scripts set both). On CUDA the marginals are always kept.
-        prune (float): sender pruning, epsilon in [0, 1]. In each iteration, a class whose marginal
-            Q stays below epsilon at every point of an image sends no message there (its channel
-            is not splatted, blurred or sliced: K_m(Q D) with D the senders' 0/1 diagonal,
+        prune (float): sender pruning, in [0, 1]: the most that dropping one class's message may
+            move any Q in one iteration, by a bound. In each iteration, a class whose marginal Q
+            stays below its threshold at every point of an image sends no message there (its
+            channel is not splatted, blurred or sliced: K_m(Q D), D the senders' 0/1 diagonal,
             `sender_mask`); every class still receives the senders' messages, so absent classes
-            stay suppressed. A normalised filter of values below epsilon is below epsilon, so each
-            dropped message is below epsilon times its pairwise weights; with Potts-like matrices
-            (equal off-diagonal entries in each column) its part that differs between classes
-            falls on the dropped class alone, and the error in Q is of order weight * epsilon^2.
-            Gradients are those of the function computed, the senders held fixed. The fused ops
-            then cost what the senders cost (for Potts-like matrices the other classes ride along
-            as one); 0 (the default here): the exact iterations. `crfrnn.DEFAULT_PRUNE` is the
-            measured safe value that `dense_crf` and `CRFRNNLayer` use in evaluation.
+            stay suppressed. The threshold of class j (`sender_thresholds`) is the largest Q at
+            which the bound M (s_j + D_j M) on the change stays below `prune`: for Potts matrices
+            (the start of the layer, dense_crf) the change is second order, M^2 times the weights,
+            and the threshold sqrt(prune / sum of weights); for learned matrices it is first
+            order, and pruning waits for smaller Q. Gradients are those of the function computed,
+            the senders held fixed. The fused ops then cost what the senders cost (for Potts-like
+            matrices the other classes ride along as one); 0 (the default here): the exact
+            iterations. `crfrnn.DEFAULT_PRUNE` is the measured safe value that `dense_crf` and
+            `CRFRNNLayer` use in evaluation.
 
     When the lattices are the compiled backend's on a device with the fused ops (CPU; CUDA when
     built with it), all iterations run in one op, which applies the C x C matrices on the lattice

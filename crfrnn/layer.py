@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from . import checks, persistence, sharing
 from .bandwidths import FixedBandwidths
-from .inference import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, kernel_lattice, mean_field
+from .inference import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, DEFAULT_PRUNE, kernel_lattice, mean_field
 from .kernels import as_kernels, classic_kernels, describe_bandwidths
 from .lattice import FEATURE_GRADIENTS, NORMALIZATIONS
 
@@ -60,6 +60,13 @@ class CRFRNNLayer(nn.Module):
         fused, keep_marginals (bool): see `mean_field` (False: the step-by-step loop, the
             fused ops' oracle; keep the marginals for the backward on the CPU). How to run, not
             what to compute: `config()` leaves keep_marginals out (a setting of the process).
+        prune, eval_prune (float): sender pruning's epsilon in training and in eval mode (see
+            `mean_field`): in each iteration a class whose Q stays below it at every point of an
+            image sends no message there (every class still receives). eval_prune defaults to
+            crfrnn.DEFAULT_PRUNE, measured to leave the labels as they are (bench/classes.py);
+            training defaults to the exact iterations (0). Gradients are the computed
+            function's: a class absent from the unary still gets its gradient through the unary
+            and as a receiver.
 
     Learnable parameters (initial values from the kernels): per kernel ``{name}_weight`` (W_m:
     Tensor[] for "scalar", Tensor[C] for "diagonal", Tensor[C, C] for "full", starting at w_m I;
@@ -96,7 +103,8 @@ class CRFRNNLayer(nn.Module):
     def __init__(self, num_classes, num_iterations=5, num_eval_iterations=10, bilateral=None, spatial=None,
                  image_mean=None, image_std=None, normalize="symmetric", checkpoint=False,
                  backend="auto", learn_bandwidths=False, compatibility="full", kernel_weights="full",
-                 bandwidth_grad="gaussian", fused=True, keep_marginals=False, kernels=None):
+                 bandwidth_grad="gaussian", fused=True, keep_marginals=False, kernels=None, prune=0.0,
+                 eval_prune=DEFAULT_PRUNE):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -113,6 +121,8 @@ class CRFRNNLayer(nn.Module):
         self.kernels = tuple(as_kernels(kernels))  # as built: names, initial weights and bandwidths
         self.checkpoint, self.fused, self.keep_marginals = bool(checkpoint), bool(fused), bool(keep_marginals)
         self.learn_bandwidths = bool(learn_bandwidths)
+        self.prune = checks.prune_threshold(prune, "prune")
+        self.eval_prune = checks.prune_threshold(eval_prune, "eval_prune")
 
         # What defines the computation travels in the state dict: iteration counts and the
         # normalisation as buffers (mirrored by plain attributes, see the properties), the
@@ -308,7 +318,7 @@ class CRFRNNLayer(nn.Module):
                 "checkpoint": self.checkpoint, "backend": self.backend,
                 "learn_bandwidths": self.learn_bandwidths, "compatibility": self.compatibility_sharing,
                 "kernel_weights": self.kernel_weight_sharing, "bandwidth_grad": self.bandwidth_grad,
-                "fused": self.fused}
+                "fused": self.fused, "prune": self.prune, "eval_prune": self.eval_prune}
 
     def _is_classic_pair(self):
         """Whether the kernels are the (bilateral, spatial) pair that bilateral=/spatial= make."""
@@ -324,6 +334,8 @@ class CRFRNNLayer(nn.Module):
             s += f", learn_bandwidths=True, bandwidth_grad={self.bandwidth_grad!r}"
         if self.image_mean is not None:
             s += f", image_mean={self.image_mean.flatten().tolist()}, image_std={self.image_std.flatten().tolist()}"
+        if self.prune or self.eval_prune != DEFAULT_PRUNE:
+            s += f", prune={self.prune:g}, eval_prune={self.eval_prune:g}"
         return s + (", checkpoint=True" if self.checkpoint else "") + ("" if self.fused else ", fused=False")
 
     def __getstate__(self):
@@ -395,7 +407,8 @@ class CRFRNNLayer(nn.Module):
             # layout directly (the loop makes it contiguous).
             u = unary.to(dtype).flatten(2).transpose(1, 2)
             logits = mean_field(u, lattices, pairwise, num_iterations, self.normalize, self.checkpoint,
-                                fused=self.fused, keep_marginals=self.keep_marginals)
+                                fused=self.fused, keep_marginals=self.keep_marginals,
+                                prune=self.prune if self.training else self.eval_prune)
             out = logits.transpose(1, 2).reshape(unary.shape)
         checks.check_layer_values(dict(self.named_parameters()), unary, image, guide if rgb_image else None,
                                   pairwise, out, normalised=self.image_mean is not None)

@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -79,6 +82,44 @@ inline void check_mean_field_args(const char* op, const MeanFieldArgs& a, at::De
 inline void check_prune(const char* op, double prune) {
   TORCH_CHECK(prune >= 0 && prune <= 1, op, ": prune must be in [0, 1] (a class sends while its Q reaches it "
               "somewhere in the image; 0: every class always), got ", prune);
+}
+
+// Sender pruning's thresholds, one per class, from `prune` and the C x C matrices: class j sends
+// in an image (its message is computed) while its largest Q there, M, has
+//   M (s_j + D_j M) >= prune,
+// a bound on how much dropping its message could move any Q in one iteration. Its message is at
+// most M times column j of each matrix A (a normalised filter of values below M is below M); a
+// message the same for every class moves no Q (softmax), so what counts is how column j differs
+// between classes: between the classes l != j by at most s_j = sum over the matrices of
+// (max - min of A[l, j] over l != j), which moves their Q by up to M s_j, and from the diagonal by
+// at most D_j = sum of max over l != j of |A[l, j] - A[j, j]|, which acts through class j's own
+// Q <= M. Returns theta_j, the M where the bound reaches prune: 2 prune / (s_j + sqrt(s_j^2 +
+// 4 D_j prune)) (Potts: s_j = 0, theta_j = sqrt(prune / sum of weights)); 0 for prune = 0 (every
+// class sends) and +inf where s_j = D_j = 0 (a message that moves nothing). In double, in this
+// order (crfrnn.inference.sender_thresholds computes the same bits).
+inline std::vector<double> sender_thresholds(at::TensorList pairwise, double prune) {
+  const int64_t c = pairwise.empty() ? 0 : pairwise[0].size(0);
+  std::vector<double> spread(static_cast<size_t>(c), 0.0), diagonal(static_cast<size_t>(c), 0.0), theta(static_cast<size_t>(c), 0.0);
+  if (prune == 0) return theta;
+  for (const at::Tensor& matrix : pairwise) {
+    const at::Tensor a = matrix.detach().to(at::kCPU, at::kDouble).contiguous();
+    const double* m = a.data_ptr<double>();
+    for (int64_t j = 0; j < c; ++j) {
+      double lo = std::numeric_limits<double>::infinity(), hi = -lo, far = 0.0;
+      for (int64_t l = 0; l < c; ++l) {
+        if (l == j) continue;
+        lo = std::min(lo, m[l * c + j]);
+        hi = std::max(hi, m[l * c + j]);
+        far = std::max(far, std::abs(m[l * c + j] - m[j * c + j]));
+      }
+      if (c > 1) spread[j] = spread[j] + (hi - lo);
+      diagonal[j] = diagonal[j] + far;
+    }
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    theta[j] = 2 * prune / (spread[j] + std::sqrt(spread[j] * spread[j] + 4 * diagonal[j] * prune));
+  }
+  return theta;
 }
 
 // The backward's own arguments: the logits' gradient (the unary's shape), and what the forward

@@ -159,11 +159,11 @@ struct ForwardSaves {
 };
 
 // Sender pruning (mean_field_pruned, mean_field_kernels.inc): in each iteration a class whose Q
-// stays below `epsilon` at every point of an image sends no message in that image (its channel
-// is not splatted, blurred or sliced); every class still receives the senders' messages.
+// stays below its threshold at every point of an image sends no message in that image (its
+// channel is not splatted, blurred or sliced); every class still receives the senders' messages.
 template <typename T>
 struct PruneInput {
-  T epsilon;
+  const T* thresholds; // [C]: class l sends while its largest Q reaches thresholds[l] (sender_thresholds)
   int64_t images;      // N; the points of image n are [n P / N, (n + 1) P / N)
   const T* unary;      // the unary tensor as given (any layout), read through `layout`
   PointLayout layout;
@@ -245,11 +245,14 @@ void run_mean_field(const MeanFieldProblem<T>& problem, std::vector<CrfKernelSta
 template <typename T>
 void run_mean_field_pruned(const MeanFieldProblem<T>& problem, std::vector<CrfKernelState<T>>& kernels,
                            int64_t iterations, const ForwardSaves<T>& saves, const PruneInput<T>& in,
-                           AlignedVector<T>& rows, AlignedVector<T>& share) {
+                           AlignedVector<T>& padded, AlignedVector<T>& rows, AlignedVector<T>& spare,
+                           AlignedVector<T>& share) {
 #ifdef CRFRNN_HAVE_AVX2_COPY
-  if (use_avx2()) return mean_field_avx2::mean_field_pruned(problem, kernels, iterations, saves, in, rows, share);
+  if (use_avx2()) {
+    return mean_field_avx2::mean_field_pruned(problem, kernels, iterations, saves, in, padded, rows, spare, share);
+  }
 #endif
-  mean_field_generic::mean_field_pruned(problem, kernels, iterations, saves, in, rows, share);
+  mean_field_generic::mean_field_pruned(problem, kernels, iterations, saves, in, padded, rows, spare, share);
 }
 
 template <typename T>
@@ -334,10 +337,10 @@ template <typename T>
 struct Workspace {
   std::vector<CrfKernelState<T>> kernels;
   AlignedVector<T> u, du;
-  AlignedVector<T> rows, share;  // sender pruning's point rows (shared mode)
+  AlignedVector<T> rows, spare, share;  // sender pruning's point rows (shared mode)
 
   size_t bytes() const {
-    size_t n = u.capacity() + du.capacity() + rows.capacity() + share.capacity();
+    size_t n = u.capacity() + du.capacity() + rows.capacity() + spare.capacity() + share.capacity();
     for (const CrfKernelState<T>& k : kernels) {
       n += k.grid.capacity() + k.next.capacity() + k.mixed.capacity() + k.partial.capacity() +
            k.outer_partials.capacity();
@@ -497,13 +500,16 @@ void run_forward(const MeanFieldArgs& a, at::Tensor& out, const std::vector<at::
     BorrowedWorkspace<scalar_t> workspace;
     std::vector<CrfKernelState<scalar_t>>& kernels = workspace->kernels;
     const int64_t chunks = setup_kernels(a, cp, /*backward=*/false, held, kernels);
-    PruneInput<scalar_t> in{static_cast<scalar_t>(prune), a.unary.size(0), a.unary.data_ptr<scalar_t>(),
-                            layout_of(a.unary), false};
+    std::vector<scalar_t> thresholds;
+    PruneInput<scalar_t> in{nullptr, a.unary.size(0), a.unary.data_ptr<scalar_t>(), layout_of(a.unary), false};
     if (prune > 0) {
       setup_pruning(a, held, kernels);
       in.shared = potts_structured(kernels, c);
+      for (double theta : sender_thresholds(a.pairwise, prune)) thresholds.push_back(static_cast<scalar_t>(theta));
+      in.thresholds = thresholds.data();
+    } else {
+      padded_unary<scalar_t>(a.unary, cp, workspace->u);  // (pruning makes it when a layout needs it)
     }
-    if (prune == 0 || !in.shared) padded_unary<scalar_t>(a.unary, cp, workspace->u);
     const MeanFieldProblem<scalar_t> problem{workspace->u.data(), num_points, c, cp, chunks, out.data_ptr<scalar_t>(),
                                              layout_of(out)};
     std::vector<scalar_t*> blurred_data;
@@ -515,7 +521,8 @@ void run_forward(const MeanFieldArgs& a, at::Tensor& out, const std::vector<at::
     }
     if (prune == 0) return run_mean_field(problem, kernels, a.iterations, saves);
     if (senders && senders->numel() > 0) saves.senders = senders->data_ptr<uint8_t>();
-    run_mean_field_pruned(problem, kernels, a.iterations, saves, in, workspace->rows, workspace->share);
+    run_mean_field_pruned(problem, kernels, a.iterations, saves, in, workspace->u, workspace->rows, workspace->spare,
+                          workspace->share);
   });
 }
 

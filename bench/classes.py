@@ -1,0 +1,212 @@
+"""The CRF's cost against the class count: ours exact, ours with sender pruning, and densecrf.
+
+A 60- or 150-class network (ADE20K, COCO-stuff) scores every class at every pixel, most of them
+absent from the image. We make such scores from the real VOC images: the coarse-unary protocol's
+21 probabilities (bench/voc_protocol.py: DCNN-like scores made from the ground truth), padded with
+C - 21 absent classes at probability 1e-4 each (the 21 scaled to keep the sum 1); C = 2 merges the
+20 object classes into one. The "random" case draws every logit at random (N(0, 1) per pixel and
+class): every class reaches every probability somewhere, so nothing can be pruned.
+
+Per case, side by side in one run, at the images' size (VOC's are about 500x375), DeepLab's
+parameters, 10 iterations, in evaluation (no grad) and forward+backward:
+- ours exact: CRFRNNLayer with prune=0, both lattices built in every call (as densecrf does);
+- ours pruned: the same with sender pruning at --prune (default crfrnn.DEFAULT_PRUNE);
+- densecrf: pydensecrf2's DenseCRF2D (single-threaded C++), evaluation only;
+with the label agreement with densecrf (all pixels), max |dQ| against densecrf and against ours
+exact, and the senders per iteration (mean over the images: classes that sent in iteration
+1, 2, ...). Times: median of --repeats calls per image, then the median over the images.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/classes.py --images 3 --repeats 3
+    python bench/classes.py --classes 150 --cases padded --skip-grad --images 10
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+# common first: it puts the repository on sys.path
+from common import CRF_PARAMS, VOC_ROOT, add_json_option, environment, print_table, run_main, write_json
+import crfrnn
+import densecrf_peer
+import voc_protocol as vp
+
+#: The padded classes' probability.
+ABSENT_PROBABILITY = 1e-4
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_json_option(p)
+    p.add_argument("--classes", default="2,21,60,150", help="class counts, comma-separated (default: 2,21,60,150)")
+    p.add_argument("--cases", default="padded,random", help="padded (VOC scores padded with absent classes) "
+                   "and/or random (random logits, nothing prunable); default: both")
+    p.add_argument("--images", type=int, default=3, help="VOC val.txt images, the first N (default: 3)")
+    p.add_argument("--first-image", type=int, default=0, help="start at this val.txt line (default: 0)")
+    p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
+    p.add_argument("--params", choices=sorted(CRF_PARAMS), default="deeplab",
+                   help="kernel parameters (default: deeplab: w1 4, sigma 121/5, w2 3, sigma 3)")
+    p.add_argument("--prune", type=float, default=crfrnn.DEFAULT_PRUNE,
+                   help=f"sender pruning's epsilon for 'ours pruned' (default: {crfrnn.DEFAULT_PRUNE:g})")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per image and job (default: 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--skip-grad", action="store_true", help="no forward+backward jobs")
+    p.add_argument("--skip-densecrf", action="store_true", help="no densecrf (no agreement columns)")
+    p.add_argument("--root", default=str(VOC_ROOT), help="the VOC2012 folder (default: ../shared/data's)")
+    return p
+
+
+def padded_probs(probs21, classes):
+    """The 21 VOC probabilities [21, H, W] as a C-class net's: C = 2 merges the object classes;
+    C > 21 adds C - 21 classes at ABSENT_PROBABILITY, the 21 scaled to keep the sum 1."""
+    if classes == 2:
+        return np.stack([probs21[0], probs21[1:].sum(0)])
+    if classes < 21:
+        raise ValueError(f"--classes: the padded case needs C = 2 or C >= 21, got {classes}")
+    extra = classes - 21
+    absent = np.full((extra, *probs21.shape[1:]), ABSENT_PROBABILITY, np.float32)
+    return np.concatenate([probs21 * (1 - extra * ABSENT_PROBABILITY), absent]).astype(np.float32)
+
+
+def random_logits(classes, shape, seed):
+    g = np.random.default_rng(1000 + seed)
+    return g.standard_normal((classes, *shape)).astype(np.float32)
+
+
+def timed(fn, repeats):
+    """(median ms over `repeats` calls after one warm-up, the last call's result)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), out
+
+
+def senders_per_iteration(crf, unary, image, prune):
+    """Classes that sent in each iteration (Tensor[T] int), from crfrnn::mean_field_forward's
+    senders output on the layer's lattices and matrices."""
+    lattices = crf._lattices(crf.rgb255(image), None, (unary.shape[0], *unary.shape[2:]))
+    u = unary.flatten(2).transpose(1, 2)
+    scales = [lat.normalization_scales(crf.normalize, u.dtype) for lat in lattices]
+    args = (u, [lat.vertex_index for lat in lattices], [lat.weights_as(u.dtype) for lat in lattices],
+            [s[0] for s in scales], [s[1] for s in scales], [lat.neighbors for lat in lattices],
+            crf.pairwise_matrices(), crf.num_eval_iterations)
+    with torch.no_grad():
+        senders = torch.ops.crfrnn.mean_field_forward(*args, False, prune)[3]
+    return senders.sum(dim=(1, 2)).tolist()
+
+
+def run_case(image, logits, args, layers):
+    """Times and agreement of one image and class count (logits ndarray[C, H, W])."""
+    exact, pruned, train_exact, train_pruned = layers
+    img = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    unary = torch.from_numpy(logits)[None]
+    row = {}
+
+    def evaluate(crf):
+        def call():
+            crf.clear_lattice_cache()  # both lattices built in every call, as densecrf does
+            with torch.no_grad():
+                return crf(unary, img)
+        return call
+
+    row["exact ms"], out_exact = timed(evaluate(exact), args.repeats)
+    row["pruned ms"], out_pruned = timed(evaluate(pruned), args.repeats)
+    q_exact = torch.softmax(out_exact[0], 0).numpy()
+    q_pruned = torch.softmax(out_pruned[0], 0).numpy()
+    row["pruned-exact max|dQ|"] = float(np.abs(q_pruned - q_exact).max())
+    row["senders"] = senders_per_iteration(pruned, unary, img, args.prune)
+    if not args.skip_grad:
+        def train(crf):
+            def call():
+                crf.clear_lattice_cache()
+                u = unary.clone().requires_grad_()
+                crf(u, img).logsumexp(1).sum().backward()
+            return call
+        row["exact fwd+bwd ms"], _ = timed(train(train_exact), args.repeats)
+        row["pruned fwd+bwd ms"], _ = timed(train(train_pruned), args.repeats)
+    if not args.skip_densecrf:
+        params = CRF_PARAMS[args.params]
+        row["densecrf ms"], q_dense = timed(lambda: densecrf_peer.densecrf_probs(
+            image, logits, args.iterations, params["bilateral"], params["spatial"]), max(1, args.repeats - 1))
+        labels = q_dense.argmax(0)
+        row["exact agree %"] = 100.0 * float((q_exact.argmax(0) == labels).mean())
+        row["pruned agree %"] = 100.0 * float((q_pruned.argmax(0) == labels).mean())
+        row["exact max|dQ|"] = float(np.abs(q_exact - q_dense).max())
+        row["pruned max|dQ|"] = float(np.abs(q_pruned - q_dense).max())
+    return row
+
+
+def summarize(rows):
+    """The median over images of each number, the worst agreement and the largest |dQ|."""
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if key == "senders":
+            out[key] = "/".join(f"{v:.3g}" for v in np.mean(values, axis=0))
+        elif "agree" in key:
+            out[key] = min(values)
+        elif "dQ" in key:
+            out[key] = max(values)
+        else:
+            out[key] = statistics.median(values)
+    if "densecrf ms" in out:
+        out["densecrf/exact"] = out["densecrf ms"] / out["exact ms"]
+        out["densecrf/pruned"] = out["densecrf ms"] / out["pruned ms"]
+    if "exact fwd+bwd ms" in out:
+        out["fwd+bwd/fwd exact"] = out["exact fwd+bwd ms"] / out["exact ms"]
+    return out
+
+
+def main(args):
+    classes = [int(c) for c in args.classes.split(",")]
+    cases = [c for c in args.cases.split(",") if c]
+    if not set(cases) <= {"padded", "random"}:
+        raise ValueError(f"--cases must name padded and/or random, got {args.cases!r}")
+    if args.images < 1 or args.repeats < 1 or args.iterations < 1:
+        raise ValueError("--images, --repeats and --iterations must be at least 1")
+    if not args.skip_densecrf and not densecrf_peer.available():
+        raise ValueError("densecrf (pip install pydensecrf2) is not installed: pass --skip-densecrf")
+    torch.set_num_threads(args.threads)
+    ids = vp.image_ids(args.root)[args.first_image:args.first_image + args.images]
+    params = CRF_PARAMS[args.params]
+    results = []
+    print(f"VOC {len(ids)} images from line {args.first_image}, --params {args.params}, {args.iterations} iterations, "
+          f"prune {args.prune:g}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    for case in cases:
+        for c in classes:
+            common = dict(num_iterations=args.iterations, num_eval_iterations=args.iterations, **params)
+            layers = (crfrnn.CRFRNNLayer(c, eval_prune=0.0, **common).eval(),
+                      crfrnn.CRFRNNLayer(c, eval_prune=args.prune, **common).eval(),
+                      crfrnn.CRFRNNLayer(c, prune=0.0, **common).train(),
+                      crfrnn.CRFRNNLayer(c, prune=args.prune, **common).train())
+            rows = []
+            for i, image_id in enumerate(ids):
+                image, label = vp.load_pair(args.root, image_id)
+                seed = args.first_image + i
+                if case == "padded":
+                    logits = np.log(padded_probs(vp.coarse_probs(label, seed), c))
+                else:
+                    logits = random_logits(c, label.shape, seed)
+                rows.append(run_case(image, np.ascontiguousarray(logits, dtype=np.float32), args, layers))
+            row = {"case": case, "C": c, **summarize(rows)}
+            results.append({"case": case, "C": c, "per_image": rows, "summary": row})
+            print_table(f"{case}, C = {c}", [row], list(row))
+    columns = ["case", "C", "exact ms", "pruned ms", "densecrf ms", "densecrf/exact", "densecrf/pruned",
+               "exact agree %", "pruned agree %", "pruned max|dQ|", "pruned-exact max|dQ|", "exact fwd+bwd ms",
+               "pruned fwd+bwd ms", "fwd+bwd/fwd exact", "senders"]
+    summaries = [r["summary"] for r in results]
+    print_table("summary (times: median over images; agreement: worst image; max|dQ|: largest)",
+                summaries, [c for c in columns if c in summaries[0]])
+    write_json(args.json, {"environment": environment("cpu"), "images": ids, "params": args.params,
+                           "iterations": args.iterations, "prune": args.prune, "repeats": args.repeats,
+                           "results": results})
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())
