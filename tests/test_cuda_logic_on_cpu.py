@@ -384,15 +384,17 @@ def mean_field_inputs(n, c, h, w, dtype, seed):
 
 
 def run_mean_field_harness(binary, workdir, unary, lattices, pairwise, grad, iterations, normalize, save_marginals,
-                           seed, threads=0, schedule="mixed"):
+                           seed, threads=0, schedule="mixed", prune=0.0):
     """The harness's mean_field mode (the CUDA schedules on the host; serial random order, or
     `threads` threads per launch): (logits, blurred per kernel, marginals or None, grad_unary,
-    grad_pairwise per kernel), shaped as the ops return them."""
+    grad_pairwise per kernel, senders [T, N, C] uint8 or None), shaped as the ops return them;
+    `prune`: sender pruning, its thresholds from crfrnn.inference.sender_thresholds as the launcher's."""
     n, p, c = unary.shape
     dtype = unary.dtype
     src, dst = Path(workdir) / "mf_in.bin", Path(workdir) / "mf_out.bin"
     with open(src, "wb") as f:
-        np.array([n * p, c, iterations, len(lattices), DTYPE_CODE[dtype], int(save_marginals)], np.int64).tofile(f)
+        np.array([n * p, c, iterations, len(lattices), DTYPE_CODE[dtype], int(save_marginals), n, int(prune > 0)],
+                 np.int64).tofile(f)
         for lat, matrix in zip(lattices, pairwise):
             splat_scale, slice_scale = lat.normalization_scales(normalize, dtype)
             np.array([lat.vertex_index.shape[1], lat.num_vertices], np.int64).tofile(f)
@@ -400,6 +402,8 @@ def run_mean_field_harness(binary, workdir, unary, lattices, pairwise, grad, ite
                 t.contiguous().numpy().tofile(f)
         unary.contiguous().numpy().tofile(f)
         grad.contiguous().numpy().tofile(f)
+        if prune > 0:
+            crfrnn.inference.sender_thresholds(pairwise, prune).to(dtype).numpy().tofile(f)
     command = [str(binary), "mean_field", str(src), str(dst), str(seed), "--threads", str(threads),
                "--schedule", schedule]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=sanitizer_env())
@@ -407,14 +411,16 @@ def run_mean_field_harness(binary, workdir, unary, lattices, pairwise, grad, ite
         f"harness failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
     raw = torch.from_numpy(np.frombuffer(dst.read_bytes(), np.float64 if dtype == torch.float64 else np.float32).copy())
     sizes = ([n * p * c] + [iterations * lat.num_vertices * c for lat in lattices]
-             + [(iterations - 1) * n * p * c if save_marginals else 0, n * p * c] + [c * c] * len(lattices))
+             + [(iterations - 1) * n * p * c if save_marginals else 0, n * p * c] + [c * c] * len(lattices)
+             + [iterations * n * c if prune > 0 else 0])
     assert raw.numel() == sum(sizes), f"harness wrote {raw.numel()} values, expected {sum(sizes)}"
     parts = list(raw.split(sizes))
     k = len(lattices)
     blurred = [b.reshape(iterations, lat.num_vertices, c) for b, lat in zip(parts[1:1 + k], lattices)]
     marginals = parts[1 + k].reshape(iterations - 1, n, p, c) if save_marginals else None
+    senders = parts[-1].reshape(iterations, n, c).to(torch.uint8) if prune > 0 else None
     return (parts[0].reshape(n, p, c), blurred, marginals, parts[2 + k].reshape(n, p, c),
-            [g.reshape(c, c) for g in parts[3 + k:]])
+            [g.reshape(c, c) for g in parts[3 + k:3 + 2 * k]], senders)
 
 
 @pytest.mark.parametrize("save_marginals", [True, False])
@@ -469,4 +475,51 @@ def test_mean_field_schedules_on_threads_are_race_free_and_equal_serial(tsan_har
                                    save_marginals, seed=1, threads=threads) for threads in (0, 4)]
     flat = [[r[0], *r[1], r[3], *r[4]] + ([r[2]] if save_marginals else []) for r in runs]
     for a, b in zip(*flat):
+        assert torch.equal(a, b)
+
+
+def absent_class_inputs(n, c, h, w, dtype, seed, absent=3):
+    """mean_field_inputs with Potts-structured matrices (diagonal weights times Potts, one column
+    made non-Potts when `full`) and `absent` classes far below the others: what pruning drops."""
+    unary, lattices, _, grad = mean_field_inputs(n, c, h, w, dtype, seed)
+    unary = unary.clone()
+    unary[..., c - absent:] -= 7.0
+    potts = 1.0 - torch.eye(c, dtype=dtype)
+    weights = torch.linspace(1.0, 3.0, c, dtype=dtype)
+    pairwise = [potts * weights, 0.5 * potts]
+    return unary, lattices, pairwise, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("full", [False, True])
+def test_mean_field_schedules_with_pruning_equal_the_cpu_ops(harness, tmp_path, dtype, full):
+    """Sender pruning in the CUDA schedules (the largest-Q reduction, the senders, Q D; the
+    backward's masked dQ) against the C++ op, which prunes with fewer channels: the same senders,
+    logits, B D grids and gradients to rounding; and nothing left unwritten in any order."""
+    unary, lattices, pairwise, grad = absent_class_inputs(2, 6, 9, 8, dtype, seed=4)
+    if full:  # learned (non-Potts) matrices: the C++ op's gather rows
+        pairwise[0][1, 0] += 0.25
+    iterations, prune = 4, 2e-2
+    splat_scales, slice_scales = zip(*(lat.normalization_scales("symmetric", dtype) for lat in lattices))
+    args = (unary, [lat.vertex_index for lat in lattices], [lat.weights_as(dtype) for lat in lattices],
+            list(splat_scales), list(slice_scales), [lat.neighbors for lat in lattices], pairwise, iterations)
+    logits, blurred, marginals, senders = torch.ops.crfrnn.mean_field_forward(*args, True, prune)
+    assert marginals.numel() == 0  # a pruned forward never saves them
+    assert 0 < senders.sum() < senders.numel(), "the case prunes nothing, or everything"
+    grad_unary, grad_pairwise = torch.ops.crfrnn.mean_field_backward(grad, *args[:7], blurred, marginals, iterations,
+                                                                     senders)
+    for seed in (2, 3):
+        got = run_mean_field_harness(harness, tmp_path, unary, lattices, pairwise, grad, iterations, "symmetric",
+                                     False, seed=seed, prune=prune)
+        assert torch.equal(got[5], senders)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        for g, e in zip([got[0], *got[1], got[3], *got[4]], [logits, *blurred, grad_unary, *grad_pairwise]):
+            torch.testing.assert_close(g, e, atol=tol * (e.abs().max().item() + 1), rtol=tol)
+
+
+def test_mean_field_schedules_with_pruning_on_threads_are_race_free(tsan_harness, tmp_path):
+    unary, lattices, pairwise, grad = absent_class_inputs(2, 6, 9, 8, torch.float32, seed=6)
+    runs = [run_mean_field_harness(tsan_harness, tmp_path, unary, lattices, pairwise, grad, 3, "symmetric", False,
+                                   seed=1, threads=threads, prune=2e-2) for threads in (0, 4)]
+    for a, b in zip([runs[0][0], runs[0][3], runs[0][5]], [runs[1][0], runs[1][3], runs[1][5]]):
         assert torch.equal(a, b)

@@ -534,16 +534,17 @@ struct MeanFieldKernelData {
       adjoint_transform, grid, next, mixed, blurred, outer_total;
 };
 
-// IN (after the mode): int64 header[6] = {P, C, T, kernels, dtype (0 float64, 1 float32),
-//   save_marginals}; per kernel int64 {d1, M}, int32 vertex_index [P, d1], int32 neighbors
-//   [d1, M, 2], then in dtype weights [P, d1], splat_scale [P], slice_scale [P], pairwise [C, C];
-//   then unary [P, C] and the logits' gradient [P, C].
+// IN (after the mode): int64 header[8] = {P, C, T, kernels, dtype (0 float64, 1 float32),
+//   save_marginals, N (images), prune (0 or 1)}; per kernel int64 {d1, M}, int32 vertex_index
+//   [P, d1], int32 neighbors [d1, M, 2], then in dtype weights [P, d1], splat_scale [P],
+//   slice_scale [P], pairwise [C, C]; then unary [P, C] and the logits' gradient [P, C]; with
+//   prune, the classes' thresholds [C] (crfrnn.inference.sender_thresholds).
 // OUT (dtype): logits [P, C]; per kernel blurred [T, M, C]; marginals [T-1, P, C] if saved;
-//   grad_unary [P, C]; per kernel grad_pairwise [C, C].
+//   grad_unary [P, C]; per kernel grad_pairwise [C, C]; with prune the senders [T, N, C] (0, 1).
 template <typename T>
 void run_mean_field(std::FILE* in, std::FILE* out, const std::vector<int64_t>& h, Launcher& launch) {
-  const int64_t num_points = h[0], c = h[1], iterations = h[2], count = h[3];
-  const bool save_marginals = h[5] != 0;
+  const int64_t num_points = h[0], c = h[1], iterations = h[2], count = h[3], images = h[6];
+  const bool save_marginals = h[5] != 0, prune = h[7] != 0;
   std::vector<MeanFieldKernelData<T>> data(static_cast<size_t>(count));
   device::MeanFieldView<T> mf{};
   mf.num_points = num_points;
@@ -613,6 +614,18 @@ void run_mean_field(std::FILE* in, std::FILE* out, const std::vector<int64_t>& h
   }
   const std::vector<T> unary = read_array<T>(in, num_points * c);
   const std::vector<T> grad_logits = read_array<T>(in, num_points * c);
+  // Sender pruning's inputs and buffers, as the launcher makes them.
+  const std::vector<T> thresholds = prune ? read_array<T>(in, c) : std::vector<T>();
+  std::vector<T> block_max(static_cast<size_t>(images * device::max_blocks(num_points / images) * c), T(-7));
+  std::vector<T> mask(static_cast<size_t>(images * c), T(-7));
+  std::vector<uint8_t> senders(prune ? static_cast<size_t>(iterations * images * c) : 0, 7);
+  if (prune) {
+    mf.prune.thresholds = thresholds.data();
+    mf.prune.images = images;
+    mf.prune.block_max = block_max.data();
+    mf.prune.mask = mask.data();
+    mf.prune.senders = senders.data();
+  }
   const size_t rows = static_cast<size_t>(num_points * c);
   std::vector<T> logits(rows), q0(rows), q1(rows);
   std::vector<T> marginals(save_marginals ? static_cast<size_t>((iterations - 1) * num_points * c) : 0);
@@ -624,7 +637,11 @@ void run_mean_field(std::FILE* in, std::FILE* out, const std::vector<int64_t>& h
   LauncherExec exec{launch};
   device::run_mean_field_forward(exec, mf);
   std::vector<T> grad(rows), du(rows), grad_unary(rows), q(rows);
-  const device::MeanFieldGradientView<T> gv{grad_logits.data(), grad.data(), du.data(), grad_unary.data(), q.data()};
+  device::MeanFieldGradientView<T> gv{grad_logits.data(), grad.data(), du.data(), grad_unary.data(), q.data()};
+  if (prune) {
+    gv.senders = senders.data();
+    gv.images = images;
+  }
   device::run_mean_field_backward(exec, mf, gv);
   write_array(out, logits);
   for (const auto& k : data) write_array(out, k.blurred);
@@ -638,6 +655,14 @@ void run_mean_field(std::FILE* in, std::FILE* out, const std::vector<int64_t>& h
     }
     write_array(out, grad_pairwise);
   }
+  if (prune) {
+    std::vector<T> sent(senders.size());
+    for (size_t i = 0; i < senders.size(); ++i) {
+      if (senders[i] > 1) fail(4, "harness: kernel 'SenderMask' left an element unwritten");
+      sent[i] = static_cast<T>(senders[i]);
+    }
+    write_array(out, sent);
+  }
 }
 
 // argv: "mean_field" IN OUT SEED [--threads K] [--schedule NAME]
@@ -647,8 +672,9 @@ int mean_field_main(int argc, char** argv) {
   std::FILE* in = std::fopen(argv[2], "rb");
   if (!in) fail(2, "cannot open the input file");
   Launcher launch(options.schedule, options.threads, std::strtoull(argv[4], nullptr, 10));
-  const std::vector<int64_t> h = read_array<int64_t>(in, 6);
-  if (h[0] < 1 || h[1] < 1 || h[2] < 1 || h[3] < 1 || h[3] > device::kMaxCrfKernels || h[4] < 0 || h[4] > 1) {
+  const std::vector<int64_t> h = read_array<int64_t>(in, 8);
+  if (h[0] < 1 || h[1] < 1 || h[2] < 1 || h[3] < 1 || h[3] > device::kMaxCrfKernels || h[4] < 0 || h[4] > 1 ||
+      h[6] < 1 || h[0] % h[6] != 0 || h[7] < 0 || h[7] > 1) {
     fail(2, "bad mean_field header");
   }
   std::FILE* out = std::fopen(argv[3], "wb");

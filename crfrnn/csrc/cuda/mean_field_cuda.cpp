@@ -7,7 +7,10 @@
 // Results equal the CPU op's to rounding (its splat adds the same terms in another order) and are
 // deterministic (gathers only, no float atomics). The forward can save the marginals Q_1..Q_{T-1}
 // (the layer asks for them on CUDA: the splat reads Q from memory anyway); without them the
-// backward recomputes each Q from the unary and the saved blurred grids, as on the CPU.
+// backward recomputes each Q from the unary and the saved blurred grids, as on the CPU. With
+// sender pruning (prune > 0) the forward finds each iteration's senders by the same thresholds
+// as the CPU (sender_thresholds) and filters Q D (mean_field_device.cuh); it then saves no
+// marginals, and returns the senders, which the backward takes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -108,16 +112,30 @@ void check_cuda_args(const char* op, const MeanFieldArgs& a) {
               device::kMaxCrfKernels, " CRF kernels, got ", a.vertex_index.size());
 }
 
-// The forward into `out` (the unary's layout, as on the CPU) with the saves.
+// The forward into `out` (the unary's layout, as on the CPU) with the saves; with prune > 0 the
+// senders into `senders` ([T, N, C] uint8, if defined and not empty).
 void run_forward_cuda(const MeanFieldArgs& a, at::Tensor& out, std::vector<at::Tensor>& blurred,
-                      const at::Tensor& marginals) {
+                      const at::Tensor& marginals, double prune = 0.0, const at::Tensor& senders = at::Tensor()) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor unary = a.unary.contiguous();
   const at::Tensor rows = out.is_contiguous() ? out : at::empty(unary.sizes(), unary.options());
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "crfrnn_mean_field_cuda", [&] {
     std::vector<KernelTensors> held;
     std::vector<at::Tensor> scratch;
-    const auto mf = problem_view<scalar_t>(a, unary, blurred, false, stream, held, scratch, rows, marginals);
+    auto mf = problem_view<scalar_t>(a, unary, blurred, false, stream, held, scratch, rows, marginals);
+    if (prune > 0) {
+      const int64_t images = unary.size(0), c = unary.size(2);
+      std::vector<scalar_t> theta;
+      for (double t : sender_thresholds(a.pairwise, prune)) theta.push_back(static_cast<scalar_t>(t));
+      scratch.push_back(at::tensor(theta, unary.options().device(at::kCPU)).to(unary.device()));
+      mf.prune.thresholds = scratch.back().data_ptr<scalar_t>();
+      mf.prune.images = images;
+      scratch.push_back(at::empty({images * device::max_blocks(unary.size(1)) * c}, unary.options()));
+      mf.prune.block_max = scratch.back().data_ptr<scalar_t>();
+      scratch.push_back(at::empty({images * c}, unary.options()));
+      mf.prune.mask = scratch.back().data_ptr<scalar_t>();
+      mf.prune.senders = senders.defined() && senders.numel() > 0 ? senders.data_ptr<uint8_t>() : nullptr;
+    }
     check_launch(cuda::launch_mean_field_forward<scalar_t>(mf, stream), "mean_field_forward");
   });
   if (!rows.is_same(out)) out.copy_(rows);
@@ -125,35 +143,40 @@ void run_forward_cuda(const MeanFieldArgs& a, at::Tensor& out, std::vector<at::T
 
 at::Tensor mean_field_inference_cuda(const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights,
                                      at::TensorList splat_scale, at::TensorList slice_scale,
-                                     at::TensorList neighbors, at::TensorList pairwise, int64_t iterations) {
+                                     at::TensorList neighbors, at::TensorList pairwise, int64_t iterations,
+                                     double prune) {
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_cuda_args("crfrnn::mean_field_inference", a);
+  check_prune("crfrnn::mean_field_inference", prune);
   const c10::cuda::CUDAGuard guard(unary.device());
-  [[maybe_unused]] auto [out, blurred, marginals] = empty_forward_outputs(a, false);  // grids written, dropped
-  if (unary.numel() > 0) run_forward_cuda(a, out, blurred, at::Tensor());
+  // (grids written, dropped)
+  [[maybe_unused]] auto [out, blurred, marginals, senders] = empty_forward_outputs(a, false, prune);
+  if (unary.numel() > 0) run_forward_cuda(a, out, blurred, at::Tensor(), prune);
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> mean_field_forward_cuda(
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mean_field_forward_cuda(
     const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights, at::TensorList splat_scale,
     at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise, int64_t iterations,
-    bool save_marginals) {
+    bool save_marginals, double prune) {
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_cuda_args("crfrnn::mean_field_forward", a);
+  check_prune("crfrnn::mean_field_forward", prune);
   const c10::cuda::CUDAGuard guard(unary.device());
-  auto [out, blurred, marginals] = empty_forward_outputs(a, save_marginals);
-  if (unary.numel() > 0) run_forward_cuda(a, out, blurred, marginals);
-  return {out, blurred, marginals};
+  auto [out, blurred, marginals, senders] = empty_forward_outputs(a, save_marginals, prune);
+  if (unary.numel() > 0) run_forward_cuda(a, out, blurred, marginals, prune, senders);
+  return {out, blurred, marginals, senders};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mean_field_backward_cuda(
     const at::Tensor& grad_logits, const at::Tensor& unary_in, at::TensorList vertex_index, at::TensorList weights,
     at::TensorList splat_scale, at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise,
-    at::TensorList blurred_in, const at::Tensor& marginals_in, int64_t iterations) {
+    at::TensorList blurred_in, const at::Tensor& marginals_in, int64_t iterations,
+    const std::optional<at::Tensor>& senders_in) {
   const char* op = "crfrnn::mean_field_backward";
   const MeanFieldArgs a{unary_in, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_cuda_args(op, a);
-  check_backward_args(op, a, grad_logits, blurred_in, marginals_in);
+  check_backward_args(op, a, grad_logits, blurred_in, marginals_in, senders_in);
   const c10::cuda::CUDAGuard guard(unary_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t c = unary_in.size(2);
@@ -165,6 +188,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mean_field_backward_cuda(
   }
   const at::Tensor unary = unary_in.contiguous(), grad = grad_logits.contiguous();
   const at::Tensor marginals = marginals_in.contiguous();
+  const at::Tensor senders = senders_in && senders_in->defined() ? senders_in->contiguous() : at::Tensor();
   std::vector<at::Tensor> blurred;
   for (const at::Tensor& b : blurred_in) blurred.push_back(b.contiguous());
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "crfrnn_mean_field_backward_cuda", [&] {
@@ -173,9 +197,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mean_field_backward_cuda(
     const auto mf = problem_view<scalar_t>(a, unary, blurred, true, stream, held, scratch, at::Tensor(), marginals);
     std::vector<at::Tensor> rows;
     for (int j = 0; j < 4; ++j) rows.push_back(at::empty({unary.size(0) * unary.size(1), c}, unary.options()));
-    const device::MeanFieldGradientView<scalar_t> gv{grad.data_ptr<scalar_t>(), rows[0].data_ptr<scalar_t>(),
-                                                     rows[1].data_ptr<scalar_t>(), rows[3].data_ptr<scalar_t>(),
-                                                     rows[2].data_ptr<scalar_t>()};
+    device::MeanFieldGradientView<scalar_t> gv{grad.data_ptr<scalar_t>(), rows[0].data_ptr<scalar_t>(),
+                                               rows[1].data_ptr<scalar_t>(), rows[3].data_ptr<scalar_t>(),
+                                               rows[2].data_ptr<scalar_t>()};
+    if (senders.defined() && senders.numel() > 0) {
+      gv.senders = senders.data_ptr<uint8_t>();
+      gv.images = unary.size(0);
+    }
     check_launch(cuda::launch_mean_field_backward<scalar_t>(mf, gv, stream), "mean_field_backward");
     // dA_m = -alpha (sum over the iterations of B^T H)^T, as the C++ op.
     for (size_t i = 0; i < held.size(); ++i) {

@@ -17,6 +17,14 @@
 // thread per entry, summed in blocks of vertices in the CPU's order); dB = -alpha H A; blur
 // reversed; then the points: dQ_{t-1} = sum_m s_m slice(dB~_m), the softmax's gradient with
 // Q_{t-1} (saved, or recomputed from U and X of iteration t-1), dU += dL_{t-1}.
+//
+// Sender pruning (prune > 0, thresholds given): before iteration t's splat, the largest Q_{t-1}
+// of each class over each image's points (in blocks, then over the blocks) is compared with the
+// class's threshold, and Q_{t-1} is multiplied by the 0/1 result (D_t): the splat, blur and mix
+// then carry zeros for the classes that do not send, so the grids, the messages and the saved
+// blurred grids (B D) are those of K(Q D), the function the C++ op computes (with fewer channels).
+// The backward multiplies dQ_{t-1} by D_t. The GPU keeps all C channels: on it a channel is a
+// thread, and the work that pruning saves on the CPU is not its bottleneck.
 #pragma once
 
 #include <cstdint>
@@ -46,7 +54,7 @@ struct CrfKernelView {
   T* grid;                       // (M+1) x C each, row M zero (missing blur neighbours)
   T* next;
   T* mixed;
-  T* blurred;                    // [iterations, M, C]: the forward's saves
+  T* blurred;                    // [iterations, M, C]: the forward's saves (pruned: B D)
   T* outer_total;                // [C, C]: sum over the iterations of B^T H (backward)
   const T* adjoint;              // the current blurred adjoint grid (grid or next; backward)
 };
@@ -55,6 +63,16 @@ template <typename T>
 struct CrfKernelViews {
   int count;
   CrfKernelView<T> k[kMaxCrfKernels];
+};
+
+// Sender pruning's buffers (device pointers), or thresholds null: no pruning.
+template <typename T>
+struct PruneView {
+  const T* thresholds = nullptr;  // [C]: class l sends while its largest Q reaches thresholds[l]
+  int64_t images = 1;             // N: the points of image n are [n P / N, (n + 1) P / N)
+  T* block_max = nullptr;         // [N, blocks, C]: the largest Q per block of points (scratch)
+  T* mask = nullptr;              // [N, C]: D_t, 1 or 0 (scratch)
+  uint8_t* senders = nullptr;     // [T, N, C]: every iteration's D_t, or null
 };
 
 // The whole problem (device pointers, all rows contiguous with C values).
@@ -66,6 +84,7 @@ struct MeanFieldView {
   T* out;                  // [P, C]: L_T
   T* marginals;            // [T-1, P, C]: Q_1..Q_{T-1}, or null (then recomputed in the backward)
   T* q_scratch[2];         // [P, C] each: Q_t when not saved (and Q_0 always)
+  PruneView<T> prune;
 };
 
 // The backward's own buffers.
@@ -76,6 +95,8 @@ struct MeanFieldGradientView {
   T* du;                   // [P, C]: dU so far
   T* grad_unary;           // [P, C]: the result
   T* q;                    // [P, C]: recomputed Q_{t-1}
+  const uint8_t* senders = nullptr;  // [T, N, C]: what the pruned forward returned, or null
+  int64_t images = 1;
 };
 
 // ---- per-thread bodies (functors: one launch template runs them all) ------------------------------
@@ -186,6 +207,66 @@ struct OuterProductEntry {
   }
 };
 
+// ---- sender pruning ----------------------------------------------------------------------------
+
+// Points per block of the largest-Q reduction.
+constexpr int64_t kMaxBlockPoints = 256;
+
+CRFRNN_HD int64_t max_blocks(int64_t per_image) { return (per_image + kMaxBlockPoints - 1) / kMaxBlockPoints; }
+
+// t = (n * blocks + b) * C + k: the largest q[p, k] over the points p of block b of image n.
+template <typename T>
+struct BlockMax {
+  const T* q;
+  int64_t per_image, blocks, c;
+  T* out;
+
+  CRFRNN_HD void operator()(int64_t t) const {
+    const int64_t k = t % c, nb = t / c, b = nb % blocks, n = nb / blocks;
+    const int64_t p0 = n * per_image + b * kMaxBlockPoints;
+    const int64_t p1 = p0 + kMaxBlockPoints < (n + 1) * per_image ? p0 + kMaxBlockPoints : (n + 1) * per_image;
+    T most = T(0);
+    for (int64_t p = p0; p < p1; ++p) most = q[p * c + k] > most ? q[p * c + k] : most;
+    out[t] = most;
+  }
+};
+
+// t = n * C + k: D_t of class k in image n, 1 if its largest Q (over the blocks) reaches its
+// threshold, else 0; also into `senders` if given.
+template <typename T>
+struct SenderMask {
+  const T* block_max;
+  int64_t blocks, c;
+  const T* thresholds;
+  T* mask;
+  uint8_t* senders;
+
+  CRFRNN_HD void operator()(int64_t t) const {
+    const int64_t n = t / c, k = t - n * c;
+    T most = T(0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const T m = block_max[(n * blocks + b) * c + k];
+      most = m > most ? m : most;
+    }
+    const bool sends = most >= thresholds[k];
+    mask[t] = sends ? T(1) : T(0);
+    if (senders) senders[t] = sends ? 1 : 0;
+  }
+};
+
+// t = p * C + k: q[p, k] times D_t of its image and class.
+template <typename T>
+struct MaskRow {
+  T* q;
+  const T* mask;
+  int64_t per_image, c;
+
+  CRFRNN_HD void operator()(int64_t t) const {
+    const int64_t p = t / c, k = t - p * c;
+    q[t] = q[t] * mask[(p / per_image) * c + k];
+  }
+};
+
 // Point p of a backward pass (t >= 1): g = sum_m s_m slice(adjoint_m)[p] (dQ_{t-1}); Q_{t-1}
 // from `q_saved` or recomputed (U minus the messages of X_m, then softmax; Q_0 = softmax(U));
 // g = the softmax's gradient; then dU += g, or, at t = 1, grad_unary = dU + g.
@@ -201,12 +282,18 @@ struct BackwardPoint {
   T* q;
   T* du;
   T* grad_unary;
+  const uint8_t* senders;   // pruned: D_t ([N, C]), dQ_{t-1} is zero where it is 0; or null
+  int64_t per_image;
 
   CRFRNN_HD void operator()(int64_t p) const {
     const ChannelRow<T> lanes{{c}};
     T* gp = g + p * c;
     for (int i = 0; i < kernels.count; ++i) {
       add_adjoint_message(lanes, gp, p, kernels.k[i].tables, kernels.k[i].adjoint, c, i == 0);
+    }
+    if (senders) {
+      const uint8_t* sent = senders + (p / per_image) * c;
+      for (int64_t k = 0; k < c; ++k) gp[k] = gp[k] * (sent[k] ? T(1) : T(0));
     }
     T* qp = q + p * c;
     if (q_saved) {
@@ -261,7 +348,15 @@ void run_mean_field_forward(Exec& exec, const MeanFieldView<T>& mf) {
   const int64_t c = mf.c, points = mf.num_points;
   exec.run(points, ForwardPoint<T>{mf.unary, c, mf.kernels, true, false, nullptr, marginal_buffer(mf, 0)});
   for (int64_t t = 1; t <= mf.iterations; ++t) {
-    const T* q = marginal_buffer(mf, t - 1);
+    T* q = marginal_buffer(mf, t - 1);
+    if (mf.prune.thresholds) {  // D_t from Q_{t-1}, and Q_{t-1} D_t (in place: never saved when pruning)
+      const PruneView<T>& pv = mf.prune;
+      const int64_t per_image = points / pv.images, blocks = max_blocks(per_image);
+      exec.run(pv.images * blocks * c, BlockMax<T>{q, per_image, blocks, c, pv.block_max});
+      exec.run(pv.images * c, SenderMask<T>{pv.block_max, blocks, c, pv.thresholds, pv.mask,
+                                            pv.senders ? pv.senders + (t - 1) * pv.images * c : nullptr});
+      exec.run(points * c, MaskRow<T>{q, pv.mask, per_image, c});
+    }
     for (int i = 0; i < mf.kernels.count; ++i) {
       const CrfKernelView<T>& k = mf.kernels.k[i];
       exec.run(k.m * c, SplatVertex<T>{q, k.splat_weights, k.tables.d1, k.splat_offsets, k.splat_entries, c,
@@ -299,8 +394,9 @@ void run_mean_field_backward(Exec& exec, const MeanFieldView<T>& mf, const MeanF
       }
     }
     const T* q_saved = t >= 2 && mf.marginals ? mf.marginals + (t - 2) * points * c : nullptr;
+    const uint8_t* senders = grad.senders ? grad.senders + (t - 1) * grad.images * c : nullptr;
     exec.run(points, BackwardPoint<T>{mf.unary, c, views, q_saved, t >= 2, t == 1, grad.grad, grad.q,
-                                      grad.du, grad.grad_unary});
+                                      grad.du, grad.grad_unary, senders, points / grad.images});
   }
 }
 
