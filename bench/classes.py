@@ -16,8 +16,14 @@ with the label agreement with densecrf (all pixels), max |dQ| against densecrf a
 exact, and the senders per iteration (mean over the images: classes that sent in iteration
 1, 2, ...). Times: median of --repeats calls per image, then the median over the images.
 
+With --sweep P1,P2,... it measures instead how the result moves with `prune` (how the default
+was chosen): per prune value, over the images, the worst label agreement with ours exact and
+with densecrf, the largest |dQ|, and the senders per iteration, for Potts matrices (the layer's
+start, dense_crf) and with --learned for Potts matrices perturbed as a learned CRF's would be.
+
     OMP_WAIT_POLICY=PASSIVE python bench/classes.py --images 3 --repeats 3
     python bench/classes.py --classes 150 --cases padded --skip-grad --images 10
+    python bench/classes.py --sweep 1e-4,7e-4,3e-3 --images 46 --classes 21,150 --cases padded
 """
 from __future__ import annotations
 
@@ -56,6 +62,10 @@ def get_args_parser():
     p.add_argument("--skip-grad", action="store_true", help="no forward+backward jobs")
     p.add_argument("--skip-densecrf", action="store_true", help="no densecrf (no agreement columns)")
     p.add_argument("--root", default=str(VOC_ROOT), help="the VOC2012 folder (default: ../shared/data's)")
+    p.add_argument("--sweep", default=None, metavar="P1,P2,...",
+                   help="measure agreement and senders for these prune values instead of timing")
+    p.add_argument("--learned", action="store_true",
+                   help="--sweep: also Potts matrices perturbed by N(0, 0.5) per entry (a learned CRF's)")
     return p
 
 
@@ -163,6 +173,74 @@ def summarize(rows):
     return out
 
 
+def sweep(args, ids, classes, cases):
+    """--sweep: per case, class count, matrices and prune value, the worst agreement and largest
+    |dQ| over the images (against ours exact and densecrf), and the mean senders per iteration."""
+    values = [float(v) for v in args.sweep.split(",")]
+    params = CRF_PARAMS[args.params]
+    rows = []
+    for case in cases:
+        for c in classes:
+            for kind in ("potts", "learned") if args.learned else ("potts",):
+                crf = crfrnn.CRFRNNLayer(c, num_iterations=args.iterations, num_eval_iterations=args.iterations,
+                                         eval_prune=0.0, **params).eval()
+                if kind == "learned":
+                    g = torch.Generator().manual_seed(c)
+                    with torch.no_grad():
+                        crf.compatibility.add_(0.5 * torch.randn(c, c, generator=g))
+                stats = {v: {"agree": [], "agree_dense": [], "dq": [], "dq_dense": [], "senders": [], "ms": []}
+                         for v in values}
+                for i, image_id in enumerate(ids):
+                    image, label = vp.load_pair(args.root, image_id)
+                    seed = args.first_image + i
+                    logits = (np.log(padded_probs(vp.coarse_probs(label, seed), c)) if case == "padded"
+                              else random_logits(c, label.shape, seed)).astype(np.float32)
+                    img = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+                    unary = torch.from_numpy(np.ascontiguousarray(logits))[None]
+                    with torch.no_grad():
+                        q_exact = torch.softmax(crf(unary, img)[0], 0).numpy()
+                    q_dense = None
+                    if not args.skip_densecrf and kind == "potts":
+                        q_dense = densecrf_peer.densecrf_probs(image, logits, args.iterations, params["bilateral"],
+                                                               params["spatial"])
+                    for v in values:
+                        crf.eval_prune = v
+                        start = time.perf_counter()
+                        with torch.no_grad():
+                            q = torch.softmax(crf(unary, img)[0], 0).numpy()
+                        stats[v]["ms"].append((time.perf_counter() - start) * 1e3)
+                        stats[v]["agree"].append(100.0 * float((q.argmax(0) == q_exact.argmax(0)).mean()))
+                        stats[v]["dq"].append(float(np.abs(q - q_exact).max()))
+                        if q_dense is not None:
+                            stats[v]["agree_dense"].append(100.0 * float((q.argmax(0) == q_dense.argmax(0)).mean()))
+                            stats[v]["dq_dense"].append(float(np.abs(q - q_dense).max()))
+                        stats[v]["senders"].append(senders_per_iteration(crf, unary, img, v))
+                    crf.eval_prune = 0.0
+                for v in values:
+                    st = stats[v]
+                    row = {"case": case, "C": c, "matrices": kind, "prune": v,
+                           "theta (Potts)": float(inference_threshold(crf, v)),
+                           "worst agree %": min(st["agree"]), "max|dQ|": max(st["dq"]),
+                           "median |dQ|": statistics.median(st["dq"]),
+                           "senders": "/".join(f"{x:.3g}" for x in np.mean(st["senders"], axis=0)),
+                           "median ms": statistics.median(st["ms"])}
+                    if st["agree_dense"]:
+                        row["worst agree densecrf %"] = min(st["agree_dense"])
+                        row["max|dQ| densecrf"] = max(st["dq_dense"])
+                    rows.append(row)
+                    print_table(f"{case}, C = {c}, {kind}, prune {v:g}", [row], list(row))
+    columns = ["case", "C", "matrices", "prune", "theta (Potts)", "worst agree %", "max|dQ|", "median |dQ|",
+               "worst agree densecrf %", "max|dQ| densecrf", "senders", "median ms"]
+    print_table(f"sweep over {len(ids)} images (agreement: worst image; |dQ|: largest, and the median of the "
+                "images' largest)", rows, [c for c in columns if any(c in r for r in rows)])
+    return rows
+
+
+def inference_threshold(crf, prune):
+    """The smallest of the classes' thresholds (crfrnn.inference.sender_thresholds)."""
+    return crfrnn.inference.sender_thresholds(crf.pairwise_matrices(), prune).min()
+
+
 def main(args):
     classes = [int(c) for c in args.classes.split(",")]
     cases = [c for c in args.cases.split(",") if c]
@@ -174,6 +252,11 @@ def main(args):
         raise ValueError("densecrf (pip install pydensecrf2) is not installed: pass --skip-densecrf")
     torch.set_num_threads(args.threads)
     ids = vp.image_ids(args.root)[args.first_image:args.first_image + args.images]
+    if args.sweep:
+        rows = sweep(args, ids, classes, cases)
+        write_json(args.json, {"environment": environment("cpu"), "images": ids, "params": args.params,
+                               "iterations": args.iterations, "sweep": rows})
+        return
     params = CRF_PARAMS[args.params]
     results = []
     print(f"VOC {len(ids)} images from line {args.first_image}, --params {args.params}, {args.iterations} iterations, "

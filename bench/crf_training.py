@@ -2,8 +2,11 @@
 interleaved rounds, so that load from other processes falls on all of them alike.
 
 Jobs, on a real VOC image at 500x375 with the coarse-unary protocol's logits (bench/crf.py's input):
-- fused forward (eval, no grad: crfrnn::mean_field_inference), the reference of the ratios;
-- fused forward+backward (crfrnn::mean_field_forward / mean_field_backward);
+- fused forward (eval, no grad: crfrnn::mean_field_inference, exact: eval_prune=0), the reference
+  of the ratios;
+- fused forward+backward (crfrnn::mean_field_forward / mean_field_backward), the library's
+  defaults (the marginals kept for the backward);
+- the same with the marginals recomputed in the backward (keep_marginals=False);
 - the step-by-step autograd loop's forward+backward (mean_field(..., fused=False));
 - with --crfasrnn DIR: sadeepj/crfasrnn_pytorch's forward+backward (one image per call).
 
@@ -42,8 +45,7 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's own choice)")
     p.add_argument("--keep-large-blocks", action="store_true",
                    help="first call train.process.keep_large_blocks_in_the_heap(), as the training "
-                        "scripts do: malloc keeps freed large blocks for every job, and the fused "
-                        "forward keeps its marginals for the backward (CRFRNNLayer(keep_marginals=True))")
+                        "scripts do: malloc keeps freed large blocks for every job")
     p.add_argument("--crfasrnn", metavar="DIR", help="a checkout of sadeepj/crfasrnn_pytorch with its "
                    "extension built (bench/crfasrnn_peer.py): time its forward+backward too")
     return p
@@ -60,7 +62,7 @@ def make_jobs(args):
     unary = torch.from_numpy(logits)[None].repeat(args.batch, 1, 1, 1)
     params = CRF_PARAMS[args.params]
     crf = crfrnn.CRFRNNLayer(classes, num_iterations=args.iterations, num_eval_iterations=args.iterations,
-                             keep_marginals=args.keep_large_blocks, **params)
+                             eval_prune=0.0, **params)
 
     def forward():
         with torch.no_grad():
@@ -69,12 +71,19 @@ def make_jobs(args):
     def forward_backward():
         crf.train()(unary.clone().requires_grad_(), img).logsumexp(1).sum().backward()
 
+    def recomputing():
+        crf.keep_marginals = False
+        try:
+            forward_backward()
+        finally:
+            crf.keep_marginals = True
+
     def step_by_step():
         with bench_crf.step_by_step(crf):
             forward_backward()
 
     jobs = {"fused forward (no grad)": forward, "fused forward+backward": forward_backward,
-            "step-by-step forward+backward": step_by_step}
+            "fused forward+backward, recomputing Q": recomputing, "step-by-step forward+backward": step_by_step}
     if args.crfasrnn:
         import crfasrnn_peer
         peer = crfasrnn_peer.load_layer(args.crfasrnn, classes, args.iterations, **params)
@@ -113,7 +122,7 @@ def main(args):
     times = time_interleaved(jobs, args.rounds)
     print(f"input: {source}, 500x375, C = 21, {args.iterations} iterations, batch {args.batch}, "
           f"--params {args.params}, {args.rounds} rounds, {torch.get_num_threads()} threads"
-          + (", large blocks kept in the heap, marginals saved" if args.keep_large_blocks else ""))
+          + (", large blocks kept in the heap" if args.keep_large_blocks else ""))
     medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     for name, m in medians.items():
         print(f"{name:36s} wall ms median {m['wall_ms']:8.0f}   cpu ms median {m['cpu_ms']:8.0f}")
@@ -122,6 +131,8 @@ def main(args):
         ms = {name: m[clock] for name, m in medians.items()}
         fused = ms["fused forward+backward"]
         ratios[clock] = {"fused forward+backward / fused forward": fused / ms["fused forward (no grad)"],
+                         "recomputing Q / fused forward": ms["fused forward+backward, recomputing Q"]
+                         / ms["fused forward (no grad)"],
                          "step-by-step / fused forward+backward": ms["step-by-step forward+backward"] / fused}
         if "crfasrnn_pytorch forward+backward" in ms:
             ratios[clock]["crfasrnn_pytorch / fused forward+backward"] = ms["crfasrnn_pytorch forward+backward"] / fused

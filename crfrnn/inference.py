@@ -182,7 +182,7 @@ def can_fuse(unary, lattices):
 
 
 def fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, checkpoint=False,
-                     keep_marginals=False, prune=0.0):
+                     keep_marginals=True, prune=0.0):
     """All iterations in one fused op (see csrc/cpu/mean_field_cpu.cpp), where `can_fuse` says
     they apply. The result has `unary`'s memory layout (a channels-first unary stays channels
     first).
@@ -190,11 +190,9 @@ def fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, check
     No gradient wanted, or `checkpoint`: crfrnn::mean_field_inference (whose autograd saves only
     its inputs and runs the forward again in the backward); else crfrnn::mean_field_forward,
     which saves the blurred grids of every iteration (a few percent of Tensor[N, P, C] each) and,
-    on CUDA, the marginals (its splat reads them from memory anyway). On the CPU the backward
-    recomputes each iteration's marginals from the unary and the saved grids, in the pass over
-    the points it makes anyway, instead of keeping a Tensor[N, P, C] per iteration, unless
-    `keep_marginals` (never when pruning: the backward recomputes them). `normalize`: one for all
-    lattices, or one per lattice; `prune`: sender pruning's epsilon (see `mean_field`)."""
+    with `keep_marginals`, each iteration's marginals; without them (or when pruning) the backward
+    recomputes them from the unary and the saved grids. `normalize`: one for all lattices, or one
+    per lattice; `prune`: sender pruning (see `mean_field`)."""
     normalize = checks.normalizations(normalize, len(lattices))
     splat_scales, slice_scales = zip(*(lat.normalization_scales(norm, unary.dtype)
                                        for lat, norm in zip(lattices, normalize)))
@@ -203,12 +201,12 @@ def fused_mean_field(unary, lattices, pairwise, num_iterations, normalize, check
             [m.to(unary.dtype) for m in pairwise], num_iterations)
     if checkpoint or not wants_grad(unary, pairwise, lattices):
         return torch.ops.crfrnn.mean_field_inference(*args, prune)
-    save_marginals = unary.device.type == "cuda" or bool(keep_marginals)
+    save_marginals = bool(keep_marginals)
     return torch.ops.crfrnn.mean_field_forward(*args, save_marginals, prune)[0]
 
 
 def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric", checkpoint=False, fused=True,
-               keep_marginals=False, prune=0.0):
+               keep_marginals=True, prune=0.0):
     """Run `num_iterations` mean-field iterations on prebuilt lattices (channels last).
 
     Args:
@@ -230,13 +228,13 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
             iteration; the fused ops: all of them).
         fused (bool): run the fused ops when they apply (default); False forces the step-by-step
             loop (the oracle the fused ops are tested against).
-        keep_marginals (bool): on the CPU, the fused training forward keeps each iteration's
-            marginals (T - 1 Tensor[N, P, C]) for the backward instead of the backward
-            recomputing them from the unary and the saved grids (the same bits either way).
-            About 10% off forward+backward, but only where freed large blocks stay in the heap:
-            glibc maps every block over 32 MB afresh, and the page faults of a new
-            [T - 1, N, P, C] block each step then cost more than the recomputation saves (the
-            training scripts set both). On CUDA the marginals are always kept.
+        keep_marginals (bool): the fused training forward keeps each iteration's marginals
+            (T - 1 Tensor[N, P, C]) for the backward (default), which otherwise recomputes them
+            from the unary and the saved grids (the same bits either way; False saves that memory
+            for about 10% more time on the CPU). On the CPU the op keeps the blocks of what it
+            saved between steps (up to 1 GB; see SavedBlocks in csrc/cpu/mean_field_cpu.cpp), so
+            they are not mapped and page-faulted afresh every step; a pruned forward always
+            recomputes them.
         prune (float): sender pruning, in [0, 1]: the most that dropping one class's message may
             move any Q in one iteration, by a bound. In each iteration, a class whose marginal Q
             stays below its threshold at every point of an image sends no message there (its

@@ -58,8 +58,9 @@ class CRFRNNLayer(nn.Module):
             lattice's own gradient; cheaper, but its colour-bandwidth derivative can have the
             wrong sign on real images: bench/bandwidth_gradient.py). See `Lattice`.
         fused, keep_marginals (bool): see `mean_field` (False: the step-by-step loop, the
-            fused ops' oracle; keep the marginals for the backward on the CPU). How to run, not
-            what to compute: `config()` leaves keep_marginals out (a setting of the process).
+            fused ops' oracle; False: recompute the marginals in the backward instead of keeping
+            them, less memory for more time). How to run, not what to compute: `config()` leaves
+            keep_marginals out (a setting of the process).
         prune, eval_prune (float): sender pruning's epsilon in training and in eval mode (see
             `mean_field`): in each iteration a class whose Q stays below it at every point of an
             image sends no message there (every class still receives). eval_prune defaults to
@@ -103,7 +104,7 @@ class CRFRNNLayer(nn.Module):
     def __init__(self, num_classes, num_iterations=5, num_eval_iterations=10, bilateral=None, spatial=None,
                  image_mean=None, image_std=None, normalize="symmetric", checkpoint=False,
                  backend="auto", learn_bandwidths=False, compatibility="full", kernel_weights="full",
-                 bandwidth_grad="gaussian", fused=True, keep_marginals=False, kernels=None, prune=0.0,
+                 bandwidth_grad="gaussian", fused=True, keep_marginals=True, kernels=None, prune=0.0,
                  eval_prune=DEFAULT_PRUNE):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:

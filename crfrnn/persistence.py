@@ -50,7 +50,7 @@ def upgrade_pickled_state(state):
     """A pickled layer's `__dict__` in today's form. Layers pickled before these settings existed
     ran fused, recomputing the marginals, had the (bilateral, spatial) pair, kept their fixed
     bandwidths' floats in `_fixed_sigmas` and their kept spatial lattice in `_last_spatial`."""
-    state = {"fused": True, "keep_marginals": False, "_kept": {}, **state}
+    state = {"fused": True, "keep_marginals": True, "_kept": {}, **state}
     if "kernels" not in state:
         logs = [state["_buffers"].get(name, state["_parameters"].get(name))
                 for name in ("bilateral_log_sigma", "spatial_log_sigma")]

@@ -31,11 +31,13 @@ CRFASRNN = dict(bilateral=(160.0, 3.0, 5.0), spatial=(3.0, 3.0))
 SMALL = dict(bilateral=(10.0, 20.0, 5.0), spatial=(2.0, 1.0))
 
 
-def ours(image, logits, iterations, bilateral, spatial, normalize="symmetric"):
-    """Layer marginals [C, H, W] for image [H, W, 3] uint8 and logits [C, H, W]."""
+def ours(image, logits, iterations, bilateral, spatial, normalize="symmetric", prune=0.0):
+    """Layer marginals [C, H, W] for image [H, W, 3] uint8 and logits [C, H, W]: the exact
+    iterations (prune = 0), whose rounding the tolerances below measure; sender pruning has tests
+    of its own (below, and tests/test_crf_pruning.py)."""
     c = logits.shape[0]
     crf = CRFRNNLayer(c, num_eval_iterations=iterations, bilateral=bilateral, spatial=spatial,
-                      normalize=normalize).eval()
+                      normalize=normalize, eval_prune=prune).eval()
     with torch.no_grad():
         out = crf(torch.as_tensor(logits)[None], torch.from_numpy(image.copy()).permute(2, 0, 1)[None])
     return torch.softmax(out, 1)[0].numpy()

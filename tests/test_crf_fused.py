@@ -436,8 +436,9 @@ def saved_bytes(fn):
 
 
 def test_fused_forward_saves_a_fraction_of_the_loops_memory():
-    """The fused forward keeps the inputs and the blurred grids (M x C per kernel and iteration),
-    the loop several Tensor[N, P, C] per iteration; checkpoint=True only the inputs."""
+    """The fused forward keeps the inputs, the blurred grids (M x C per kernel and iteration) and
+    by default the marginals (T - 1 Tensor[N, P, C]), the loop several Tensor[N, P, C] per
+    iteration; keep_marginals=False drops the marginals, checkpoint=True keeps only the inputs."""
     g = torch.Generator().manual_seed(5)
     crf = CRFRNNLayer.deeplab_largefov(21)
     unary = (torch.randn(1, 21, 90, 120, generator=g) * 3).requires_grad_()
@@ -445,13 +446,15 @@ def test_fused_forward_saves_a_fraction_of_the_loops_memory():
     unary_bytes = unary.numel() * 4
     loop_bytes = saved_bytes(lambda: mean_field(*crf_inputs(crf, unary, image), fused=False))
     fused_bytes = saved_bytes(lambda: mean_field(*crf_inputs(crf, unary, image)))
+    lean_bytes = saved_bytes(lambda: mean_field(*crf_inputs(crf, unary, image), keep_marginals=False))
     checkpoint_bytes = saved_bytes(lambda: mean_field(*crf_inputs(crf, unary, image), checkpoint=True))
     assert loop_bytes > 3 * crf.num_iterations * unary_bytes
-    assert fused_bytes < loop_bytes / 5
+    assert lean_bytes < loop_bytes / 5 and fused_bytes < loop_bytes / 2
+    assert fused_bytes - lean_bytes == (crf.num_iterations - 1) * unary_bytes
     # Checkpoint: the op's inputs (unary, lattice tables, scales, matrices); without, the blurred
     # grids besides.
     grids = sum(crf.num_iterations * lat.num_vertices * 21 * 4 for lat in crf_inputs(crf, unary, image)[1])
-    assert fused_bytes - checkpoint_bytes == grids
+    assert lean_bytes - checkpoint_bytes == grids
 
 
 def crf_inputs(crf, unary, image):

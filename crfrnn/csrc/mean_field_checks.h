@@ -165,13 +165,16 @@ inline void check_backward_args(const char* op, const MeanFieldArgs& a, const at
 // kernel the blurred grids [iterations, M, C], the marginals [iterations - 1, N, P, C] if
 // save_marginals and not pruning (else an empty tensor: a pruned forward's backward recomputes
 // them), and with pruning (prune > 0) the senders [iterations, N, C] uint8 (else empty).
+// `saved` allocates the saved grids and marginals (the CPU's keeps their blocks between steps).
 inline std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> empty_forward_outputs(
-    const MeanFieldArgs& a, bool save_marginals, double prune = 0.0) {
+    const MeanFieldArgs& a, bool save_marginals, double prune = 0.0,
+    at::Tensor (*saved)(at::IntArrayRef, const at::TensorOptions&) = nullptr) {
   const at::Tensor& u = a.unary;
+  auto allocate = [&](at::IntArrayRef sizes) { return saved ? saved(sizes, u.options()) : at::empty(sizes, u.options()); };
   std::vector<at::Tensor> blurred;
-  for (const at::Tensor& nb : a.neighbors) blurred.push_back(at::empty({a.iterations, nb.size(1), u.size(2)}, u.options()));
+  for (const at::Tensor& nb : a.neighbors) blurred.push_back(allocate({a.iterations, nb.size(1), u.size(2)}));
   at::Tensor marginals = save_marginals && prune == 0
-                             ? at::empty({a.iterations - 1, u.size(0), u.size(1), u.size(2)}, u.options())
+                             ? allocate({a.iterations - 1, u.size(0), u.size(1), u.size(2)})
                              : at::empty({0}, u.options());
   at::Tensor senders = prune > 0 ? at::empty({a.iterations, u.size(0), u.size(2)}, u.options().dtype(at::kByte))
                                  : at::empty({0}, u.options().dtype(at::kByte));

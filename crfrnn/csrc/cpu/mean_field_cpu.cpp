@@ -37,7 +37,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <type_traits>
@@ -540,6 +542,65 @@ at::Tensor mean_field_inference_cpu(const at::Tensor& unary, at::TensorList vert
   return out;
 }
 
+// What the training forward saves for the backward (the marginals, T - 1 of [N, P, C]: 142 MB at
+// 500x375, C = 21, T = 10; the blurred grids) lives from the forward to the backward, so it cannot
+// be the calling thread's workspace. Allocated afresh every step, blocks that large are mapped
+// afresh by malloc (above its 32 MB threshold) and page-fault as the forward writes them: that
+// cost more than recomputing the marginals in the backward saves. SavedBlocks keeps freed blocks
+// (up to kKeptSavedBytes in all) for the next forward: a tensor on a block comes with a deleter
+// that gives the block back, from whichever thread frees it, so no setting of the process's
+// malloc is needed.
+class SavedBlocks {
+ public:
+  // An uninitialised tensor; large ones on a kept block of at least its size (and at most twice).
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (int64_t size : sizes) numel *= size;
+    const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+    if (bytes < kSmallest) return at::empty(sizes, options);
+    auto [block, capacity] = blocks().take(bytes);
+    return at::from_blob(block, sizes, [capacity = capacity](void* p) { blocks().give_back(p, capacity); }, options);
+  }
+
+ private:
+  static constexpr size_t kSmallest = size_t{1} << 20;        // below: malloc reuses them anyway
+  static constexpr size_t kKeptSavedBytes = size_t{1} << 30;  // kept while no tensor holds them
+  static constexpr std::align_val_t kAlignment{64};
+
+  static SavedBlocks& blocks() {
+    static SavedBlocks* kept = new SavedBlocks;  // never destroyed: a tensor may outlive static objects
+    return *kept;
+  }
+  std::pair<void*, size_t> take(size_t bytes) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= 2 * bytes) {
+        const std::pair<void*, size_t> block{it->second, it->first};
+        kept_ -= it->first;
+        free_.erase(it);
+        return block;
+      }
+    }
+    return {::operator new(bytes, kAlignment), bytes};
+  }
+  void give_back(void* block, size_t capacity) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (kept_ + capacity <= kKeptSavedBytes) {
+        free_.emplace(capacity, block);
+        kept_ += capacity;
+        return;
+      }
+    }
+    ::operator delete(block, kAlignment);
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;  // capacity -> block
+  size_t kept_ = 0;
+};
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mean_field_forward_cpu(
     const at::Tensor& unary, at::TensorList vertex_index, at::TensorList weights, at::TensorList splat_scale,
     at::TensorList slice_scale, at::TensorList neighbors, at::TensorList pairwise, int64_t iterations,
@@ -547,7 +608,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mean_fie
   const MeanFieldArgs a{unary, vertex_index, weights, splat_scale, slice_scale, neighbors, pairwise, iterations};
   check_mean_field_args("crfrnn::mean_field_forward", a, at::kCPU);
   check_prune("crfrnn::mean_field_forward", prune);
-  auto [out, blurred, marginals, senders] = empty_forward_outputs(a, save_marginals, prune);
+  auto [out, blurred, marginals, senders] = empty_forward_outputs(a, save_marginals, prune, SavedBlocks::empty);
   if (unary.numel() > 0) run_forward(a, out, &blurred, &marginals, prune, &senders);
   return {out, blurred, marginals, senders};
 }
