@@ -14,7 +14,8 @@ parameters, 10 iterations, in evaluation (no grad) and forward+backward:
 - densecrf: pydensecrf2's DenseCRF2D (single-threaded C++), evaluation only;
 with the label agreement with densecrf (all pixels), max |dQ| against densecrf and against ours
 exact, and the senders per iteration (mean over the images: classes that sent in iteration
-1, 2, ...). Times: median of --repeats calls per image, then the median over the images.
+1, 2, ...). Times: the jobs in turn (load from other processes falls on all alike), --repeats
+rounds per image after a warm-up each, the median per job and image, then over the images.
 
 With --sweep P1,P2,... it measures instead how the result moves with `prune` (how the default
 was chosen): per prune value, over the images, the worst label agreement with ours exact and
@@ -57,11 +58,12 @@ def get_args_parser():
                    help="kernel parameters (default: deeplab: w1 4, sigma 121/5, w2 3, sigma 3)")
     p.add_argument("--prune", type=float, default=crfrnn.DEFAULT_PRUNE,
                    help=f"sender pruning's epsilon for 'ours pruned' (default: {crfrnn.DEFAULT_PRUNE:g})")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per image and job (default: 3)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of timed calls per image (default: 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--skip-grad", action="store_true", help="no forward+backward jobs")
     p.add_argument("--skip-densecrf", action="store_true", help="no densecrf (no agreement columns)")
     p.add_argument("--root", default=str(VOC_ROOT), help="the VOC2012 folder (default: ../shared/data's)")
+    p.add_argument("--downscale", type=int, default=1, help="shrink the images by this factor (quick runs; default 1)")
     p.add_argument("--sweep", default=None, metavar="P1,P2,...",
                    help="measure agreement and senders for these prune values instead of timing")
     p.add_argument("--learned", action="store_true",
@@ -86,17 +88,6 @@ def random_logits(classes, shape, seed):
     return g.standard_normal((classes, *shape)).astype(np.float32)
 
 
-def timed(fn, repeats):
-    """(median ms over `repeats` calls after one warm-up, the last call's result)."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), out
-
-
 def senders_per_iteration(crf, unary, image, prune):
     """Classes that sent in each iteration (Tensor[T] int), from crfrnn::mean_field_forward's
     senders output on the layer's lattices and matrices."""
@@ -112,11 +103,13 @@ def senders_per_iteration(crf, unary, image, prune):
 
 
 def run_case(image, logits, args, layers):
-    """Times and agreement of one image and class count (logits ndarray[C, H, W])."""
+    """Times and agreement of one image and class count (logits ndarray[C, H, W]). The jobs run in
+    turn, once per round after a warm-up each (load from other processes falls on all alike); the
+    medians over the rounds."""
     exact, pruned, train_exact, train_pruned = layers
-    img = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    img = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
     unary = torch.from_numpy(logits)[None]
-    row = {}
+    params = CRF_PARAMS[args.params]
 
     def evaluate(crf):
         def call():
@@ -125,25 +118,33 @@ def run_case(image, logits, args, layers):
                 return crf(unary, img)
         return call
 
-    row["exact ms"], out_exact = timed(evaluate(exact), args.repeats)
-    row["pruned ms"], out_pruned = timed(evaluate(pruned), args.repeats)
-    q_exact = torch.softmax(out_exact[0], 0).numpy()
-    q_pruned = torch.softmax(out_pruned[0], 0).numpy()
+    def train(crf):
+        def call():
+            crf.clear_lattice_cache()
+            u = unary.clone().requires_grad_()
+            crf(u, img).logsumexp(1).sum().backward()
+        return call
+
+    jobs = {"exact ms": evaluate(exact), "pruned ms": evaluate(pruned)}
+    if not args.skip_grad:
+        jobs.update({"exact fwd+bwd ms": train(train_exact), "pruned fwd+bwd ms": train(train_pruned)})
+    if not args.skip_densecrf:
+        jobs["densecrf ms"] = lambda: densecrf_peer.densecrf_probs(image, logits, args.iterations, params["bilateral"],
+                                                                   params["spatial"])
+    results = {name: job() for name, job in jobs.items()}  # warm-up, and the results
+    times = {name: [] for name in jobs}
+    for _ in range(args.repeats):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    row = {name: statistics.median(t) for name, t in times.items()}
+    q_exact = torch.softmax(results["exact ms"][0], 0).numpy()
+    q_pruned = torch.softmax(results["pruned ms"][0], 0).numpy()
     row["pruned-exact max|dQ|"] = float(np.abs(q_pruned - q_exact).max())
     row["senders"] = senders_per_iteration(pruned, unary, img, args.prune)
-    if not args.skip_grad:
-        def train(crf):
-            def call():
-                crf.clear_lattice_cache()
-                u = unary.clone().requires_grad_()
-                crf(u, img).logsumexp(1).sum().backward()
-            return call
-        row["exact fwd+bwd ms"], _ = timed(train(train_exact), args.repeats)
-        row["pruned fwd+bwd ms"], _ = timed(train(train_pruned), args.repeats)
     if not args.skip_densecrf:
-        params = CRF_PARAMS[args.params]
-        row["densecrf ms"], q_dense = timed(lambda: densecrf_peer.densecrf_probs(
-            image, logits, args.iterations, params["bilateral"], params["spatial"]), max(1, args.repeats - 1))
+        q_dense = results["densecrf ms"]
         labels = q_dense.argmax(0)
         row["exact agree %"] = 100.0 * float((q_exact.argmax(0) == labels).mean())
         row["pruned agree %"] = 100.0 * float((q_pruned.argmax(0) == labels).mean())
@@ -191,7 +192,7 @@ def sweep(args, ids, classes, cases):
                 stats = {v: {"agree": [], "agree_dense": [], "dq": [], "dq_dense": [], "senders": [], "ms": []}
                          for v in values}
                 for i, image_id in enumerate(ids):
-                    image, label = vp.load_pair(args.root, image_id)
+                    image, label = vp.downscale_pair(*vp.load_pair(args.root, image_id), args.downscale)
                     seed = args.first_image + i
                     logits = (np.log(padded_probs(vp.coarse_probs(label, seed), c)) if case == "padded"
                               else random_logits(c, label.shape, seed)).astype(np.float32)
@@ -246,8 +247,8 @@ def main(args):
     cases = [c for c in args.cases.split(",") if c]
     if not set(cases) <= {"padded", "random"}:
         raise ValueError(f"--cases must name padded and/or random, got {args.cases!r}")
-    if args.images < 1 or args.repeats < 1 or args.iterations < 1:
-        raise ValueError("--images, --repeats and --iterations must be at least 1")
+    if args.images < 1 or args.repeats < 1 or args.iterations < 1 or args.downscale < 1:
+        raise ValueError("--images, --repeats, --iterations and --downscale must be at least 1")
     if not args.skip_densecrf and not densecrf_peer.available():
         raise ValueError("densecrf (pip install pydensecrf2) is not installed: pass --skip-densecrf")
     torch.set_num_threads(args.threads)
@@ -270,7 +271,7 @@ def main(args):
                       crfrnn.CRFRNNLayer(c, prune=args.prune, **common).train())
             rows = []
             for i, image_id in enumerate(ids):
-                image, label = vp.load_pair(args.root, image_id)
+                image, label = vp.downscale_pair(*vp.load_pair(args.root, image_id), args.downscale)
                 seed = args.first_image + i
                 if case == "padded":
                     logits = np.log(padded_probs(vp.coarse_probs(label, seed), c))

@@ -105,3 +105,35 @@ def test_dense_nd_bench_compares_every_case_with_densecrf(tmp_path):
     r = subprocess.run([sys.executable, "bench/dense_nd.py", "--volume", "0", "4", "4"], cwd=REPO, env=script_env(),
                        capture_output=True, text=True, timeout=300)
     assert_one_line_error(r, "--volume")
+
+
+@pytest.mark.data
+def test_classes_bench_times_every_case_and_sweeps(tmp_path):
+    """bench/classes.py on two shrunken VOC images: every case and class count timed (ours exact,
+    pruned, densecrf) with its ratios, agreement and senders; --sweep reports per prune value; a
+    bad option ends in one line."""
+    pytest.importorskip("pydensecrf.densecrf")
+    target = tmp_path / "classes.json"
+    common = ["--images", "2", "--downscale", "4", "--iterations", "2", "--repeats", "1", "--threads", "1"]
+    r = subprocess.run([sys.executable, "bench/classes.py", *common, "--classes", "2,30", "--json", target],
+                       cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(target.read_text())["results"]
+    assert [(r["case"], r["C"]) for r in results] == [("padded", 2), ("padded", 30), ("random", 2), ("random", 30)]
+    for result in results:
+        row = result["summary"]
+        assert row["densecrf/pruned"] == pytest.approx(row["densecrf ms"] / row["pruned ms"])
+        assert row["pruned agree %"] == min(image["pruned agree %"] for image in result["per_image"])
+        assert len(row["senders"].split("/")) == 2
+        assert row["exact agree %"] > 99.0
+    r = subprocess.run([sys.executable, "bench/classes.py", *common, "--classes", "30", "--cases", "padded",
+                        "--sweep", "7e-4,0.07", "--learned", "--json", target, "--overwrite"],
+                       cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(target.read_text())["sweep"]
+    assert [(row["matrices"], row["prune"]) for row in rows] == [("potts", 7e-4), ("potts", 0.07), ("learned", 7e-4),
+                                                                 ("learned", 0.07)]
+    assert all(row["worst agree %"] > 99.0 for row in rows)
+    r = subprocess.run([sys.executable, "bench/classes.py", "--cases", "odd"], cwd=REPO, env=script_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "--cases")
