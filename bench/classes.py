@@ -12,7 +12,9 @@ parameters, 10 iterations, in evaluation (no grad) and forward+backward:
 - ours exact: CRFRNNLayer with prune=0, both lattices built in every call (as densecrf does);
 - ours pruned: the same with sender pruning at --prune (default crfrnn.DEFAULT_PRUNE);
 - densecrf: pydensecrf2's DenseCRF2D (single-threaded C++), evaluation only;
-with the label agreement with densecrf (all pixels), max |dQ| against densecrf and against ours
+(wall time, and process CPU time: the steadier measure where other jobs share the cores; ours
+runs --threads threads, densecrf one) with the label agreement with densecrf (all pixels), max |dQ|
+against densecrf and against ours
 exact, and the senders per iteration (mean over the images: classes that sent in iteration
 1, 2, ...). Times: the jobs in turn (load from other processes falls on all alike), --repeats
 rounds per image after a warm-up each, the median per job and image, then over the images.
@@ -133,12 +135,15 @@ def run_case(image, logits, args, layers):
                                                                    params["spatial"])
     results = {name: job() for name, job in jobs.items()}  # warm-up, and the results
     times = {name: [] for name in jobs}
+    cpu = {name: [] for name in jobs}
     for _ in range(args.repeats):
         for name, job in jobs.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             job()
             times[name].append((time.perf_counter() - start) * 1e3)
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
     row = {name: statistics.median(t) for name, t in times.items()}
+    row.update({name.replace(" ms", " cpu ms"): statistics.median(t) for name, t in cpu.items()})
     q_exact = torch.softmax(results["exact ms"][0], 0).numpy()
     q_pruned = torch.softmax(results["pruned ms"][0], 0).numpy()
     row["pruned-exact max|dQ|"] = float(np.abs(q_pruned - q_exact).max())
@@ -169,6 +174,7 @@ def summarize(rows):
     if "densecrf ms" in out:
         out["densecrf/exact"] = out["densecrf ms"] / out["exact ms"]
         out["densecrf/pruned"] = out["densecrf ms"] / out["pruned ms"]
+        out["densecrf/pruned cpu"] = out["densecrf cpu ms"] / out["pruned cpu ms"]
     if "exact fwd+bwd ms" in out:
         out["fwd+bwd/fwd exact"] = out["exact fwd+bwd ms"] / out["exact ms"]
     return out
@@ -282,6 +288,7 @@ def main(args):
             results.append({"case": case, "C": c, "per_image": rows, "summary": row})
             print_table(f"{case}, C = {c}", [row], list(row))
     columns = ["case", "C", "exact ms", "pruned ms", "densecrf ms", "densecrf/exact", "densecrf/pruned",
+               "densecrf/pruned cpu",
                "exact agree %", "pruned agree %", "pruned max|dQ|", "pruned-exact max|dQ|", "exact fwd+bwd ms",
                "pruned fwd+bwd ms", "fwd+bwd/fwd exact", "senders"]
     summaries = [r["summary"] for r in results]
