@@ -77,7 +77,7 @@ def load_input(size, classes, index=0):
         image_id = vp.image_ids(VOC_ROOT)[index]
         image, label = vp.load_pair(VOC_ROOT, image_id)
         image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST))
         source = f"VOC {image_id}, coarse-unary protocol"
     else:  # no shared data: blocks of colour with matching labels
         rng = np.random.default_rng(index)
