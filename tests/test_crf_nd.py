@@ -272,8 +272,15 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"unary must be Tensor\[N, C, \*S\]"):
         crf(torch.randn(1, 2, 2, 3, 4, 5), torch.rand(1, 2, 2, 3, 4, 5))
     points = CRFRNNLayer(2, kernels=[GaussianKernel(1.0, positions=2.0)])
-    with pytest.raises(ValueError, match=r"positions must be floating-point Tensor\[N, D, P\]"):
+    with pytest.raises(ValueError, match=r"positions must be a real Tensor\[N, D, P\]"):
         points(torch.randn(1, 2, 10), positions=torch.rand(1, 3, 9))
+    with pytest.raises(ValueError, match=r"positions must be a real Tensor\[N, D, P\].* got torch.bool"):
+        points(torch.randn(1, 2, 10), positions=torch.rand(1, 3, 10) > 0.5)
+    integer = torch.randint(0, 20, (1, 3, 10))  # voxel indices: taken as numbers
+    torch.testing.assert_close(points(torch.randn(1, 2, 10, generator=torch.Generator().manual_seed(0)),
+                                      positions=integer),
+                               points(torch.randn(1, 2, 10, generator=torch.Generator().manual_seed(0)),
+                                      positions=integer.float()))
     with pytest.raises(ValueError, match=r"unary must be Tensor\[N, C, P\]"):
         points(torch.randn(1, 2, 3, 4), positions=torch.rand(1, 3, 12))
     bad = torch.rand(1, 3, 10)
