@@ -125,8 +125,8 @@ EmbeddedPoints embed_points(const at::Tensor& features) {
   const bool double_weights = points.weights.scalar_type() == at::kDouble;
   double* weights_double = double_weights ? points.weights.data_ptr<double>() : nullptr;
   float* weights_float = double_weights ? nullptr : points.weights.data_ptr<float>();
-  double scale[kMaxDim];
-  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
+  LatticeScales scales;
+  lattice_scales(d, &scales);
   std::atomic<int64_t> non_finite{0};
   std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_embed", [&] {
@@ -149,7 +149,7 @@ EmbeddedPoints embed_points(const at::Tensor& features) {
         int* key = points.simplex.data() + p * key_len;
         key[0] = static_cast<int>(p / per_image);
         double bary[kMaxDim + 1];
-        embed_point_scaled(fp, scale, dim, key + 1, key + 1 + d1, bary);
+        embed_point_scaled(fp, scales, dim, key + 1, key + 1 + d1, bary);
         points.hash[p] = hash_key(key, key_len);
         if (weights_double) std::copy(bary, bary + d1, weights_double + p * d1);
         else std::copy(bary, bary + d1, weights_float + p * d1);
@@ -455,14 +455,14 @@ at::Tensor barycentric_weights_backward_cpu(const at::Tensor& features_in, const
   const int d = static_cast<int>(features.size(2));
   const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
   at::Tensor grad = at::empty(features.sizes(), features.options().dtype(at::kDouble));
-  double scale[kMaxDim];
-  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
+  LatticeScales scales;
+  lattice_scales(d, &scales);
   const double* gw = g.const_data_ptr<double>();
   double* out = grad.mutable_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_bary_backward", [&] {
     const scalar_t* f = features.const_data_ptr<scalar_t>();
     at::parallel_for(0, num_points, 2048, [&](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p) embed_point_backward(f + p * d, scale, d, gw + p * (d + 1), out + p * d);
+      for (int64_t p = lo; p < hi; ++p) embed_point_backward(f + p * d, scales, d, gw + p * (d + 1), out + p * d);
     });
   });
   return grad.to(low_precision ? at::kFloat : features.scalar_type());

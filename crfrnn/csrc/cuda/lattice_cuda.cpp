@@ -157,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   const auto dtype = features_in.scalar_type();
   const bool low_precision = dtype == at::kHalf || dtype == at::kBFloat16;
   const auto weight_dtype = low_precision ? at::kFloat : dtype;
-  // half/bfloat16 -> float32 is exact, and embed_point computes in double anyway.
+  // half/bfloat16 -> float32 is exact, and embed_point decides their simplices in float32 anyway
+  // (as the C++ build does for every non-double dtype), its weights in double.
   const at::Tensor features = (low_precision ? features_in.to(at::kFloat) : features_in).contiguous();
   const int64_t per_image = features.size(1), num_points = features.size(0) * per_image;
   const int d = static_cast<int>(features.size(2)), d1 = d + 1;
