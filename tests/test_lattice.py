@@ -315,6 +315,32 @@ def test_build_and_filter_are_deterministic(device):
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ["clustered", "integer", "random"])
+def test_native_build_gives_the_same_tables_on_any_thread_count(kind):
+    """The C++ build numbers the vertices in order of first appearance in (point, corner) order on
+    any number of threads (each thread numbers those of its chunk of points, then the chunks'
+    tables are merged in order; a chunk groups its points by a table of simplices or by runs, as
+    is cheaper): the same tables and weights, bit for bit, the reference's lattice."""
+    feats = POINTS[kind](2, 40000, 5, dtype=torch.float32, seed=21)
+    threads = torch.get_num_threads()
+    try:
+        lats = []
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            lats.append(crfrnn.Lattice(feats, backend="native"))
+    finally:
+        torch.set_num_threads(threads)
+    for lat in lats[1:]:
+        for name in LATTICE_TABLES + ("weights",):
+            assert torch.equal(getattr(lat, name), getattr(lats[0], name)), name
+    flat = lats[0].vertex_index.flatten().long()
+    first = torch.full((lats[0].num_vertices,), flat.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, flat, torch.arange(flat.numel()), "amin")
+    assert (first[1:] > first[:-1]).all(), "vertices numbered in order of first appearance"
+    assert_same_lattice_up_to_numbering(lats[1], crfrnn.Lattice(feats, backend="reference"))
+
+
+@needs_native
 @pytest.mark.parametrize("c", [1, 3])
 def test_native_filter_gives_the_same_bits_on_1_and_4_threads(c):
     """With fewer channels than threads the C++ splat gathers through the vertex -> entries

@@ -13,7 +13,7 @@
 //                   can be read half-written. A slot only ever holds entries of one key, and
 //                   atomicMin leaves in it the smallest entry of that key: its "owner";
 //   3. owner_flag_one + a prefix sum (done with torch) + number_one: vertices numbered by their
-//                   owner entry, i.e. in order of first appearance, exactly as the serial CPU
+//                   owner entry, i.e. in order of first appearance, exactly as the CPU
 //                   build numbers them, whatever the slot layout the race produced;
 //   4. neighbor_one: the blur neighbours of each vertex, by lookup;
 //   5. csr_offsets_one: offsets of the vertex -> entries table from the entries stably sorted by
