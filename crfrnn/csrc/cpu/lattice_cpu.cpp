@@ -163,6 +163,10 @@ class Scratch {
 // Points per check of a chunk's grouping: it keeps its table of simplices while that at least
 // halves the groups that runs of equal simplices would make.
 constexpr int64_t kGroupingCheck = 4096;
+// Entries of a chunk's cache of recently met vertices (a power of two).
+constexpr int64_t kRecentVertices = 4096;
+// Probes after which that cache is dropped if it served fewer than one in eight.
+constexpr int64_t kRecentTrial = 16384;
 // Fewest points per chunk of phase 1 (fewer points: fewer chunks, one for a small lattice).
 constexpr int64_t kMinChunkPoints = 4096;
 
@@ -229,15 +233,42 @@ void embed_and_group(const scalar_t* f, int64_t per_image, Dim d, const LatticeS
   chunk.corner_vertex.resize(static_cast<size_t>(num_groups * d1));
   // Consecutive groups are often neighbouring simplices, which share most vertices, at the same
   // corners (in volumes half the corners): compare with the previous group's before probing.
+  // Then a small cache of recently met vertices (by hash, a few kB: nearby groups, such as the
+  // previous row's, meet them again) before the table, whose slots miss the cache.
   int keys[2][kMaxDim + 1][kMaxDim + 1];
+  struct Recent {
+    uint32_t tag;
+    int32_t id;  // -1: empty
+  };
+  std::vector<Recent> recent(kRecentVertices, Recent{0, -1});
+  bool use_recent = true;  // until it proves useless (points in no spatial order)
+  int64_t probes = 0, hits = 0;
   for (int64_t g = 0; g < num_groups; ++g) {
     const int* s = chunk.group_key.data() + g * key_len;
     for (int r = 0; r < d1; ++r) {
       int* vertex_key = keys[g & 1][r];
       simplex_vertex_key(s + 1, s + 1 + d1, d, r, s[0], vertex_key);
-      chunk.corner_vertex[g * d1 + r] = g > 0 && keys_equal(vertex_key, keys[(g - 1) & 1][r], d1)
-                                            ? chunk.corner_vertex[(g - 1) * d1 + r]
-                                            : chunk.vertices.find_or_insert(vertex_key);
+      int id;
+      if (g > 0 && keys_equal(vertex_key, keys[(g - 1) & 1][r], d1)) {
+        id = chunk.corner_vertex[(g - 1) * d1 + r];
+      } else {
+        const uint64_t h = table_hash(vertex_key, d1);
+        if (use_recent) {
+          Recent& seen = recent[(h >> 16) & (kRecentVertices - 1)];
+          const uint32_t tag = static_cast<uint32_t>(h >> 32);
+          if (seen.id >= 0 && seen.tag == tag && keys_equal(chunk.vertices.key(seen.id), vertex_key, d1)) {
+            id = seen.id;
+            ++hits;
+          } else {
+            id = chunk.vertices.find_or_insert(vertex_key, h);
+            seen = Recent{tag, id};
+          }
+          if (++probes == kRecentTrial && hits < kRecentTrial / 8) use_recent = false;
+        } else {
+          id = chunk.vertices.find_or_insert(vertex_key, h);
+        }
+      }
+      chunk.corner_vertex[g * d1 + r] = id;
     }
   }
 }
