@@ -77,6 +77,9 @@ class VertexTable {
   // Number of `key`, or -1; h = table_hash(key, key_len).
   int find(const int* key, uint64_t h) const { return slots_[probe(key, h)].id; }
 
+  // Starts fetching the first slot a probe for hash h reads (its cache miss then overlaps others').
+  void prefetch(uint64_t h) const { __builtin_prefetch(slots_.data() + (h & (slots_.size() - 1))); }
+
   int find_or_insert(const int* key) { return find_or_insert(key, table_hash(key, key_len_)); }
 
   // Same, with h = table_hash(key, key_len) computed by the caller.
@@ -243,33 +246,43 @@ void embed_and_group(const scalar_t* f, int64_t per_image, Dim d, const LatticeS
   std::vector<Recent> recent(kRecentVertices, Recent{0, -1});
   bool use_recent = true;  // until it proves useless (points in no spatial order)
   int64_t probes = 0, hits = 0;
+  // A group's corners in two passes: first the keys, the cheap matches (the previous group's
+  // corner, the cache) and a prefetch of the table slot of each other corner; then the table
+  // lookups, in corner order (new vertices are numbered in order), their cache misses overlapped.
+  uint64_t hashes[kMaxDim + 1];
+  bool pending[kMaxDim + 1];
   for (int64_t g = 0; g < num_groups; ++g) {
     const int* s = chunk.group_key.data() + g * key_len;
+    int* corner = chunk.corner_vertex.data() + g * d1;
     for (int r = 0; r < d1; ++r) {
       int* vertex_key = keys[g & 1][r];
       simplex_vertex_key(s + 1, s + 1 + d1, d, r, s[0], vertex_key);
-      int id;
+      pending[r] = false;
       if (g > 0 && keys_equal(vertex_key, keys[(g - 1) & 1][r], d1)) {
-        id = chunk.corner_vertex[(g - 1) * d1 + r];
-      } else {
-        const uint64_t h = table_hash(vertex_key, d1);
-        if (use_recent) {
-          Recent& seen = recent[(h >> 16) & (kRecentVertices - 1)];
-          const uint32_t tag = static_cast<uint32_t>(h >> 32);
-          if (seen.id >= 0 && seen.tag == tag && keys_equal(chunk.vertices.key(seen.id), vertex_key, d1)) {
-            id = seen.id;
-            ++hits;
-          } else {
-            id = chunk.vertices.find_or_insert(vertex_key, h);
-            seen = Recent{tag, id};
-          }
-          if (++probes == kRecentTrial && hits < kRecentTrial / 8) use_recent = false;
-        } else {
-          id = chunk.vertices.find_or_insert(vertex_key, h);
+        corner[r] = corner[r - d1];
+        continue;
+      }
+      const uint64_t h = table_hash(vertex_key, d1);
+      hashes[r] = h;
+      if (use_recent) {
+        const Recent& seen = recent[(h >> 16) & (kRecentVertices - 1)];
+        ++probes;
+        if (seen.id >= 0 && seen.tag == static_cast<uint32_t>(h >> 32) &&
+            keys_equal(chunk.vertices.key(seen.id), vertex_key, d1)) {
+          corner[r] = seen.id;
+          ++hits;
+          continue;
         }
       }
-      chunk.corner_vertex[g * d1 + r] = id;
+      pending[r] = true;
+      chunk.vertices.prefetch(h);
     }
+    for (int r = 0; r < d1; ++r) {
+      if (!pending[r]) continue;
+      corner[r] = chunk.vertices.find_or_insert(keys[g & 1][r], hashes[r]);
+      if (use_recent) recent[(hashes[r] >> 16) & (kRecentVertices - 1)] = Recent{static_cast<uint32_t>(hashes[r] >> 32), corner[r]};
+    }
+    if (use_recent && probes >= kRecentTrial && hits < probes / 8) use_recent = false;
   }
 }
 
@@ -376,13 +389,27 @@ at::Tensor blur_neighbors(const VertexTable& table, int d, const at::TensorOptio
   }
   at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
     int nkey[kMaxDim + 1];
+    // The neighbours' hashes one vertex ahead, their slots prefetched: the probes' cache misses
+    // (the table is megabytes) overlap.
+    uint64_t hashes[2][2 * (kMaxDim + 1)];
+    auto hash_neighbours = [&](int64_t v, uint64_t* out) {
+      const uint64_t form = linear_form(table.key(static_cast<int>(v)), d1);
+      for (int j = 0; j < d1; ++j) {
+        for (int side = 0; side < 2; ++side) {
+          out[2 * j + side] = mix(form + shift_form[j][side]);
+          table.prefetch(out[2 * j + side]);
+        }
+      }
+    };
+    hash_neighbours(lo, hashes[0]);
     for (int64_t v = lo; v < hi; ++v) {
+      if (v + 1 < hi) hash_neighbours(v + 1, hashes[(v + 1 - lo) & 1]);
+      const uint64_t* h = hashes[(v - lo) & 1];
       const int* key = table.key(static_cast<int>(v));
-      const uint64_t form = linear_form(key, d1);
       for (int j = 0; j < d1; ++j) {
         for (int side = 0; side < 2; ++side) {
           neighbor_key(key, d, j, side == 0 ? 1 : -1, nkey);
-          const int found = table.find(nkey, mix(form + shift_form[j][side]));
+          const int found = table.find(nkey, h[2 * j + side]);
           nb[(j * m + v) * 2 + side] = found < 0 ? static_cast<int>(m) : found;
         }
       }
