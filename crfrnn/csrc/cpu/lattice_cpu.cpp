@@ -345,9 +345,23 @@ VertexTable merge_vertices(std::vector<Chunk>& chunks, int d1) {
   int64_t total = 0;
   for (const Chunk& chunk : chunks) total += chunk.vertices.size();
   VertexTable table(d1, std::max<int64_t>(total, 1));  // never grows
+  constexpr int kAhead = 8;  // keys hashed and their slots prefetched this far ahead
   for (Chunk& chunk : chunks) {
-    chunk.global.resize(static_cast<size_t>(chunk.vertices.size()));
-    for (int v = 0; v < chunk.vertices.size(); ++v) chunk.global[v] = table.find_or_insert(chunk.vertices.key(v));
+    const int n = chunk.vertices.size();
+    chunk.global.resize(static_cast<size_t>(n));
+    uint64_t hashes[kAhead];
+    for (int v = 0; v < std::min(n, kAhead); ++v) {
+      hashes[v] = table_hash(chunk.vertices.key(v), d1);
+      table.prefetch(hashes[v]);
+    }
+    for (int v = 0; v < n; ++v) {
+      const uint64_t h = hashes[v % kAhead];
+      if (v + kAhead < n) {
+        hashes[v % kAhead] = table_hash(chunk.vertices.key(v + kAhead), d1);
+        table.prefetch(hashes[v % kAhead]);
+      }
+      chunk.global[v] = table.find_or_insert(chunk.vertices.key(v), h);
+    }
   }
   return table;
 }
