@@ -315,13 +315,14 @@ def test_build_and_filter_are_deterministic(device):
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["clustered", "integer", "random"])
-def test_native_build_gives_the_same_tables_on_any_thread_count(kind):
+@pytest.mark.parametrize("kind,d", [("clustered", 5), ("integer", 5), ("random", 5), ("clustered", 3),
+                                    ("random", 9)])
+def test_native_build_gives_the_same_tables_on_any_thread_count(kind, d):
     """The C++ build numbers the vertices in order of first appearance in (point, corner) order on
     any number of threads (each thread numbers those of its chunk of points, then the chunks'
     tables are merged in order; a chunk groups its points by a table of simplices or by runs, as
     is cheaper): the same tables and weights, bit for bit, the reference's lattice."""
-    feats = POINTS[kind](2, 40000, 5, dtype=torch.float32, seed=21)
+    feats = POINTS[kind](2, 40000, d, dtype=torch.float32, seed=21)
     threads = torch.get_num_threads()
     try:
         lats = []

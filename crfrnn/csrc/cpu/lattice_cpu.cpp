@@ -279,8 +279,9 @@ void embed_and_group(const scalar_t* f, int64_t per_image, Dim d, const LatticeS
     }
     for (int r = 0; r < d1; ++r) {
       if (!pending[r]) continue;
-      corner[r] = chunk.vertices.find_or_insert(keys[g & 1][r], hashes[r]);
-      if (use_recent) recent[(hashes[r] >> 16) & (kRecentVertices - 1)] = Recent{static_cast<uint32_t>(hashes[r] >> 32), corner[r]};
+      const uint64_t h = hashes[r];
+      corner[r] = chunk.vertices.find_or_insert(keys[g & 1][r], h);
+      if (use_recent) recent[(h >> 16) & (kRecentVertices - 1)] = Recent{static_cast<uint32_t>(h >> 32), corner[r]};
     }
     if (use_recent && probes >= kRecentTrial && hits < probes / 8) use_recent = false;
   }
@@ -293,8 +294,8 @@ void embed_and_group(const scalar_t* f, int64_t per_image, Dim d, const LatticeS
 std::vector<Chunk> embed_and_group_points(const at::Tensor& features, Scratch<int>& group, at::Tensor& weights) {
   const int64_t per_image = features.size(1), num_points = features.size(0) * per_image;
   const int d = static_cast<int>(features.size(2));
-  const int64_t num_chunks = num_points == 0 ? 0 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                                                          num_points / kMinChunkPoints));
+  const int64_t most_chunks = std::max<int64_t>(1, num_points / kMinChunkPoints);
+  const int64_t num_chunks = num_points == 0 ? 0 : std::min<int64_t>(at::get_num_threads(), most_chunks);
   std::vector<Chunk> chunks(static_cast<size_t>(num_chunks));
   for (int64_t c = 0; c < num_chunks; ++c) {
     chunks[c].begin = num_points * c / num_chunks;
