@@ -21,7 +21,7 @@ sigma_alpha 121, sigma_beta 5, w2 3, sigma_gamma 3; --params to change). Times, 
 - memory: bytes saved for backward by the fused ops, the step-by-step loop and checkpointing (and
   on CUDA the peak allocation); and how closely our marginals match densecrf's;
 - with --images > 1: each ratio's median, min and max over the images, and on how many it meets
-  the performance issue's target (TARGETS): the ratios depend on the image's lattice size.
+  the project's goal for it (TARGETS): the ratios depend on the image's lattice size.
 
     python bench/crf.py                                  # CPU, batch 1 and 4
     python bench/crf.py --images 3 --iterations 5 --crfasrnn /tmp/crfasrnn
@@ -61,7 +61,7 @@ def get_args_parser():
     p.add_argument("--images", type=int, default=1,
                    help="how many real images (the first of VOC val.txt, 46 at hand; default: 1); "
                         "with more than one, a table of each ratio over the images and against the "
-                        "issue's targets")
+                        "project's goals for them")
     p.add_argument("--skip-densecrf", action="store_true", help="do not run pydensecrf2")
     p.add_argument("--skip-step", action="store_true", help="do not time the step-by-step loop")
     p.add_argument("--crfasrnn", metavar="DIR",
@@ -77,7 +77,7 @@ def load_input(size, classes, index=0):
         image_id = vp.image_ids(VOC_ROOT)[index]
         image, label = vp.load_pair(VOC_ROOT, image_id)
         image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST))
         source = f"VOC {image_id}, coarse-unary protocol"
     else:  # no shared data: blocks of colour with matching labels
         rng = np.random.default_rng(index)
@@ -189,7 +189,7 @@ def memory_for_backward(crf, crf_ckpt, unary, img, device):
     return mem
 
 
-# The performance issue's targets for each ratio (issue "a fused mean-field backward").
+# The project's goals for each ratio (set when the fused backward was built).
 TARGETS = {"fwd+bwd / fwd": ("<=", 1.6), "step / fused fwd+bwd": (">=", 2.5), "densecrf / ours fwd cold": (">=", 3.0),
            "densecrf / ours fwd": (">=", 3.0), "crfasrnn / ours fwd+bwd": (">=", 8.0)}
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from common import CRF_PARAMS, VOC_ROOT, add_json_option, environment, print_table, run_main, write_json
 import crfrnn
 import densecrf_peer
+from train.metrics import ConfusionMatrix, boundary_distance
 import voc_protocol as vp
 
 
@@ -55,8 +56,8 @@ def main(args):
     crf = crfrnn.CRFRNNLayer(vp.NUM_CLASSES, num_eval_iterations=args.iterations,
                              normalize=args.normalize, **params).to(device).eval()
     methods = ["unary", "ours"] + (["densecrf"] if run_dense else [])
-    conf = {m: np.zeros((vp.NUM_CLASSES,) * 2, np.int64) for m in methods}
-    band = {m: np.zeros((vp.NUM_CLASSES,) * 2, np.int64) for m in methods}
+    conf = {m: ConfusionMatrix(vp.NUM_CLASSES) for m in methods}
+    band = {m: ConfusionMatrix(vp.NUM_CLASSES) for m in methods}
     seconds = {m: 0.0 for m in methods}
     agree = []
     for index, image_id in enumerate(tqdm(ids, desc="images")):
@@ -76,14 +77,13 @@ def main(args):
             seconds["densecrf"] += time.perf_counter() - start
             preds["densecrf"] = qd.argmax(0)
             agree.append(float((preds["ours"] == preds["densecrf"]).mean()))
-        near = vp.boundary_band(label, args.band)
+        far = boundary_distance(label) > args.band
         for m in methods:
-            conf[m] += vp.confusion(preds[m], label)
-            band[m] += vp.confusion(preds[m], label, mask=near)
+            conf[m].update(preds[m], label)
+            band[m].update(preds[m], np.where(far, vp.VOID, label))   # the pixels near a boundary
 
-    rows = [{"method": m, "mIoU %": 100 * vp.miou(conf[m]),
-             "pixel acc %": 100 * np.trace(conf[m]) / conf[m].sum(),
-             f"band {args.band}px acc %": 100 * np.trace(band[m]) / band[m].sum(),
+    rows = [{"method": m, "mIoU %": 100 * conf[m].miou(), "pixel acc %": 100 * conf[m].pixel_accuracy(),
+             f"band {args.band}px acc %": 100 * band[m].pixel_accuracy(),
              "s/image": seconds[m] / len(ids) if m != "unary" else ""} for m in methods]
     print(f"\n{len(ids)} images from {root}, scale 1/{args.scale}, params {args.params} {params}, "
           f"{args.iterations} iterations, normalize {args.normalize}; {environment(device)}")

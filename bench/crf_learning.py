@@ -59,7 +59,8 @@ from tqdm import tqdm
 from common import add_json_option, environment, print_table, run_main, write_json
 import crfrnn
 import voc_protocol as vp
-from train.engine import CRF_LOSSES
+from train.engine import CRF_LOSSES, search_grid
+from train.metrics import ConfusionMatrix, boundary_distance
 
 HANDSET = {"bilateral": (121.0, 5.0, 4.0), "spatial": (3.0, 3.0)}
 RESULTS = ("unary", "handset", "grid", "learned_matrices", "learned_full")
@@ -178,29 +179,16 @@ class Scores:
     """Confusion matrices of one method on the test folder (all pixels, and the boundary band)."""
 
     def __init__(self):
-        self.all = np.zeros((vp.NUM_CLASSES,) * 2, np.int64)
-        self.band = np.zeros((vp.NUM_CLASSES,) * 2, np.int64)
+        self.all, self.band = ConfusionMatrix(vp.NUM_CLASSES), ConfusionMatrix(vp.NUM_CLASSES)
 
-    def add(self, pred, label, band_mask):
-        self.all += vp.confusion(pred, label)
-        self.band += vp.confusion(pred, label, mask=band_mask)
+    def add(self, pred, label, near_boundary):
+        self.all.update(pred, label)
+        self.band.update(pred, np.where(near_boundary, label, vp.VOID))
 
     def summary(self):
-        inter = np.diag(self.all).astype(np.float64)
-        union = self.all.sum(0) + self.all.sum(1) - inter
-        per_class = [float(100 * i / u) if u > 0 else None for i, u in zip(inter, union)]
-        return {"miou": 100 * vp.miou(self.all), "pixel_acc": float(100 * np.trace(self.all) / self.all.sum()),
-                "band_acc": float(100 * np.trace(self.band) / max(self.band.sum(), 1)),
-                "per_class_iou": per_class}
-
-
-def miou_of(crf, samples):
-    """mIoU (%) of `crf` (eval mode, no grad) on [(unary, image, label ndarray)]."""
-    conf = np.zeros((vp.NUM_CLASSES,) * 2, np.int64)
-    with torch.no_grad():
-        for unary, image, label in samples:
-            conf += vp.confusion(crf(unary, image)[0].argmax(0).numpy(), label)
-    return 100 * vp.miou(conf)
+        per_class = [None if np.isnan(v) else float(100 * v) for v in self.all.iou().tolist()]
+        return {"miou": 100 * self.all.miou(), "pixel_acc": 100 * self.all.pixel_accuracy(),
+                "band_acc": 100 * self.band.pixel_accuracy(), "per_class_iou": per_class}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,19 +203,18 @@ def make_layer(params, scale, iterations, **kwargs):
 
 
 def grid_search(train, args):
-    """DeepLab's search on the training folder: (best params at full resolution, table rows)."""
-    samples = []
-    for index in range(len(train.ids)):
-        unary, image, label = train.sample(index, 0)
-        samples.append((unary, image, label[0].numpy()))
-    rows = []
-    combos = list(itertools.product(args.grid_w1, args.grid_sxy, args.grid_srgb))
-    for w1, sxy, srgb in tqdm(combos, desc="grid search", disable=args.no_progress):
-        params = {"bilateral": (sxy, srgb, w1), "spatial": (3.0, 3.0)}
-        crf = make_layer(params, args.train_scale, args.test_iterations).eval()
-        rows.append({"w1": w1, "sigma_alpha": sxy, "sigma_beta": srgb, "train mIoU %": miou_of(crf, samples)})
-    best = max(rows, key=lambda r: r["train mIoU %"])
-    return {"bilateral": (best["sigma_alpha"], best["sigma_beta"], best["w1"]), "spatial": (3.0, 3.0)}, rows
+    """DeepLab's search on the training folder (train/'s grid search): (best params at full
+    resolution, table rows)."""
+    samples = [train.sample(index, 0) for index in range(len(train.ids))]
+
+    def make_crf(w1, sxy, srgb):
+        return make_layer({"bilateral": (sxy, srgb, w1), "spatial": (3.0, 3.0)}, args.train_scale,
+                          args.test_iterations).eval()
+    best, points = search_grid(samples, make_crf, itertools.product(args.grid_w1, args.grid_sxy, args.grid_srgb),
+                               vp.NUM_CLASSES, progress=not args.no_progress)
+    rows = [{"w1": p["w1"], "sigma_alpha": p["sxy"], "sigma_beta": p["srgb"], "train mIoU %": 100 * p["miou"]}
+            for p in points]
+    return {"bilateral": (best["sxy"], best["srgb"], best["w1"]), "spatial": (3.0, 3.0)}, rows
 
 
 def learn(train, args, layers, losses_of):
@@ -327,7 +314,7 @@ def main(args):
         for index, image_id in enumerate(tqdm(test_ids, desc="test", disable=args.no_progress)):
             image, label = vp.load_pair(test_root, image_id)
             unary, img = as_inputs(image, vp.coarse_logits(label, index))
-            band = vp.boundary_band(label, args.band)
+            band = boundary_distance(label) <= args.band
             scores["unary"].add(unary[0].argmax(0).numpy(), label, band)
             for name, crf in crfs.items():
                 scores[name].add(crf(unary, img)[0].argmax(0).numpy(), label, band)

@@ -53,21 +53,26 @@ def kernel_features(kernel, spatial=None, guide=None, positions=None):
     """A crfrnn.GaussianKernel's features as densecrf's addPairwiseEnergy takes them, float32
     [d, P], written out from their definition (independently of crfrnn's builder): the positions
     (a grid of `spatial` shape: its indices, last axis first; points: `positions` [D, P] in the
-    order given), then the guide's channels ([G, *S] or [G, P]), each over its bandwidth."""
+    order given), then the guide's channels ([G, *S] or [G, P]), each over its bandwidth.
+    Divided in float32 by the float32 bandwidth, as pydensecrf's own feature makers compute them
+    (utils.create_pairwise_*: ``mesh[i] /= s`` on float32; DenseCRF2D: ``i / sx`` with float sx):
+    a bandwidth that is no float32 (0.6, 1.3) rounds otherwise in the last bit."""
+    def divided(values, sigma):
+        return np.asarray(values, np.float32).ravel() / np.float32(sigma)
+
     rows = []
     if kernel.positions is not None:
         if positions is None:
-            grid = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in spatial], indexing="ij")
+            grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in spatial], indexing="ij")
             axes = list(range(len(spatial)))[::-1]
             coords = [grid[a] for a in axes]
             sigmas = [kernel.positions[a if len(kernel.positions) > 1 else 0] for a in axes]
         else:
             coords = list(positions)
             sigmas = [kernel.positions[i if len(kernel.positions) > 1 else 0] for i in range(len(coords))]
-        rows += [np.asarray(c, np.float64).ravel() / s for c, s in zip(coords, sigmas)]
+        rows += [divided(c, s) for c, s in zip(coords, sigmas)]
     if kernel.guide is not None:
-        rows += [np.asarray(g, np.float64).ravel() / kernel.guide[i if len(kernel.guide) > 1 else 0]
-                 for i, g in enumerate(guide)]
+        rows += [divided(g, kernel.guide[i if len(kernel.guide) > 1 else 0]) for i, g in enumerate(guide)]
     return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
 
 

@@ -14,8 +14,9 @@ The random draws are seeded by the image's 0-based index in ``val.txt`` and made
 order (field, then noise), so every run, test and benchmark sees the same unaries, and the
 published densecrf figures (77.7 -> 79.9 mIoU on the 46 shared images) can be reproduced.
 
-Also here: the VOC file layout, a confusion-matrix mIoU and the boundary band ("trimap")
-accuracy. Importable from tests and benchmarks (``sys.path`` must hold ``bench/``).
+The images and labels are read by train/'s VOC reader (train.data), and scored by train/'s metrics
+(train.metrics: ConfusionMatrix, boundary_distance). Importable from tests and benchmarks
+(``sys.path`` must hold ``bench/`` and the repository root: ``import common`` puts the latter).
 """
 from pathlib import Path
 
@@ -24,11 +25,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-NUM_CLASSES = 21
-VOID = 255
+import common  # noqa: F401  (the repository root on sys.path, for train)
+from train.data import VOC_CLASSES, VOID
+from train.data.images import read_rgb
+from train.data.voc import load_label_png, read_split
+
+NUM_CLASSES = len(VOC_CLASSES)
 
 __all__ = ["NUM_CLASSES", "VOID", "voc_root", "image_ids", "load_pair", "coarse_logits",
-           "coarse_probs", "downscale_pair", "confusion", "miou", "boundary_band"]
+           "coarse_probs", "downscale_pair"]
 
 
 def voc_root(shared_data) -> Path:
@@ -38,18 +43,17 @@ def voc_root(shared_data) -> Path:
 
 def image_ids(root) -> list:
     """Ids listed in ImageSets/Segmentation/val.txt, in file order (the order seeds the noise)."""
-    lines = (Path(root) / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
-    return [s.strip() for s in lines if s.strip()]
+    return read_split(Path(root) / "ImageSets" / "Segmentation" / "val.txt")
 
 
 def load_pair(root, image_id):
-    """(image uint8 [H, W, 3] RGB, label uint8 [H, W], void = 255) of one VOC image."""
+    """(image uint8 [H, W, 3] RGB, label int64 [H, W], void = 255) of one VOC image."""
     root = Path(root)
-    image = np.asarray(Image.open(root / "JPEGImages" / f"{image_id}.jpg").convert("RGB"))
-    label = np.asarray(Image.open(root / "SegmentationClass" / f"{image_id}.png"))
+    image = read_rgb(root / "JPEGImages" / f"{image_id}.jpg")
+    label = load_label_png(root / "SegmentationClass" / f"{image_id}.png")
     if label.shape != image.shape[:2]:
         raise ValueError(f"{image_id}: label {label.shape} and image {image.shape} sizes differ")
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+    return image, label
 
 
 def downscale_pair(image, label, factor):
@@ -59,7 +63,7 @@ def downscale_pair(image, label, factor):
         return image, label
     h, w = label.shape[0] // factor, label.shape[1] // factor
     img = np.asarray(Image.fromarray(image).resize((w, h), Image.BOX))
-    lab = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
+    lab = np.asarray(Image.fromarray(label.astype(np.uint8)).resize((w, h), Image.NEAREST)).astype(np.int64)
     return np.ascontiguousarray(img), np.ascontiguousarray(lab)
 
 
@@ -108,39 +112,3 @@ def coarse_logits(label, seed, stride=8, warp=12.0, noise=0.3, cell=48, num_clas
 def coarse_probs(label, seed, **kwargs):
     """softmax(coarse_logits(label, seed)): ndarray[C, H, W] float32 probabilities."""
     return torch.softmax(coarse_logits(label, seed, **kwargs), 0).numpy()
-
-
-def confusion(pred, label, num_classes=NUM_CLASSES, mask=None):
-    """Confusion matrix ndarray[C, C] (rows: truth, columns: prediction), void ignored.
-
-    Args:
-        pred, label (ndarray[H, W] int); mask (ndarray[H, W] bool or None): pixels to count.
-    """
-    keep = label != VOID
-    if mask is not None:
-        keep &= mask
-    idx = num_classes * label[keep].astype(np.int64) + pred[keep].astype(np.int64)
-    return np.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
-def miou(conf):
-    """Mean intersection over union of the classes present (in truth or prediction)."""
-    inter = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - inter
-    present = union > 0
-    return float((inter[present] / union[present]).mean())
-
-
-def boundary_band(label, band=8):
-    """Bool mask [H, W] of pixels within `band` px (Euclidean) of a label change; void counts as
-    a label, so the void outline of VOC objects marks the boundary."""
-    from scipy import ndimage
-    label = np.asarray(label)
-    edge = np.zeros(label.shape, bool)
-    dy = label[1:] != label[:-1]
-    dx = label[:, 1:] != label[:, :-1]
-    edge[1:] |= dy
-    edge[:-1] |= dy
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    return ndimage.distance_transform_edt(~edge) <= band

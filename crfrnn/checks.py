@@ -205,10 +205,11 @@ def crf_inputs(unary, image, positions, num_classes, kernels):
                          f"num_classes={num_classes} (unary shape {tuple(unary.shape)})")
     n, spatial = unary.shape[0], tuple(unary.shape[2:])
     if points:
-        if not positions.is_floating_point() or positions.dim() != 3 or positions.shape[0] != n \
-                or positions.shape[2] != spatial[0] or positions.shape[1] < 1:
-            raise ValueError(f"positions must be floating-point Tensor[N, D, P] with unary [N, C, P] = "
-                             f"{tuple(unary.shape)}'s N and P, got {positions.dtype} shape {tuple(positions.shape)}")
+        real = positions.dtype not in (torch.bool, torch.complex64, torch.complex128) and not positions.is_complex()
+        if not real or positions.dim() != 3 or positions.shape[0] != n or positions.shape[2] != spatial[0] \
+                or positions.shape[1] < 1:
+            raise ValueError(f"positions must be a real Tensor[N, D, P] with unary [N, C, P] = {tuple(unary.shape)}'s "
+                             f"N and P, got {positions.dtype} shape {tuple(positions.shape)}")
         if positions.device != unary.device:
             raise ValueError(f"positions are on {positions.device} but unary is on {unary.device}")
     num_axes = positions.shape[1] if points else len(spatial)

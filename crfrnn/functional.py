@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checks
-from .inference import CRFRNN_PARAMS, DEFAULT_PRUNE, kernel_lattice, mean_field, potts_matrices
+from .inference import CRFRNN_PARAMS, DEFAULT_PRUNE, kernel_lattices, mean_field, potts_matrices
 from .kernels import as_kernels, classic_kernels
 
 __all__ = ["dense_crf"]
@@ -143,8 +143,8 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
             guide = guide.to(torch.float64 if guide.dtype == torch.float64 else torch.float32)
         reference = next(t for t in (guide, pos) if t is not None) if guide is not None or pos is not None else p
         features_dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
-        lattices = [kernel_lattice(k, k.sigmas, shape=(1, *spatial_shape), positions=pos, guide=guide,
-                                   backend=backend, dtype=features_dtype, device=p.device) for k in kernels]
+        lattices = kernel_lattices(kernels, [k.sigmas for k in kernels], (1, *spatial_shape), pos, guide, backend,
+                                   features_dtype, p.device)
         pairwise = potts_matrices(c, [k.weight for k in kernels], dtype=dtype, device=p.device)
         logits = mean_field(unary.contiguous(), lattices, pairwise, num_iterations, normalize, prune=prune)
         q = torch.softmax(logits, dim=-1)[0].t().reshape(c, *spatial_shape)

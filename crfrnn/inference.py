@@ -35,9 +35,8 @@ from . import checks, ops
 from .features import bilateral_features, kernel_features, spatial_features
 from .lattice import Lattice, cast_result, compute_dtype
 
-__all__ = ["mean_field", "build_crf_lattices", "kernel_lattice", "potts_matrices", "sender_thresholds", "sender_mask",
-           "CRFRNN_PARAMS",
-           "DEEPLAB_LARGEFOV_PARAMS", "DEFAULT_PRUNE"]
+__all__ = ["mean_field", "build_crf_lattices", "kernel_lattice", "kernel_lattices", "potts_matrices",
+           "sender_thresholds", "sender_mask", "CRFRNN_PARAMS", "DEEPLAB_LARGEFOV_PARAMS", "DEFAULT_PRUNE"]
 
 #: Sender pruning's default for evaluation (`dense_crf`, `CRFRNNLayer` in eval mode; see
 #: `mean_field`): with DeepLab's Potts weights (4 + 3) a class sends while its Q reaches 0.01
@@ -104,6 +103,33 @@ def kernel_lattice(kernel, sigmas, shape=None, positions=None, guide=None, backe
     per-point features Tensor[N, P, d], so that the mean-field loop runs channels last."""
     features = kernel_features(kernel, sigmas, shape, positions, guide, dtype, device)
     return Lattice(features.flatten(2).transpose(1, 2), backend=backend, feature_grad=feature_grad)
+
+
+def kernel_lattices(kernels, sigmas, shape, positions=None, guide=None, backend="auto", dtype=torch.float32,
+                    device=None, feature_grad="lattice", kept=None):
+    """One `kernel_lattice` per kernel (`sigmas`: one sequence per kernel). With `kept` (a dict,
+    kernel name -> (key, Lattice)), a kernel of positions alone on a grid (its lattice depends on
+    the grid's shape only) reuses the lattice kept there while N, S, dtype, device, bandwidths and
+    backend stay the same, and keeps the one it builds: at a fixed training crop or image size
+    every call after the first skips its build (about 50 bytes per pixel for a 2-D spatial kernel).
+    A ValueError names the kernel whose features the lattice rejects."""
+    lattices = []
+    for kernel, kernel_sigmas in zip(kernels, sigmas):
+        keep = kept is not None and positions is None and kernel.guide is None
+        key = (tuple(shape), dtype, device, tuple(kernel_sigmas), backend)
+        if keep and kernel.name in kept and kept[kernel.name][0] == key:
+            lattices.append(kept[kernel.name][1])
+            continue
+        try:
+            lattice = kernel_lattice(kernel, kernel_sigmas, shape, positions, guide, backend, feature_grad, dtype,
+                                     device)
+        except ValueError as exc:  # NaN/Inf or huge values: name the kernel whose features they are
+            raise ValueError(f"{kernel.name} features ({'guide' if kernel.guide else 'positions'} / bandwidths) the "
+                             f"lattice rejects: {exc}") from exc
+        if keep:
+            kept[kernel.name] = (key, lattice)
+        lattices.append(lattice)
+    return lattices
 
 
 def sender_thresholds(pairwise, prune):

@@ -142,7 +142,8 @@ def describe_bandwidths(kernels, sigmas, equals):
     parts = []
     for kernel, values in zip(kernels, sigmas):
         if equals == "=":
-            parts.append(f"{kernel.name}=({numbers(values)})" if len(values) > 1 else f"{kernel.name}={numbers(values)}")
+            shown = f"({numbers(values)})" if len(values) > 1 else numbers(values)
+            parts.append(f"{kernel.name}={shown}")
         else:
             labels = ["sigma_xy"] * len(kernel.positions or ()) + ["sigma_rgb"] * len(kernel.guide or ())
             parts.append(f"{kernel.name} {', '.join(labels)} = {numbers(values)}")

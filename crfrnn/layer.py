@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from . import checks, persistence, sharing
 from .bandwidths import FixedBandwidths
-from .inference import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, DEFAULT_PRUNE, kernel_lattice, mean_field
+from .inference import CRFRNN_PARAMS, DEEPLAB_LARGEFOV_PARAMS, DEFAULT_PRUNE, kernel_lattices, mean_field
 from .kernels import as_kernels, classic_kernels, describe_bandwidths
 from .lattice import FEATURE_GRADIENTS, NORMALIZATIONS
 
@@ -299,10 +299,28 @@ class CRFRNNLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # Checkpoints written before the bandwidths, iterations and normalisation were in the
+        # state dict: the layer keeps its own (the ones it was built with from the checkpoint's config).
+        for name in (*(f"{k.name}_log_sigma" for k in self.kernels), "iterations", "normalization"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        problem = persistence.state_dict_problem(state_dict, prefix, self._matrix_parameters(), self.num_classes)
+        if problem:
+            error_msgs.append(problem)
+            return
+
         def load():
             super(CRFRNNLayer, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                            missing_keys, unexpected_keys, error_msgs)
-        persistence.load_state_dict(self, state_dict, prefix, error_msgs, load)
+        if self.learn_bandwidths:
+            load()
+        else:  # other bandwidths than this layer's: take the state dict's, keep the exact floats of the same
+            self._bandwidths.load(self._bandwidth_buffers(), load)
+        settings = persistence.loaded_settings(self.iterations, self.normalization, prefix)
+        if isinstance(settings, str):
+            error_msgs.append(settings)
+            return
+        self._iterations, self._normalize = settings
+        self.clear_lattice_cache()
 
     def config(self):
         """Constructor arguments (plain Python values) that rebuild this layer:
@@ -328,7 +346,8 @@ class CRFRNNLayer(nn.Module):
 
     def extra_repr(self):
         s = (f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, "
-             f"num_eval_iterations={self.num_eval_iterations}, sigmas: {describe_bandwidths(self.kernels, self.sigmas(), '=')}, "
+             f"num_eval_iterations={self.num_eval_iterations}, "
+             f"sigmas: {describe_bandwidths(self.kernels, self.sigmas(), '=')}, "
              f"normalize={self.normalize!r}, compatibility={self.compatibility_sharing!r}, "
              f"kernel_weights={self.kernel_weight_sharing!r}")
         if self.learn_bandwidths:
@@ -426,49 +445,29 @@ class CRFRNNLayer(nn.Module):
         return image
 
     def _lattices(self, guide, positions=None, shape=None):
-        """One lattice per kernel, of the guide (float, in its units: RGB 0..255) and the positions
-        (a point set's, or None: a grid of `shape` (N, *S), by default the guide's); a ValueError
-        naming the bandwidths when the features are ones the lattice rejects.
-
-        A lattice of positions alone on a grid depends on the shape only, so the last one of each
-        such kernel (with its normalisation) is kept and reused while N, S, dtype, device,
-        bandwidths and backend stay the same: at a fixed training crop or image size every forward
-        after the first skips its build (about 50 bytes per pixel for the pair's spatial kernel;
-        `clear_lattice_cache()` frees them). With learned bandwidths and grad mode on, every
-        lattice is built differentiable in them, every call.
-        """
-        if shape is None:
-            shape = (guide.shape[0], *guide.shape[2:])
+        """One lattice per kernel (`crfrnn.inference.kernel_lattices`), of the guide (float, in its
+        units: RGB 0..255) and the positions (a point set's, or None: a grid of `shape` (N, *S), by
+        default the guide's); a ValueError naming the bandwidths when the features are ones the
+        lattice rejects. Lattices of positions alone on a grid are kept between calls (in
+        `kept_lattices()`; `clear_lattice_cache()` frees them), except in a traced graph; with
+        learned bandwidths and grad mode on, every lattice is built differentiable in them."""
         reference = next(t for t in (guide, positions, self.iterations) if t is not None)
         dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
         learned = self.learn_bandwidths and torch.is_grad_enabled()
-        if learned:
-            sigmas = [list(log.to(dtype).exp().unbind()) for log in self._bandwidth_buffers()]
-        else:
-            sigmas = self.sigmas()
-        compiling = torch.compiler.is_compiling()  # no Python-side state inside a traced graph
-        options = dict(shape=shape, positions=positions, guide=guide, backend=self.backend, dtype=dtype,
-                       device=reference.device, feature_grad=self.bandwidth_grad if learned else "lattice")
-        lattices = []
+        sigmas = ([list(log.to(dtype).exp().unbind()) for log in self._bandwidth_buffers()] if learned
+                  else self.sigmas())
+        kept = None if learned or torch.compiler.is_compiling() else self._kept
         try:
-            for kernel, kernel_sigmas in zip(self.kernels, sigmas):
-                keep = not (learned or compiling or positions is not None or kernel.guide is not None)
-                key = (tuple(shape), dtype, reference.device, tuple(kernel_sigmas), self.backend)
-                kept = self._kept.get(kernel.name) if keep else None
-                lattice = kept[1] if kept is not None and kept[0] == key else kernel_lattice(kernel, kernel_sigmas,
-                                                                                              **options)
-                if keep:
-                    self._kept[kernel.name] = (key, lattice)
-                lattices.append(lattice)
+            return kernel_lattices(self.kernels, sigmas, shape or (guide.shape[0], *guide.shape[2:]), positions,
+                                   guide, self.backend, dtype, reference.device,
+                                   self.bandwidth_grad if learned else "lattice", kept)
         except ValueError as exc:  # NaN/Inf or huge values: features the lattice rejects
             for name in (f"{k.name}_log_sigma" for k in self.kernels):  # a diverged bandwidth, not the guide
                 if not bool(torch.isfinite(getattr(self, name)).all()):
                     raise ValueError(f"CRFRNNLayer.{name} has NaN/Inf values: the layer's bandwidths must "
                                      "be finite (a diverged training run or a damaged checkpoint?)") from exc
-            raise ValueError(f"image gives {kernel.name} features ({'guide' if kernel.guide else 'positions'} / "
-                             f"bandwidths) the lattice rejects: {exc} (bandwidths: "
-                             f"{describe_bandwidths(self.kernels, self.sigmas(), ' = ')})") from exc
-        return lattices
+            bandwidths = describe_bandwidths(self.kernels, self.sigmas(), " = ")
+            raise ValueError(f"image gives {exc} (bandwidths: {bandwidths})") from exc
 
     def kept_lattices(self):
         """{kernel name: Lattice}: the lattices kept between calls (see `_lattices`)."""

@@ -1,6 +1,5 @@
-"""How a CRFRNNLayer persists: loading a state dict into it (checked against its sharing and class
-count, carrying the bandwidths, iteration counts and normalisation), and reading layers pickled by
-earlier versions.
+"""How a CRFRNNLayer persists: the checks of a state dict loaded into it (its sharing and class
+count, the iteration counts and normalisation it carries), and layers pickled by earlier versions.
 """
 import math
 
@@ -11,39 +10,30 @@ from .bandwidths import FixedBandwidths
 from .kernels import classic_kernels
 from .lattice import NORMALIZATIONS
 
-__all__ = ["load_state_dict", "upgrade_pickled_state"]
+__all__ = ["state_dict_problem", "loaded_settings", "upgrade_pickled_state"]
 
 
-def load_state_dict(layer, state_dict, prefix, error_msgs, load):
-    """The body of `layer._load_from_state_dict`; `load()` runs nn.Module's own load of the
-    entries. A state dict of another sharing or class count, or with damaged counts, appends a
-    message to `error_msgs` instead (load_state_dict raises it); fixed bandwidths that the state
-    dict changes are taken into the layer's floats, the same ones keep their exact floats."""
-    # Checkpoints written before the bandwidths, iterations and normalisation were in the state
-    # dict: the layer keeps its own (the ones it was built with from the checkpoint's config).
-    for name in (*(f"{k.name}_log_sigma" for k in layer.kernels), "iterations", "normalization"):
-        state_dict.setdefault(prefix + name, getattr(layer, name).detach().clone())
-    problem = sharing.mismatch(state_dict, prefix, layer._matrix_parameters(), layer.num_classes)
+def state_dict_problem(state_dict, prefix, matrix_parameters, num_classes):
+    """Why a state dict cannot be loaded into a layer of these matrix parameters ((name, option,
+    sharing, the option's choices) each) and class count: another sharing or class count, or
+    damaged iteration counts; None when it can."""
+    problem = sharing.mismatch(state_dict, prefix, matrix_parameters, num_classes)
     stored = state_dict[prefix + "iterations"]
     if not problem and isinstance(stored, torch.Tensor) and (stored.is_floating_point() or stored.is_complex()):
-        problem = (f"{prefix}iterations holds {stored.dtype} values {stored.tolist()}: expected integer "
-                   "counts (a damaged file?)")
-    if problem:
-        error_msgs.append(problem)
-        return
-    if layer.learn_bandwidths:
-        load()
-    else:  # other bandwidths than this layer's: take the state dict's
-        layer._bandwidths.load(layer._bandwidth_buffers(), load)
-    counts = [int(v) for v in layer.iterations.tolist()]
-    norm = int(layer.normalization)
+        problem = (f"{prefix}iterations holds {stored.dtype} values {stored.tolist()}: expected integer counts "
+                   "(a damaged file?)")
+    return problem
+
+
+def loaded_settings(iterations, normalization, prefix):
+    """((training, evaluation) iteration counts, normalisation name) of loaded buffers, or a
+    message saying why they are not valid."""
+    counts = [int(v) for v in iterations.tolist()]
+    norm = int(normalization)
     if not all(0 <= n <= checks.MAX_ITERATIONS for n in counts) or not 0 <= norm < len(NORMALIZATIONS):
-        error_msgs.append(f"{prefix}iterations {counts} / normalization {norm}: expected counts in "
-                          f"0..{checks.MAX_ITERATIONS} and an index into {NORMALIZATIONS}")
-        return
-    layer._iterations = tuple(counts)
-    layer._normalize = NORMALIZATIONS[norm]
-    layer.clear_lattice_cache()
+        return (f"{prefix}iterations {counts} / normalization {norm}: expected counts in "
+                f"0..{checks.MAX_ITERATIONS} and an index into {NORMALIZATIONS}")
+    return tuple(counts), NORMALIZATIONS[norm]
 
 
 def upgrade_pickled_state(state):

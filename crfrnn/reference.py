@@ -12,8 +12,11 @@ build the same lattice from the same features:
 3. Blur neighbours of vertex k along direction j are k + (d+1)e_j - 1 and k - (d+1)e_j + 1;
    a neighbour that is not a vertex of the lattice is marked with index M (a zero row).
 
-The lattice coordinates are always computed in float64: the rank decisions then agree
-between backends up to ties at the 1e-16 level, whatever the values' dtype.
+Each point's simplex is decided as densecrf decides it: for float32 (and half) features in
+float32, with densecrf's operations in its order, so that points on a simplex boundary in real
+arithmetic (exact ties: grid-aligned bandwidths, integer colours) fall into densecrf's simplex;
+for float64 features in float64. The barycentric weights are always computed in float64 from the
+float64 lattice coordinates, relative to the simplex decided.
 """
 import math
 
@@ -153,11 +156,32 @@ def scale_factors(d: int, device) -> torch.Tensor:
 CHUNK_ELEMENTS = 2 ** 21
 
 
-def embed(points: torch.Tensor):
+#: Largest |float32 elevated coordinate| at which a point's simplex is decided in float32
+#: (kFloatDecisionLimit of csrc/lattice_math.h): densecrf's keys are int16, so it embeds nothing
+#: beyond, and float32's rounding error grows with the coordinates; beyond it, double decides.
+FLOAT_DECISION_LIMIT = 2.0 ** 15
+
+
+def float_scale_factors(d: int, device) -> torch.Tensor:
+    """scale_factors in float32 as densecrf computes them (lattice_scale_float of
+    csrc/lattice_math.h): inv_std rounded to float, the product in double, then rounded to float."""
+    inv_std = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
+    scales = [1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std for i in range(d)]
+    return torch.tensor(scales, dtype=torch.float64).to(device=device, dtype=torch.float32)
+
+
+def embed(points: torch.Tensor, float_decisions: bool = False):
     """Simplex and barycentric weights of each point.
 
+    The simplex (rem0 and rank) is decided in float32 with densecrf's arithmetic if
+    `float_decisions` (the features were float32 or narrower; points beyond FLOAT_DECISION_LIMIT
+    excepted), else in float64; the weights are always computed in float64 from the float64
+    elevated coordinates, relative to the simplex decided (see embed_point_scaled of
+    csrc/lattice_math.h).
+
     Args:
-        points (Tensor[P, d], float64): scaled features.
+        points (Tensor[P, d], float64): scaled features (exact float32 values if float_decisions).
+        float_decisions (bool): decide the simplices in float32.
     Returns:
         rem0 (Tensor[P, d+1], int64): remainder-0 lattice point after the wrap-around.
         rank (Tensor[P, d+1], int64): rank of each coordinate's remainder, in 0..d.
@@ -166,57 +190,96 @@ def embed(points: torch.Tensor):
     num_points, d = points.shape
     chunk = max(1, CHUNK_ELEMENTS // (d + 1) ** 2)
     if num_points <= chunk:
-        return _embed(points)
-    parts = [_embed(points[i:i + chunk]) for i in range(0, num_points, chunk)]
+        return _embed(points, float_decisions)
+    parts = [_embed(points[i:i + chunk], float_decisions) for i in range(0, num_points, chunk)]
     return tuple(torch.cat(group) for group in zip(*parts))
 
 
-def _embed(points: torch.Tensor):
-    """`embed` of one chunk of points (its temporaries are [P, d+1, d+1])."""
-    num_points, d = points.shape
-    dev = points.device
-    cf = points * scale_factors(d, dev)
-    # elevated[j] = sum_{k >= j} cf[k] - j cf[j-1]: accumulate right to left, in the same
-    # order as the C++ loop, so that float64 results are bit-identical.
-    elevated = torch.empty(num_points, d + 1, dtype=torch.float64, device=dev)
-    running = torch.zeros(num_points, dtype=torch.float64, device=dev)
+def _elevate(cf: torch.Tensor) -> torch.Tensor:
+    """elevated[j] = sum_{k >= j} cf[k] - j cf[j-1] (Tensor[P, d+1], cf's dtype), accumulated right
+    to left in the same order as the C++ loop, so that the results are bit-identical."""
+    num_points, d = cf.shape
+    elevated = cf.new_empty(num_points, d + 1)
+    running = cf.new_zeros(num_points)
     for j in range(d, 0, -1):
         c = cf[:, j - 1]
         elevated[:, j] = running - j * c
         running = running + c
     elevated[:, 0] = running
+    return elevated
 
-    # Nearest remainder-0 point: round each coordinate to a multiple of d+1.
-    # torch.round and C's nearbyint both round half to even.
-    # Divide by a tensor on the points' device: on CUDA, division by a Python number is done as
-    # a multiplication by its reciprocal, which can differ from the C++ by one ulp.
-    d_plus_1 = torch.tensor(float(d + 1), dtype=torch.float64, device=dev)
-    rounded = torch.round(elevated / d_plus_1)
-    rem0 = (rounded * (d + 1)).to(torch.int64)
-    coord_sum = rounded.to(torch.int64).sum(1, keepdim=True)
 
-    # rank[i] = number of coordinates with a larger remainder; ties go to the later index,
-    # exactly as the pairwise loop of the C++ code decides them.
-    diff = elevated - rem0.to(torch.float64)
-    di, dj = diff[:, :, None], diff[:, None, :]
-    idx = torch.arange(d + 1, device=dev)
+def _ranks(remainder: torch.Tensor) -> torch.Tensor:
+    """rank[i] = number of coordinates with a larger remainder; ties go to the later index,
+    exactly as the pairwise loop of the C++ code (rank_remainders) decides them."""
+    d1 = remainder.shape[1]
+    di, dj = remainder[:, :, None], remainder[:, None, :]
+    idx = torch.arange(d1, device=remainder.device)
     later = idx[None, :] > idx[:, None]  # [i, j]: j comes after i
     bigger = torch.where(later, di < dj, di <= dj)
     bigger &= idx[None, :] != idx[:, None]
-    rank = bigger.sum(2) + coord_sum
+    return bigger.sum(2)
+
+
+def _decide(elevated: torch.Tensor, inv_or_d1: torch.Tensor, multiply: bool):
+    """(rem0, unwrapped rank) Tensor[P, d+1] int64 from the elevated coordinates (either dtype):
+    round each coordinate to a multiple of d+1 (half to even: torch.round, C's rint), rank the
+    remainders, add the coordinate sum."""
+    d1 = elevated.shape[1]
+    rounded = torch.round(inv_or_d1 * elevated if multiply else elevated / inv_or_d1)
+    rem0 = rounded.to(torch.int64) * d1
+    coord_sum = rounded.to(torch.int64).sum(1, keepdim=True)
+    return rem0, _ranks(elevated - rem0.to(elevated.dtype)) + coord_sum
+
+
+def _embed(points: torch.Tensor, float_decisions: bool = False):
+    """`embed` of one chunk of points (its temporaries are [P, d+1, d+1])."""
+    num_points, d = points.shape
+    dev = points.device
+    elevated = _elevate(points * scale_factors(d, dev))
+
+    # Divide by a tensor on the points' device: on CUDA, division by a Python number is done as
+    # a multiplication by its reciprocal, which can differ from the C++ by one ulp.
+    d_plus_1 = torch.tensor(float(d + 1), dtype=torch.float64, device=dev)
+    if float_decisions:
+        # densecrf's float32 arithmetic: float scales, times 1.0f/(d+1) (a float product).
+        elevated_f = _elevate(points.to(torch.float32) * float_scale_factors(d, dev))
+        inv_d1 = torch.tensor(1.0, dtype=torch.float32, device=dev) / torch.tensor(float(d + 1),
+                                                                                   dtype=torch.float32, device=dev)
+        rem0, rank = _decide(elevated_f, inv_d1, multiply=True)
+        in_range = (elevated_f.abs() <= FLOAT_DECISION_LIMIT).all(1, keepdim=True)
+        if not bool(in_range.all()):  # points beyond the limit: decided in double
+            rem0_d, rank_d = _decide(elevated, d_plus_1, multiply=False)
+            rem0, rank = torch.where(in_range, rem0, rem0_d), torch.where(in_range, rank, rank_d)
+    else:
+        rem0, rank = _decide(elevated, d_plus_1, multiply=False)
 
     # Bring the point back onto the plane sum = 0 (wrap ranks into 0..d).
     low, high = rank < 0, rank > d
     rank = torch.where(low, rank + d + 1, torch.where(high, rank - d - 1, rank))
     rem0 = torch.where(low, rem0 + d + 1, torch.where(high, rem0 - d - 1, rem0))
+    return rem0, rank, _barycentric(elevated, rem0, rank)
 
-    # Barycentric weights (Adams et al. p. 10), with the wrap-around of slot d+1 into slot 0.
+
+def _barycentric(elevated, rem0, rank):
+    """Barycentric weights Tensor[P, d+1] float64 (Adams et al. p. 10) of the elevated points
+    (float64) in the simplices (rem0, rank), with the wrap-around of slot d+1 into slot 0."""
+    num_points, d1 = elevated.shape
+    d = d1 - 1
+    d_plus_1 = torch.tensor(float(d1), dtype=torch.float64, device=elevated.device)
     v = (elevated - rem0.to(torch.float64)) / d_plus_1
-    bary = torch.zeros(num_points, d + 2, dtype=torch.float64, device=dev)
+    bary = torch.zeros(num_points, d + 2, dtype=torch.float64, device=elevated.device)
     bary.scatter_add_(1, d - rank, v)
     bary.scatter_add_(1, d - rank + 1, -v)
     bary[:, 0] += 1.0 + bary[:, d + 1]
-    return rem0, rank, bary[:, : d + 1].contiguous()
+    return bary[:, : d + 1].contiguous()
+
+
+def barycentric_weights(points: torch.Tensor, rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """The barycentric weights Tensor[P, d+1] float64 of points (Tensor[P, d], float64) in the given
+    simplices (rem0, rank of `embed`, held fixed): an affine function of the points, whose
+    transpose `barycentric_weights_grad` applies."""
+    return _barycentric(_elevate(points * scale_factors(points.shape[1], points.device)), rem0, rank)
 
 
 def vertex_keys(rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
@@ -350,7 +413,7 @@ def build_lattice(features: torch.Tensor):
     n, p, d = features.shape
     dev = features.device
     points = features.detach().reshape(n * p, d).to(torch.float64)
-    rem0, rank, bary = embed(points)
+    rem0, rank, bary = embed(points, float_decisions=features.dtype != torch.float64)
     del points
     image = torch.arange(n, device=dev).repeat_interleave(p)
     for attempt in range(4):
@@ -491,7 +554,7 @@ def barycentric_weights_grad(features: torch.Tensor, grad_weights: torch.Tensor)
         raise ValueError(f"{op}: grad_weights must be [N*P, d+1] = {[n * p, d + 1]} for features "
                          f"{tuple(features.shape)}, got {tuple(grad_weights.shape)}")
     points = features.detach().reshape(n * p, d).to(torch.float64)
-    _, rank, _ = embed(points)
+    _, rank, _ = embed(points, float_decisions=features.dtype != torch.float64)
     g = grad_weights.to(torch.float64)
     g_ext = torch.cat([g, g[:, :1]], 1)  # slot d+1 is slot 0
     slot = d - rank

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import densecrf_peer  # noqa: E402
 import voc_protocol as vp  # noqa: E402
 from helpers import synthetic_scene  # noqa: E402
+from train.metrics import ConfusionMatrix  # noqa: E402
 
 DEEPLAB = dict(bilateral=(121.0, 5.0, 4.0), spatial=(3.0, 3.0))
 DEMO = dict(bilateral=(80.0, 13.0, 10.0), spatial=(3.0, 3.0))
@@ -173,15 +174,18 @@ def test_all_voc_images_full_size(shared_data):
     """All 46 images at full size: per-image agreement, and the same mIoU gain as densecrf."""
     root = vp.voc_root(shared_data)
     ids = vp.image_ids(root)
-    conf = {k: np.zeros((vp.NUM_CLASSES,) * 2, np.int64) for k in ("unary", "ours", "densecrf")}
+    conf = {k: ConfusionMatrix(vp.NUM_CLASSES) for k in ("unary", "ours", "densecrf")}
     for index, image_id in enumerate(ids):
         image, label = vp.load_pair(root, image_id)
         logits = vp.coarse_logits(label, index).numpy()
         q = ours(image, logits, 10, **DEEPLAB)
         qd = densecrf_peer.densecrf_probs(image, logits, 10, **DEEPLAB)
-        assert_agrees(q, qd, what=image_id)
+        # Every label; marginals within 5e-3: measured at most 1.9e-3 (2007_009096; at most 1.4e-4 on 42
+        # of the 46), where a few points sit exactly on a simplex boundary and the two lattices
+        # break the tie their own way (see test_crf_nd.py).
+        assert_agrees(q, qd, max_abs=5e-3, what=image_id)
         for key, pred in (("unary", logits), ("ours", q), ("densecrf", qd)):
-            conf[key] += vp.confusion(pred.argmax(0), label)
-    m = {k: vp.miou(v) for k, v in conf.items()}
+            conf[key].update(pred.argmax(0), label)
+    m = {k: v.miou() for k, v in conf.items()}
     assert m["densecrf"] > m["unary"] + 0.01, m
     assert abs(m["ours"] - m["densecrf"]) < 0.002, m

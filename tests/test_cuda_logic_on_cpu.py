@@ -241,6 +241,17 @@ def test_low_precision_features_float32_filter_equal_cpu(harness, tmp_path, d, f
     assert_matches_cpu(harness, tmp_path, features, randn(3, 120, 4), seed=d)
 
 
+@pytest.mark.parametrize("d", [3, 5, 8])
+def test_float32_ties_and_far_points_decide_as_cpu(harness, tmp_path, d):
+    """float32 half-integers (exact ties, decided in float32 as densecrf decides them) and points
+    beyond the float32 decision limit (decided in float64): the per-thread embedding decides as the
+    C++ build, bit for bit."""
+    ties = integer_points(2, 150, d, seed=d) / 2
+    far = clustered_points(2, 50, d, seed=d) * 2e4
+    features = torch.cat([ties, far], 1).float()
+    assert_matches_cpu(harness, tmp_path, features, randn(2, 200, 3), seed=d)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_any_thread_order_gives_the_same_lattice(harness, tmp_path, seed):
     """Duplicates and ties (integer points) in a batch: every random order of the racing

@@ -215,22 +215,24 @@ def test_reference_build_survives_hash_collisions(monkeypatch):
 def test_reference_build_memory_is_linear():
     """Lattice(rand(1, 2000, 31) * 3, backend="reference") peaked at about 3.9 GB (and larger
     builds threw bad_alloc or, under a memory limit, aborted the process): a [M (2d+3), d+1] int64
-    table of candidate keys. Now the whole process (torch's own ~0.5 GB included) stays under 1 GB.
-    Measured: 0.76 GB (the native build: 0.55 GB)."""
+    table of candidate keys. Now the build adds under 0.6 GB to the process's peak (measured from
+    after `import torch, crfrnn`, whose own size varies between machines: 0.5 GB here, more on CI).
+    Measured: 0.24 GB."""
     script = textwrap.dedent("""
         import resource, torch
         import crfrnn
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         lat = crfrnn.Lattice(torch.rand(1, 2000, 31, generator=torch.Generator().manual_seed(0)) * 3,
                              backend="reference")
         assert lat.num_vertices > 60000
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
-    peak_kb = int(result.stdout.split()[-1])
-    assert peak_kb < 1024 ** 2, f"peak {peak_kb / 1024 ** 2:.2f} GB"
+    growth_kb = int(result.stdout.split()[-1])
+    assert growth_kb < 0.6 * 1024 ** 2, f"the build raised the peak by {growth_kb / 1024 ** 2:.2f} GB"
 
 
 # ------------------------------------------------------------------------------------------

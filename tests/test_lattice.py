@@ -19,8 +19,8 @@ import torch
 
 import crfrnn
 from crfrnn import reference
-from helpers import (BACKENDS, LATTICE_TABLES, NATIVE, POINTS, clustered_points, cpu_and_cuda, needs_native, rand,
-                     randn, random_points, voc_rgb)
+from helpers import (BACKENDS, LATTICE_TABLES, NATIVE, POINTS, clustered_points, cpu_and_cuda, integer_points,
+                     needs_native, rand, randn, random_points, voc_rgb)
 
 VOC_IDS = ["2007_000123", "2007_001311", "2009_000032"]
 
@@ -106,8 +106,14 @@ def test_simplex_vertices_reconstruct_the_point(device, d):
                          + [("clustered", 5, 3, 400)])
 def test_native_lattice_equals_reference_up_to_vertex_numbering(device, kind, d, n, p):
     feats = POINTS[kind](n, p, d, device=device)
-    ref = crfrnn.Lattice(feats, backend="reference")
-    nat = crfrnn.Lattice(feats, backend="native")
+    assert_same_lattice_up_to_numbering(crfrnn.Lattice(feats, backend="native"),
+                                        crfrnn.Lattice(feats, backend="reference"))
+
+
+def assert_same_lattice_up_to_numbering(nat, ref):
+    """Two lattices of the same features (the reference numbers its vertices its own way): the
+    same vertices, weights and blur neighbours under one bijection of the numbers."""
+    device = ref.weights.device
     assert nat.num_vertices == ref.num_vertices
     torch.testing.assert_close(nat.weights, ref.weights, rtol=0, atol=1e-12)
     # The two numberings must be one bijection, consistent over every point and corner...
@@ -120,6 +126,51 @@ def test_native_lattice_equals_reference_up_to_vertex_numbering(device, kind, d,
     mapped = perm[ref.neighbors.long()]
     expect = nat.neighbors.long()[:, perm[:-1]]
     assert (mapped == expect).all()
+
+
+@needs_native
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("d", [3, 4, 5, 8, 16])
+def test_float32_features_decide_their_simplices_in_float32(device, d):
+    """float32 half-integers lie on exact ties, which float32 and float64 break differently (for
+    7 to 45 of the 800 points here): the simplices are float32's (densecrf's, as
+    reference.embed(float_decisions=True) decides), the weights float64's relative to them, and
+    the native lattice equals the reference's bit for bit."""
+    feats = (integer_points(2, 400, d, seed=d) / 2).float().to(device)
+    points = feats.reshape(-1, d).double()
+    rem0, rank, bary = reference.embed(points, float_decisions=True)
+    rem0_d, rank_d, _ = reference.embed(points)
+    assert ((rem0 != rem0_d) | (rank != rank_d)).any(1).sum() > 0
+    assert bary.min() > -1e-15  # exact ties: the weights either side are zero to rounding
+    ref = crfrnn.Lattice(feats, backend="reference")
+    nat = crfrnn.Lattice(feats, backend="native")
+    assert torch.equal(nat.weights, bary.float()) and torch.equal(ref.weights, nat.weights)
+    assert_same_lattice_up_to_numbering(nat, ref)
+    # The lattice's vertices are the float32 simplices' (keys with the image index: 2 images).
+    keys = torch.cat([torch.arange(2, device=device).repeat_interleave(400)[:, None, None].expand(800, d + 1, 1),
+                      reference.vertex_keys(rem0, rank)[:, :, :d]], 2)
+    assert nat.num_vertices == torch.unique(keys.reshape(-1, d + 1), dim=0).shape[0]
+
+
+@needs_native
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_float32_features_far_out_decide_in_float64(device):
+    """float32 points with an elevated coordinate beyond FLOAT_DECISION_LIMIT (2^15, densecrf's
+    int16 key range) are decided in float64: float32's rounding there would put points into
+    simplices they lie outside of (weights down to -0.14 at features of 1e6); the points within
+    it in float32. Native equals reference bit for bit."""
+    near = random_points(1, 500, 5, seed=1)
+    far = random_points(1, 500, 5, seed=2) * 1e6 / 8
+    feats = torch.cat([near, far, near + 1e4], 1).float()
+    points = feats[0].double()
+    rem0, rank, bary = reference.embed(points, float_decisions=True)
+    rem0_d, rank_d, bary_d = reference.embed(points)
+    assert torch.equal(rem0[500:1000], rem0_d[500:1000]) and torch.equal(bary[500:1000], bary_d[500:1000])
+    assert bary[500:1000].min() >= 0
+    ref = crfrnn.Lattice(feats.to(device), backend="reference")
+    nat = crfrnn.Lattice(feats.to(device), backend="native")
+    assert torch.equal(nat.weights.cpu(), bary.float()) and torch.equal(ref.weights, nat.weights)
+    assert_same_lattice_up_to_numbering(nat, ref)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -261,6 +312,33 @@ def test_build_and_filter_are_deterministic(device):
     runs = [forward_backward(lat, vals, upstream, "symmetric") for lat in lats]
     for out, grad in runs[1:]:
         assert torch.equal(out, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
+@needs_native
+@pytest.mark.parametrize("kind,d", [("clustered", 5), ("integer", 5), ("random", 5), ("clustered", 3),
+                                    ("random", 9)])
+def test_native_build_gives_the_same_tables_on_any_thread_count(kind, d):
+    """The C++ build numbers the vertices in order of first appearance in (point, corner) order on
+    any number of threads (each thread numbers those of its chunk of points, then the chunks'
+    tables are merged in order; a chunk groups its points by a table of simplices or by runs, as
+    is cheaper): the same tables and weights, bit for bit, the reference's lattice."""
+    feats = POINTS[kind](2, 40000, d, dtype=torch.float32, seed=21)
+    threads = torch.get_num_threads()
+    try:
+        lats = []
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            lats.append(crfrnn.Lattice(feats, backend="native"))
+    finally:
+        torch.set_num_threads(threads)
+    for lat in lats[1:]:
+        for name in LATTICE_TABLES + ("weights",):
+            assert torch.equal(getattr(lat, name), getattr(lats[0], name)), name
+    flat = lats[0].vertex_index.flatten().long()
+    first = torch.full((lats[0].num_vertices,), flat.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, flat, torch.arange(flat.numel()), "amin")
+    assert (first[1:] > first[:-1]).all(), "vertices numbered in order of first appearance"
+    assert_same_lattice_up_to_numbering(lats[1], crfrnn.Lattice(feats, backend="reference"))
 
 
 @needs_native

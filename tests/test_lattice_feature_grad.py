@@ -98,6 +98,39 @@ def test_reference_weight_gradients_match_autograd_and_finite_differences():
     torch.testing.assert_close(analytic, numeric, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_weight_gradient_holds_the_float32_simplex(backend):
+    """float32 features on exact ties (half-integers, d = 4), where float32 and float64 decide
+    other simplices for 161 of the 2000 points: the build decides in float32 (as densecrf) and
+    computes the weights in float64 relative to that simplex; the weights' feature gradient is the
+    derivative of exactly those weights, that simplex held fixed (an affine map: float64 central
+    differences are exact to rounding)."""
+    g = torch.Generator().manual_seed(0)
+    feats = (torch.randint(0, 4, (1, 2000, 4), generator=g).float() / 2).reshape(1, 2000, 4)
+    points = feats.reshape(2000, 4).double()
+    rem0, rank, bary = reference.embed(points, float_decisions=True)
+    rem0_d, rank_d, _ = reference.embed(points)
+    assert ((rem0 != rem0_d) | (rank != rank_d)).any(1).sum() > 100  # 161
+    weights = crfrnn.Lattice(feats, backend=backend).weights
+    assert torch.equal(weights, bary.float())
+    torch.testing.assert_close(reference.barycentric_weights(points, rem0, rank), bary, rtol=0, atol=1e-15)
+    grad_w = torch.randn(2000, 5, dtype=torch.float64, generator=g)
+    op = torch.ops.crfrnn.barycentric_weights_backward if backend == "native" else reference.barycentric_weights_grad
+    analytic = op(feats, grad_w)
+    assert analytic.dtype == torch.float32
+    numeric = torch.zeros(2000, 4, dtype=torch.float64)
+    for k in range(4):
+        step = torch.zeros(4, dtype=torch.float64)
+        step[k] = 1e-3  # the simplices are held fixed: any step will do
+        plus = reference.barycentric_weights(points + step, rem0, rank)
+        minus = reference.barycentric_weights(points - step, rem0, rank)
+        numeric[:, k] = ((plus - minus) * grad_w).sum(1) / 2e-3
+    torch.testing.assert_close(analytic.reshape(2000, 4), numeric.float(), rtol=1e-6, atol=1e-6)
+    # ... and not the derivative of the weights in float64's simplices where the two differ.
+    other = op(feats.double(), grad_w).reshape(2000, 4)
+    assert not torch.allclose(other, numeric, rtol=1e-6, atol=1e-6)
+
+
 @needs_native
 @pytest.mark.parametrize("feature_grad", crfrnn.FEATURE_GRADIENTS)
 @pytest.mark.parametrize("d", [2, 5, 8])

@@ -13,8 +13,7 @@ import torch
 import models
 from train import engine, options, reports
 from train.checkpoint import load_model
-from train.metrics import ConfusionMatrix
-from train.process import all_reduce_sum, log, progress_bar, run_main
+from train.process import all_reduce_sum, log, run_main
 
 
 def get_args_parser(add_help=True):
@@ -115,30 +114,26 @@ def crf_loss(model, images, labels, loss):
 
 @torch.no_grad()
 def grid_search(args, run, net):
-    """DeepLab's search: mIoU of the Potts CRF for every (w1, σα, σβ) of --search-* (the spatial
-    kernel fixed at --spatial) on the first --search-samples validation images, each process on
-    its share of them. The DCNN's unaries are computed once; each grid point then costs only the
-    CRF. Returns the best point and ``{"samples", "points": [{"w1", "sxy", "srgb", "miou"}, ...]}``."""
+    """DeepLab's search (train.engine.search_grid) of the Potts CRF's (w1, σα, σβ) over --search-*
+    (the spatial kernel fixed at --spatial) on the first --search-samples validation images, each
+    process on its share of them, the DCNN's unaries computed once. Returns the best point and
+    ``{"samples", "points": [{"w1", "sxy", "srgb", "miou"}, ...]}``."""
     n = min(len(run.val_set), args.search_samples)
     subset = torch.utils.data.Subset(run.val_set, list(range(n)))
-    cached = []
-    for images, labels, sizes, _ in engine.eval_loader(subset, run.info, args.eval_batch_size, args.workers):
-        images = images.to(run.info.device)
-        cached.append((images, net(images, upsample=True).float(), labels, sizes))
-    points = []
-    combos = list(itertools.product(args.search_w1, args.search_sxy, args.search_srgb))
-    for w1, sxy, srgb in progress_bar(combos, desc="grid search", enabled=not args.no_progress and run.info.is_main):
-        crf = engine.crf_layer(args.num_classes, (sxy, srgb, w1), args.spatial, args.crf_eval_iters,
-                               args.crf_eval_iters).to(run.info.device).eval()
-        cm = ConfusionMatrix(args.num_classes)
-        for images, unary, labels, sizes in cached:
-            pred = crf(unary, images).argmax(1).cpu()
-            for k in range(pred.shape[0]):
-                h, w = int(sizes[k, 0]), int(sizes[k, 1])
-                cm.update(pred[k, :h, :w], labels[k, :h, :w])
-        cm.all_reduce(all_reduce_sum)
-        points.append({"w1": float(w1), "sxy": float(sxy), "srgb": float(srgb), "miou": cm.miou()})
-    return max(points, key=lambda p: p["miou"]), {"samples": n, "points": points}
+    samples = []
+    with torch.no_grad():
+        for images, labels, _, _ in engine.eval_loader(subset, run.info, args.eval_batch_size, args.workers):
+            images = images.to(run.info.device)
+            samples.append((net(images, upsample=True).float(), images, labels))   # labels padded with void
+
+    def make_crf(w1, sxy, srgb):
+        return engine.crf_layer(args.num_classes, (sxy, srgb, w1), args.spatial, args.crf_eval_iters,
+                                args.crf_eval_iters).to(run.info.device).eval()
+    best, points = engine.search_grid(samples, make_crf, itertools.product(args.search_w1, args.search_sxy,
+                                                                            args.search_srgb),
+                                      args.num_classes, progress=not args.no_progress and run.info.is_main,
+                                      reduce_sum=all_reduce_sum)
+    return best, {"samples": n, "points": points}
 
 
 if __name__ == "__main__":

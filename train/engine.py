@@ -529,3 +529,22 @@ def evaluate(model, loader, device, num_classes: int, bands, *, amp: bool, progr
         results[mode] = {**cms[mode].summary(class_names), "band_accuracy": bas[mode].summary()}
     m.train(was_training)
     return results, examples
+
+
+@torch.no_grad()
+def search_grid(samples, make_crf, grid, num_classes: int, *, progress: bool, reduce_sum=None):
+    """DeepLab's search of the CRF's parameters: the mIoU of ``make_crf(w1, sxy, srgb)`` (a CRF in
+    eval mode) at every ``(w1, sxy, srgb)`` of ``grid``, on ``samples``: ``[(unary Tensor[N, C, H, W],
+    image Tensor[N, 3, H, W], labels Tensor[N, H, W], void and padding 255)]`` computed once (each
+    point then costs only the CRF); ``reduce_sum`` sums the confusion counts over processes.
+    Returns the best point and all of them: ``[{"w1", "sxy", "srgb", "miou"}]``."""
+    points = []
+    for w1, sxy, srgb in progress_bar(list(grid), desc="grid search", enabled=progress):
+        crf = make_crf(w1, sxy, srgb)
+        cm = ConfusionMatrix(num_classes)
+        for unary, image, labels in samples:
+            cm.update(crf(unary, image).argmax(1).cpu(), labels)
+        if reduce_sum is not None:
+            cm.all_reduce(reduce_sum)
+        points.append({"w1": float(w1), "sxy": float(sxy), "srgb": float(srgb), "miou": cm.miou()})
+    return max(points, key=lambda p: p["miou"]), points

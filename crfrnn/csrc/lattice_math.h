@@ -2,8 +2,9 @@
 //
 // Everything here is plain arithmetic on raw pointers, `__host__ __device__` under nvcc, so that
 // the CPU tests exercise exactly the code the GPU runs. The pure-PyTorch reference
-// (crfrnn/reference.py) mirrors these functions step for step: both compute the embedding in
-// double precision in the same order, so all backends build the same lattice.
+// (crfrnn/reference.py) mirrors these functions step for step: both compute the embedding in the
+// same precisions (simplex decisions in float32 for float32 features, as densecrf; weights in
+// double) and in the same order, so all backends build the same lattice.
 //
 // Conventions (Adams, Baek & Davis 2010; Kraehenbuehl's densecrf):
 //   - a point's d scaled features are elevated onto the plane sum(x) = 0 of Z^{d+1};
@@ -36,46 +37,129 @@ CRFRNN_HD double lattice_scale(int d, int i) {
   return sqrt(2.0 / 3.0) * (d + 1) / sqrt(static_cast<double>(i + 1) * (i + 2));
 }
 
-// Elevate the point `f` (d scaled features, any float type) and find its simplex.
-// `scale` holds lattice_scale(d, i) for i < d (precomputed once per lattice on the CPU).
-// Writes rem0[0..d] (remainder-0 lattice point), rank[0..d] (rank of each coordinate's
-// remainder) and bary[0..d] (barycentric weight of simplex vertex r).
-// Dim: int, or std::integral_constant<int, d> where the C++ build fixes d at compile time (its
-// loops then unroll and the point stays in registers).
-template <typename scalar_t, typename Dim>
-CRFRNN_HD void embed_point_scaled(const scalar_t* f, const double* scale, Dim d, int* rem0, int* rank,
-                                  double* bary) {
-  double elevated[kMaxDim + 1];
-  double b[kMaxDim + 2];
-  // elevated[j] = sum_{k >= j} cf[k] - j cf[j-1], accumulated from the right.
-  double running = 0.0;
-  for (int j = d; j > 0; --j) {
-    const double c = static_cast<double>(f[j - 1]) * scale[j - 1];
-    elevated[j] = running - j * c;
-    running = running + c;
-  }
-  elevated[0] = running;
+// The scales of lattice_scale in float32, computed as densecrf's Permutohedral::init does (its
+// inv_std_dev a float, the product in double, then rounded to float): the scales of the float32
+// decisions below.
+CRFRNN_HD float lattice_scale_float(int d, int i) {
+  const float inv_std = static_cast<float>(sqrt(2.0 / 3.0) * (d + 1));
+  return static_cast<float>(1.0 / sqrt(static_cast<double>((i + 2) * (i + 1))) * static_cast<double>(inv_std));
+}
 
-  // Nearest remainder-0 point (round half to even, as torch.round).
-  int coord_sum = 0;
-  double remainder[kMaxDim + 1];
-  int r[kMaxDim + 1];  // the ranks, in registers until the end
-  for (int i = 0; i <= d; ++i) {
-    const double rounded = rint(elevated[i] / (d + 1));
-    rem0[i] = static_cast<int>(rounded) * (d + 1);
-    coord_sum += static_cast<int>(rounded);
-    remainder[i] = elevated[i] - rem0[i];
-    r[i] = 0;
+// A lattice's scales, both kinds: `value` (double) makes the barycentric weights, `decision`
+// (float) the simplex decisions of float32 features.
+struct LatticeScales {
+  double value[kMaxDim];
+  float decision[kMaxDim];
+};
+
+CRFRNN_HD void lattice_scales(int d, LatticeScales* s) {
+  for (int i = 0; i < d; ++i) {
+    s->value[i] = lattice_scale(d, i);
+    s->decision[i] = lattice_scale_float(d, i);
   }
-  // Rank of each remainder; on a tie the later coordinate ranks higher. Without branches: on
-  // image features the comparisons are coin flips, and mispredicted branches took a third of the
-  // embedding's time.
+}
+
+// Features whose simplex is decided in float32 (densecrf's arithmetic): all but float64. A half or
+// bfloat16 value is exactly a float, and the CUDA launcher converts them to float.
+template <typename scalar_t>
+struct DecidesInFloat {
+  static constexpr bool value = true;
+};
+template <>
+struct DecidesInFloat<double> {
+  static constexpr bool value = false;
+};
+
+// Largest |float32 elevated coordinate| at which a point's simplex is decided in float32:
+// densecrf's keys are int16, so it embeds nothing beyond; here float32's rounding error is still
+// ~1e-3 lattice units (at 2^20, the largest feature accepted, it would be several units). A point
+// with a coordinate beyond it is decided in double, as float64 features are.
+constexpr float kFloatDecisionLimit = 32768.0f;  // 2^15
+
+// The simplex of a point from its remainders (elevated - rem0, either precision): rank[i] = how
+// many coordinates have a larger remainder, a tie going to the later coordinate. Without branches:
+// on image features the comparisons are coin flips, and mispredicted branches took a third of the
+// embedding's time.
+template <typename T, typename Dim>
+CRFRNN_HD void rank_remainders(const T* remainder, Dim d, int* r) {
+  for (int i = 0; i <= d; ++i) r[i] = 0;
   for (int i = 0; i < d; ++i) {
     for (int j = i + 1; j <= d; ++j) {
       const int i_is_lower = remainder[i] < remainder[j];
       r[i] += i_is_lower;
       r[j] += 1 - i_is_lower;
     }
+  }
+}
+
+// Elevate the point `f` (d scaled features, any float type) and find its simplex.
+// `scales` holds lattice_scales(d) (precomputed once per lattice on the CPU).
+// Writes rem0[0..d] (remainder-0 lattice point), rank[0..d] (rank of each coordinate's
+// remainder) and bary[0..d] (barycentric weight of simplex vertex r).
+//
+// The decisions (rem0 and rank) are made as densecrf makes them: for float32 (and half) features
+// in float32, with its operations in its order (float scales, elevated accumulated from the right,
+// times 1.0f/(d+1) rounded half to even, remainders in float), so that points on a simplex
+// boundary in real arithmetic (exact ties: grid-aligned bandwidths, integer colours) fall into
+// densecrf's simplex; for float64 features (and float32 points beyond kFloatDecisionLimit) in
+// double. The barycentric weights are always computed in double, from the double elevated
+// coordinates relative to the simplex decided: where the two precisions decide alike, the result
+// is the all-double embedding's, bit for bit.
+// Dim: int, or std::integral_constant<int, d> where the C++ build fixes d at compile time (its
+// loops then unroll and the point stays in registers).
+template <typename scalar_t, typename Dim>
+CRFRNN_HD void embed_point_scaled(const scalar_t* f, const LatticeScales& scales, Dim d, int* rem0, int* rank,
+                                  double* bary) {
+  double elevated[kMaxDim + 1];
+  double b[kMaxDim + 2];
+  // elevated[j] = sum_{k >= j} cf[k] - j cf[j-1], accumulated from the right.
+  double running = 0.0;
+  for (int j = d; j > 0; --j) {
+    const double c = static_cast<double>(f[j - 1]) * scales.value[j - 1];
+    elevated[j] = running - j * c;
+    running = running + c;
+  }
+  elevated[0] = running;
+
+  int coord_sum = 0;
+  int r[kMaxDim + 1];  // the ranks, in registers until the end
+  bool decided = false;
+  if (DecidesInFloat<scalar_t>::value) {
+    // densecrf's float32 arithmetic (Permutohedral::init), step for step.
+    float elevated_f[kMaxDim + 1];
+    float running_f = 0.0f;
+    bool in_range = true;
+    for (int j = d; j > 0; --j) {
+      const float c = static_cast<float>(f[j - 1]) * scales.decision[j - 1];
+      elevated_f[j] = running_f - static_cast<float>(j) * c;
+      running_f = running_f + c;
+      in_range &= fabsf(elevated_f[j]) <= kFloatDecisionLimit;
+    }
+    elevated_f[0] = running_f;
+    in_range &= fabsf(running_f) <= kFloatDecisionLimit;
+    if (in_range) {
+      const float inv_d1 = 1.0f / static_cast<float>(d + 1);
+      float remainder[kMaxDim + 1];
+      for (int i = 0; i <= d; ++i) {
+        const int rounded = static_cast<int>(rintf(inv_d1 * elevated_f[i]));
+        rem0[i] = rounded * (d + 1);
+        coord_sum += rounded;
+        remainder[i] = elevated_f[i] - static_cast<float>(rem0[i]);
+      }
+      rank_remainders(remainder, d, r);
+      decided = true;
+    }
+  }
+  if (!decided) {
+    // Nearest remainder-0 point (round half to even, as torch.round).
+    double remainder[kMaxDim + 1];
+    for (int i = 0; i <= d; ++i) {
+      const double rounded = rint(elevated[i] / (d + 1));
+      rem0[i] = static_cast<int>(rounded) * (d + 1);
+      coord_sum += static_cast<int>(rounded);
+      remainder[i] = elevated[i] - rem0[i];
+    }
+    rank_remainders(remainder, d, r);
   }
   // Bring the point back onto the plane sum = 0.
   for (int i = 0; i <= d; ++i) {
@@ -97,9 +181,9 @@ CRFRNN_HD void embed_point_scaled(const scalar_t* f, const double* scale, Dim d,
 // embed_point_scaled with the scales computed on the spot (the GPU's choice: no table to share).
 template <typename scalar_t>
 CRFRNN_HD void embed_point(const scalar_t* f, int d, int* rem0, int* rank, double* bary) {
-  double scale[kMaxDim];
-  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
-  embed_point_scaled(f, scale, d, rem0, rank, bary);
+  LatticeScales scales;
+  lattice_scales(d, &scales);
+  embed_point_scaled(f, scales, d, rem0, rank, bary);
 }
 
 // Gradient of sum_r grad_bary[r] * bary[r] with respect to the point's d features, with its simplex
@@ -128,13 +212,13 @@ CRFRNN_HD void barycentric_weights_backward(const int* rank, const double* scale
 
 // barycentric_weights_backward for the point `f` (d features): its simplex found again.
 template <typename scalar_t>
-CRFRNN_HD void embed_point_backward(const scalar_t* f, const double* scale, int d, const double* grad_bary,
+CRFRNN_HD void embed_point_backward(const scalar_t* f, const LatticeScales& scales, int d, const double* grad_bary,
                                     double* grad_f) {
   int rem0[kMaxDim + 1];
   int rank[kMaxDim + 1];
   double bary[kMaxDim + 1];
-  embed_point_scaled(f, scale, d, rem0, rank, bary);
-  barycentric_weights_backward(rank, scale, d, grad_bary, grad_f);
+  embed_point_scaled(f, scales, d, rem0, rank, bary);
+  barycentric_weights_backward(rank, scales.value, d, grad_bary, grad_f);
 }
 
 // Key (length d+1: image, k_0..k_{d-1}) of vertex r of the simplex found by embed_point.

@@ -21,9 +21,48 @@
 namespace crfrnn {
 namespace {
 
+// The CPU hash tables' hash of a key of n ints: a linear form sum_i key[i] c_i modulo 2^64 with
+// random odd 64-bit c_i (independent multiplies, where hash_key of lattice_math.h chains them),
+// mixed by murmur3's finaliser. Linear, so a key's neighbour (the key plus a fixed shift) has the
+// linear form plus the shift's (blur_neighbors). Only the tables' layout depends on it, never a
+// result: the CUDA build may hash as it likes.
+constexpr uint64_t hash_multiplier(uint64_t i) {
+  uint64_t x = 0x9E3779B97F4A7C15ull * (i + 1);  // splitmix64 of i
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return (x ^ (x >> 31)) | 1;
+}
+
+struct HashMultipliers {
+  uint64_t c[2 * kMaxDim + 3];  // the longest key: a simplex's (image, rem0[0..d], rank[0..d])
+  constexpr HashMultipliers() : c() {
+    for (int i = 0; i < 2 * kMaxDim + 3; ++i) c[i] = hash_multiplier(static_cast<uint64_t>(i));
+  }
+};
+constexpr HashMultipliers kHashMultipliers{};
+
+template <typename Len>
+inline uint64_t linear_form(const int* key, Len n) {
+  uint64_t h = 0;
+  for (int i = 0; i < n; ++i) h += static_cast<uint64_t>(static_cast<int64_t>(key[i])) * kHashMultipliers.c[i];
+  return h;
+}
+
+inline uint64_t mix(uint64_t h) {
+  h ^= h >> 33;
+  h *= 0xFF51AFD7ED558CCDull;
+  h ^= h >> 33;
+  h *= 0xC4CEB9FE1A85EC53ull;
+  h ^= h >> 33;
+  return h;
+}
+
+template <typename Len>
+inline uint64_t table_hash(const int* key, Len n) { return mix(linear_form(key, n)); }
+
 // Open-addressing hash table from keys (key_len ints) to numbers 0..M-1 in insertion order.
-// Each slot holds the number and 32 bits of the key's hash, so a probe that meets another key
-// is rejected without fetching that key (a cache miss on large lattices).
+// Each slot holds the number and 32 bits of the key's hash (table_hash), so a probe that meets
+// another key is rejected without fetching that key (a cache miss on large lattices).
 class VertexTable {
  public:
   VertexTable(int key_len, int64_t expected) : key_len_(key_len) {
@@ -35,12 +74,15 @@ class VertexTable {
   int size() const { return static_cast<int>(keys_.size() / key_len_); }
   const int* key(int v) const { return keys_.data() + static_cast<int64_t>(v) * key_len_; }
 
-  // Number of `key`, or -1.
-  int find(const int* key) const { return slots_[probe(key, hash_key(key, key_len_))].id; }
+  // Number of `key`, or -1; h = table_hash(key, key_len).
+  int find(const int* key, uint64_t h) const { return slots_[probe(key, h)].id; }
 
-  int find_or_insert(const int* key) { return find_or_insert(key, hash_key(key, key_len_)); }
+  // Starts fetching the first slot a probe for hash h reads (its cache miss then overlaps others').
+  void prefetch(uint64_t h) const { __builtin_prefetch(slots_.data() + (h & (slots_.size() - 1))); }
 
-  // Same, with h = hash_key(key, key_len) computed by the caller (in a parallel pass).
+  int find_or_insert(const int* key) { return find_or_insert(key, table_hash(key, key_len_)); }
+
+  // Same, with h = table_hash(key, key_len) computed by the caller.
   int find_or_insert(const int* key, uint64_t h) {
     const uint64_t i = probe(key, h);
     if (slots_[i].id >= 0) return slots_[i].id;
@@ -72,7 +114,7 @@ class VertexTable {
     const uint64_t mask = bigger.size() - 1;
     for (const Slot& slot : slots_) {
       if (slot.id < 0) continue;
-      uint64_t i = hash_key(key(slot.id), key_len_) & mask;
+      uint64_t i = table_hash(key(slot.id), key_len_) & mask;
       while (bigger[i].id >= 0) i = (i + 1) & mask;
       bigger[i] = slot;
     }
@@ -100,171 +142,289 @@ class Scratch {
 };
 
 // ---- build: its phases in order ---------------------------------------------------------------
+//
+// The vertices are numbered in order of first appearance in (point, corner) order, as the CUDA
+// backend numbers them: the numbering is part of the result, the same on any number of threads.
+// Phase 1 cuts the points into contiguous chunks, one per thread; each thread embeds its points,
+// groups them by simplex (the points of a group share its d+1 vertices, so a group costs d+1 key
+// lookups however many points it has) and numbers the vertices of its groups in a hash table of
+// its own, in order of first appearance within the chunk. Phase 2 merges these tables, chunk by
+// chunk, into the lattice's: a vertex new to it was first met in that chunk, and among the
+// chunk's new vertices in the chunk's order, so the merge numbers every vertex in order of first
+// appearance overall. It handles each chunk's distinct vertices (the lattice's M and a few more,
+// M << P (d+1)); all the work per point or per corner runs in parallel.
+//
+// Why groups keep that order: a chunk's groups are sets of points with one simplex each, listed
+// in order of their first points, and their corners are visited group by group. A vertex first
+// met at corner r of point p (in (point, corner) order) is met at corner r of the first point of
+// p's group, which therefore is p: the visit meets every vertex first where the points do. Any
+// such grouping will do, so each thread picks the cheaper one for its points: a hash table of the
+// simplices (images: ten points or more per simplex, and a table that stays in cache) or, where
+// that saves less than half of the work, runs of consecutive points with one simplex (volumes and
+// point clouds: most simplices hold one or two points, and a table of them misses the cache).
 
-// Phase 1's result, per point: its simplex key (image, rem0[0..d], rank[0..d]), the key's hash
-// and the barycentric weights.
-struct EmbeddedPoints {
-  int key_len;             // 2 (d+1) + 1
-  Scratch<int> simplex;    // [P, key_len]
-  Scratch<uint64_t> hash;  // [P]
-  at::Tensor weights;      // [P, d+1]: float32 for half/bfloat16 features, else their dtype
+// Points per check of a chunk's grouping: it keeps its table of simplices while that at least
+// halves the groups that runs of equal simplices would make.
+constexpr int64_t kGroupingCheck = 4096;
+// Entries of a chunk's cache of recently met vertices (a power of two).
+constexpr int64_t kRecentVertices = 4096;
+// Probes after which that cache is dropped if it served fewer than one in eight.
+constexpr int64_t kRecentTrial = 16384;
+// Fewest points per chunk of phase 1 (fewer points: fewer chunks, one for a small lattice).
+constexpr int64_t kMinChunkPoints = 4096;
+
+// One chunk of points, from phase 1 on.
+struct Chunk {
+  int64_t begin = 0, end = 0;      // its points
+  std::vector<int> group_key;      // [G, 2(d+1)+1]: each group's simplex (image, rem0, rank)
+  VertexTable vertices{1, 0};      // its vertices (keys of d+1 ints), numbered in order of first appearance
+  std::vector<int> corner_vertex;  // [G, d+1]: the vertex (chunk's number) of each group's corners
+  std::vector<int> global;         // [its vertices]: their numbers in the lattice (phase 2)
+  int64_t non_finite = 0;          // feature checks
+  bool too_big = false;
 };
 
-// Phase 1 (parallel): the simplex, its key's hash and the barycentric weights of every point
-// (features [N, P, d], contiguous), with the NaN/Inf and range checks of the features fused into
-// the same pass (ValueError, with crfrnn.reference.check_feature_values' messages).
-EmbeddedPoints embed_points(const at::Tensor& features) {
+// Phase 1 for one chunk (features f [P, d]; group[p]: p's group in its chunk): embed each point
+// (barycentric weights into weights [P, d+1]), group the points, number the groups' vertices.
+// Points with NaN/Inf or too large features are counted and skipped (the build then fails).
+template <typename scalar_t, typename Dim, typename Weight>
+void embed_and_group(const scalar_t* f, int64_t per_image, Dim d, const LatticeScales& scales, Chunk& chunk,
+                     int* group, Weight* weights) {
+  const int d1 = d + 1, key_len = 2 * d1 + 1;
+  const int64_t size = chunk.end - chunk.begin;
+  VertexTable simplices(key_len, std::max<int64_t>(size / 16, 1));
+  bool use_table = true;
+  int64_t runs = 0, num_groups = 0, last_group = -1;
+  int key[2 * kMaxDim + 3];
+  int last_key[2 * kMaxDim + 3];
+  double bary[kMaxDim + 1];
+  for (int64_t p = chunk.begin; p < chunk.end; ++p) {
+    const scalar_t* fp = f + p * d;
+    bool skip = false;
+    for (int i = 0; i < d; ++i) {
+      const double x = static_cast<double>(fp[i]);
+      const bool finite = std::isfinite(x);
+      chunk.non_finite += !finite;
+      chunk.too_big |= finite && std::fabs(x) > kMaxAbsFeature;
+      skip |= !finite || std::fabs(x) > kMaxAbsFeature;
+    }
+    if (skip) continue;  // the build fails after phase 1; never embed (overflowing) garbage
+    key[0] = static_cast<int>(p / per_image);
+    embed_point_scaled(fp, scales, d, key + 1, key + 1 + d1, bary);
+    std::copy(bary, bary + d1, weights + p * d1);
+    if (last_group >= 0 && keys_equal(key, last_key, key_len)) {  // the previous point's simplex
+      group[p] = static_cast<int>(last_group);
+    } else {
+      ++runs;
+      int64_t g = num_groups;
+      if (use_table) g = simplices.find_or_insert(key);
+      if (g == num_groups) {
+        chunk.group_key.insert(chunk.group_key.end(), key, key + key_len);
+        ++num_groups;
+      }
+      group[p] = static_cast<int>(g);
+      last_group = g;
+      std::copy(key, key + key_len, last_key);
+    }
+    if (use_table && (p - chunk.begin + 1) % kGroupingCheck == 0 && 2 * num_groups > runs) {
+      use_table = false;  // it saves less than half of the groups: runs from here on
+      simplices = VertexTable(key_len, 0);
+    }
+  }
+  // The groups' vertices, numbered in order of first appearance (group by group, corner by corner).
+  chunk.vertices = VertexTable(d1, std::max<int64_t>(num_groups / 2, 1));
+  chunk.corner_vertex.resize(static_cast<size_t>(num_groups * d1));
+  // Consecutive groups are often neighbouring simplices, which share most vertices, at the same
+  // corners (in volumes half the corners): compare with the previous group's before probing.
+  // Then a small cache of recently met vertices (by hash, a few kB: nearby groups, such as the
+  // previous row's, meet them again) before the table, whose slots miss the cache.
+  int keys[2][kMaxDim + 1][kMaxDim + 1];
+  struct Recent {
+    uint32_t tag;
+    int32_t id;  // -1: empty
+  };
+  std::vector<Recent> recent(kRecentVertices, Recent{0, -1});
+  bool use_recent = true;  // until it proves useless (points in no spatial order)
+  int64_t probes = 0, hits = 0;
+  // A group's corners in two passes: first the keys, the cheap matches (the previous group's
+  // corner, the cache) and a prefetch of the table slot of each other corner; then the table
+  // lookups, in corner order (new vertices are numbered in order), their cache misses overlapped.
+  uint64_t hashes[kMaxDim + 1];
+  bool pending[kMaxDim + 1];
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int* s = chunk.group_key.data() + g * key_len;
+    int* corner = chunk.corner_vertex.data() + g * d1;
+    for (int r = 0; r < d1; ++r) {
+      int* vertex_key = keys[g & 1][r];
+      simplex_vertex_key(s + 1, s + 1 + d1, d, r, s[0], vertex_key);
+      pending[r] = false;
+      if (g > 0 && keys_equal(vertex_key, keys[(g - 1) & 1][r], d1)) {
+        corner[r] = corner[r - d1];
+        continue;
+      }
+      const uint64_t h = table_hash(vertex_key, d1);
+      hashes[r] = h;
+      if (use_recent) {
+        const Recent& seen = recent[(h >> 16) & (kRecentVertices - 1)];
+        ++probes;
+        if (seen.id >= 0 && seen.tag == static_cast<uint32_t>(h >> 32) &&
+            keys_equal(chunk.vertices.key(seen.id), vertex_key, d1)) {
+          corner[r] = seen.id;
+          ++hits;
+          continue;
+        }
+      }
+      pending[r] = true;
+      chunk.vertices.prefetch(h);
+    }
+    for (int r = 0; r < d1; ++r) {
+      if (!pending[r]) continue;
+      const uint64_t h = hashes[r];
+      corner[r] = chunk.vertices.find_or_insert(keys[g & 1][r], h);
+      if (use_recent) recent[(h >> 16) & (kRecentVertices - 1)] = Recent{static_cast<uint32_t>(h >> 32), corner[r]};
+    }
+    if (use_recent && probes >= kRecentTrial && hits < probes / 8) use_recent = false;
+  }
+}
+
+// Phase 1 (parallel over chunks): the chunks of features [N, P, d] (contiguous), each embedded,
+// grouped and with its vertices numbered; the barycentric weights into `weights` [N*P, d+1]; the
+// NaN/Inf and range checks of the features fused into the pass (ValueError, with
+// crfrnn.reference.check_feature_values' messages).
+std::vector<Chunk> embed_and_group_points(const at::Tensor& features, Scratch<int>& group, at::Tensor& weights) {
   const int64_t per_image = features.size(1), num_points = features.size(0) * per_image;
-  const int d = static_cast<int>(features.size(2)), d1 = d + 1;
-  const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
-  const auto weight_dtype = low_precision ? at::kFloat : features.scalar_type();
-  const int key_len = 2 * d1 + 1;
-  EmbeddedPoints points{key_len, Scratch<int>(num_points * key_len), Scratch<uint64_t>(num_points),
-                        at::empty({num_points, d1}, features.options().dtype(weight_dtype))};
+  const int d = static_cast<int>(features.size(2));
+  const int64_t most_chunks = std::max<int64_t>(1, num_points / kMinChunkPoints);
+  const int64_t num_chunks = num_points == 0 ? 0 : std::min<int64_t>(at::get_num_threads(), most_chunks);
+  std::vector<Chunk> chunks(static_cast<size_t>(num_chunks));
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    chunks[c].begin = num_points * c / num_chunks;
+    chunks[c].end = num_points * (c + 1) / num_chunks;
+  }
+  LatticeScales scales;
+  lattice_scales(d, &scales);
   // (By dtype, not by pointer: an empty tensor's data pointer is null.)
-  const bool double_weights = points.weights.scalar_type() == at::kDouble;
-  double* weights_double = double_weights ? points.weights.data_ptr<double>() : nullptr;
-  float* weights_float = double_weights ? nullptr : points.weights.data_ptr<float>();
-  double scale[kMaxDim];
-  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
-  std::atomic<int64_t> non_finite{0};
-  std::atomic<bool> out_of_range{false};
+  const bool double_weights = weights.scalar_type() == at::kDouble;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_embed", [&] {
     const scalar_t* f = features.data_ptr<scalar_t>();
-    // The points of [lo, hi), the dimension a constant (dim) for the CRF's kernels.
-    auto embed_range = [&](int64_t lo, int64_t hi, auto dim) {
-      int64_t bad = 0;
-      bool too_big = false;
-      for (int64_t p = lo; p < hi; ++p) {
-        const scalar_t* fp = f + p * d;
-        bool skip = false;
-        for (int i = 0; i < d; ++i) {
-          const double x = static_cast<double>(fp[i]);
-          const bool finite = std::isfinite(x);
-          bad += !finite;
-          too_big |= finite && std::fabs(x) > kMaxAbsFeature;
-          skip |= !finite || std::fabs(x) > kMaxAbsFeature;
-        }
-        if (skip) continue;  // the build fails below; never embed (overflowing) garbage
-        int* key = points.simplex.data() + p * key_len;
-        key[0] = static_cast<int>(p / per_image);
-        double bary[kMaxDim + 1];
-        embed_point_scaled(fp, scale, dim, key + 1, key + 1 + d1, bary);
-        points.hash[p] = hash_key(key, key_len);
-        if (weights_double) std::copy(bary, bary + d1, weights_double + p * d1);
-        else std::copy(bary, bary + d1, weights_float + p * d1);
-      }
-      non_finite += bad;
-      if (too_big) out_of_range = true;
+    auto run = [&](Chunk& chunk, auto dim) {
+      if (double_weights) embed_and_group(f, per_image, dim, scales, chunk, group.data(), weights.data_ptr<double>());
+      else embed_and_group(f, per_image, dim, scales, chunk, group.data(), weights.data_ptr<float>());
     };
-    at::parallel_for(0, num_points, 2048, [&](int64_t lo, int64_t hi) {
-      switch (d) {  // the bilateral (d = 5) and spatial (d = 2) kernels
-        case 5: return embed_range(lo, hi, std::integral_constant<int, 5>{});
-        case 2: return embed_range(lo, hi, std::integral_constant<int, 2>{});
-        default: return embed_range(lo, hi, d);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        switch (d) {  // the CRF's kernels: 2-D spatial and bilateral, 3-D, point clouds
+          case 2: run(chunks[c], std::integral_constant<int, 2>{}); break;
+          case 3: run(chunks[c], std::integral_constant<int, 3>{}); break;
+          case 4: run(chunks[c], std::integral_constant<int, 4>{}); break;
+          case 5: run(chunks[c], std::integral_constant<int, 5>{}); break;
+          case 6: run(chunks[c], std::integral_constant<int, 6>{}); break;
+          case 7: run(chunks[c], std::integral_constant<int, 7>{}); break;
+          default: run(chunks[c], d);
+        }
       }
     });
   });
-  TORCH_CHECK_VALUE(non_finite == 0, "features contain ", non_finite.load(), " NaN/Inf values");
-  if (out_of_range) {
+  int64_t non_finite = 0;
+  bool too_big = false;
+  for (const Chunk& chunk : chunks) {
+    non_finite += chunk.non_finite;
+    too_big |= chunk.too_big;
+  }
+  TORCH_CHECK_VALUE(non_finite == 0, "features contain ", non_finite, " NaN/Inf values");
+  if (too_big) {
     TORCH_CHECK_VALUE(false, "features must be at most ", kMaxAbsFeature,
                       " in magnitude (after scaling by 1/sigma), got ", features.abs().max().item<double>(),
                       ": is a bandwidth tiny or not applied?");
   }
-  return points;
+  return chunks;
 }
 
-// Phase 2a's result: each point's simplex number, and the first point of each simplex.
-struct SimplexNumbering {
-  Scratch<int> of_point;             // [P]
-  std::vector<int64_t> first_point;  // [S]
-};
-
-// Phase 2a (serial): number the simplices in order of first appearance, so that numbering is
-// deterministic (the CUDA backend numbers the vertices in the same order). Many pixels share a
-// simplex, so most points cost one lookup instead of d+1 in the vertex numbering after it.
-SimplexNumbering number_simplices(const EmbeddedPoints& points, int64_t num_points) {
-  const int key_len = points.key_len;
-  VertexTable simplices(key_len, std::max<int64_t>(num_points / 4, 1));
-  SimplexNumbering numbering{Scratch<int>(num_points), {}};
-  for (int64_t p = 0; p < num_points; ++p) {
-    const int* key = points.simplex.data() + p * key_len;
-    // Neighbouring pixels often share a simplex: compare with the previous point's key (in
-    // cache) before probing the table (a likely cache miss).
-    if (p > 0 && points.hash[p] == points.hash[p - 1] && keys_equal(key, key - key_len, key_len)) {
-      numbering.of_point[p] = numbering.of_point[p - 1];
-      continue;
+// Phase 2 (serial over the chunks' distinct vertices): the lattice's vertices, numbered in order of
+// first appearance, and each chunk's vertices' numbers in it.
+VertexTable merge_vertices(std::vector<Chunk>& chunks, int d1) {
+  int64_t total = 0;
+  for (const Chunk& chunk : chunks) total += chunk.vertices.size();
+  VertexTable table(d1, std::max<int64_t>(total, 1));  // never grows
+  constexpr int kAhead = 8;  // keys hashed and their slots prefetched this far ahead
+  for (Chunk& chunk : chunks) {
+    const int n = chunk.vertices.size();
+    chunk.global.resize(static_cast<size_t>(n));
+    uint64_t hashes[kAhead];
+    for (int v = 0; v < std::min(n, kAhead); ++v) {
+      hashes[v] = table_hash(chunk.vertices.key(v), d1);
+      table.prefetch(hashes[v]);
     }
-    const int known = simplices.size();
-    const int id = simplices.find_or_insert(key, points.hash[p]);
-    if (id == known) numbering.first_point.push_back(p);
-    numbering.of_point[p] = id;
-  }
-  return numbering;
-}
-
-// Phase 2b's result: the keys ([S, d+1, d+1]) and hashes ([S, d+1]) of each simplex's vertices.
-struct SimplexVertexKeys {
-  Scratch<int> key;
-  Scratch<uint64_t> hash;
-};
-
-// Phase 2b (parallel): the keys and hashes of the d+1 vertices of each simplex.
-SimplexVertexKeys simplex_vertex_keys(const EmbeddedPoints& points, const std::vector<int64_t>& first_point, int d) {
-  const int d1 = d + 1;
-  const int64_t num_simplices = static_cast<int64_t>(first_point.size());
-  SimplexVertexKeys vertices{Scratch<int>(num_simplices * d1 * d1), Scratch<uint64_t>(num_simplices * d1)};
-  at::parallel_for(0, num_simplices, 1024, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int* key = points.simplex.data() + first_point[t] * points.key_len;
-      for (int r = 0; r < d1; ++r) {
-        int* vertex_key = vertices.key.data() + (t * d1 + r) * d1;
-        simplex_vertex_key(key + 1, key + 1 + d1, d, r, key[0], vertex_key);
-        vertices.hash[t * d1 + r] = hash_key(vertex_key, d1);
+    for (int v = 0; v < n; ++v) {
+      const uint64_t h = hashes[v % kAhead];
+      if (v + kAhead < n) {
+        hashes[v % kAhead] = table_hash(chunk.vertices.key(v + kAhead), d1);
+        table.prefetch(hashes[v % kAhead]);
       }
+      chunk.global[v] = table.find_or_insert(chunk.vertices.key(v), h);
     }
-  });
-  return vertices;
-}
-
-// Phase 2c (serial): number the vertices in order of first appearance into `table` (keys of d+1
-// ints); returns the d+1 vertex numbers of each of the num_simplices simplices.
-Scratch<int> number_vertices(const SimplexVertexKeys& vertices, int64_t num_simplices, int d1, VertexTable& table) {
-  Scratch<int> simplex_vertices(num_simplices * d1);
-  for (int64_t j = 0; j < num_simplices * d1; ++j) {
-    simplex_vertices[j] = table.find_or_insert(vertices.key.data() + j * d1, vertices.hash[j]);
   }
-  return simplex_vertices;
+  return table;
 }
 
-// Phase 2d (parallel): each point's vertices, vertex_index [P, d+1], from its simplex's.
-at::Tensor point_vertices(const Scratch<int>& simplex_vertices, const Scratch<int>& simplex_of_point,
-                          int64_t num_points, int d1, const at::TensorOptions& int_opts) {
+// Phase 3 (parallel): each point's vertices, vertex_index [P, d+1], from its group's.
+at::Tensor point_vertices(const std::vector<Chunk>& chunks, const Scratch<int>& group, int64_t num_points, int d1,
+                          const at::TensorOptions& int_opts) {
   at::Tensor vertex_index = at::empty({num_points, d1}, int_opts);
   int* vi = vertex_index.data_ptr<int>();
   at::parallel_for(0, num_points, 4096, [&](int64_t lo, int64_t hi) {
+    size_t c = 0;
     for (int64_t p = lo; p < hi; ++p) {
-      const int* from = simplex_vertices.data() + static_cast<int64_t>(simplex_of_point[p]) * d1;
-      std::copy(from, from + d1, vi + p * d1);
+      while (p >= chunks[c].end) ++c;
+      const Chunk& chunk = chunks[c];
+      const int* corner = chunk.corner_vertex.data() + static_cast<int64_t>(group[p]) * d1;
+      for (int r = 0; r < d1; ++r) vi[p * d1 + r] = chunk.global[corner[r]];
     }
   });
   return vertex_index;
 }
 
-// Phase 3 (parallel, read-only lookups): the blur neighbours [d+1, M, 2] of the M vertices of
-// `table`; missing ones point at row M.
+// Phase 4 (parallel, read-only lookups): the blur neighbours [d+1, M, 2] of the M vertices of
+// `table`; missing ones point at row M. A neighbour's key is the vertex's plus a shift fixed by the
+// direction and side, so its linear form (table_hash) is the vertex's plus the shift's.
 at::Tensor blur_neighbors(const VertexTable& table, int d, const at::TensorOptions& int_opts) {
   const int d1 = d + 1;
   const int64_t m = table.size();
   at::Tensor neighbors = at::empty({d1, m, 2}, int_opts);
   int* nb = neighbors.data_ptr<int>();
+  uint64_t shift_form[kMaxDim + 1][2];  // linear form of each shift
+  {
+    int zero[kMaxDim + 1] = {}, shifted[kMaxDim + 1];
+    for (int j = 0; j < d1; ++j) {
+      for (int side = 0; side < 2; ++side) {
+        neighbor_key(zero, d, j, side == 0 ? 1 : -1, shifted);
+        shift_form[j][side] = linear_form(shifted, d1);
+      }
+    }
+  }
   at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) {
     int nkey[kMaxDim + 1];
-    for (int64_t v = lo; v < hi; ++v) {
+    // The neighbours' hashes one vertex ahead, their slots prefetched: the probes' cache misses
+    // (the table is megabytes) overlap.
+    uint64_t hashes[2][2 * (kMaxDim + 1)];
+    auto hash_neighbours = [&](int64_t v, uint64_t* out) {
+      const uint64_t form = linear_form(table.key(static_cast<int>(v)), d1);
       for (int j = 0; j < d1; ++j) {
         for (int side = 0; side < 2; ++side) {
-          neighbor_key(table.key(static_cast<int>(v)), d, j, side == 0 ? 1 : -1, nkey);
-          const int found = table.find(nkey);
+          out[2 * j + side] = mix(form + shift_form[j][side]);
+          table.prefetch(out[2 * j + side]);
+        }
+      }
+    };
+    hash_neighbours(lo, hashes[0]);
+    for (int64_t v = lo; v < hi; ++v) {
+      if (v + 1 < hi) hash_neighbours(v + 1, hashes[(v + 1 - lo) & 1]);
+      const uint64_t* h = hashes[(v - lo) & 1];
+      const int* key = table.key(static_cast<int>(v));
+      for (int j = 0; j < d1; ++j) {
+        for (int side = 0; side < 2; ++side) {
+          neighbor_key(key, d, j, side == 0 ? 1 : -1, nkey);
+          const int found = table.find(nkey, h[2 * j + side]);
           nb[(j * m + v) * 2 + side] = found < 0 ? static_cast<int>(m) : found;
         }
       }
@@ -273,7 +433,7 @@ at::Tensor blur_neighbors(const VertexTable& table, int d, const at::TensorOptio
   return neighbors;
 }
 
-// Phase 4 (parallel): the vertex -> entries table (splat_offsets [M+1], splat_entries [P (d+1)]:
+// Phase 5 (parallel): the vertex -> entries table (splat_offsets [M+1], splat_entries [P (d+1)]:
 // the entries p*(d+1) + r of each vertex in increasing order), a counting sort of the entries'
 // vertex numbers vertex_index [P, d+1]. The entries are cut into blocks (a number fixed by the
 // problem, not the thread count): each block counts its entries per vertex, then fills its own
@@ -320,9 +480,7 @@ std::pair<at::Tensor, at::Tensor> vertex_entries_table(const at::Tensor& vertex_
   return {splat_offsets, splat_entries};
 }
 
-// The lattice of features [N, P, d], phase by phase. Phases 2a-2d number the simplices, then their
-// vertices, in order of first appearance in (point, corner) order, as the CUDA backend numbers
-// them: the table insertions are serial, the hashing and key arithmetic around them parallel.
+// The lattice of features [N, P, d], phase by phase.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lattice_cpu(
     const at::Tensor& features_in) {
   check_features(features_in);
@@ -332,17 +490,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   const int64_t num_points = features.size(0) * features.size(1);
   const int d = static_cast<int>(features.size(2)), d1 = d + 1;
   const auto int_opts = features.options().dtype(at::kInt);
+  const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
+  at::Tensor weights = at::empty({num_points, d1}, features.options().dtype(low_precision ? at::kFloat
+                                                                                          : features.scalar_type()));
 
-  const EmbeddedPoints points = embed_points(features);
-  const SimplexNumbering simplices = number_simplices(points, num_points);
-  const SimplexVertexKeys vertex_keys = simplex_vertex_keys(points, simplices.first_point, d);
-  VertexTable table(d1, std::max<int64_t>(num_points / 4, 1));
-  const Scratch<int> simplex_vertices =
-      number_vertices(vertex_keys, static_cast<int64_t>(simplices.first_point.size()), d1, table);
-  at::Tensor vertex_index = point_vertices(simplex_vertices, simplices.of_point, num_points, d1, int_opts);
+  Scratch<int> group(num_points);
+  std::vector<Chunk> chunks = embed_and_group_points(features, group, weights);
+  const VertexTable table = merge_vertices(chunks, d1);
+  at::Tensor vertex_index = point_vertices(chunks, group, num_points, d1, int_opts);
+  chunks.clear();
   at::Tensor neighbors = blur_neighbors(table, d, int_opts);
   auto [splat_offsets, splat_entries] = vertex_entries_table(vertex_index, table.size());
-  return {vertex_index, points.weights, neighbors, splat_offsets, splat_entries};
+  return {vertex_index, weights, neighbors, splat_offsets, splat_entries};
 }
 
 // ---- filter ---------------------------------------------------------------------------------------
@@ -455,14 +614,14 @@ at::Tensor barycentric_weights_backward_cpu(const at::Tensor& features_in, const
   const int d = static_cast<int>(features.size(2));
   const bool low_precision = features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16;
   at::Tensor grad = at::empty(features.sizes(), features.options().dtype(at::kDouble));
-  double scale[kMaxDim];
-  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
+  LatticeScales scales;
+  lattice_scales(d, &scales);
   const double* gw = g.const_data_ptr<double>();
   double* out = grad.mutable_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crfrnn_bary_backward", [&] {
     const scalar_t* f = features.const_data_ptr<scalar_t>();
     at::parallel_for(0, num_points, 2048, [&](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p) embed_point_backward(f + p * d, scale, d, gw + p * (d + 1), out + p * d);
+      for (int64_t p = lo; p < hi; ++p) embed_point_backward(f + p * d, scales, d, gw + p * (d + 1), out + p * d);
     });
   });
   return grad.to(low_precision ? at::kFloat : features.scalar_type());

@@ -4,7 +4,7 @@
 //
 // Same results as the CPU backend (crfrnn/csrc/cpu/lattice_cpu.cpp), bit for bit by design: the
 // lattice arithmetic is the shared lattice_math.h (compiled with --fmad=false), vertices are
-// numbered in order of first appearance as in the serial CPU build, and every sum of the filter
+// numbered in order of first appearance as the CPU build numbers them, and every sum of the filter
 // is a gather in the CPU's order. Deterministic: no float atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -108,7 +108,7 @@ struct VertexNumbering {
 };
 
 // Phase 3: the vertices numbered by their owner (smallest) entry, a prefix sum over the owner
-// flags: in order of first appearance, as the serial CPU build numbers them. Holds the build's one
+// flags: in order of first appearance, as the CPU build numbers them. Holds the build's one
 // synchronisation: the vertex count M and the overflow flag of phase 2.
 VertexNumbering number_vertices(const EntryKeyTable& table, int64_t num_points, int d1, cudaStream_t stream) {
   const int64_t num_entries = num_points * d1;
@@ -157,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_lat
   const auto dtype = features_in.scalar_type();
   const bool low_precision = dtype == at::kHalf || dtype == at::kBFloat16;
   const auto weight_dtype = low_precision ? at::kFloat : dtype;
-  // half/bfloat16 -> float32 is exact, and embed_point computes in double anyway.
+  // half/bfloat16 -> float32 is exact, and embed_point decides their simplices in float32 anyway
+  // (as the C++ build does for every non-double dtype), its weights in double.
   const at::Tensor features = (low_precision ? features_in.to(at::kFloat) : features_in).contiguous();
   const int64_t per_image = features.size(1), num_points = features.size(0) * per_image;
   const int d = static_cast<int>(features.size(2)), d1 = d + 1;

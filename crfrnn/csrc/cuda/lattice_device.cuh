@@ -13,7 +13,7 @@
 //                   can be read half-written. A slot only ever holds entries of one key, and
 //                   atomicMin leaves in it the smallest entry of that key: its "owner";
 //   3. owner_flag_one + a prefix sum (done with torch) + number_one: vertices numbered by their
-//                   owner entry, i.e. in order of first appearance, exactly as the serial CPU
+//                   owner entry, i.e. in order of first appearance, exactly as the CPU
 //                   build numbers them, whatever the slot layout the race produced;
 //   4. neighbor_one: the blur neighbours of each vertex, by lookup;
 //   5. csr_offsets_one: offsets of the vertex -> entries table from the entries stably sorted by
@@ -267,9 +267,9 @@ CRFRNN_HD void weight_grad_one(int64_t e, int d1, const int* vertex_index, const
 template <typename scalar_t>
 CRFRNN_HD void feature_grad_one(int64_t p, const scalar_t* features, int d, const double* grad_weights,
                                 double* grad_features) {
-  double scale[kMaxDim] = {};  // zeroed: GCC cannot see that only scale[0..d) is read, and warns
-  for (int i = 0; i < d; ++i) scale[i] = lattice_scale(d, i);
-  embed_point_backward(features + p * d, scale, d, grad_weights + p * (d + 1), grad_features + p * d);
+  LatticeScales scales = {};  // zeroed: GCC cannot see that only [0..d) is read, and warns
+  lattice_scales(d, &scales);
+  embed_point_backward(features + p * d, scales, d, grad_weights + p * (d + 1), grad_features + p * d);
 }
 
 }  // namespace device

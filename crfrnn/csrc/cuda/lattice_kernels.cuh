@@ -36,7 +36,7 @@ cudaError_t launch_owner_flags(const int* slots, const int* slot_of_entry, int64
                                int* owner_flag, cudaStream_t stream);
 
 // With owner_csum = inclusive prefix sum of owner_flag (so vertices are numbered by their first
-// entry, as the serial CPU build numbers them): vertex_index[e] = number of e's vertex, and
+// entry, as the CPU build numbers them): vertex_index[e] = number of e's vertex, and
 // owner[v] = the owner entry of vertex v.
 cudaError_t launch_number(const int* slots, const int* slot_of_entry, const int* owner_flag,
                           const int* owner_csum, int64_t num_entries, int* vertex_index,
