@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 # common first: it puts the repository on sys.path
-from common import CRF_PARAMS, VOC_ROOT, add_json_option, environment, print_table, run_main, write_json
+from common import (CRF_PARAMS, VOC_ROOT, add_device_option, add_json_option, chosen_device, environment, print_table,
+                    run_main, synchronize, write_json)
 import crfrnn
 import densecrf_peer
 import voc_protocol as vp
@@ -50,6 +51,7 @@ ABSENT_PROBABILITY = 1e-4
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_json_option(p)
+    add_device_option(p, "where ours runs: cpu or cuda (default: cpu; densecrf runs on the CPU)")
     p.add_argument("--classes", default="2,21,60,150", help="class counts, comma-separated (default: 2,21,60,150)")
     p.add_argument("--cases", default="padded,random", help="padded (VOC scores padded with absent classes) "
                    "and/or random (random logits, nothing prunable); default: both")
@@ -104,13 +106,13 @@ def senders_per_iteration(crf, unary, image, prune):
     return senders.sum(dim=(1, 2)).tolist()
 
 
-def run_case(image, logits, args, layers):
+def run_case(image, logits, args, layers, device):
     """Times and agreement of one image and class count (logits ndarray[C, H, W]). The jobs run in
     turn, once per round after a warm-up each (load from other processes falls on all alike); the
     medians over the rounds."""
     exact, pruned, train_exact, train_pruned = layers
-    img = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
-    unary = torch.from_numpy(logits)[None]
+    img = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().to(device)
+    unary = torch.from_numpy(logits)[None].to(device)
     params = CRF_PARAMS[args.params]
 
     def evaluate(crf):
@@ -138,14 +140,16 @@ def run_case(image, logits, args, layers):
     cpu = {name: [] for name in jobs}
     for _ in range(args.repeats):
         for name, job in jobs.items():
+            synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             job()
+            synchronize(device)
             times[name].append((time.perf_counter() - start) * 1e3)
             cpu[name].append((time.process_time() - start_cpu) * 1e3)
     row = {name: statistics.median(t) for name, t in times.items()}
     row.update({name.replace(" ms", " cpu ms"): statistics.median(t) for name, t in cpu.items()})
-    q_exact = torch.softmax(results["exact ms"][0], 0).numpy()
-    q_pruned = torch.softmax(results["pruned ms"][0], 0).numpy()
+    q_exact = torch.softmax(results["exact ms"][0], 0).cpu().numpy()
+    q_pruned = torch.softmax(results["pruned ms"][0], 0).cpu().numpy()
     row["pruned-exact max|dQ|"] = float(np.abs(q_pruned - q_exact).max())
     row["senders"] = senders_per_iteration(pruned, unary, img, args.prune)
     if not args.skip_densecrf:
@@ -180,7 +184,7 @@ def summarize(rows):
     return out
 
 
-def sweep(args, ids, classes, cases):
+def sweep(args, ids, classes, cases, device):
     """--sweep: per case, class count, matrices and prune value, the worst agreement and largest
     |dQ| over the images (against ours exact and densecrf), and the mean senders per iteration."""
     values = [float(v) for v in args.sweep.split(",")]
@@ -190,11 +194,11 @@ def sweep(args, ids, classes, cases):
         for c in classes:
             for kind in ("potts", "learned") if args.learned else ("potts",):
                 crf = crfrnn.CRFRNNLayer(c, num_iterations=args.iterations, num_eval_iterations=args.iterations,
-                                         eval_prune=0.0, **params).eval()
+                                         eval_prune=0.0, **params).eval().to(device)
                 if kind == "learned":
                     g = torch.Generator().manual_seed(c)
                     with torch.no_grad():
-                        crf.compatibility.add_(0.5 * torch.randn(c, c, generator=g))
+                        crf.compatibility.add_(0.5 * torch.randn(c, c, generator=g).to(device))
                 stats = {v: {"agree": [], "agree_dense": [], "dq": [], "dq_dense": [], "senders": [], "ms": []}
                          for v in values}
                 for i, image_id in enumerate(ids):
@@ -202,19 +206,20 @@ def sweep(args, ids, classes, cases):
                     seed = args.first_image + i
                     logits = (np.log(padded_probs(vp.coarse_probs(label, seed), c)) if case == "padded"
                               else random_logits(c, label.shape, seed)).astype(np.float32)
-                    img = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-                    unary = torch.from_numpy(np.ascontiguousarray(logits))[None]
+                    img = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
+                    unary = torch.from_numpy(np.ascontiguousarray(logits))[None].to(device)
                     with torch.no_grad():
-                        q_exact = torch.softmax(crf(unary, img)[0], 0).numpy()
+                        q_exact = torch.softmax(crf(unary, img)[0], 0).cpu().numpy()
                     q_dense = None
                     if not args.skip_densecrf and kind == "potts":
                         q_dense = densecrf_peer.densecrf_probs(image, logits, args.iterations, params["bilateral"],
                                                                params["spatial"])
                     for v in values:
                         crf.eval_prune = v
+                        synchronize(device)
                         start = time.perf_counter()
                         with torch.no_grad():
-                            q = torch.softmax(crf(unary, img)[0], 0).numpy()
+                            q = torch.softmax(crf(unary, img)[0], 0).cpu().numpy()
                         stats[v]["ms"].append((time.perf_counter() - start) * 1e3)
                         stats[v]["agree"].append(100.0 * float((q.argmax(0) == q_exact.argmax(0)).mean()))
                         stats[v]["dq"].append(float(np.abs(q - q_exact).max()))
@@ -258,10 +263,11 @@ def main(args):
     if not args.skip_densecrf and not densecrf_peer.available():
         raise ValueError("densecrf (pip install pydensecrf2) is not installed: pass --skip-densecrf")
     torch.set_num_threads(args.threads)
+    device = chosen_device(args)
     ids = vp.image_ids(args.root)[args.first_image:args.first_image + args.images]
     if args.sweep:
-        rows = sweep(args, ids, classes, cases)
-        write_json(args.json, {"environment": environment("cpu"), "images": ids, "params": args.params,
+        rows = sweep(args, ids, classes, cases, device)
+        write_json(args.json, {"environment": environment(device), "images": ids, "params": args.params,
                                "iterations": args.iterations, "sweep": rows})
         return
     params = CRF_PARAMS[args.params]
@@ -275,6 +281,7 @@ def main(args):
                       crfrnn.CRFRNNLayer(c, eval_prune=args.prune, **common).eval(),
                       crfrnn.CRFRNNLayer(c, prune=0.0, **common).train(),
                       crfrnn.CRFRNNLayer(c, prune=args.prune, **common).train())
+            layers = tuple(layer.to(device) for layer in layers)
             rows = []
             for i, image_id in enumerate(ids):
                 image, label = vp.downscale_pair(*vp.load_pair(args.root, image_id), args.downscale)
@@ -283,7 +290,7 @@ def main(args):
                     logits = np.log(padded_probs(vp.coarse_probs(label, seed), c))
                 else:
                     logits = random_logits(c, label.shape, seed)
-                rows.append(run_case(image, np.ascontiguousarray(logits, dtype=np.float32), args, layers))
+                rows.append(run_case(image, np.ascontiguousarray(logits, dtype=np.float32), args, layers, device))
             row = {"case": case, "C": c, **summarize(rows)}
             results.append({"case": case, "C": c, "per_image": rows, "summary": row})
             print_table(f"{case}, C = {c}", [row], list(row))
@@ -294,7 +301,7 @@ def main(args):
     summaries = [r["summary"] for r in results]
     print_table("summary (times: median over images; agreement: worst image; max|dQ|: largest)",
                 summaries, [c for c in columns if c in summaries[0]])
-    write_json(args.json, {"environment": environment("cpu"), "images": ids, "params": args.params,
+    write_json(args.json, {"environment": environment(device), "images": ids, "params": args.params,
                            "iterations": args.iterations, "prune": args.prune, "repeats": args.repeats,
                            "results": results})
 

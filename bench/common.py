@@ -24,6 +24,22 @@ SHARED_DATA = Path(os.environ.get("CRFRNN_SHARED_DATA", REPO.parent / "shared" /
 VOC_ROOT = SHARED_DATA / "VOCdevkit" / "VOC2012"
 
 
+def add_device_option(p, help="where ours runs: cpu or cuda (default: cpu)"):
+    p.add_argument("--device", default="cpu", help=help)
+
+
+def chosen_device(args):
+    """--device as a torch.device; ValueError (run_main's one-line error) for a name torch does
+    not know, or CUDA where no GPU is visible."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device: expected cpu or cuda, got {args.device!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is visible")
+    return device
+
+
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -37,7 +37,8 @@ from PIL import Image
 from tqdm import tqdm
 
 # common first: it puts the repository on sys.path (for models and train)
-from common import CRF_PARAMS, VOC_ROOT, add_json_option, environment, print_table, run_main, time_it, write_json
+from common import (CRF_PARAMS, VOC_ROOT, add_device_option, add_json_option, chosen_device, environment, print_table,
+                    run_main, time_it, write_json)
 import crfasrnn_peer
 import crfrnn
 import densecrf_peer
@@ -47,7 +48,7 @@ import voc_protocol as vp
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device_option(p)
     add_json_option(p)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (default: 1 4)")
     p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
@@ -212,9 +213,7 @@ def summarise(ratios):
 
 
 def main(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but no CUDA GPU is visible")
+    device = chosen_device(args)
     if args.images < 1:
         raise ValueError(f"--images must be >= 1, got {args.images}")
     at_hand = len(vp.image_ids(VOC_ROOT)) if VOC_ROOT.is_dir() else None  # None: synthetic, any number

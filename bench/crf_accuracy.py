@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 # common first: it puts the repository on sys.path (for models and train)
-from common import CRF_PARAMS, VOC_ROOT, add_json_option, environment, print_table, run_main, write_json
+from common import (CRF_PARAMS, VOC_ROOT, add_device_option, add_json_option, chosen_device, environment, print_table,
+                    run_main, write_json)
 import crfrnn
 import densecrf_peer
 from train.metrics import ConfusionMatrix, boundary_distance
@@ -28,7 +29,7 @@ import voc_protocol as vp
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="device of our layer, cpu or cuda (default: cpu)")
+    add_device_option(p)
     add_json_option(p)
     p.add_argument("--root", default=str(VOC_ROOT), help="VOC2012 folder (default: ../shared/data/...)")
     p.add_argument("--params", choices=sorted(CRF_PARAMS), default="deeplab",
@@ -44,9 +45,7 @@ def get_args_parser():
 
 
 def main(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but no CUDA GPU is visible")
+    device = chosen_device(args)
     root = Path(args.root)
     if not (root / "ImageSets" / "Segmentation" / "val.txt").is_file():
         raise SystemExit(f"no VOC val set at {root} (expected ImageSets/Segmentation/val.txt)")

@@ -28,7 +28,8 @@ import time
 import torch
 
 # common first: it puts the repository on sys.path (for models and train)
-from common import CRF_PARAMS, add_json_option, environment, run_main, write_json
+from common import (CRF_PARAMS, add_device_option, add_json_option, chosen_device, environment, run_main, synchronize,
+                    write_json)
 import crfrnn
 import crf as bench_crf
 
@@ -36,6 +37,7 @@ import crf as bench_crf
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_json_option(p)
+    add_device_option(p, "where ours runs: cpu or cuda (default: cpu; crfasrnn_pytorch runs on the CPU)")
     p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
     p.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, medians reported (default: 5)")
@@ -51,18 +53,18 @@ def get_args_parser():
     return p
 
 
-def make_jobs(args):
-    """{name: callable} of the jobs, on one input of batch --batch."""
+def make_jobs(args, device):
+    """{name: callable} of the jobs, on one input of batch --batch, ours on `device`."""
     classes = 21
     try:
         image, logits, source = bench_crf.load_input((500, 375), classes, args.image)
     except IndexError:
         raise ValueError(f"--image {args.image}: val.txt has no such line") from None
-    img = torch.from_numpy(image).permute(2, 0, 1)[None].float().repeat(args.batch, 1, 1, 1)
-    unary = torch.from_numpy(logits)[None].repeat(args.batch, 1, 1, 1)
+    img = torch.from_numpy(image).permute(2, 0, 1)[None].float().repeat(args.batch, 1, 1, 1).to(device)
+    unary = torch.from_numpy(logits)[None].repeat(args.batch, 1, 1, 1).to(device)
     params = CRF_PARAMS[args.params]
     crf = crfrnn.CRFRNNLayer(classes, num_iterations=args.iterations, num_eval_iterations=args.iterations,
-                             eval_prune=0.0, **params)
+                             eval_prune=0.0, **params).to(device)
 
     def forward():
         with torch.no_grad():
@@ -88,22 +90,27 @@ def make_jobs(args):
         import crfasrnn_peer
         peer = crfasrnn_peer.load_layer(args.crfasrnn, classes, args.iterations, **params)
 
+        img_cpu, unary_cpu = img.cpu(), unary.cpu()
+
         def theirs():
             for i in range(args.batch):
-                peer(img[i:i + 1], unary[i:i + 1].clone().requires_grad_()).logsumexp(1).sum().backward()
+                peer(img_cpu[i:i + 1], unary_cpu[i:i + 1].clone().requires_grad_()).logsumexp(1).sum().backward()
         jobs["crfasrnn_pytorch forward+backward"] = theirs
     return jobs, source
 
 
-def time_interleaved(jobs, rounds):
-    """{name: {"wall_ms": [...], "cpu_ms": [...]}}: each job once per round, after one warm-up each."""
+def time_interleaved(jobs, rounds, device):
+    """{name: {"wall_ms": [...], "cpu_ms": [...]}}: each job once per round, after one warm-up each
+    (GPU work synchronised)."""
     times = {name: {"wall_ms": [], "cpu_ms": []} for name in jobs}
     for job in jobs.values():
         job()
     for _ in range(rounds):
         for name, job in jobs.items():
+            synchronize(device)
             wall, cpu = time.perf_counter(), time.process_time()
             job()
+            synchronize(device)
             times[name]["wall_ms"].append((time.perf_counter() - wall) * 1e3)
             times[name]["cpu_ms"].append((time.process_time() - cpu) * 1e3)
     return times
@@ -118,10 +125,11 @@ def main(args):
         from train.process import keep_large_blocks_in_the_heap
         if not keep_large_blocks_in_the_heap():
             raise ValueError("--keep-large-blocks: this malloc takes no such setting (glibc on Linux only)")
-    jobs, source = make_jobs(args)
-    times = time_interleaved(jobs, args.rounds)
+    device = chosen_device(args)
+    jobs, source = make_jobs(args, device)
+    times = time_interleaved(jobs, args.rounds, device)
     print(f"input: {source}, 500x375, C = 21, {args.iterations} iterations, batch {args.batch}, "
-          f"--params {args.params}, {args.rounds} rounds, {torch.get_num_threads()} threads"
+          f"--params {args.params}, {args.rounds} rounds, {torch.get_num_threads()} threads, ours on {device}"
           + (", large blocks kept in the heap" if args.keep_large_blocks else ""))
     medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     for name, m in medians.items():
@@ -138,7 +146,7 @@ def main(args):
             ratios[clock]["crfasrnn_pytorch / fused forward+backward"] = ms["crfasrnn_pytorch forward+backward"] / fused
     for name in ratios["cpu_ms"]:
         print(f"{name:44s} {ratios['cpu_ms'][name]:5.2f}x CPU time, {ratios['wall_ms'][name]:5.2f}x wall")
-    write_json(args.json, {"environment": environment("cpu"), "input": source, "iterations": args.iterations,
+    write_json(args.json, {"environment": environment(device), "input": source, "iterations": args.iterations,
                            "batch": args.batch, "params": args.params, "rounds": args.rounds,
                            "keep_large_blocks": args.keep_large_blocks, "times": times, "medians": medians,
                            "ratios_cpu_time": ratios["cpu_ms"], "ratios_wall_time": ratios["wall_ms"]})

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 # common first: it puts the repository on sys.path (for models and train)
-from common import add_json_option, environment, print_table, run_main, synchronize, write_json
+from common import (add_device_option, add_json_option, chosen_device, environment, print_table, run_main, synchronize,
+                    write_json)
 import crfrnn
 import densecrf_peer
 from crfrnn import GaussianKernel
@@ -29,7 +30,7 @@ from crfrnn import GaussianKernel
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="where ours runs: cpu or cuda (default: cpu)")
+    add_device_option(p)
     add_json_option(p)
     p.add_argument("--volume", type=int, nargs=3, default=[64, 128, 128], metavar=("D", "H", "W"),
                    help="volume size (default: 64 128 128)")
@@ -183,7 +184,7 @@ def main(args):
         torch.set_num_threads(args.threads)
     if args.iterations < 1 or args.repeats < 1 or min(args.volume) < 1 or args.points < 0:
         raise ValueError("--iterations, --repeats and the --volume sizes must be at least 1, --points at least 0")
-    device = torch.device(args.device)
+    device = chosen_device(args)
     rows = []
     for modalities in args.modalities:
         for num_classes in args.classes:

@@ -15,13 +15,14 @@ import resource
 import torch
 
 # common first: it puts the repository on sys.path (for models and train)
-from common import add_json_option, environment, load_rgb, print_table, run_main, time_it, write_json
+from common import (add_device_option, add_json_option, chosen_device, environment, load_rgb, print_table, run_main,
+                    time_it, write_json)
 import crfrnn
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device_option(p)
     add_json_option(p)
     p.add_argument("--channels", type=int, default=21, help="channels C of the filtered values")
     p.add_argument("--batch", type=int, nargs="+", default=None,
@@ -65,9 +66,7 @@ def measure(name, feats, values, backend, device, repeats):
 
 
 def main(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but no CUDA GPU is visible")
+    device = chosen_device(args)
     if args.batch is None:
         args.batch = [1, 8] if device.type == "cuda" else [1]
     image, source = load_rgb()

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # common first: it puts the repository on sys.path (for models and train)
-from common import add_json_option, environment, load_rgb, print_table, run_main, synchronize, write_json
+from common import (add_device_option, add_json_option, chosen_device, environment, load_rgb, print_table, run_main,
+                    synchronize, write_json)
 import crfrnn
 import models
 
@@ -36,7 +37,7 @@ PAPER_IMAGES_PER_S = {"infer": 8.0, "train": 3.0}
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device_option(p)
     add_json_option(p)
     p.add_argument("--sizes", type=int, nargs="+", default=[306, 321],
                    help="square input sizes (default: 306 321)")
@@ -107,9 +108,7 @@ def time_group(fns, device, repeats, warmup):
 
 
 def main(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but no CUDA GPU is available")
+    device = chosen_device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = args.batch or ([1] if device.type == "cpu" else [1, 10])

@@ -26,6 +26,6 @@ from .functional import dense_crf
 __all__ = ["Lattice", "exact_gaussian_filter", "bilateral_features", "spatial_features", "max_lattice_points",
            "FEATURE_GRADIENTS", "MAX_FEATURE_DIM", "NORMALIZATIONS", "EXTENSION_ERROR", "has_native_kernel",
            "mean_field", "build_crf_lattices", "potts_matrices", "CRFRNN_PARAMS", "DEEPLAB_LARGEFOV_PARAMS",
-           "DEFAULT_PRUNE", "CRFRNNLayer", "dense_crf", "GaussianKernel", "COMPATIBILITY_SHARING", "KERNEL_WEIGHT_SHARING",
-           "MAX_ITERATIONS"]
+           "DEFAULT_PRUNE", "CRFRNNLayer", "dense_crf", "GaussianKernel", "COMPATIBILITY_SHARING",
+           "KERNEL_WEIGHT_SHARING", "MAX_ITERATIONS"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ import torch
 
 from . import checks, sharing
 from .bandwidths import FixedBandwidths
+from .inference import DEFAULT_PRUNE
 from .kernels import classic_kernels
 from .lattice import NORMALIZATIONS
 
@@ -38,9 +39,10 @@ def loaded_settings(iterations, normalization, prefix):
 
 def upgrade_pickled_state(state):
     """A pickled layer's `__dict__` in today's form. Layers pickled before these settings existed
-    ran fused, recomputing the marginals, had the (bilateral, spatial) pair, kept their fixed
+    get the defaults a layer built today has (fused, keeping the marginals, sender pruning only in
+    eval mode, at DEFAULT_PRUNE); they had the (bilateral, spatial) pair, kept their fixed
     bandwidths' floats in `_fixed_sigmas` and their kept spatial lattice in `_last_spatial`."""
-    state = {"fused": True, "keep_marginals": True, "_kept": {}, **state}
+    state = {"fused": True, "keep_marginals": True, "prune": 0.0, "eval_prune": DEFAULT_PRUNE, "_kept": {}, **state}
     if "kernels" not in state:
         logs = [state["_buffers"].get(name, state["_parameters"].get(name))
                 for name in ("bilateral_log_sigma", "spatial_log_sigma")]

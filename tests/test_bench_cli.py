@@ -137,3 +137,16 @@ def test_classes_bench_times_every_case_and_sweeps(tmp_path):
     r = subprocess.run([sys.executable, "bench/classes.py", "--cases", "odd"], cwd=REPO, env=script_env(),
                        capture_output=True, text=True, timeout=300)
     assert_one_line_error(r, "--cases")
+
+
+#: The benchmarks that ../shared/gpu-check.sh runs with --device cuda on a GPU machine.
+GPU_CHECK_BENCHES = ["lattice", "crf", "model", "crf_accuracy", "crf_training", "classes", "dense_nd"]
+
+
+@pytest.mark.parametrize("name", GPU_CHECK_BENCHES)
+def test_the_gpu_checks_benches_take_device(name):
+    """Each takes --device (a missing option would end the GPU check's one call with a usage
+    error) and, without a GPU, says so in one line before measuring anything."""
+    r = subprocess.run([sys.executable, f"bench/{name}.py", "--device", "cuda"], cwd=REPO,
+                       env=dict(script_env(), CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "--device cuda asked for, but no CUDA GPU is visible")

@@ -330,12 +330,13 @@ def test_fixed_bandwidths_follow_loads_in_every_state():
     # An old pickle: the (bilateral, spatial) pair's fixed floats in `_fixed_sigmas` and its
     # weights in `_initial_weights`, before kernels and their bookkeeping object existed.
     state = CRFRNNLayer(3, bilateral=(80.0, 13.0, 4.0)).__getstate__()
-    for name in ("_bandwidths", "kernels", "_kept"):
+    for name in ("_bandwidths", "kernels", "_kept", "fused", "keep_marginals", "prune", "eval_prune"):
         del state[name]
     state.update(_fixed_sigmas=((80.0, 13.0), (3.0,)), _initial_weights=(4.0, 3.0), _last_spatial=None)
     old = CRFRNNLayer.__new__(CRFRNNLayer)
     old.__setstate__(state)
     assert old.bilateral[:2] == (80.0, 13.0)
+    assert (old.fused, old.keep_marginals, old.prune, old.eval_prune) == (True, True, 0.0, crfrnn.DEFAULT_PRUNE)
     old.load_state_dict(source.float().state_dict())
     assert old.bilateral[:2] == pytest.approx((50.0, 7.0))
     with torch.device("meta"):
