@@ -137,3 +137,19 @@ def normalised_image(*shape, dtype=torch.float32):
     mean = torch.tensor((0.485, 0.456, 0.406), dtype=dtype)[:, None, None]
     std = torch.tensor((0.229, 0.224, 0.225), dtype=dtype)[:, None, None]
     return (torch.rand(*shape, dtype=dtype) - mean) / std
+
+
+def outputs_per_threads_and_isa(script, tmp_path):
+    """The tensors `script` saves (run as ``python -c script THREADS PATH``) with 1 and 2 threads
+    and with the generic 4-lane CPU code (CRFRNN_CPU_ISA=generic), in that order: for tests that
+    the fused ops give the same bits whatever the thread count and SIMD width."""
+    import os
+    import subprocess
+    import sys
+    outputs = []
+    for threads, isa in ((1, ""), (2, ""), (2, "generic")):
+        path = tmp_path / f"out_{threads}_{isa}.pt"
+        subprocess.run([sys.executable, "-c", script, str(threads), str(path)],
+                       env=dict(os.environ, CRFRNN_CPU_ISA=isa), check=True, timeout=300)
+        outputs.append(torch.load(path))
+    return outputs

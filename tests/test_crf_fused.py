@@ -2,9 +2,6 @@
 mean_field_backward, C++): they must give the step-by-step loop's logits and gradients, be chosen
 whenever they apply, give the same bits whatever the thread count and SIMD width, and reject bad
 arguments clearly."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +10,7 @@ import crfrnn
 import crfrnn.inference as inference
 from crfrnn import ops
 from crfrnn import CRFRNNLayer, build_crf_lattices, mean_field
+from helpers import outputs_per_threads_and_isa
 
 pytestmark = pytest.mark.skipif("cpu" not in ops.FUSED_MEAN_FIELD_DEVICE_TYPES,
                                 reason="the C++ extension (fused op) is not built")
@@ -174,13 +172,7 @@ def test_same_bits_whatever_the_thread_count_and_simd_width(tmp_path):
     """1 or 2 threads, AVX2 or the generic 4-lane code: the same bits for the inference op and
     for the training ops' values and gradients, each run twice (summation orders that depend on
     the problem only, no fused multiply-add)."""
-    outputs = []
-    for threads, isa in ((1, ""), (2, ""), (2, "generic")):
-        path = tmp_path / f"out_{threads}_{isa}.pt"
-        env = dict(os.environ, CRFRNN_CPU_ISA=isa)
-        subprocess.run([sys.executable, "-c", _BITS_SCRIPT, str(threads), str(path)], env=env,
-                       check=True, timeout=300)
-        outputs.append(torch.load(path))
+    outputs = outputs_per_threads_and_isa(_BITS_SCRIPT, tmp_path)
     half = (len(outputs[0]) - 1) // 2
     for run in outputs:
         for first, second in zip(run[1:1 + half], run[1 + half:]):

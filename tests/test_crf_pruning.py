@@ -3,9 +3,6 @@ stays below its threshold at every point of an image sends no message there; eve
 receives. The fused ops must compute what the step-by-step loop computes with the same pruning
 (values, senders and gradients), prune=0 must be the exact iterations, and the layer and dense_crf
 must take the argument."""
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ import torch
 import crfrnn
 from crfrnn import CRFRNNLayer, build_crf_lattices, mean_field, potts_matrices
 from crfrnn import inference, ops
+from helpers import outputs_per_threads_and_isa
 
 pytestmark = pytest.mark.skipif("cpu" not in ops.FUSED_MEAN_FIELD_DEVICE_TYPES,
                                 reason="the C++ extension (fused op) is not built")
@@ -268,13 +266,7 @@ torch.save(results, sys.argv[2])
 def test_same_bits_whatever_the_thread_count_and_simd_width(tmp_path):
     """1 or 2 threads, AVX2 or the generic 4-lane code: the same bits with pruning, for the
     inference op and the training ops (shared and gathered rows)."""
-    outputs = []
-    for threads, isa in ((1, ""), (2, ""), (2, "generic")):
-        path = tmp_path / f"out_{threads}_{isa}.pt"
-        env = dict(os.environ, CRFRNN_CPU_ISA=isa)
-        subprocess.run([sys.executable, "-c", _BITS_SCRIPT, str(threads), str(path)], env=env,
-                       check=True, timeout=300)
-        outputs.append(torch.load(path))
+    outputs = outputs_per_threads_and_isa(_BITS_SCRIPT, tmp_path)
     for other in outputs[1:]:
         for a, b in zip(outputs[0], other):
             assert torch.equal(a, b)

@@ -95,6 +95,11 @@ MUTATIONS = [
     Mutation("fused_exp_floor", "crfrnn/csrc/mean_field_steps.h",
              "if (x < -87.0f) return 0.0f;", "x = x < -87.0f ? -87.0f : x;",
              "the fused softmax floors tiny terms at e^-87 (a 3e38 weight turns them into messages)"),
+    # Sender pruning.
+    Mutation("prune_threshold_halved", "crfrnn/inference.py",
+             "return 2 * prune / (spread + torch.sqrt(spread * spread + 4 * diagonal * prune))",
+             "return prune / (spread + torch.sqrt(spread * spread + 4 * diagonal * prune))",
+             "the step-by-step loop prunes at half the fused ops' per-class thresholds"),
 ]
 
 # The library's tests first: most mutations are caught there, and -x stops at the first failure.

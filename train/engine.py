@@ -340,8 +340,6 @@ class TrainingRun:
         checkpoint is written after it).
         """
         args, info = self.args, self.info
-        if getattr(model, "crf", None) is not None:
-            model.crf.keep_marginals = info.keep_marginals
         optimizer = make_optimizer(model, args, lr)
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         scaler = torch.amp.GradScaler(info.device.type, enabled=bool(args.amp and info.device.type == "cuda"))

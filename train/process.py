@@ -23,12 +23,10 @@ from tqdm import tqdm
 
 @dataclass
 class DistInfo:
-    """This process's place in the run; ``keep_marginals``: whether a CRF trained here keeps its
-    marginals for the backward (:func:`keep_large_blocks_in_the_heap`)."""
+    """This process's place in the run."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    keep_marginals: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -103,9 +101,9 @@ def keep_large_blocks_in_the_heap() -> bool:
 
     glibc serves every block over 32 MB with mmap and unmaps it on free, so on the CPU each
     [N, H*W, C] tensor of a CRF iteration (63 MB at N = 4, 500x375, C = 21) page-faults afresh
-    at every step: batch-4 forward+backward ran about 1.8x slower per image than batch 1. When
-    the setting takes, the fused CRF may as well keep its marginals for the backward
-    (``CRFRNNLayer(keep_marginals=True)``: about 10% off forward+backward).
+    at every step: batch-4 forward+backward ran about 1.8x slower per image than batch 1. (The
+    CRF's own saved marginals and grids do not need it: the library keeps their blocks between
+    steps itself.)
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -140,7 +138,7 @@ def setup(args) -> DistInfo:
     if threads > 0:
         torch.set_num_threads(threads)
     if device.type == "cpu":
-        info.keep_marginals = keep_large_blocks_in_the_heap()
+        keep_large_blocks_in_the_heap()
     return info
 
 

@@ -233,6 +233,16 @@ CRFRNN_HD void neighbor_key(const int* key, int d, int j, int sign, int* out) {
   for (int i = 0; i < d; ++i) out[i + 1] = key[i + 1] - sign * (i == j ? -d : 1);
 }
 
+// murmur3's 64-bit finaliser: every input bit reaches every output bit.
+CRFRNN_HD uint64_t murmur_finalize(uint64_t h) {
+  h ^= h >> 33;
+  h *= 0xFF51AFD7ED558CCDull;
+  h ^= h >> 33;
+  h *= 0xC4CEB9FE1A85EC53ull;
+  h ^= h >> 33;
+  return h;
+}
+
 // 64-bit hash of a key of n ints: multiply-xorshift per coordinate, then murmur3's finaliser,
 // so that keys differing by +-1 in one coordinate (lattice neighbours) land far apart.
 CRFRNN_HD uint64_t hash_key(const int* key, int n) {
@@ -241,12 +251,7 @@ CRFRNN_HD uint64_t hash_key(const int* key, int n) {
     h = (h ^ static_cast<uint64_t>(static_cast<uint32_t>(key[i]))) * 0x100000001B3ull;
     h ^= h >> 29;
   }
-  h ^= h >> 33;
-  h *= 0xFF51AFD7ED558CCDull;
-  h ^= h >> 33;
-  h *= 0xC4CEB9FE1A85EC53ull;
-  h ^= h >> 33;
-  return h;
+  return murmur_finalize(h);
 }
 
 CRFRNN_HD bool keys_equal(const int* a, const int* b, int n) {

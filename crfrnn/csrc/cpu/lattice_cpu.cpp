@@ -48,17 +48,8 @@ inline uint64_t linear_form(const int* key, Len n) {
   return h;
 }
 
-inline uint64_t mix(uint64_t h) {
-  h ^= h >> 33;
-  h *= 0xFF51AFD7ED558CCDull;
-  h ^= h >> 33;
-  h *= 0xC4CEB9FE1A85EC53ull;
-  h ^= h >> 33;
-  return h;
-}
-
 template <typename Len>
-inline uint64_t table_hash(const int* key, Len n) { return mix(linear_form(key, n)); }
+inline uint64_t table_hash(const int* key, Len n) { return murmur_finalize(linear_form(key, n)); }
 
 // Open-addressing hash table from keys (key_len ints) to numbers 0..M-1 in insertion order.
 // Each slot holds the number and 32 bits of the key's hash (table_hash), so a probe that meets
@@ -411,7 +402,7 @@ at::Tensor blur_neighbors(const VertexTable& table, int d, const at::TensorOptio
       const uint64_t form = linear_form(table.key(static_cast<int>(v)), d1);
       for (int j = 0; j < d1; ++j) {
         for (int side = 0; side < 2; ++side) {
-          out[2 * j + side] = mix(form + shift_form[j][side]);
+          out[2 * j + side] = murmur_finalize(form + shift_form[j][side]);
           table.prefetch(out[2 * j + side]);
         }
       }
