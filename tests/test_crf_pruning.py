@@ -288,3 +288,36 @@ def test_opcheck_with_pruning(layout):
     torch.library.opcheck(torch.ops.crfrnn.mean_field_backward.default, backward_args)
     with pytest.raises(RuntimeError, match="senders must be empty"):
         torch.ops.crfrnn.mean_field_backward(*backward_args[:-1], senders[:, :, :-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_image_whose_every_class_sends_beside_one_whose_classes_leave(dtype):
+    """Shared rows when one image of the batch drops a class after the first iteration while
+    another keeps every class sending: the latter's pseudo class is empty (its log-sum-exp -inf)
+    and must stay so; it became NaN (-inf - -inf), and with it every logit of that image. The
+    fused op must give finite logits equal to the loop's with the same senders. A sweep over how
+    present the fading class starts: at least one case must drop it after the first iteration."""
+    c, h, w = 4, 16, 16
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 3, h, w, generator=g, dtype=torch.float64) * 255
+    lattices = build_crf_lattices(image.to(dtype), KERNELS["bilateral"], KERNELS["spatial"], "native")
+    pairwise = matrices(c, "potts", dtype)
+    thresholds = inference.sender_thresholds(pairwise, 1e-3)
+    quarters = torch.arange(h * w) % 4
+    exercised = 0
+    for fading in (2.0, 3.0, 4.0, 5.0, 6.0):
+        unary = torch.zeros(2, h * w, c, dtype=torch.float64)
+        unary[0, torch.arange(h * w), quarters] = 8.0     # image 0: every class wins a quarter
+        unary[1, :, 1] = 4.0                              # image 1: class 1 everywhere,
+        unary[1, :, 0] = -30.0                            # class 0 absent from the start,
+        unary[1, :8, 2] = 4.0 - fading                    # class 2 faint in a few points
+        unary = unary.to(dtype)
+        senders = senders_of(unary, lattices, pairwise, 5, 1e-3)
+        if bool(senders[:, 0].all()) and senders[0, 1, 2] and not senders[1:, 1, 2].any():
+            exercised += 1
+        args = op_args(unary, lattices, pairwise, 5)
+        fused = torch.ops.crfrnn.mean_field_inference(*args, 1e-3)
+        assert torch.isfinite(fused).all(), f"fading {fading}: NaN/Inf logits"
+        loop = mean_field(unary, lattices, pairwise, 5, fused=False, prune=1e-3)
+        torch.testing.assert_close(fused, loop, atol=tolerance(dtype) * 10, rtol=tolerance(dtype) * 10)
+    assert exercised, f"no case dropped class 2 of image 1 after the first iteration (thresholds {thresholds})"
