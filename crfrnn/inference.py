@@ -40,11 +40,10 @@ __all__ = ["mean_field", "build_crf_lattices", "kernel_lattice", "kernel_lattice
 
 #: Sender pruning's default for evaluation (`dense_crf`, `CRFRNNLayer` in eval mode; see
 #: `mean_field`): with DeepLab's Potts weights (4 + 3) a class sends while its Q reaches 0.01
-#: somewhere in the image. Chosen with `bench/classes.py --sweep` on the 46 VOC images (see
-#: bench/README.md): from 10x smaller values it is where the senders drop from about 20 of 21 to
-#: 2.5 (from the second iteration) with every label kept and Q within 2e-4 of the exact
-#: iterations; 10x larger prunes the first iteration too for 4x that change in Q. On learned
-#: (non-Potts) matrices it moved Q by 2e-5 at most, pruning little.
+#: somewhere in the image. Chosen with `bench/classes.py --sweep` (bench/README.md): on 12 VOC
+#: images it is where the senders drop to about 2 of 21 from the second iteration, with every
+#: label kept and Q within 1.2e-4 of the exact iterations; 10x larger prunes the first iteration
+#: too for 3x that change in Q. On learned (non-Potts) matrices it moved Q by 1e-5, pruning little.
 DEFAULT_PRUNE = 7e-4
 
 #: CRF-RNN's kernel parameters: bilateral (sigma_xy, sigma_rgb, weight), spatial (sigma_xy, weight).

@@ -100,6 +100,9 @@ MUTATIONS = [
              "return 2 * prune / (spread + torch.sqrt(spread * spread + 4 * diagonal * prune))",
              "return prune / (spread + torch.sqrt(spread * spread + 4 * diagonal * prune))",
              "the step-by-step loop prunes at half the fused ops' per-class thresholds"),
+    Mutation("empty_pseudo_class_nan", "crfrnn/csrc/cpu/mean_field_kernels.inc",
+             "shift = empty ? zero : shift;", "shift = shift + zero;",
+             "shared rows that shrink give an image with no silent class a NaN pseudo class"),
 ]
 
 # The library's tests first: most mutations are caught there, and -x stops at the first failure.
