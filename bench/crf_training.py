@@ -17,13 +17,13 @@ should agree on an idle machine.
 
     python bench/crf_training.py --threads 1 --iterations 10 --batch 1 --rounds 5
     python bench/crf_training.py --threads 1 --iterations 5 --params crfasrnn --crfasrnn /tmp/crfasrnn
+    python bench/crf_training.py --device cuda     # ours on the GPU (crfasrnn_pytorch stays on the CPU)
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-
 
 import torch
 
