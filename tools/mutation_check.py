@@ -92,9 +92,9 @@ MUTATIONS = [
              "for (int64_t b = 0; b < blocks; ++b) g[b] = q[b] * (g[b] - d);",
              "for (int64_t b = 0; b < blocks; ++b) g[b] = q[b] * g[b];",
              "the fused backward's softmax gradient without its <g, q> term"),
-    Mutation("fused_exp_floor", "crfrnn/csrc/mean_field_steps.h",
-             "if (x < -87.0f) return 0.0f;", "x = x < -87.0f ? -87.0f : x;",
-             "the fused softmax floors tiny terms at e^-87 (a 3e38 weight turns them into messages)"),
+    Mutation("fused_exp_floor", "crfrnn/csrc/cpu/mean_field_kernels.inc",
+             "return x < -87.0f ? 0.0f : e;", "return e;",
+             "the fused CPU softmax floors tiny terms at e^-87 (a 3e38 weight turns them into messages)"),
     # Sender pruning.
     Mutation("prune_threshold_halved", "crfrnn/inference.py",
              "return 2 * prune / (spread + torch.sqrt(spread * spread + 4 * diagonal * prune))",
