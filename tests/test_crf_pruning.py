@@ -352,3 +352,29 @@ def test_random_batches_equal_the_loop_with_the_same_pruning():
         assert torch.isfinite(logits).all() and torch.isfinite(du).all(), f"trial {trial}"
         torch.testing.assert_close(logits, loop_logits, atol=1e-4, rtol=1e-4, msg=f"trial {trial}")
         torch.testing.assert_close(du, loop_du, atol=1e-4, rtol=1e-4, msg=f"trial {trial}")
+
+
+@pytest.mark.parametrize("c", [21, 60])
+@pytest.mark.parametrize("kind", ["potts", "learned"])
+def test_an_image_where_every_class_sends_beside_one_that_prunes(c, kind):
+    """Where every class of an image reaches its threshold the op stops tracking that image's
+    maxima (they only decide who sends) and, beyond 32 classes, skips the rest of its points in
+    the pass that finds the first senders, whose per-point totals the shared rows of the other
+    images are then built without. Image 0 (random logits on 1600 points: every class sends from
+    the start) beside image 1 (half its classes absent, and class 1 only in its last 100 points,
+    which an image's maxima must not stop before): the same senders and values as the loop with
+    the same pruning, for a contiguous and a channels-first unary."""
+    g = torch.Generator().manual_seed(c)
+    h = w = 40
+    image = torch.rand(2, 3, h, w, generator=g, dtype=torch.float64) * 255
+    lattices = build_crf_lattices(image.float(), KERNELS["bilateral"], KERNELS["spatial"], "native")
+    pairwise = matrices(c, kind, torch.float32)
+    unary = torch.randn(2, h * w, c, generator=g) * 2
+    unary[1, :, c // 2:] -= 30.0
+    unary[1, :-100, 1] -= 30.0
+    senders = senders_of(unary, lattices, pairwise, 5, 7e-4).bool()
+    assert bool(senders[0, 0].all()) and not bool(senders[0, 1].all()) and bool(senders[0, 1, 1])
+    expected = mean_field(unary, lattices, pairwise, 5, prune=7e-4, fused=False)
+    for u in (unary, unary.transpose(1, 2).contiguous().transpose(1, 2)):
+        got = mean_field(u, lattices, pairwise, 5, prune=7e-4)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)

@@ -103,12 +103,19 @@ MUTATIONS = [
     Mutation("empty_pseudo_class_nan", "crfrnn/csrc/cpu/mean_field_kernels.inc",
              "shift = empty ? zero : shift;", "shift = shift + zero;",
              "shared rows that shrink give an image with no silent class a NaN pseudo class"),
+    Mutation("maxima_stop_early", "crfrnn/csrc/cpu/mean_field_kernels.inc",
+             "for (int64_t i = 0; i < kLanes; ++i) reached &= !below[i];",
+             "for (int64_t i = 0; i < kLanes; ++i) reached |= !below[i];",
+             "the pass that tracks who sends stops tracking an image before all its classes reached"),
+    Mutation("first_maxima_stop_early", "crfrnn/csrc/cpu/mean_field_kernels.inc",
+             "if (!(most[l] >= in.thresholds[l])) return false;", "if (most[l] >= in.thresholds[l]) return true;",
+             "beyond 32 classes, the first senders' pass stops an image once one class reached"),
 ]
 
 # The library's tests first: most mutations are caught there, and -x stops at the first failure.
 FIRST = ["tests/test_features.py", "tests/test_crf.py", "tests/test_crf_densecrf.py", "tests/test_crf_fused.py",
          "tests/test_crf_learning.py", "tests/test_crf_inputs.py", "tests/test_lattice.py",
-         "tests/test_lattice_feature_grad.py"]
+         "tests/test_lattice_feature_grad.py", "tests/test_crf_pruning.py"]
 
 
 def repository_files():

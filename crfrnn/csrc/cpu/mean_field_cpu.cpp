@@ -196,8 +196,10 @@ struct MeanFieldGradient {
 // The point pass inlines the bodies of lattice_filter_steps.h whole (see chunk_pass).
 #if defined(__GNUC__) || defined(__clang__)
 #define CRFRNN_MF_FLATTEN __attribute__((flatten))
+#define CRFRNN_NOINLINE __attribute__((noinline))
 #else
 #define CRFRNN_MF_FLATTEN
+#define CRFRNN_NOINLINE
 #endif
 
 #define CRFRNN_MF_NAMESPACE mean_field_generic
