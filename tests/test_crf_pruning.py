@@ -359,8 +359,8 @@ def test_random_batches_equal_the_loop_with_the_same_pruning():
 def test_an_image_where_every_class_sends_beside_one_that_prunes(c, kind):
     """Where every class of an image reaches its threshold the op stops tracking that image's
     maxima (they only decide who sends) and, beyond 32 classes, skips the rest of its points in
-    the pass that finds the first senders, whose per-point totals the shared rows of the other
-    images are then built without. Image 0 (random logits on 1600 points: every class sends from
+    the pass that finds the first senders (their per-point totals are then not written: an image
+    whose every class sends has no pseudo class to build from them). Image 0 (random logits on 1600 points: every class sends from
     the start) beside image 1 (half its classes absent, and class 1 only in its last 100 points,
     which an image's maxima must not stop before): the same senders and values as the loop with
     the same pruning, for a contiguous and a channels-first unary."""
