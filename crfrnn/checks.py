@@ -56,8 +56,16 @@ def prune_threshold(value, name="prune"):
     return float(value)
 
 
+def scalar(value):
+    """A 0-d tensor or array as its Python number (a parameter read back as ``t[0]``, numpy's
+    ``np.float32(3)``); anything else as it is."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+
+
 def positive(name, value):
-    """`value` as a float if it is a positive finite real number (not bool), else ValueError."""
+    """`value` as a float if it is a positive finite real number (not bool; a 0-d tensor or
+    array holding one too), else ValueError."""
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -65,7 +73,9 @@ def positive(name, value):
 
 
 def finite(name, value):
-    """`value` as a float if it is a finite real number (not bool), else ValueError."""
+    """`value` as a float if it is a finite real number (not bool; a 0-d tensor or array holding
+    one too), else ValueError."""
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
@@ -73,6 +83,8 @@ def finite(name, value):
 
 def kernel_parameters(bilateral, spatial):
     """((sigma_xy, sigma_rgb, weight), (sigma_xy, weight)) checked, as tuples of floats."""
+    # (1-D arrays and tensors as the tuples they hold: bilateral=np.array([80, 13, 10]))
+    bilateral, spatial = (v.tolist() if getattr(v, "ndim", None) == 1 else v for v in (bilateral, spatial))
     if not (isinstance(bilateral, (tuple, list)) and len(bilateral) == 3):
         raise ValueError(f"bilateral must be (sigma_xy, sigma_rgb, weight), got {bilateral!r}")
     if not (isinstance(spatial, (tuple, list)) and len(spatial) == 2):
@@ -180,6 +192,13 @@ def _layout(unary_dim, points):
     return {3: "[N, C, L]", 4: "[N, C, H, W]", 5: "[N, C, D, H, W]"}.get(unary_dim, "[N, C, *S]")
 
 
+def dense_layout(name, tensor):
+    """TypeError for a sparse (or other non-strided) tensor, which the CRF does not read."""
+    if tensor is not None and tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}: convert it with "
+                        ".to_dense() first")
+
+
 def crf_inputs(unary, image, positions, num_classes, kernels):
     """Shape/dtype/device checks of a dense CRF's inputs, and the lattice size they need.
 
@@ -193,6 +212,8 @@ def crf_inputs(unary, image, positions, num_classes, kernels):
     for name, t in (("image", image), ("positions", positions)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("unary", unary), ("image", image), ("positions", positions)):
+        dense_layout(name, t)
     if not unary.is_floating_point():
         raise TypeError(f"unary must be floating point (logits), got {unary.dtype}")
     points = positions is not None

@@ -14,6 +14,8 @@ on the permutohedral lattice of this package (C++ or CUDA when built, any device
 grayscale or multi-channel images, volumes, signals and point sets as naturally.
 (`crfrnn.pydensecrf` runs pydensecrf scripts unchanged.)
 """
+import numbers
+
 import numpy as np
 import torch
 
@@ -28,6 +30,7 @@ def _as_tensor(name, x, device=None):
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x)).to(device)
     if isinstance(x, torch.Tensor):
+        checks.dense_layout(name, x)
         return x if device is None else x.to(device)
     raise TypeError(f"{name} must be a numpy array or a torch.Tensor, got {type(x).__name__}")
 
@@ -54,7 +57,7 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
             pydensecrf's `rgbim`: RGB [H, W, 3] (uint8, or float or another integer type, in
             0..255), grayscale [H, W] or [H, W, 1], a volume [D, H, W, G], any channels; for
             points [P, G]. None when no kernel is over the guide. Its bandwidths are in its units
-            (0..255 for RGB).
+            (0..255 for RGB, which a 3-channel image on a 2-D grid is taken to be, and checked).
         probs (ndarray or Tensor [C, *S] or [C, P]): class probabilities per point (e.g. a
             softmax), on a grid S of rank 1, 2 or 3 ([C, L], [C, H, W], [C, D, H, W]), or of a
             point set with `positions`.
@@ -66,7 +69,8 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
             default (3, 3).
         normalize (str): "symmetric" (pydensecrf's default), "after", "before" or "none".
         clip (float): probabilities are clipped to [clip, 1] before the log, as pydensecrf's
-            unary_from_softmax does (default 1e-5, the same).
+            unary_from_softmax does (default 1e-5, the same): a point whose probabilities are
+            all below it (all 0) starts uniform, and they need not sum to 1.
         backend (str): lattice backend, "auto" | "reference" | "native".
         kernels (sequence of GaussianKernel or None): any Gaussian kernels instead of the
             (bilateral, spatial) pair (see `crfrnn.GaussianKernel`: per-axis and per-channel
@@ -90,6 +94,7 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
         >>> dense_crf(img, p).shape
         (4, 40, 50)
     """
+    backend = checks.choice("backend", backend, ("auto", "reference", "native"))
     numpy_out = isinstance(probs, np.ndarray)
     p = _as_tensor("probs", probs)
     img = None if image is None else _as_tensor("image", image, p.device)
@@ -120,7 +125,8 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
     num_iterations = checks.iteration_count(num_iterations)
     prune = checks.prune_threshold(prune)
     normalize = checks.normalizations(normalize, len(kernels))
-    if not (isinstance(clip, (int, float)) and 0 < clip < 1):
+    clip = checks.scalar(clip)
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not 0 < clip < 1:
         raise ValueError(f"clip must be in (0, 1), got {clip!r}")
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
     p = p.to(dtype)
@@ -129,7 +135,9 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
     if p.numel() and float(p.max()) > 1.001:  # the clip to [clip, 1] would flatten them silently
         raise ValueError(f"probs must be probabilities in 0..1 (e.g. a softmax over C), got values up to "
                          f"{float(p.max()):g}: scores or logits? pass their softmax")
-    rgb = guide is not None and guide.shape[1] == 3
+    # (RGB: 3 channels on a 2-D grid that a kernel reads; other guides are in their own units.)
+    rgb = guide is not None and guide.shape[1] == 3 and pos is None and len(spatial_shape) == 2 and \
+        any(k.guide is not None for k in kernels)
     if rgb and guide.dtype != torch.uint8 and guide.numel() and (guide.amin() < 0 or guide.amax() > 255):
         raise ValueError(f"image must be RGB in 0..255 (uint8, or another dtype in that range), got "
                          f"{guide.dtype} values in [{guide.amin().item():g}, {guide.amax().item():g}]")

@@ -27,6 +27,8 @@ Conventions, and how they relate to Krähenbühl's densecrf (the test oracle):
 - Features: (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) with x the column and y the row and colours
   in 0..255, as densecrf's addPairwiseBilateral; (x/sxy, y/sxy) for the spatial kernel.
 """
+import math
+
 import numpy as np
 import torch
 import torch.utils.checkpoint as torch_checkpoint
@@ -123,7 +125,9 @@ def kernel_lattices(kernels, sigmas, shape, positions=None, guide=None, backend=
             lattice = kernel_lattice(kernel, kernel_sigmas, shape, positions, guide, backend, feature_grad, dtype,
                                      device)
         except ValueError as exc:  # NaN/Inf or huge values: name the kernel whose features they are
-            raise ValueError(f"{kernel.name} features ({'guide' if kernel.guide else 'positions'} / bandwidths) the "
+            inputs = [name for name, used in (("positions" if positions is not None else "grid positions",
+                                               kernel.positions), ("guide", kernel.guide)) if used]
+            raise ValueError(f"{kernel.name} features (its {' and '.join(inputs)}, over their bandwidths) the "
                              f"lattice rejects: {exc}") from exc
         if keep:
             kept[kernel.name] = (key, lattice)
@@ -143,10 +147,25 @@ def sender_thresholds(pairwise, prune):
     is the M where the bound reaches prune: sqrt(prune / sum of the weights) for Potts matrices
     (s_j = 0), about prune / s_j for learned ones (then pruning is first order and prunes less);
     0 for prune = 0 (every class sends), inf for a column that is the same for every class. The
-    fused ops compute the same bits (csrc/mean_field_checks.h)."""
+    fused ops compute the same bits (csrc/mean_field_checks.h).
+
+    Finite matrices whose rows of |entries| sum to more than the dtype's largest value / 2^64 are
+    a ValueError: the iterations could overflow, and the NaN of an overflowing Q reaches no
+    threshold, so pruning would hide it (see csrc/mean_field_checks.h)."""
     c = pairwise[0].shape[0]
     if prune == 0:
         return torch.zeros(c, dtype=torch.float64)
+    rows = torch.stack([m.detach().to("cpu", torch.float64) for m in pairwise])
+    largest = rows.abs().sum(dim=(0, 2)).amax() if c else rows.new_zeros(())
+    limit = math.ldexp(torch.finfo(pairwise[0].dtype).max, -64)
+    fits = ~torch.isfinite(rows).all() | (largest <= limit)
+    message = (f"the pairwise matrices are too large for sender pruning: a row of |compatibility @ weight| sums to "
+               "{}" f", above {limit:g}, so the iterations could overflow {pairwise[0].dtype} unseen; use smaller "
+               "weights, or prune=0 (the exact iterations, whose result is checked)")
+    if torch.compiler.is_compiling():  # (no values at trace time: a check in the graph)
+        torch._assert_async(fits, message.format("more"))
+    elif not bool(fits):
+        raise ValueError(message.format(f"{float(largest):g}"))
     spread = torch.zeros(c, dtype=torch.float64)
     diagonal = torch.zeros(c, dtype=torch.float64)
     off = ~torch.eye(c, dtype=torch.bool)
@@ -292,9 +311,8 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
     Returns:
         Tensor[N, P, C]: the logits L of the last iteration (Q = softmax(L)).
     """
-    if isinstance(unary, torch.Tensor) and unary.layout != torch.strided:
-        raise TypeError(f"unary must be a dense (strided) tensor, got layout {unary.layout}: convert it with "
-                        ".to_dense() first")
+    if isinstance(unary, torch.Tensor):
+        checks.dense_layout("unary", unary)
     pairwise = [_pairwise_matrix(i, m, getattr(unary, "device", None)) for i, m in enumerate(pairwise)]
     checks.mean_field_args(unary, lattices, pairwise, num_iterations)
     prune = checks.prune_threshold(prune)

@@ -22,6 +22,7 @@ def _bandwidths(name, value):
     channel)."""
     if value is None:
         return None
+    value = checks.scalar(value)
     values = (value,) if isinstance(value, numbers.Real) else tuple(value)
     if not values:
         raise ValueError(f"{name} needs at least one bandwidth, got {value!r}")

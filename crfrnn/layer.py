@@ -41,8 +41,9 @@ class CRFRNNLayer(nn.Module):
             guide=srgb), GaussianKernel(w2, positions=sxy)]``, named "bilateral" and "spatial".
         image_mean, image_std (sequence of 3 floats or None): when given, an RGB `image` is taken
             as normalised from 0..1 RGB, (rgb/255 - mean)/std (torchvision's convention), and the
-            layer undoes it. When None, an RGB image is in 0..255 (uint8 or float). A guide of
-            another channel count is used as it is: its bandwidths are in its own units.
+            layer undoes it. When None, an RGB image (3 channels on a 2-D grid) is in 0..255
+            (uint8 or float). Other guides (other channel counts; volumes, signals, point sets)
+            are used as they are: their bandwidths are in their own units.
         normalize (str): kernel normalisation, "symmetric" (densecrf's default; n K(n Q) with
             n = 1/sqrt(K 1)) or "after" (K Q / K 1, CRF-RNN's), or "none".
         checkpoint (bool): save only the inputs for the backward and run the forward again there.
@@ -78,7 +79,8 @@ class CRFRNNLayer(nn.Module):
     ``bilateral_log_sigma``). `kernel_weight_matrices()` and
     `compatibility_matrix()` give the C x C matrices whatever the sharing. At the start the
     layer's softmax equals densecrf's mean-field marginals for the same unary (logits = minus
-    densecrf's unary energy), image and parameters. No gradient flows into the image.
+    densecrf's unary energy), image and parameters. No gradient flows into the image or the
+    positions (they are detached).
 
     The state dict holds everything that defines the computation: the parameters, and as
     buffers the bandwidths (when not learned), ``iterations`` (training, evaluation) and
@@ -144,6 +146,9 @@ class CRFRNNLayer(nn.Module):
 
         for kernel in self.kernels:
             weight = sharing.initial_kernel_weight(kernel_weights, kernel.weight, self.num_classes)
+            if abs(kernel.weight) > torch.finfo(weight.dtype).max:
+                raise ValueError(f"kernel {kernel.name!r}'s weight {kernel.weight:g} overflows {weight.dtype}, the "
+                                 "dtype of the layer's parameters")
             setattr(self, f"{kernel.name}_weight", nn.Parameter(weight))
         start = sharing.initial_compatibility(compatibility, self.num_classes)
         self.compatibility = None if start is None else nn.Parameter(start)
@@ -409,7 +414,11 @@ class CRFRNNLayer(nn.Module):
         """
         _, channels = checks.crf_inputs(unary, image, positions, self.num_classes, self.kernels)
         checks.layer_fits(self.iterations.device, self.image_mean is not None, unary, image)
-        rgb_image = channels == 3
+        # RGB conventions (0..255, the colour warnings) for a 3-channel image on a 2-D grid, or
+        # as image_mean/image_std declare; other guides (volumes, signals, point sets) are in their
+        # own units, and a guide no kernel reads is not checked.
+        rgb_image = channels == 3 and any(k.guide is not None for k in self.kernels) and (
+            self.image_mean is not None or (positions is None and unary.dim() == 4))
         if num_iterations is None:
             num_iterations = self.num_iterations if self.training else self.num_eval_iterations
         num_iterations = checks.iteration_count(num_iterations)
@@ -466,8 +475,13 @@ class CRFRNNLayer(nn.Module):
                 if not bool(torch.isfinite(getattr(self, name)).all()):
                     raise ValueError(f"CRFRNNLayer.{name} has NaN/Inf values: the layer's bandwidths must "
                                      "be finite (a diverged training run or a damaged checkpoint?)") from exc
+            for name, t in (("positions contain", positions), ("image contains", guide)):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{name} {int((~torch.isfinite(t)).sum())} NaN/Inf values: "
+                                     f"the CRF needs finite ones ({exc})") from exc
             bandwidths = describe_bandwidths(self.kernels, self.sigmas(), " = ")
-            raise ValueError(f"image gives {exc} (bandwidths: {bandwidths})") from exc
+            raise ValueError(f"{'image and positions give' if positions is not None else 'image gives'} {exc} "
+                             f"(bandwidths: {bandwidths})") from exc
 
     def kept_lattices(self):
         """{kernel name: Lattice}: the lattices kept between calls (see `_lattices`)."""

@@ -17,12 +17,18 @@ __all__ = ["state_dict_problem", "loaded_settings", "upgrade_pickled_state"]
 def state_dict_problem(state_dict, prefix, matrix_parameters, num_classes):
     """Why a state dict cannot be loaded into a layer of these matrix parameters ((name, option,
     sharing, the option's choices) each) and class count: another sharing or class count, or
-    damaged iteration counts; None when it can."""
+    damaged iteration counts or normalisation. Checked before anything is copied: a refused state
+    dict leaves the layer as it was."""
     problem = sharing.mismatch(state_dict, prefix, matrix_parameters, num_classes)
-    stored = state_dict[prefix + "iterations"]
+    stored, norm = state_dict[prefix + "iterations"], state_dict[prefix + "normalization"]
     if not problem and isinstance(stored, torch.Tensor) and (stored.is_floating_point() or stored.is_complex()):
         problem = (f"{prefix}iterations holds {stored.dtype} values {stored.tolist()}: expected integer counts "
                    "(a damaged file?)")
+    # (Of other shapes the load itself reports, copying neither.)
+    if not problem and isinstance(stored, torch.Tensor) and isinstance(norm, torch.Tensor) and \
+            stored.shape == (2,) and norm.shape == ():
+        settings = loaded_settings(stored, norm, prefix)
+        problem = settings if isinstance(settings, str) else None
     return problem
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import crfrnn
-from crfrnn import CRFRNNLayer
+from crfrnn import CRFRNNLayer, GaussianKernel
 from helpers import NATIVE, crf_inputs
 
 SMALL = dict(bilateral=(5.0, 20.0, 3.0), spatial=(2.0, 1.0))
@@ -68,11 +68,15 @@ def test_huge_finite_parameters_raise_or_give_the_float64_result(name, grad):
 def test_the_reported_huge_parameters_raise():
     """The reported cases, in evaluation (no gradient): 3e38 on the diagonal of compatibility (its
     product with the weights overflows) or of spatial_weight (the output overflows) gave an
-    all-NaN output."""
+    all-NaN output. With sender pruning (evaluation's default) the second is refused before the
+    iterations, which could overflow unseen."""
     unary, image = make_inputs()
-    for name, match in (("compatibility", "pairwise matrices compatibility @ weight overflow"),
-                        ("spatial_weight", "the CRF output has .* NaN/Inf values.*largest \\|value\\| 3e\\+38")):
-        crf = CRFRNNLayer(3, num_iterations=2, **SMALL).eval()
+    for name, match, prune in (
+            ("compatibility", "pairwise matrices compatibility @ weight overflow", 0.0),
+            ("compatibility", "pairwise matrices compatibility @ weight overflow", crfrnn.DEFAULT_PRUNE),
+            ("spatial_weight", "the CRF output has .* NaN/Inf values.*largest \\|value\\| 3e\\+38", 0.0),
+            ("spatial_weight", "too large for sender pruning: .* sums to 3e\\+38", crfrnn.DEFAULT_PRUNE)):
+        crf = CRFRNNLayer(3, num_iterations=2, eval_prune=prune, **SMALL).eval()
         with torch.no_grad():
             getattr(crf, name)[0, 0] = 3e38
             with pytest.raises(ValueError, match=match):
@@ -89,6 +93,8 @@ def test_dense_crf_non_finite_weights_and_outputs_raise():
         with pytest.raises(ValueError, match="finite number"):
             crfrnn.dense_crf(img, probs, spatial=(3, bad))
     with pytest.raises(ValueError, match=r"output has \d+ NaN/Inf values.*spatial 3e\+38"):
+        crfrnn.dense_crf(img, probs, spatial=(3, 3e38), prune=0)
+    with pytest.raises(ValueError, match=r"too large for sender pruning"):
         crfrnn.dense_crf(img, probs, spatial=(3, 3e38))
     expected = crfrnn.dense_crf(img, torch.from_numpy(probs).double(), bilateral=(80, 13, 3e38)).numpy()
     try:
@@ -261,11 +267,24 @@ def test_huge_images_raise_before_allocating():
 def test_nan_in_the_image_raises_naming_the_image():
     unary, image = make_inputs()
     image[1, 2, 3, 4] = float("nan")
-    with pytest.raises(ValueError, match="image gives bilateral features .* 1 NaN/Inf"):
+    with pytest.raises(ValueError, match="image contains 1 NaN/Inf values.*bilateral features"):
         CRFRNNLayer(3)(unary, image)
     crf = CRFRNNLayer(3, image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25))
-    with pytest.raises(ValueError, match="image gives bilateral features .* NaN/Inf"):
+    with pytest.raises(ValueError, match="image contains 1 NaN/Inf values.*bilateral features"):
         crf(unary, image / 255)
+    with pytest.raises(ValueError, match="^image gives bilateral features .* at most"):
+        CRFRNNLayer(3)(unary, torch.full_like(image, 1e30))  # finite, but too large for the lattice
+
+
+def test_bad_positions_raise_naming_the_positions():
+    """NaN/Inf or huge positions of a point set are blamed on the positions, not the guide."""
+    crf = CRFRNNLayer(2, kernels=[GaussianKernel(3.0, positions=1.0, guide=10.0)])
+    unary, colours, xyz = torch.randn(1, 2, 50), torch.rand(1, 3, 50) * 255, torch.rand(1, 3, 50)
+    xyz[0, 1, 7] = float("inf")
+    with pytest.raises(ValueError, match="^positions contain 1 NaN/Inf values"):
+        crf(unary, colours, positions=xyz)
+    with pytest.raises(ValueError, match="^image and positions give bilateral features .its positions and guide"):
+        crf(unary, colours, positions=xyz.nan_to_num(posinf=0.0) * 1e30)
 
 
 def test_bool_and_complex_tensors_raise_type_errors():
@@ -322,3 +341,61 @@ def test_dense_crf_refuses_scores_passed_as_probabilities():
     with pytest.raises(ValueError, match="probabilities in 0..1 .* got values up to 50"):
         crfrnn.dense_crf(image, np.full((2, 4, 5), 50.0, np.float32))
     crfrnn.dense_crf(image, np.full((2, 4, 5), 0.5, np.float32))  # probabilities pass
+
+
+def test_a_refused_state_dict_leaves_the_layer_as_it_was():
+    """Damaged iteration counts or normalisation are refused before anything is copied: the layer
+    keeps its own, and its next state dict loads anywhere."""
+    crf = CRFRNNLayer(3)
+    before = {k: v.clone() for k, v in crf.state_dict().items()}
+    for key, bad in (("iterations", torch.tensor([5, 10 ** 9])), ("normalization", torch.tensor(7)),
+                     ("iterations", torch.tensor([-1, 10]))):
+        state = crf.state_dict()
+        state[key] = bad
+        state["compatibility"] = state["compatibility"] + 1.0  # would be copied by a load that went ahead
+        with pytest.raises(RuntimeError, match="iterations .* normalization"):
+            crf.load_state_dict(state)
+        for k, v in crf.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert (crf.num_iterations, crf.num_eval_iterations, crf.normalize) == (5, 10, "symmetric")
+        CRFRNNLayer(3).load_state_dict(crf.state_dict())
+
+
+def test_weights_that_overflow_the_parameters_are_refused_when_built():
+    with pytest.raises(ValueError, match="'spatial'.s weight 1e\\+39 overflows torch.float32"):
+        CRFRNNLayer(3, spatial=(3.0, 1e39))
+    with pytest.raises(ValueError, match="'spatial'.s weight 1e\\+200 overflows"):
+        CRFRNNLayer(3, kernels=[crfrnn.GaussianKernel(1e200, positions=1.0)])
+
+
+def test_sparse_inputs_and_a_bad_backend_are_named():
+    unary, image = make_inputs()
+    crf = CRFRNNLayer(3)
+    for args in ((unary.to_sparse(), image), (unary, image.to_sparse())):
+        with pytest.raises(TypeError, match="must be a dense .strided. tensor, got layout torch.sparse_coo"):
+            crf(*args)
+    probs = torch.softmax(unary[0], 0)
+    rgb = image[0].permute(1, 2, 0).contiguous()
+    with pytest.raises(TypeError, match="probs must be a dense .strided. tensor"):
+        crfrnn.dense_crf(rgb, probs.to_sparse())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        crfrnn.dense_crf(rgb, probs, backend="cuda")
+
+
+def test_bandwidths_weights_and_clip_may_be_numpy_scalars_arrays_or_tensors():
+    """Numbers read back from tensors or arrays are numbers: the same kernels and results as floats."""
+    unary, image = make_inputs()
+    as_floats = CRFRNNLayer(3, bilateral=(80.0, 13.0, 10.0), spatial=(3.0, 3.0)).eval()
+    for bilateral, spatial in ((np.array([80.0, 13.0, 10.0]), torch.tensor([3.0, 3.0])),
+                               ((torch.tensor(80.0), np.float32(13.0), 10), (np.float64(3.0), torch.tensor(3)))):
+        crf = CRFRNNLayer(3, bilateral=bilateral, spatial=spatial).eval()
+        assert crf.bilateral == as_floats.bilateral and crf.spatial == as_floats.spatial
+        torch.testing.assert_close(crf(unary, image), as_floats(unary, image), rtol=0, atol=0)
+    kernel = crfrnn.GaussianKernel(torch.tensor(2.0), positions=torch.tensor(3.0), guide=np.array([4.0, 5.0, 6.0]))
+    assert (kernel.weight, kernel.positions, kernel.guide) == (2.0, (3.0,), (4.0, 5.0, 6.0))
+    with pytest.raises(ValueError, match="must be a positive finite number"):
+        crfrnn.GaussianKernel(1.0, positions=torch.tensor(-1.0))
+    probs = torch.softmax(unary[0], 0).numpy()
+    rgb = image[0].permute(1, 2, 0).contiguous().numpy()
+    np.testing.assert_array_equal(crfrnn.dense_crf(rgb, probs, clip=np.float32(1e-4)),
+                                  crfrnn.dense_crf(rgb, probs, clip=float(np.float32(1e-4))))

@@ -4,6 +4,7 @@ DenseCRF with the same features, written out here in its order: positions with t
 axis first, then the guide channels), with gradients checked in float64 and the fused ops
 against the step-by-step loop."""
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +314,34 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="declare a normalised RGB image, but the guide has 2 channels"):
         CRFRNNLayer(2, kernels=[GaussianKernel(1.0, guide=1.0)], image_mean=(0.5,) * 3, image_std=(0.2,) * 3)(
             torch.randn(1, 2, 8), torch.rand(1, 2, 8))
+
+
+def test_three_channel_guides_other_than_rgb_images_are_taken_in_their_own_units():
+    """RGB's 0..255 check and colour warnings are for a 3-channel image on a 2-D grid (or one
+    image_mean/image_std declare): surface normals of a point cloud, a 3-modality volume in
+    Hounsfield units or a signal's three sensors are used as they are, as 1- and 2-channel guides
+    are; and a guide no kernel reads is not checked at all."""
+    g = torch.Generator().manual_seed(0)
+    normals = torch.nn.functional.normalize(torch.randn(1, 3, 200, generator=g), dim=1)   # in -1..1
+    cloud = CRFRNNLayer(3, kernels=[GaussianKernel(3.0, positions=0.3, guide=0.5)])
+    scan = torch.rand(1, 3, 6, 8, 10, generator=g) * 1400 - 1000                          # -1000..400 HU
+    volume = CRFRNNLayer(2, kernels=[GaussianKernel(3.0, positions=2.0, guide=100.0)])
+    sensors = torch.rand(1, 3, 50, generator=g) * 0.01                                     # in 0..0.01
+    signal = CRFRNNLayer(2, kernels=[GaussianKernel(3.0, positions=2.0, guide=0.005)])
+    spatial_only = CRFRNNLayer(2, kernels=[GaussianKernel(3.0, positions=2.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no colour warning either
+        for crf, args in ((cloud, (torch.randn(1, 3, 200), normals, torch.rand(1, 3, 200, generator=g))),
+                          (volume, (torch.randn(1, 2, 6, 8, 10), scan)),
+                          (signal, (torch.randn(1, 2, 50), sensors)),
+                          (spatial_only, (torch.randn(1, 2, 9, 7), torch.rand(1, 3, 9, 7) * 1000))):
+            assert torch.isfinite(crf(*args[:2], positions=args[2] if len(args) > 2 else None)).all()
+        rgb = np.random.default_rng(0).uniform(-1, 1, (200, 3)).astype(np.float32)
+        probs = np.full((3, 200), 1 / 3, np.float32)
+        crfrnn.dense_crf(rgb, probs, kernels=[GaussianKernel(3.0, positions=0.3, guide=0.5)],
+                         positions=np.random.default_rng(1).uniform(0, 1, (200, 3)))
+    # A 3-channel image on a 2-D grid is RGB: checked as before.
+    with pytest.raises(ValueError, match="image has values in .* pass RGB in 0..255"):
+        CRFRNNLayer(2)(torch.randn(1, 2, 9, 7), torch.rand(1, 3, 9, 7) * 1000)
+    with pytest.raises(ValueError, match="RGB in 0..255"):
+        crfrnn.dense_crf(np.full((9, 7, 3), 300.0, np.float32), np.full((2, 9, 7), 0.5, np.float32))

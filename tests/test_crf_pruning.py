@@ -378,3 +378,44 @@ def test_an_image_where_every_class_sends_beside_one_that_prunes(c, kind):
     for u in (unary, unary.transpose(1, 2).contiguous().transpose(1, 2)):
         got = mean_field(u, lattices, pairwise, 5, prune=7e-4)
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_matrices_that_could_overflow_are_refused_rather_than_pruned_away(fused):
+    """An overflowing iteration turns Q to NaN, which reaches no threshold: pruning would silence
+    the classes it hit and return the unary's softmax as if refined. Matrices that large are a
+    ValueError whenever pruning is on (the exact iterations return the NaN, which is reported),
+    in the fused op and the loop, for the layer and dense_crf."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 20, 24, generator=g) * 255
+    unary = torch.randn(1, 4, 20, 24, generator=g)
+    for prune in (7e-4, 1e-2):
+        crf = CRFRNNLayer(4, bilateral=(80.0, 13.0, 3e38), fused=fused, prune=prune, eval_prune=prune)
+        for mode in (crf.eval(), crf.train()):
+            with pytest.raises(ValueError, match="too large for sender pruning.*float32"):
+                mode(unary, image)
+    crf = CRFRNNLayer(4, bilateral=(80.0, 13.0, 3e38), fused=fused, eval_prune=0.0).eval()
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        crf(unary, image)
+    probs = torch.softmax(unary[0], 0).numpy()
+    rgb = image[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
+    with pytest.raises(ValueError, match="too large for sender pruning"):
+        crfrnn.dense_crf(rgb, probs, bilateral=(80, 13, 3e38))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        crfrnn.dense_crf(rgb, probs, bilateral=(80, 13, 3e38), prune=0)
+    # The bound is far from any CRF's weights: 1e15 still prunes (no overflow can happen).
+    unary64 = unary.double()
+    out = CRFRNNLayer(4, bilateral=(80.0, 13.0, 1e15), fused=fused).double().eval()(unary64, image.double())
+    assert torch.isfinite(out).all()
+
+
+def test_sender_thresholds_refuse_matrices_that_could_overflow():
+    """Rows of |entries| summing above the dtype's largest value / 2^64 (float32: 1.8e19)."""
+    c = 3
+    for dtype, fits, too_big in ((torch.float32, 1.8e19 / 4, 1.9e19 / 2), (torch.float64, 1e288, 1e289)):
+        inference.sender_thresholds(potts_matrices(c, [fits, 1.0], dtype=dtype), 1e-3)
+        with pytest.raises(ValueError, match="too large for sender pruning"):
+            inference.sender_thresholds(potts_matrices(c, [too_big, 1.0], dtype=dtype), 1e-3)
+        inference.sender_thresholds(potts_matrices(c, [too_big, 1.0], dtype=dtype), 0.0)  # no pruning: no check
+    bad = potts_matrices(c, [float("nan"), 1.0])  # non-finite: left to the callers' checks, which name it
+    inference.sender_thresholds(bad, 1e-3)

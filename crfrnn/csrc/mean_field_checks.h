@@ -97,13 +97,26 @@ inline void check_prune(const char* op, double prune) {
 // 4 D_j prune)) (Potts: s_j = 0, theta_j = sqrt(prune / sum of weights)); 0 for prune = 0 (every
 // class sends) and +inf where s_j = D_j = 0 (a message that moves nothing). In double, in this
 // order (crfrnn.inference.sender_thresholds computes the same bits).
+//
+// Finite matrices so large that the iterations could overflow are refused here (ValueError): an
+// overflow turns Q to NaN, which reaches no threshold, so pruning would silence the classes it
+// hit and return a finite result with nothing to show for it (the exact iterations return the
+// NaN, which the callers report). The bound: a message to class i is at most the sum of row i's
+// |entries| times the filtered Q, which every normalisation keeps below 2^64 for fewer than 2^31
+// points; rows summing to less than the dtype's largest value / 2^64 cannot overflow.
 inline std::vector<double> sender_thresholds(at::TensorList pairwise, double prune) {
   const int64_t c = pairwise.empty() ? 0 : pairwise[0].size(0);
   std::vector<double> spread(static_cast<size_t>(c), 0.0), diagonal(static_cast<size_t>(c), 0.0), theta(static_cast<size_t>(c), 0.0);
   if (prune == 0) return theta;
+  std::vector<double> row_sum(static_cast<size_t>(c), 0.0);
+  bool finite = true;
   for (const at::Tensor& matrix : pairwise) {
     const at::Tensor a = matrix.detach().to(at::kCPU, at::kDouble).contiguous();
     const double* m = a.data_ptr<double>();
+    for (int64_t i = 0; i < c * c; ++i) {
+      finite = finite && std::isfinite(m[i]);
+      row_sum[i / c] += std::abs(m[i]);
+    }
     for (int64_t j = 0; j < c; ++j) {
       double lo = std::numeric_limits<double>::infinity(), hi = -lo, far = 0.0;
       for (int64_t l = 0; l < c; ++l) {
@@ -116,6 +129,15 @@ inline std::vector<double> sender_thresholds(at::TensorList pairwise, double pru
       diagonal[j] = diagonal[j] + far;
     }
   }
+  const bool is_double = !pairwise.empty() && pairwise[0].scalar_type() == at::kDouble;
+  const double limit = std::ldexp(is_double ? std::numeric_limits<double>::max()
+                                            : static_cast<double>(std::numeric_limits<float>::max()), -64);
+  const double largest = c ? *std::max_element(row_sum.begin(), row_sum.end()) : 0.0;
+  // (Non-finite matrices are left to the callers' checks, which name the parameter.)
+  TORCH_CHECK_VALUE(!finite || largest <= limit, "the pairwise matrices are too large for sender pruning: a row of "
+                    "|compatibility @ weight| sums to ", largest, ", above ", limit, ", so the iterations could "
+                    "overflow ", is_double ? "float64" : "float32", " unseen; use smaller weights, or prune=0 (the "
+                    "exact iterations, whose result is checked)");
   for (int64_t j = 0; j < c; ++j) {
     theta[j] = 2 * prune / (spread[j] + std::sqrt(spread[j] * spread[j] + 4 * diagonal[j] * prune));
   }

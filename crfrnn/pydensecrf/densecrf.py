@@ -18,11 +18,15 @@ is (M + M^T) / 2 (both penalties: positive entries push labels apart).
 
 Arguments, defaults, shapes, dtype rules and errors are pydensecrf's: unary, features and
 compat arrays must be float32 and C-contiguous (else ValueError "Buffer dtype mismatch, ..." or
-"ndarray is not C-contiguous"), rgbim uint8 [h, w, 3]. Where pydensecrf crashes or silently reads
-out of bounds (a compat vector of the wrong length, an unknown normalisation, features with the
-wrong number of dimensions for the lattice), this module raises a ValueError that says why.
-The kernel types (CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL) only choose which kernel parameters
-densecrf's learning would adapt; inference ignores them, here as in densecrf.
+"ndarray is not C-contiguous"), rgbim uint8 [h, w, 3] (bool read as 0/1, as pydensecrf reads it).
+Where pydensecrf crashes or silently reads out of bounds (a compat vector of the wrong length, an
+unknown normalisation, zero bandwidths, NaN features), this module raises a ValueError that says
+why. Two limits of crfrnn's lattice that pydensecrf's has not: features of more than
+crfrnn.MAX_FEATURE_DIM (31) dimensions, and features beyond about 1e6 in magnitude (unscaled
+positions of a huge grid), are a ValueError. The kernel types (CONST_KERNEL, DIAG_KERNEL,
+FULL_KERNEL) only choose which kernel parameters densecrf's learning would adapt; inference
+ignores them, here as in densecrf, which takes any integer (or real, truncated) for them. An
+empty CRF (nvar = 0, or w or h = 0) gives an empty result, as in pydensecrf.
 
 Speed: all `inference` iterations run in one fused C++ op, multi-threaded over torch's intra-op
 thread pool (``torch.set_num_threads``), where pydensecrf runs one thread. The lattices are built
@@ -271,8 +275,8 @@ class DenseCRF:
 
     def __init__(self, nvar, nlabels, *, device=None):
         self._nvar, self._nlabel = _c_int(nvar, "nvar"), _c_int(nlabels, "nlabels")
-        if self._nvar < 1 or self._nlabel < 1:
-            raise ValueError(f"DenseCRF needs nvar >= 1 and nlabels >= 1, got nvar={self._nvar}, "
+        if self._nvar < 0 or self._nlabel < 1:
+            raise ValueError(f"DenseCRF needs nvar >= 0 and nlabels >= 1, got nvar={self._nvar}, "
                              f"nlabels={self._nlabel}")
         self._device = None if device is None else torch.device(device)
         self._unary = None      # Tensor[nlabels, nvar] float32: the energy E (-log P)
@@ -306,8 +310,8 @@ class DenseCRF:
 
     def _add(self, points, compat, kernel, normalization):
         """points: Tensor[nvar, d] float32 (owned)."""
-        _enum(kernel, KernelType, "kernel")
-        normalization = _enum(normalization, NormalizationType, "normalization")
+        _c_int(kernel, "kernel")  # (any int: inference ignores it, as densecrf's does)
+        normalization = _enum(_c_int(normalization, "normalization"), NormalizationType, "normalization")
         matrix = _compatibility(compat, self._nlabel)
         if not 1 <= points.shape[1] <= MAX_FEATURE_DIM:
             raise ValueError(f"features must have 1..{MAX_FEATURE_DIM} dimensions (rows), got {points.shape[1]}")
@@ -453,8 +457,8 @@ class DenseCRF2D(DenseCRF):
 
     def __init__(self, w, h, nlabels, *, device=None):
         w, h = _c_int(w, "w"), _c_int(h, "h")
-        if w < 1 or h < 1:
-            raise ValueError(f"DenseCRF2D needs w >= 1 and h >= 1, got w={w}, h={h}")
+        if w < 0 or h < 0:
+            raise ValueError(f"DenseCRF2D needs w >= 0 and h >= 0, got w={w}, h={h}")
         super().__init__(w * h, nlabels, device=device)
         self._w, self._h = w, h
 
@@ -489,6 +493,10 @@ class DenseCRF2D(DenseCRF):
         sxy = (sxy, sxy) if isinstance(sxy, numbers.Number) else sxy
         srgb = (srgb, srgb, srgb) if isinstance(srgb, numbers.Number) else srgb
         sxy, srgb = (sxy[0], sxy[1]), [_c_float(s) for s in (srgb[0], srgb[1], srgb[2])]  # IndexError if short
+        if isinstance(rgbim, np.ndarray) and rgbim.dtype == np.bool_:
+            rgbim = rgbim.view(np.uint8)  # (0/1, as pydensecrf's buffer reads a bool image)
+        elif isinstance(rgbim, torch.Tensor) and rgbim.dtype == torch.bool:
+            rgbim = rgbim.to(torch.uint8)
         image = _buffer("rgbim", rgbim, 3, np.uint8, "unsigned char")
         if image.shape[0] != self._h or image.shape[1] != self._w:
             raise ValueError(f"Bad shape for pairwise bilateral (Need {(self._h, self._w, 3)}, got "
