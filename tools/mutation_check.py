@@ -110,6 +110,13 @@ MUTATIONS = [
     Mutation("first_maxima_stop_early", "crfrnn/csrc/cpu/mean_field_kernels.inc",
              "if (!(most[l] >= in.thresholds[l])) return false;", "if (most[l] >= in.thresholds[l]) return true;",
              "beyond 32 classes, the first senders' pass stops an image once one class reached"),
+    # Bad input (found by audits).
+    Mutation("pruning_hides_overflow", "crfrnn/csrc/mean_field_checks.h",
+             "TORCH_CHECK_VALUE(!finite || largest <= limit,", "TORCH_CHECK_VALUE(true || largest <= limit,",
+             "pruned iterations run with matrices that can overflow: the NaN silences its class"),
+    Mutation("every_three_channel_guide_is_rgb", "crfrnn/layer.py",
+             "rgb_image = channels == 3 and any(", "rgb_image = channels == 3 or any(",
+             "a volume's or point set's 3-channel guide is range-checked as RGB in 0..255"),
 ]
 
 # The library's tests first: most mutations are caught there, and -x stops at the first failure.
