@@ -51,6 +51,7 @@ def iteration_count(value, name="num_iterations"):
 def prune_threshold(value, name="prune"):
     """`value` as a float if it is a real number in [0, 1] (not bool), else ValueError naming
     `name`: sender pruning's epsilon (see `crfrnn.mean_field`)."""
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
         raise ValueError(f"{name} must be a number in [0, 1] (0: no pruning), got {value!r}")
     return float(value)
@@ -176,7 +177,15 @@ def mean_field_args(unary, lattices, pairwise, num_iterations):
     n, p, c = unary.shape
     if len(lattices) != len(pairwise):
         raise ValueError(f"one C x C matrix per lattice: got {len(lattices)} lattices and {len(pairwise)} matrices")
+    if not lattices:
+        raise ValueError("mean_field needs at least one lattice (a kernel): without one the iterations "
+                         "are the unary's softmax")
     for i, (lat, mat) in enumerate(zip(lattices, pairwise)):
+        if not callable(getattr(lat, "filter", None)):
+            raise TypeError(f"lattice {i} must be a crfrnn.Lattice (or have a filter method), got {type(lat).__name__}")
+        if getattr(lat, "per_pixel", False):
+            raise ValueError(f"lattice {i} was built on per-pixel features [N, d, H, W]: mean_field takes lattices "
+                             "of per-point features [N, P, d] (features.flatten(2).transpose(1, 2))")
         built_on = (getattr(lat, "batch_size", n), getattr(lat, "num_points", p))  # any object with filter()
         if built_on != (n, p):
             raise ValueError(f"unary is Tensor[N, P, C] with (N, P) = {(n, p)}, but lattice {i} was built on "
@@ -272,6 +281,22 @@ def layer_fits(device, normalised, unary, image):
                             f"{image.dtype} (pass RGB 0..255 to a layer built without them)")
 
 
+def check_parameters(params, pairwise=None):
+    """ValueError naming the parameter (`params`: {name: Tensor}) that holds NaN/Inf values, else,
+    given the `pairwise` matrices mu W_m, when one of them overflows; nothing when all is finite.
+    (CRFRNNLayer's diagnosis of a failed call: see check_layer_values.)"""
+    for name, p in params.items():
+        count = int((~torch.isfinite(p.detach())).sum())
+        if count:
+            raise ValueError(f"CRFRNNLayer.{name} has {count} NaN/Inf values (of {p.numel()}): the "
+                             "layer's parameters must be finite (a diverged training run or a damaged "
+                             "checkpoint?)")
+    if pairwise is not None and not all(bool(torch.isfinite(m.detach()).all()) for m in pairwise):
+        largest = max(float(p.detach().abs().max()) for p in params.values())
+        raise ValueError(f"the pairwise matrices compatibility @ weight overflow {pairwise[0].dtype} "
+                         f"(largest |parameter| {largest:g}): the CRF parameters are too large")
+
+
 def check_layer_values(params, unary, image, rgb, pairwise, out, normalised):
     """ValueError, most specific cause first, for: NaN/Inf in a parameter (`params`: {name:
     Tensor}) or in the unary, an RGB image outside 0..255 (unless `normalised`: the layer declared
@@ -331,12 +356,7 @@ def check_layer_values(params, unary, image, rgb, pairwise, out, normalised):
     if not any(raised.values()):
         return
     # Something may be wrong: find what, exactly (slow is fine here).
-    for name, p in params.items():
-        count = int((~torch.isfinite(p)).sum())
-        if count:
-            raise ValueError(f"CRFRNNLayer.{name} has {count} NaN/Inf values (of {p.numel()}): the "
-                             "layer's parameters must be finite (a diverged training run or a damaged "
-                             "checkpoint?)")
+    check_parameters(params)
     count = int((~torch.isfinite(unary)).sum()) if raised["unary"] else 0
     if count:
         raise ValueError(f"unary contains {count} NaN/Inf values (shape {tuple(unary.shape)}); "
@@ -344,10 +364,9 @@ def check_layer_values(params, unary, image, rgb, pairwise, out, normalised):
     if raised.get("image"):
         raise ValueError(f"image has values in [{low.item():g}, {high.item():g}] but no normalisation "
                          "was declared: pass RGB in 0..255, or build the layer with image_mean/image_std")
-    largest = max(float(p.abs().max()) for p in params.values())
     if raised["pairwise"]:
-        raise ValueError(f"the pairwise matrices compatibility @ weight overflow {pairwise[0].dtype} "
-                         f"(largest |parameter| {largest:g}): the CRF parameters are too large")
+        check_parameters(params, pairwise)
+    largest = max(float(p.abs().max()) for p in params.values())
     count = int((~torch.isfinite(out)).sum()) if raised["output"] else 0
     if count:
         raise ValueError(f"the CRF output has {count} NaN/Inf values though the unary, image and "

@@ -149,23 +149,28 @@ def sender_thresholds(pairwise, prune):
     0 for prune = 0 (every class sends), inf for a column that is the same for every class. The
     fused ops compute the same bits (csrc/mean_field_checks.h).
 
-    Finite matrices whose rows of |entries| sum to more than the dtype's largest value / 2^64 are
-    a ValueError: the iterations could overflow, and the NaN of an overflowing Q reaches no
-    threshold, so pruning would hide it (see csrc/mean_field_checks.h)."""
+    Matrices with NaN/Inf entries, or whose rows of |entries| sum to more than the dtype's
+    largest value / 2^64, are a ValueError: a NaN Q (theirs, or an overflowing iteration's)
+    reaches no threshold, so pruning would hide it (see csrc/mean_field_checks.h)."""
     c = pairwise[0].shape[0]
     if prune == 0:
         return torch.zeros(c, dtype=torch.float64)
     rows = torch.stack([m.detach().to("cpu", torch.float64) for m in pairwise])
     largest = rows.abs().sum(dim=(0, 2)).amax() if c else rows.new_zeros(())
     limit = math.ldexp(torch.finfo(pairwise[0].dtype).max, -64)
-    fits = ~torch.isfinite(rows).all() | (largest <= limit)
-    message = (f"the pairwise matrices are too large for sender pruning: a row of |compatibility @ weight| sums to "
-               "{}" f", above {limit:g}, so the iterations could overflow {pairwise[0].dtype} unseen; use smaller "
-               "weights, or prune=0 (the exact iterations, whose result is checked)")
-    if torch.compiler.is_compiling():  # (no values at trace time: a check in the graph)
-        torch._assert_async(fits, message.format("more"))
-    elif not bool(fits):
-        raise ValueError(message.format(f"{float(largest):g}"))
+    finite = torch.isfinite(rows).all()
+    non_finite = ("the pairwise matrices hold NaN/Inf values (a NaN/Inf parameter, or compatibility @ weight "
+                  "overflowing): with sender pruning they would silence classes unseen")
+    too_large = (f"the pairwise matrices are too large for sender pruning: a row of |compatibility @ weight| sums "
+                 "to {}" f", above {limit:g}, so the iterations could overflow {pairwise[0].dtype} unseen; use "
+                 "smaller weights, or prune=0 (the exact iterations, whose result is checked)")
+    if torch.compiler.is_compiling():  # (no values at trace time: checks in the graph)
+        torch._assert_async(finite, non_finite)
+        torch._assert_async(largest <= limit, too_large.format("more"))
+    elif not bool(finite):
+        raise ValueError(non_finite)
+    elif not bool(largest <= limit):
+        raise ValueError(too_large.format(f"{float(largest):g}"))
     spread = torch.zeros(c, dtype=torch.float64)
     diagonal = torch.zeros(c, dtype=torch.float64)
     off = ~torch.eye(c, dtype=torch.bool)
@@ -275,7 +280,9 @@ def mean_field(unary, lattices, pairwise, num_iterations, normalize="symmetric",
             there (the step-by-step loop: each iteration's, keeping one Tensor[N, P, C] per
             iteration; the fused ops: all of them).
         fused (bool): run the fused ops when they apply (default); False forces the step-by-step
-            loop (the oracle the fused ops are tested against).
+            loop (the oracle the fused ops are tested against). The fused ops give the same bits
+            on any number of threads; the loop's gradients may differ in the last bits between
+            thread counts (torch's CPU softmax backward does).
         keep_marginals (bool): the fused training forward keeps each iteration's marginals
             (T - 1 Tensor[N, P, C]) for the backward (default), which otherwise recomputes them
             from the unary and the saved grids (the same bits either way; False saves that memory

@@ -321,6 +321,7 @@ class Lattice:
         """
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        _check_float("values", values)
         if values.device != self.device:
             raise ValueError(f"values are on {values.device} but the lattice is on {self.device}")
         flat, c = self._to_points(values)
@@ -420,6 +421,15 @@ def exact_gaussian_filter(features: torch.Tensor, values: torch.Tensor, normaliz
     if values.device != features.device:
         raise ValueError(f"values are on {values.device} but features are on {features.device}")
     per_pixel = features.dim() == 4
+    if per_pixel:
+        ok = values.dim() == 4 and values.shape[0] == features.shape[0] and values.shape[2:] == features.shape[2:]
+        expected = f"features [N, d, H, W] = {tuple(features.shape)} and values [N, C, H, W] of the same N, H, W"
+    else:
+        ok = features.dim() == 3 and values.dim() == 3 and values.shape[:2] == features.shape[:2]
+        expected = "features [N, P, d] and values [N, P, C] of the same N and P (or per pixel: [N, d, H, W])"
+    if not ok:
+        raise ValueError(f"exact_gaussian_filter takes {expected}, got features {tuple(features.shape)} and values "
+                         f"{tuple(values.shape)}")
     f = features.flatten(2).transpose(1, 2) if per_pixel else features
     v = values.flatten(2).transpose(1, 2) if per_pixel else values
     f, v = f.double(), v.double()

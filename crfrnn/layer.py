@@ -435,9 +435,13 @@ class CRFRNNLayer(nn.Module):
             # [N, P, C], a view of the channels-first memory: the fused op reads and writes that
             # layout directly (the loop makes it contiguous).
             u = unary.to(dtype).flatten(2).transpose(1, 2)
-            logits = mean_field(u, lattices, pairwise, num_iterations, self.normalize, self.checkpoint,
-                                fused=self.fused, keep_marginals=self.keep_marginals,
-                                prune=self.prune if self.training else self.eval_prune)
+            try:
+                logits = mean_field(u, lattices, pairwise, num_iterations, self.normalize, self.checkpoint,
+                                    fused=self.fused, keep_marginals=self.keep_marginals,
+                                    prune=self.prune if self.training else self.eval_prune)
+            except ValueError:  # (pruning refuses NaN/Inf matrices: name the parameter behind them)
+                checks.check_parameters(dict(self.named_parameters()), pairwise)
+                raise
             out = logits.transpose(1, 2).reshape(unary.shape)
         checks.check_layer_values(dict(self.named_parameters()), unary, image, guide if rgb_image else None,
                                   pairwise, out, normalised=self.image_mean is not None)

@@ -2,6 +2,9 @@
 sizes, images outside 0..255 or in another colour convention, integer, bool and complex
 tensors, odd layouts and huge images. Each case gives a clear error (naming what was expected
 and what came) or a correct result: never a crash, a hang or silent garbage."""
+import os
+import subprocess
+import sys
 import warnings
 from functools import partial
 
@@ -399,3 +402,24 @@ def test_bandwidths_weights_and_clip_may_be_numpy_scalars_arrays_or_tensors():
     rgb = image[0].permute(1, 2, 0).contiguous().numpy()
     np.testing.assert_array_equal(crfrnn.dense_crf(rgb, probs, clip=np.float32(1e-4)),
                                   crfrnn.dense_crf(rgb, probs, clip=float(np.float32(1e-4))))
+
+
+_OUT_OF_MEMORY = """
+import resource, torch, crfrnn
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+crf = crfrnn.CRFRNNLayer(100, num_iterations=50).train()
+try:
+    crf(torch.randn(1, 100, 200, 200, requires_grad=True), torch.rand(1, 3, 200, 200) * 255)
+except torch.OutOfMemoryError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not NATIVE, reason="RLIMIT_AS; the fused op")
+def test_a_training_forward_that_cannot_keep_its_grids_says_so():
+    """50 iterations of 100 classes keep ~4 GB of grids for the backward: under a 6 GB address
+    space the fused op says what and what to do, not a bare std::bad_alloc."""
+    run = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "crfrnn: not enough memory for the" in run.stdout and "keep_marginals=False or checkpoint=True" in \
+        run.stdout, run.stdout + run.stderr

@@ -410,12 +410,31 @@ def test_matrices_that_could_overflow_are_refused_rather_than_pruned_away(fused)
 
 
 def test_sender_thresholds_refuse_matrices_that_could_overflow():
-    """Rows of |entries| summing above the dtype's largest value / 2^64 (float32: 1.8e19)."""
+    """Rows of |entries| summing above the dtype's largest value / 2^64 (float32: 1.8e19), or
+    NaN/Inf entries."""
     c = 3
     for dtype, fits, too_big in ((torch.float32, 1.8e19 / 4, 1.9e19 / 2), (torch.float64, 1e288, 1e289)):
         inference.sender_thresholds(potts_matrices(c, [fits, 1.0], dtype=dtype), 1e-3)
         with pytest.raises(ValueError, match="too large for sender pruning"):
             inference.sender_thresholds(potts_matrices(c, [too_big, 1.0], dtype=dtype), 1e-3)
         inference.sender_thresholds(potts_matrices(c, [too_big, 1.0], dtype=dtype), 0.0)  # no pruning: no check
-    bad = potts_matrices(c, [float("nan"), 1.0])  # non-finite: left to the callers' checks, which name it
-    inference.sender_thresholds(bad, 1e-3)
+    with pytest.raises(ValueError, match="hold NaN/Inf values"):
+        inference.sender_thresholds(potts_matrices(c, [float("nan"), 1.0]), 1e-3)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_non_finite_matrices_are_refused_when_pruning(fused):
+    """A NaN matrix gives NaN Q, which reaches no threshold: pruning would drop the matrix and
+    return finite logits (the fused op did; the loop computed 0 * NaN). Refused, as overflow is; the
+    layer names the parameter behind it."""
+    unary, lattices = problem(n=1, c=3, dtype=torch.float32)
+    for bad in (float("nan"), float("inf")):
+        mats = [torch.full((3, 3), bad), torch.eye(3)]
+        with pytest.raises(ValueError, match="pairwise matrices hold NaN/Inf values"):
+            mean_field(unary, lattices, mats, 2, prune=0.01, fused=fused)
+        assert not torch.isfinite(mean_field(unary, lattices, mats, 2, prune=0.0, fused=fused)).all()
+    crf = CRFRNNLayer(3, fused=fused).eval()
+    with torch.no_grad():
+        crf.compatibility[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="CRFRNNLayer.compatibility has 1 NaN/Inf values"):
+        crf(torch.randn(1, 3, 9, 8), torch.rand(1, 3, 9, 8) * 255)

@@ -778,3 +778,34 @@ def test_cuda_second_gpu():
     with pytest.raises(RuntimeError, match="lattice tensor on cuda:1 but values on cuda:0"):
         torch.ops.crfrnn.lattice_filter(vals.reshape(-1, 21).to("cuda:0"), lat1.vertex_index, lat1.weights,
                                         lat1.neighbors, lat1.splat_offsets, lat1.splat_entries, False)
+
+
+def test_arguments_of_the_wrong_kind_or_shape_are_named():
+    """The exact filter (an oracle) and Lattice.filter check what they take; mean_field wants
+    per-point lattices and at least one."""
+    features = torch.rand(1, 20, 3)
+    with pytest.raises(ValueError, match="same N and P"):
+        crfrnn.exact_gaussian_filter(features, torch.rand(2, 20, 2))   # one image's kernel on two
+    with pytest.raises(ValueError, match="same N and P"):
+        crfrnn.exact_gaussian_filter(features, torch.rand(1, 21, 2))
+    with pytest.raises(ValueError, match="same N, H, W"):
+        crfrnn.exact_gaussian_filter(torch.rand(1, 3, 4, 5), torch.rand(1, 2, 5, 4))
+    with pytest.raises(ValueError, match=r"features \[N, P, d\]"):
+        crfrnn.exact_gaussian_filter(torch.rand(20, 3), torch.rand(20, 2))
+    lat = crfrnn.Lattice(features)
+    for bad in (None, [[1.0]], np.ones((1, 20, 2), np.float32)):
+        with pytest.raises(TypeError, match="values must be a torch.Tensor"):
+            lat.filter(bad)
+    unary = torch.randn(1, 64, 3)
+    per_point = crfrnn.Lattice(torch.rand(1, 64, 2))
+    per_pixel = crfrnn.Lattice(torch.rand(1, 2, 8, 8))
+    mats = crfrnn.potts_matrices(3, [1.0, 1.0])
+    for fused in (True, False):
+        with pytest.raises(ValueError, match="lattice 1 was built on per-pixel features"):
+            crfrnn.mean_field(unary, [per_point, per_pixel], mats, 2, fused=fused)
+        with pytest.raises(ValueError, match="at least one lattice"):
+            crfrnn.mean_field(unary, [], [], 2, fused=fused)
+        with pytest.raises(TypeError, match="lattice 1 must be a crfrnn.Lattice"):
+            crfrnn.mean_field(unary, [per_point, "x"], mats, 2, fused=fused)
+    out = crfrnn.mean_field(unary, [per_point], mats[:1], 2, prune=torch.tensor(0.01))  # a 0-d tensor: a number
+    torch.testing.assert_close(out, crfrnn.mean_field(unary, [per_point], mats[:1], 2, prune=0.01), rtol=0, atol=0)

@@ -98,10 +98,10 @@ inline void check_prune(const char* op, double prune) {
 // class sends) and +inf where s_j = D_j = 0 (a message that moves nothing). In double, in this
 // order (crfrnn.inference.sender_thresholds computes the same bits).
 //
-// Finite matrices so large that the iterations could overflow are refused here (ValueError): an
-// overflow turns Q to NaN, which reaches no threshold, so pruning would silence the classes it
-// hit and return a finite result with nothing to show for it (the exact iterations return the
-// NaN, which the callers report). The bound: a message to class i is at most the sum of row i's
+// Matrices with NaN/Inf entries, or so large that the iterations could overflow, are refused
+// here (ValueError): a NaN Q reaches no threshold, so pruning would silence the classes it hit
+// and return a finite result with nothing to show for it (the exact iterations return the NaN,
+// which the callers report). The bound: a message to class i is at most the sum of row i's
 // |entries| times the filtered Q, which every normalisation keeps below 2^64 for fewer than 2^31
 // points; rows summing to less than the dtype's largest value / 2^64 cannot overflow.
 inline std::vector<double> sender_thresholds(at::TensorList pairwise, double prune) {
@@ -133,8 +133,9 @@ inline std::vector<double> sender_thresholds(at::TensorList pairwise, double pru
   const double limit = std::ldexp(is_double ? std::numeric_limits<double>::max()
                                             : static_cast<double>(std::numeric_limits<float>::max()), -64);
   const double largest = c ? *std::max_element(row_sum.begin(), row_sum.end()) : 0.0;
-  // (Non-finite matrices are left to the callers' checks, which name the parameter.)
-  TORCH_CHECK_VALUE(!finite || largest <= limit, "the pairwise matrices are too large for sender pruning: a row of "
+  TORCH_CHECK_VALUE(finite, "the pairwise matrices hold NaN/Inf values (a NaN/Inf parameter, or compatibility @ "
+                    "weight overflowing): with sender pruning they would silence classes unseen");
+  TORCH_CHECK_VALUE(largest <= limit, "the pairwise matrices are too large for sender pruning: a row of "
                     "|compatibility @ weight| sums to ", largest, ", above ", limit, ", so the iterations could "
                     "overflow ", is_double ? "float64" : "float32", " unseen; use smaller weights, or prune=0 (the "
                     "exact iterations, whose result is checked)");

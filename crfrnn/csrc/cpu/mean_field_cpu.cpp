@@ -584,7 +584,14 @@ class SavedBlocks {
         return block;
       }
     }
-    return {::operator new(bytes, kAlignment), bytes};
+    try {
+      return {::operator new(bytes, kAlignment), bytes};
+    } catch (const std::bad_alloc&) {  // (a bare "std::bad_alloc" says neither what nor what to do)
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "crfrnn: not enough memory for the ", bytes >> 20,
+                       " MiB block of what the fused mean-field forward keeps for its backward (each iteration's "
+                       "grids and marginals): pass keep_marginals=False or checkpoint=True, run fewer iterations, "
+                       "or a smaller batch or image");
+    }
   }
   void give_back(void* block, size_t capacity) {
     {
