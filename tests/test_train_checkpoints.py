@@ -188,3 +188,36 @@ def test_crf_and_dcnn_scripts_record_their_data_too(tmp_path):
     _run(crf_script, DCNN_RUN + ["--dcnn", tmp_path / "d" / "model.pt", "--iters", "1", "--crf-iters", "1",
                                  "--crf-eval-iters", "1", "--out-dir", tmp_path / "c"])
     assert load_model(tmp_path / "c" / "model.pt", None).data["dataset"] == "synthetic"
+
+
+def test_resume_refuses_another_scripts_checkpoint(stopped_joint_run, tmp_path):
+    """A joint.py run continued by crf.py (or dcnn.py) would take its stages and schedule for its
+    own: refused, naming the script that wrote it (crf.py's checkpoint in joint.py was a KeyError
+    traceback)."""
+    out, argv = stopped_joint_run
+    resume = ["--resume", str(out / "checkpoint.pt"), "--out-dir", str(tmp_path / "other")]
+    for script in (crf_script, dcnn_script):
+        with pytest.raises(ValueError, match="continues a run of train/joint.py .*resume it with that script"):
+            _run(script, DCNN_RUN + resume)
+    assert not (tmp_path / "other").exists()
+    r = run_script("crf", *DCNN_RUN, *resume)
+    assert_one_line_error(r, "continues a run of train/joint.py", "not train/crf.py")
+
+
+def test_a_resumed_run_logs_the_loss_an_uninterrupted_one_logs(tmp_path):
+    """The mean loss of a log interval that a stop cut in two is the uninterrupted run's (the
+    interval's sum and count travel in the checkpoint), in metrics.csv and metrics.json."""
+    argv = DCNN_RUN + ["--crf-iters", "2", "--crf-eval-iters", "2", "--pretrain-iters", "2", "--iters", "4",
+                       "--log-every", "3"]
+    _run(joint_script, argv + ["--out-dir", tmp_path / "straight"])
+    _run(joint_script, argv + ["--out-dir", tmp_path / "cut", "--stop-at", "2"])
+    _run(joint_script, argv + ["--out-dir", tmp_path / "cut", "--resume", tmp_path / "cut" / "checkpoint.pt"])
+
+    def logged(run):
+        with open(tmp_path / run / "metrics.csv", newline="") as f:
+            rows = [(r["stage"], r["iteration"], float(r["value"])) for r in csv.DictReader(f) if r["name"] == "loss"]
+        return rows, json.loads((tmp_path / run / "metrics.json").read_text())["train"]["loss"]
+
+    straight, cut = logged("straight"), logged("cut")
+    assert [r[:2] for r in straight[0]] == [("dcnn", "2"), ("joint", "3"), ("joint", "4")]
+    assert cut == straight

@@ -14,6 +14,7 @@ from train import crf as crf_script
 from train import dcnn as dcnn_script
 from train import engine, options
 from train import joint as joint_script
+from train import segment as segment_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(str(p.relative_to(REPO)) for folder in ("train", "bench") for p in (REPO / folder).glob("*.py")
@@ -155,6 +156,14 @@ def test_scripts_run_as_modules_from_the_repo_root():
     (["--threads", "-2"], "--threads must be a finite number >= 0"),
     (["--stop-at", "-1"], "--stop-at must be >= 1"),
     (["--bands", "-1", "0"], "--bands widths must be finite and >= 0, got -1.0"),
+    (["--dropout", "1.5"], "--dropout must be < 1, got 1.5"),
+    (["--width", "0"], "--width must be a finite number > 0"),
+    (["--seed", "-1"], "--seed must be a finite number >= 0"),
+    (["--seed", str(2 ** 64)], "--seed must be < 9.22337e\\+18"),
+    (["--max-scale", "inf"], "--max-scale must be a finite number > 0, got inf"),
+    (["--poly-power", "-1"], "--poly-power must be a finite number >= 0"),
+    (["--lr-gamma", "-1"], "--lr-gamma must be a finite number > 0"),
+    (["--unary-loss-weight", "nan"], "--unary-loss-weight must be a finite number >= 0"),
 ])
 def test_bad_numbers_are_refused_when_the_options_are_read(bad, message):
     """Before any work: such values used to surface after the DCNN stage (or as torch's
@@ -174,3 +183,25 @@ def test_bad_crf_options_are_refused_when_the_crf_is_built_before_any_work(bad, 
     with pytest.raises(ValueError, match=message):
         joint_script.main(joint_script.get_args_parser().parse_args(bad + ["--out-dir", str(tmp_path / "j")]))
     assert not (tmp_path / "j").exists()
+
+
+def test_bad_values_and_missing_inputs_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """A bad option, a missing input file, a missing package: refused before the output folder
+    is made (it used to hold metrics.csv, which then refused the corrected run)."""
+    out = tmp_path / "j"
+    for bad, error, message in ((["--dropout", "1.5"], ValueError, "--dropout must be < 1"),
+                                (["--vgg-weights", str(tmp_path / "missing.pth")], FileNotFoundError, "no such file"),
+                                (["--init", str(tmp_path / "missing.pt")], FileNotFoundError, "--init .* no such file")):
+        with pytest.raises(error, match=message):
+            joint_script.main(joint_script.get_args_parser().parse_args(bad + ["--out-dir", str(out)]))
+        assert not out.exists()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)      # as if not installed
+    with pytest.raises(ValueError, match="--log tensorboard needs the tensorboard package"):
+        joint_script.main(joint_script.get_args_parser().parse_args(["--log", "tensorboard", "--out-dir", str(out)]))
+    assert not out.exists()
+    for script, bad, message in ((crf_script, ["--search-samples", "0"], "--search-samples must be >= 1"),
+                                 (segment_script, ["--alpha", "nan"], "--alpha must be a finite number >= 0, got nan"),
+                                 (segment_script, ["--alpha", "2"], "--alpha must be <= 1, got 2"),
+                                 (segment_script, ["--alpha", "-1"], "--alpha must be a finite number >= 0")):
+        with pytest.raises(ValueError, match=message):
+            options.finalize(script.get_args_parser().parse_args(bad))

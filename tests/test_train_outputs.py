@@ -3,6 +3,8 @@ run (an earlier run's without --overwrite, an input never), every input of segme
 own outputs; what they say about it (the "wrote" line, progress on a terminal only)."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +208,35 @@ def test_an_empty_out_dir_is_refused_not_taken_for_the_current_folder(tmp_path, 
     with pytest.raises(ValueError, match="--out-dir is empty"):
         dcnn_script.main(dcnn_script.get_args_parser().parse_args(TINY_RUN[:4] + ["--iters", "2", "--out-dir", ""]))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_runs_into_one_folder_at_once_refuse_rather_than_interleave(checkpoint, tmp_path):
+    """Both could find the folder free when they start: the first to open it holds a lock on it
+    while it runs (here another process stands in for it), and the second says so in one line,
+    writing nothing."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+                               "time.sleep(120)", str(busy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = run_script("segment", "--checkpoint", checkpoint, "--demo", "1", "--out-dir", busy, "--no-progress")
+        assert_one_line_error(r, "another run is writing to", "busy")
+        assert list(busy.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_segment_reads_every_input_before_writing_anything(checkpoint, tmp_path):
+    """An unreadable input among good ones ends the run before its first output (the good ones'
+    outputs would then refuse the corrected run)."""
+    good = tmp_path / "in" / "good.png"
+    _picture(good, 0)
+    bad = tmp_path / "in" / "bad.png"
+    bad.write_text("not an image")
+    r = run_script("segment", good, bad, "--checkpoint", checkpoint, "--out-dir", tmp_path / "out", "--no-progress",
+                   "--crf-eval-iters", "2")
+    assert_one_line_error(r, "bad.png")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))

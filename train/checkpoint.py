@@ -58,11 +58,14 @@ def plain(obj):
 
 
 def save_training_checkpoint(path, model, *, optimizer, iteration: int, scaler, rngs: list, args,
-                             stage: str, **extra) -> str:
+                             stage: str, loss_interval=(0.0, 0), **extra) -> str:
     """Write a resumable checkpoint of ``model`` atomically: ``iteration``: the iterations done;
     ``rngs``: :func:`capture_rng` of every process, in rank order; ``args``: the run's options (a
-    namespace or dict); ``stage``: "dcnn", "crf" or "joint"; ``extra``: more plain values."""
+    namespace or dict); ``stage``: "dcnn", "crf" or "joint"; ``loss_interval``: (sum, count) of
+    the losses since the last logged mean, so that a resumed run logs the same means; ``extra``:
+    more plain values."""
     train = {"iteration": int(iteration), "stage": stage, "optimizer": optimizer.state_dict(),
+             "loss_interval": [float(loss_interval[0]), int(loss_interval[1])],
              "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
              "rng": rngs, "world_size": len(rngs), "args": plain(args if isinstance(args, dict) else vars(args))}
     return models.save_checkpoint(path, model, train=train, **plain(extra))
@@ -96,6 +99,21 @@ def resume_info(path) -> dict:
         raise ValueError(f"{path} holds no training state (not written by train/*.py); "
                          "use it with --init instead of --resume")
     return {**extra["train"], "extra": {k: v for k, v in extra.items() if k != "train"}}
+
+
+#: The stages of each training script, for checkpoints that do not record their script.
+SCRIPT_STAGES = {"dcnn": ("dcnn",), "crf": ("dcnn", "crf"), "joint": ("dcnn", "joint")}
+
+
+def check_resume_script(path, resumed: dict, script: str):
+    """``ValueError`` unless the checkpoint of :func:`resume_info` (``resumed``) was written by
+    train/``script``.py: another script's run has other stages, schedules and outputs."""
+    written_by = resumed.get("args", {}).get("script")
+    if written_by is None and resumed.get("stage") not in SCRIPT_STAGES.get(script, ()):
+        written_by = next((name for name, stages in SCRIPT_STAGES.items() if resumed.get("stage") in stages), None)
+    if written_by is not None and written_by != script:
+        raise ValueError(f"--resume {path} continues a run of train/{written_by}.py (stage {resumed.get('stage')}): "
+                         f"resume it with that script, not train/{script}.py (or start from it with --init/--dcnn)")
 
 
 def check_resume_args(saved: dict, args, free, warn) -> str:

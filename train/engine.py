@@ -18,7 +18,7 @@ import crfrnn
 import models
 from models.files import atomic_write
 
-from .checkpoint import (capture_rng, check_resume_args, data_description, largest_parameter, load_model,
+from .checkpoint import (capture_rng, check_resume_args, check_resume_script, data_description, largest_parameter, load_model,
                          load_training_state, resume_info, save_training_checkpoint)
 from .data import (IMAGENET_MEAN, IMAGENET_STD, VOID, SegmentationSet, ShardSampler, StreamBatchSampler,
                    build_dataset, denormalize, eval_transform, pad_collate, train_transform)
@@ -297,11 +297,13 @@ class TrainingRun:
         if args.batch_size % self.info.world_size:
             raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
                              f"({self.info.world_size})")
-        self.out = open_output_dir(args, ["checkpoint.pt", "metrics.csv", *outputs])
-        self.resumed = None      # --resume's training state (checkpoint.resume_info)
+        self.resumed = None      # --resume's training state (checkpoint.resume_info), checked before any write
         if args.resume:
             self.resumed = resume_info(args.resume)
+            check_resume_script(args.resume, self.resumed, args.script)
             warning = check_resume_args(self.resumed.get("args", {}), args, RESUME_FREE, RESUME_WARN)
+        self.out = open_output_dir(args, ["checkpoint.pt", "metrics.csv", *outputs])
+        if args.resume:
             if warning:
                 log(warning)
             log(f"resuming {args.resume}: stage {self.resumed['stage']}, iteration {self.resumed['iteration']}")
@@ -343,10 +345,12 @@ class TrainingRun:
         optimizer = make_optimizer(model, args, lr)
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         scaler = torch.amp.GradScaler(info.device.type, enabled=bool(args.amp and info.device.type == "cuda"))
-        start = 0
+        start, loss_sum, loss_n = 0, 0.0, 0
         if resume:
-            start = int(load_training_state(args.resume, model, optimizer, scaler, rank=info.rank,
-                                            world_size=info.world_size)["iteration"])
+            state = load_training_state(args.resume, model, optimizer, scaler, rank=info.rank,
+                                        world_size=info.world_size)
+            start = int(state["iteration"])
+            loss_sum, loss_n = state.get("loss_interval", (0.0, 0))   # (the mean being logged goes on)
             self.logger.truncate(stage, start)
             for group, setting in zip(optimizer.param_groups, settings):
                 group.update(setting)      # the options' rates and decays (also those of --resume-anyway)
@@ -363,7 +367,7 @@ class TrainingRun:
         last_ckpt = f"the last good checkpoint is {ckpt} (iteration {start})" if start else \
             "no checkpoint was written yet"
         t0 = t_log = time.perf_counter()
-        n_log, loss_sum, loss_n, seen, last_loss, done = 0, 0.0, 0, 0, math.nan, start
+        n_log, seen, last_loss, done = 0, 0, math.nan, start
         for it, (images, labels, _, _) in enumerate(self._train_loader(iters, start), start=start):
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device, non_blocking=True)
@@ -407,7 +411,8 @@ class TrainingRun:
                 rngs = all_gather_object(capture_rng())   # every process's, for an exact resume
                 if info.is_main:
                     save_training_checkpoint(ckpt, model, optimizer=optimizer, iteration=done, scaler=scaler,
-                                             rngs=rngs, args=args, stage=stage, data=self.data, **(extra or {}))
+                                             rngs=rngs, args=args, stage=stage, loss_interval=(loss_sum, loss_n),
+                                             data=self.data, **(extra or {}))
                 last_ckpt = f"the last good checkpoint is {ckpt} (iteration {done})"
             if args.eval_every and done % args.eval_every == 0 and done < iters:
                 scalars = {f"val_miou_{k}": v["miou"] for k, v in self.evaluate(model, progress=False)[0].items()}

@@ -84,7 +84,8 @@ def parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
 def set_presets(p: argparse.ArgumentParser, script: str, table: dict = PRESETS) -> argparse.ArgumentParser:
     """Give ``p``'s options their :data:`PRESETS` defaults for ``script`` (``"dcnn"``, ``"crf"``,
     ``"joint"``, ``"evaluate"``): a :class:`PerDataset` where the datasets' values differ. A row
-    without a value for some dataset or for ``script`` is a ``KeyError``. Returns ``p``."""
+    without a value for some dataset or for ``script`` is a ``KeyError``. The parsed options then
+    name the script (``args.script``: a checkpoint records which script it continues). Returns ``p``."""
     declared = {a.dest: a.default for a in p._actions}
     for name in sorted(set(declared) & set().union(*table.values())):
         if declared[name] is not None:
@@ -101,6 +102,7 @@ def set_presets(p: argparse.ArgumentParser, script: str, table: dict = PRESETS) 
             values[ds] = copy.deepcopy(value)   # the parsed options may change in place, the table not
         same = all(v == values[DATASETS[0]] for v in values.values())
         p.set_defaults(**{name: values[DATASETS[0]] if same else values})
+    p.set_defaults(script=script)
     return p
 
 
@@ -264,18 +266,24 @@ def add_run_args(p, out_dir: str, training: bool = True):
 
 
 # Options whose values must be finite and positive, or finite and >= 0 (checked when present).
-_POSITIVE = ("lr", "pretrain_lr", "min_scale")
+_POSITIVE = ("lr", "pretrain_lr", "min_scale", "max_scale", "width", "lr_gamma")
 _NON_NEGATIVE = ("crf_lr_mult", "classifier_lr_mult", "weight_decay", "crf_weight_decay", "momentum",
-                 "pretrain_iters", "threads", "examples", "workers", "eval_every", "crop_size")
+                 "pretrain_iters", "threads", "examples", "workers", "eval_every", "crop_size", "poly_power",
+                 "unary_loss_weight", "seed", "data_seed", "dropout", "alpha")
 _AT_LEAST_ONE = ("iters", "batch_size", "num_classes", "eval_batch_size", "ckpt_every", "log_every", "stop_at",
-                 "train_samples", "val_samples", "lr_step")
+                 "train_samples", "val_samples", "lr_step", "search_samples", "demo", "image_size")
+# Options whose values must be below a bound: (name, bound, whether the bound itself is allowed).
+_BELOW = (("dropout", 1.0, False), ("alpha", 1.0, True), ("seed", 2 ** 63, False), ("data_seed", 2 ** 63, False))
+#: Options that name a file the run reads: it must be there before anything is written.
+_INPUT_FILES = ("init", "dcnn", "resume", "vgg_weights")
 
 
 def finalize(args: argparse.Namespace) -> argparse.Namespace:
     """Keep the chosen dataset's value of every :class:`PerDataset` default, fill ``--bilateral``
     and ``--spatial`` from ``--crf-preset``, and check the values, the one place they are checked:
     a ``ValueError`` naming the option for a NaN, a zero or negative count or learning rate, a
-    negative multiplier, a scale range upside down."""
+    negative multiplier, a scale range upside down, a dropout or opacity out of range; a
+    ``FileNotFoundError`` for an input file that is not there. All before anything is written."""
     for name, value in vars(args).items():
         if isinstance(value, PerDataset):
             setattr(args, name, value[args.dataset])
@@ -293,6 +301,20 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
         if value is not None and (not math.isfinite(value) or value < 0 or (k in _POSITIVE and value == 0)):
             needs = "a finite number > 0" if k in _POSITIVE else "a finite number >= 0"
             raise ValueError(f"--{k.replace('_', '-')} must be {needs}, got {value}")
+    for k, bound, inclusive in _BELOW:
+        value = getattr(args, k, None)
+        if value is not None and not (value <= bound if inclusive else value < bound):
+            raise ValueError(f"--{k.replace('_', '-')} must be {'<=' if inclusive else '<'} {bound:g}, got {value}")
+    for k in _INPUT_FILES:
+        value = getattr(args, k, None)
+        if value and not os.path.isfile(value):
+            raise FileNotFoundError(f"--{k.replace('_', '-')} {value}: no such file")
+    if getattr(args, "log", None) == "tensorboard":
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("--log tensorboard needs the tensorboard package (pip install tensorboard); "
+                             "use --log csv without it") from None
     for width in getattr(args, "bands", None) or ():
         if not math.isfinite(width) or width < 0:
             raise ValueError(f"--bands widths must be finite and >= 0, got {width}")

@@ -259,11 +259,38 @@ def open_output_dir(args, names, protect=()) -> OutputDir:
     out = OutputDir(folder, overwrite=args.overwrite, protect=protect, keep=names if continues_here else ())
     try:
         out.check_free(names)
+        lock_folder(folder)
     except FileExistsError as e:
         broadcast_object(str(e))
         raise
     broadcast_object(None)
     return out
+
+
+_LOCKED = {}  # folder -> the descriptor that holds its lock, for the rest of the process
+
+
+def lock_folder(folder: Path):
+    """Hold an exclusive lock on ``folder`` (created if missing) until this process ends, so that
+    a second run into it refuses (``FileExistsError``) instead of interleaving its files with
+    this one's; this process may open it again (one script after another in one Python). A
+    no-op where there is no flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = _identity(folder)
+    if key in _LOCKED:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise FileExistsError(f"another run is writing to {folder} now: wait for it to end, or choose another "
+                              "--out-dir") from None
+    _LOCKED[key] = fd
 
 
 # ----------------------------------------------------------------------------- the end
@@ -278,17 +305,25 @@ def one_line(error: BaseException) -> str:
 
 def run_main(main, parser):
     """Parse, run ``main(args)``. Bad input (``ValueError``, ``OSError``: a bad file or option, a
-    failed write) or a NaN/Inf loss (``FloatingPointError``) ends with one line and exit status 2;
-    other errors with a traceback and 1."""
+    failed write), a NaN/Inf loss (``FloatingPointError``) or too little memory ends with one line
+    and exit status 2; Ctrl-C with one line and 130; other errors with a traceback and 1."""
     args = parser.parse_args()
     finished = False
     try:
         main(args)
         finished = True
-    except (ValueError, OSError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError, MemoryError, torch.OutOfMemoryError) as e:
         if os.environ.get("CRFRNN_TRACEBACK"):
             raise
-        print(f"error: {one_line(e)}  (set CRFRNN_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        memory = "out of memory: " if isinstance(e, (MemoryError, torch.OutOfMemoryError)) else ""
+        print(f"error: {memory}{one_line(e)}  (set CRFRNN_TRACEBACK=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("CRFRNN_TRACEBACK"):
+            raise
+        resume = " (a training run continues from its last checkpoint: --resume OUT/checkpoint.pt)" \
+            if hasattr(args, "resume") else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        sys.exit(130)
     finally:
         cleanup(finished)

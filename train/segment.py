@@ -107,6 +107,8 @@ def main(args):
     names = output_names(paths) if demo is None else [Path(f).stem for f, _ in demo]
     kinds = ["labels", "overlays"] + (["labels_dcnn"] if args.both else [])
     planned = {kind: [f"{kind}/{n}.png" for n in names] for kind in kinds}    # {kind: [file in OUT per input]}
+    for path in paths if demo is None else ():  # every input readable before anything is written
+        read_rgb(path)
     info = setup(args)
     out = open_output_dir(args, [f for f, _ in demo or []] + [f for files in planned.values() for f in files],
                           protect=paths if demo is None else ())
