@@ -191,7 +191,7 @@ def test_bad_values_and_missing_inputs_are_refused_before_anything_is_written(tm
     out = tmp_path / "j"
     for bad, error, message in ((["--dropout", "1.5"], ValueError, "--dropout must be < 1"),
                                 (["--vgg-weights", str(tmp_path / "missing.pth")], FileNotFoundError, "no such file"),
-                                (["--init", str(tmp_path / "missing.pt")], FileNotFoundError, "--init .* no such file")):
+                                (["--init", str(tmp_path / "none.pt")], FileNotFoundError, "--init .* no such file")):
         with pytest.raises(error, match=message):
             joint_script.main(joint_script.get_args_parser().parse_args(bad + ["--out-dir", str(out)]))
         assert not out.exists()

@@ -240,3 +240,17 @@ def test_segment_reads_every_input_before_writing_anything(checkpoint, tmp_path)
                    "--crf-eval-iters", "2")
     assert_one_line_error(r, "bad.png")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_an_out_dir_below_a_file_is_refused_in_one_line(checkpoint, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    r = run_script("segment", "--checkpoint", checkpoint, "--demo", "1", "--out-dir", tmp_path / "afile" / "sub",
+                   "--no-progress")
+    assert_one_line_error(r, "afile is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_crf_options_for_a_checkpoint_with_its_own_crf_are_not_taken_silently(checkpoint, tmp_path):
+    r = run_script("segment", "--checkpoint", checkpoint, "--demo", "1", "--out-dir", tmp_path / "s",
+                   "--no-progress", "--bilateral", "3", "5", "1")
+    assert r.returncode == 0 and "the checkpoint has its own CRF, which runs as trained" in r.stdout, r.stderr

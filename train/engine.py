@@ -18,8 +18,8 @@ import crfrnn
 import models
 from models.files import atomic_write
 
-from .checkpoint import (capture_rng, check_resume_args, check_resume_script, data_description, largest_parameter, load_model,
-                         load_training_state, resume_info, save_training_checkpoint)
+from .checkpoint import (capture_rng, check_resume_args, check_resume_script, data_description, largest_parameter,
+                         load_model, load_training_state, resume_info, save_training_checkpoint)
 from .data import (IMAGENET_MEAN, IMAGENET_STD, VOID, SegmentationSet, ShardSampler, StreamBatchSampler,
                    build_dataset, denormalize, eval_transform, pad_collate, train_transform)
 from .metrics import BandAccuracy, ConfusionMatrix
@@ -100,6 +100,9 @@ def load_for_inference(args, num_classes: int | None):
         bilateral, spatial = list(args.bilateral or preset["bilateral"]), list(args.spatial or preset["spatial"])
         crf = crf_layer(net.config["num_classes"], bilateral, spatial, args.crf_eval_iters, args.crf_eval_iters)
         log(f"the checkpoint has no CRF: adding one with bilateral {bilateral}, spatial {spatial}")
+    elif crf is not None and (args.bilateral or args.spatial):
+        log("note: the checkpoint has its own CRF, which runs as trained: --crf-preset, --bilateral and --spatial "
+            "apply to a checkpoint without one")
     if crf is not None:
         crf.num_eval_iterations = args.crf_eval_iters
     return models.DeepLabCRF(net, crf), trained_on

@@ -200,8 +200,11 @@ class OutputDir:
 
     def check_free(self, names):
         """``FileExistsError`` (one line) when any of ``names`` may not be written."""
-        if self.folder.exists() and not self.folder.is_dir():
-            raise NotADirectoryError(f"{self.folder} is a file, not a folder: choose another --out-dir")
+        for folder in (self.folder, *self.folder.parents):  # the first that exists must be a folder
+            if folder.exists():
+                if not folder.is_dir():
+                    raise NotADirectoryError(f"{folder} is a file, not a folder: choose another --out-dir")
+                break
         problems = [p for p in (self.problem(n) for n in names) if p]
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
