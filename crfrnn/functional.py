@@ -82,7 +82,8 @@ def dense_crf(image, probs, num_iterations=10, bilateral=None, spatial=None, nor
             receives); the cost then follows the classes present, not C. Default
             crfrnn.DEFAULT_PRUNE, measured to leave the labels as they are; 0: exact.
     Raises ValueError for probabilities that are negative, above 1 or not finite, an RGB image
-    outside 0..255, and a non-finite result (kernel weights too large for the arithmetic).
+    outside 0..255, and a non-finite result (kernel weights too large for the arithmetic; with
+    pruning, weights large enough that the iterations could overflow are refused up front).
 
     Returns:
         Refined probabilities of probs' shape: a float32 ndarray for ndarray `probs`, else a
