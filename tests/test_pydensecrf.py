@@ -545,7 +545,7 @@ def test_what_pydensecrf_takes_and_inference_ignores_or_reads_as_numbers():
 
 
 def test_an_empty_crf_gives_an_empty_result():
-    """(An empty crop in a pipeline: pydensecrf returns an empty matrix.)"""
+    """(An empty crop in a pipeline; pydensecrf returns an empty matrix too, printing errors.)"""
     for d in (dcrf.DenseCRF(0, 3), dcrf.DenseCRF2D(0, 5, 3), dcrf.DenseCRF2D(5, 0, 3)):
         assert np.array(d.inference(2)).shape == (3, 0)
         d.setUnaryEnergy(np.zeros((3, 0), np.float32))

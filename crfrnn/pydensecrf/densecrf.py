@@ -26,7 +26,7 @@ crfrnn.MAX_FEATURE_DIM (31) dimensions, and features beyond about 1e6 in magnitu
 positions of a huge grid), are a ValueError. The kernel types (CONST_KERNEL, DIAG_KERNEL,
 FULL_KERNEL) only choose which kernel parameters densecrf's learning would adapt; inference
 ignores them, here as in densecrf, which takes any integer (or real, truncated) for them. An
-empty CRF (nvar = 0, or w or h = 0) gives an empty result, as in pydensecrf.
+empty CRF (nvar = 0, or w or h = 0) gives an empty (nlabels, 0) result.
 
 Speed: all `inference` iterations run in one fused C++ op, multi-threaded over torch's intra-op
 thread pool (``torch.set_num_threads``), where pydensecrf runs one thread. The lattices are built
