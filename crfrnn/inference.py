@@ -174,8 +174,7 @@ def sender_thresholds(pairwise, prune):
     spread = torch.zeros(c, dtype=torch.float64)
     diagonal = torch.zeros(c, dtype=torch.float64)
     off = ~torch.eye(c, dtype=torch.bool)
-    for mat in pairwise:
-        a = mat.detach().to("cpu", torch.float64)
+    for a in rows:  # (the matrices in float64 on the CPU, as stacked above)
         if c > 1:
             hi = a.masked_fill(~off, -float("inf")).amax(0)
             lo = a.masked_fill(~off, float("inf")).amin(0)
